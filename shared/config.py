@@ -1,0 +1,186 @@
+"""The configuration schema, shared by ``dicomsync.json`` and Orthanc's ``DicomSync`` section.
+
+``dicomsync.json``::
+
+    {
+      "Places": {
+        "my_studies": {"Kind": "dicom_root", "Path": "/data/studies"},
+        "zips":       {"Kind": "zipped_root", "Path": "zips"},
+        "pacs":       {"Kind": "orthanc", "Url": "http://127.0.0.1:8042",
+                       "User": "orthanc", "PasswordEnv": "PACS_PASSWORD"}
+      },
+      "Sinks": {
+        "splunk":     {"Kind": "splunk_hec", "Url": "https://splunk:8088", "TokenEnv": "SPLUNK_HEC_TOKEN"}
+      }
+    }
+
+Relative paths are relative to the file's folder. Secrets are never in the file:
+a place names the environment variable that holds its password.
+
+The Orthanc plugin reads the same ``Places`` and ``Sinks`` (inline, or a path to
+such a file) plus ``Routes``, ``StateDirectory`` and ``Retry``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicomsync.errors import ConfigError, UnknownPlaceError
+
+DEFAULT_FILENAME = "dicomsync.json"
+ENV_CONFIG = "DICOMSYNC_CONFIG"
+
+
+def default_path() -> Path:
+    return Path(os.environ.get(ENV_CONFIG) or DEFAULT_FILENAME)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_sections(value: Any, what: str, source: str) -> dict[str, dict[str, Any]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {what!r} must be an object of key -> settings")
+    for key, section in value.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: {what}[{key!r}] must be an object")
+        if not isinstance(section.get("Kind"), str):
+            raise ConfigError(f"{source}: {what}[{key!r}] needs a \"Kind\"")
+    return dict(value)
+
+
+def load_sections(value: Any, what: str, base_dir: Path, source: str) -> tuple[dict[str, dict[str, Any]], Path]:
+    """``Places``/``Sinks`` given inline, or as a path to a dicomsync.json file.
+
+    Returns the sections and the folder that relative paths in them are relative to.
+    """
+    if isinstance(value, str):
+        path = Path(value)
+        if not path.is_absolute():
+            path = base_dir / path
+        cfg = Config.load(path)
+        return (cfg.places if what == "Places" else cfg.sinks), path.parent
+    return _check_sections(value, what, source), base_dir
+
+
+@dataclass
+class Config:
+    """A dicomsync.json file: places and sinks by key."""
+
+    path: Path
+    places: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.resolve().parent
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Config:
+        path = path or default_path()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(
+                f"no configuration at {path}; run 'dicomsync init' first"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+            ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a JSON object")
+        places = _check_sections(data.pop("Places", {}), "Places", str(path))
+        sinks = _check_sections(data.pop("Sinks", {}), "Sinks", str(path))
+        return cls(path=path, places=places, sinks=sinks, extra=data)
+
+    @classmethod
+    def init(cls, path: Path | None = None) -> Config:
+        path = path or default_path()
+        if path.exists():
+            raise ConfigError(f"{path} already exists; not overwriting it")
+        cfg = cls(path=path)
+        cfg.save()
+        return cfg
+
+    def save(self) -> None:
+        data: dict[str, Any] = {"Places": self.places, "Sinks": self.sinks, **self.extra}
+        atomic_write_text(self.path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    # --- places ---------------------------------------------------------------------------
+    def place_section(self, key: str) -> dict[str, Any]:
+        try:
+            return self.places[key]
+        except KeyError:
+            known = ", ".join(sorted(self.places)) or "none"
+            raise UnknownPlaceError(f"unknown place {key!r} (configured: {known})") from None
+
+    def place(self, key: str) -> Any:
+        """Build the place configured under ``key``."""
+        return build_place(key, self.place_section(key), self.base_dir)
+
+    def add_place(self, key: str, section: Mapping[str, Any]) -> None:
+        if key in self.places:
+            raise ConfigError(f"a place called {key!r} already exists")
+        if key in ("*",) or ":" in key or "/" in key or "*" in key:
+            raise ConfigError(f"invalid place key {key!r}: no ':', '/' or '*' allowed")
+        build_place(key, section, self.base_dir)  # validate before saving
+        self.places[key] = dict(section)
+
+    def remove_place(self, key: str) -> None:
+        self.place_section(key)
+        del self.places[key]
+
+    # --- sinks ----------------------------------------------------------------------------
+    def sink_section(self, key: str) -> dict[str, Any]:
+        try:
+            return self.sinks[key]
+        except KeyError:
+            known = ", ".join(sorted(self.sinks)) or "none"
+            raise UnknownPlaceError(f"unknown sink {key!r} (configured: {known})") from None
+
+    def sink(self, key: str) -> Any:
+        from dicomsync.sinks.base import build_sink
+
+        return build_sink(key, self.sink_section(key), self.base_dir)
+
+
+def build_place(key: str, section: Mapping[str, Any], base_dir: Path) -> Any:
+    """Instantiate a place from its section through the registry."""
+    from dicomsync.places.base import PLACES
+
+    kind = section.get("Kind")
+    if not isinstance(kind, str):
+        raise ConfigError(f"place {key!r} needs a \"Kind\"")
+    cls = PLACES.get(kind)
+    return cls.from_config(key, section, base_dir=base_dir)
+
+
+def resolve_path(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base_dir / path)

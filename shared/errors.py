@@ -1,0 +1,109 @@
+"""Every error dicomsync raises, in one tree.
+
+Third-party exceptions (requests, pydicom, sqlite3, xnat, OSError) are translated
+into these where they enter our code, so callers only ever catch ``DicomSyncError``.
+The CLI prints ``str(error)`` as one line and exits non-zero; the plugin logs it
+through Orthanc's log. Messages never contain secrets.
+
+::
+
+    DicomSyncError                  base; ``retryable`` says whether trying later may help
+    ├── ConfigError                 dicomsync.json / the DicomSync section is invalid
+    ├── QueryError                  a malformed StudyQuery or index query
+    ├── DicomFileError              a file that is not readable DICOM
+    ├── PlaceError                  a place failed to list, read or receive
+    │   ├── UnknownPlaceError       no place (or sink) with that key
+    │   ├── PlaceKindUnavailable    the kind exists but cannot be used here (missing dependency)
+    │   ├── NotFound                the study or path does not exist
+    │   ├── Unreachable             network error, timeout, 5xx           (retryable)
+    │   ├── AuthenticationFailed    401/403, wrong password
+    │   └── RemoteRejected          the remote refused the data (4xx other than auth)
+    ├── TransferError               the destination does not hold what was sent
+    ├── SinkError                   a tag sink failed
+    │   ├── SinkRetryable           busy, 5xx, network                   (retryable)
+    │   └── SinkFatal               bad token, bad config: stop the sink, keep the events
+    └── QueueError                  the durable queue failed
+"""
+
+from __future__ import annotations
+
+
+class DicomSyncError(Exception):
+    """Base of every dicomsync error."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if retryable is not None:
+            self.retryable = retryable
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(DicomSyncError):
+    """The configuration (dicomsync.json or the Orthanc DicomSync section) is invalid."""
+
+
+class QueryError(DicomSyncError):
+    """A query could not be parsed."""
+
+
+class DicomFileError(DicomSyncError):
+    """A file is not readable DICOM."""
+
+
+class PlaceError(DicomSyncError):
+    """A place could not list, read or receive."""
+
+
+class UnknownPlaceError(PlaceError):
+    """No place or sink is configured under that key."""
+
+
+class PlaceKindUnavailable(PlaceError):
+    """The place kind is known but cannot be used (a dependency is missing)."""
+
+
+class NotFound(PlaceError):
+    """A study, path or remote resource does not exist."""
+
+
+class Unreachable(PlaceError):
+    """The remote did not answer, or answered with a server error."""
+
+    retryable = True
+
+
+class AuthenticationFailed(PlaceError):
+    """The remote refused our credentials."""
+
+
+class RemoteRejected(PlaceError):
+    """The remote refused the request or the data."""
+
+
+class TransferError(DicomSyncError):
+    """After a send, the destination does not hold every instance."""
+
+    retryable = True
+
+
+class SinkError(DicomSyncError):
+    """A tag sink failed to deliver."""
+
+
+class SinkRetryable(SinkError):
+    """The sink is busy or unreachable; the events stay queued and are tried again."""
+
+    retryable = True
+
+
+class SinkFatal(SinkError):
+    """The sink refuses us (token, config); it stops, and its events stay queued."""
+
+
+class QueueError(DicomSyncError):
+    """The durable queue could not be read or written."""

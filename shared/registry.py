@@ -1,0 +1,69 @@
+"""A registry of implementations by kind, in the style of pydicom's pixel backends.
+
+Each kind names the module and class that implement it. Modules are imported only
+when a kind is used, so a missing optional dependency makes that one kind
+unavailable, with the reason, instead of breaking every command.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from dicomsync.errors import ConfigError, PlaceKindUnavailable
+
+T = TypeVar("T")
+
+
+@dataclass
+class Registry(Generic[T]):
+    """Maps a kind (``dicom_root``) to ``module:Class``, imported on first use."""
+
+    what: str  # "place" or "sink", for messages
+    _targets: dict[str, str] = field(default_factory=dict)
+    _loaded: dict[str, type[T]] = field(default_factory=dict)
+    _missing: dict[str, str] = field(default_factory=dict)
+
+    def register(self, kind: str, target: str) -> None:
+        self._targets[kind] = target
+        self._loaded.pop(kind, None)
+        self._missing.pop(kind, None)
+
+    def kinds(self) -> list[str]:
+        return sorted(self._targets)
+
+    def get(self, kind: str) -> type[T]:
+        """The class for ``kind``; ConfigError if unknown, PlaceKindUnavailable if it can't load."""
+        if kind in self._loaded:
+            return self._loaded[kind]
+        if kind not in self._targets:
+            raise ConfigError(
+                f"unknown {self.what} kind {kind!r}; known kinds: {', '.join(self.kinds())}"
+            )
+        if kind in self._missing:
+            raise PlaceKindUnavailable(
+                f"{self.what} kind {kind!r} is unavailable: {self._missing[kind]}"
+            )
+        module_name, _, class_name = self._targets[kind].partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            self._missing[kind] = f"cannot import {exc.name or module_name} ({exc})"
+            raise PlaceKindUnavailable(
+                f"{self.what} kind {kind!r} is unavailable: {self._missing[kind]}"
+            ) from exc
+        cls: type[T] = getattr(module, class_name)
+        self._loaded[kind] = cls
+        return cls
+
+    def availability(self) -> dict[str, str | None]:
+        """kind -> None when usable, else the reason it is not."""
+        result: dict[str, str | None] = {}
+        for kind in self.kinds():
+            try:
+                self.get(kind)
+                result[kind] = None
+            except PlaceKindUnavailable:
+                result[kind] = self._missing.get(kind, "unavailable")
+        return result
