@@ -4,9 +4,11 @@
 literal: brackets, spaces, ``?`` and dots mean themselves, so a study called
 ``study [1]`` matches only itself.
 
-Short forms:
-- ``place:*`` is every study of the place (``place:*/*``);
-- ``place:patient1*`` is ``place:patient1*/*``, the seed's form;
+Without a ``/`` the pattern is matched against the whole key ``patient/study``
+(``*`` then also spans the ``/``), as in the original dicomsync:
+- ``place:*`` is every study of the place;
+- ``place:patient1*`` is every study of patient1;
+- ``place:*study1`` is every study called study1, of any patient;
 - ``*:*`` is every study of every place.
 """
 
@@ -33,9 +35,11 @@ def glob_match(pattern: str, value: str) -> bool:
 
 @dataclass(frozen=True)
 class StudyQuery:
+    """``patient``/``study`` globs; with ``study`` None, ``patient`` globs the whole key."""
+
     place: str
     patient: str = "*"
-    study: str = "*"
+    study: str | None = "*"
 
     @classmethod
     def parse(cls, text: str) -> StudyQuery:
@@ -50,9 +54,8 @@ class StudyQuery:
                 raise QueryError(f"invalid query {text!r}: too many '/'; {USAGE}")
             if not patient or not study:
                 raise QueryError(f"invalid query {text!r}: {USAGE}")
-        else:
-            patient, study = rest, "*"
-        return cls(place=place, patient=patient, study=study)
+            return cls(place=place, patient=patient, study=study)
+        return cls(place=place, patient=rest, study=None)
 
     @cached_property
     def _patient_re(self) -> re.Pattern[str]:
@@ -60,7 +63,7 @@ class StudyQuery:
 
     @cached_property
     def _study_re(self) -> re.Pattern[str]:
-        return glob_to_regex(self.study)
+        return glob_to_regex(self.study or "*")
 
     @cached_property
     def _place_re(self) -> re.Pattern[str]:
@@ -70,18 +73,14 @@ class StudyQuery:
         return self._place_re.match(key) is not None
 
     def matches(self, patient: str, study: str) -> bool:
+        if self.study is None:
+            return self._patient_re.match(f"{patient}/{study}") is not None
         return (
             self._patient_re.match(patient) is not None
             and self._study_re.match(study) is not None
         )
 
-    @property
-    def is_literal_patient(self) -> bool:
-        return "*" not in self.patient
-
-    @property
-    def is_literal_study(self) -> bool:
-        return "*" not in self.study
-
     def __str__(self) -> str:
+        if self.study is None:
+            return f"{self.place}:{self.patient}"
         return f"{self.place}:{self.patient}/{self.study}"

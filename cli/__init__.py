@@ -1,0 +1,1 @@
+"""dicomsync.cli: the command line. ``main.py`` is the group; one module per command group."""

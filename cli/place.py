@@ -1,0 +1,142 @@
+"""``dicomsync place``: add, list, remove and look into places."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dicomsync.cli.common import echo_json, load_config, optional_module
+from dicomsync.errors import ConfigError, DicomSyncError
+from dicomsync.query import StudyQuery
+
+
+@click.group()
+def place() -> None:
+    """Manage places: folders, zip folders, Orthanc servers, XNAT projects."""
+
+
+@place.group()
+def add() -> None:
+    """Add a place of a given kind."""
+
+
+def save_place(ctx: click.Context, key: str, section: dict[str, Any]) -> None:
+    """Validate and store a new place section; used by every ``place add`` kind."""
+    cfg = load_config(ctx)
+    cfg.add_place(key, section)
+    cfg.save()
+    click.echo(f"added {section['Kind']} place {key!r}: {cfg.place(key).describe()}")
+
+
+@add.command("dicom_root")
+@click.argument("key")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.pass_context
+def add_dicom_root(ctx: click.Context, key: str, path: Path) -> None:
+    """A folder of DICOM files laid out as PATH/<patient>/<study>/**."""
+    if not path.is_dir():
+        raise ConfigError(f"folder {path} does not exist")
+    save_place(ctx, key, {"Kind": "dicom_root", "Path": str(path.resolve())})
+
+
+@add.command("zipped_root")
+@click.argument("key")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.pass_context
+def add_zipped_root(ctx: click.Context, key: str, path: Path) -> None:
+    """A folder of zipped studies, PATH/<patient>/<study>.zip (created if missing)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create folder {path}: {exc.strerror}") from None
+    save_place(ctx, key, {"Kind": "zipped_root", "Path": str(path.resolve())})
+
+
+@add.command("orthanc")
+@click.argument("key")
+@click.argument("url")
+@click.option("--user", help="HTTP user name.")
+@click.option("--password-env", metavar="VAR",
+              help="Environment variable that holds the password (never stored).")
+@click.option("--no-verify", is_flag=True, help="Do not verify TLS certificates (not recommended).")
+@click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False),
+              help="CA bundle to verify the server's certificate with.")
+@click.pass_context
+def add_orthanc(ctx: click.Context, key: str, url: str, user: str | None,
+                password_env: str | None, no_verify: bool, ca_bundle: str | None) -> None:
+    """An Orthanc server at URL."""
+    section: dict[str, Any] = {"Kind": "orthanc", "Url": url}
+    if user:
+        section["User"] = user
+    if password_env:
+        section["PasswordEnv"] = password_env
+    if no_verify:
+        section["VerifyTls"] = False
+    if ca_bundle:
+        section["CaBundle"] = str(Path(ca_bundle).resolve())
+    save_place(ctx, key, section)
+
+
+@place.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def list_places(ctx: click.Context, as_json: bool) -> None:
+    """Show the configured places."""
+    cfg = load_config(ctx)
+    rows = []
+    for key in sorted(cfg.places):
+        try:
+            desc = cfg.place(key).describe()
+        except DicomSyncError as exc:
+            desc = f"(unusable: {exc})"
+        rows.append((key, desc))
+    if as_json:
+        echo_json([{"key": k, "place": d, "kind": cfg.places[k]["Kind"]} for k, d in rows])
+        return
+    width = max([len("key"), *(len(k) for k, _ in rows)])
+    dwidth = max([len("place"), *(len(d) for _, d in rows)])
+    click.echo(f"{'key':<{width}}  place")
+    click.echo(f"{'-' * width}  {'-' * dwidth}")
+    for k, d in rows:
+        click.echo(f"{k:<{width}}  {d}")
+
+
+@place.command("remove")
+@click.argument("key")
+@click.pass_context
+def remove_place(ctx: click.Context, key: str) -> None:
+    """Forget a place (its data is not touched)."""
+    cfg = load_config(ctx)
+    cfg.remove_place(key)
+    cfg.save()
+    click.echo(f"removed place {key!r}")
+
+
+@place.command("ls")
+@click.argument("key")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def ls_place(ctx: click.Context, key: str, as_json: bool) -> None:
+    """List a place's studies with their StudyInstanceUID and instance count."""
+    cfg = load_config(ctx)
+    with cfg.place(key) as p:
+        rows = []
+        for ref in p.studies(StudyQuery(key)):
+            ident = p.identity(ref)
+            rows.append({"key": ref.key, "study_uid": ident.study_uid,
+                         "instances": len(ident.sop_uids)})
+    if as_json:
+        echo_json(rows)
+        return
+    click.echo(f"{len(rows)} studies in {key}:")
+    for r in rows:
+        click.echo(f"{r['key']}  {r['study_uid']}  {r['instances']} instances")
+
+
+def register(group: click.Group) -> None:
+    xnat = optional_module("xnat")
+    if xnat is not None:
+        xnat.register(add)
+    group.add_command(place)

@@ -1,0 +1,65 @@
+"""``dicomsync send``: send the studies matching a query to a place, skipping duplicates."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+
+import click
+
+from dicomsync.cli.common import load_config, places_for, show_progress
+from dicomsync.places.base import Place, StudyRef
+from dicomsync.query import StudyQuery
+from dicomsync.transfer import StudyOutcome, send as send_studies
+
+log = logging.getLogger(__name__)
+
+
+@click.command()
+@click.argument("query")
+@click.argument("destination")
+@click.option("--dry-run", is_flag=True, help="Show what would be sent; send nothing.")
+@click.pass_context
+def send(ctx: click.Context, query: str, destination: str, dry_run: bool) -> None:
+    """Send every study matching QUERY to the place DESTINATION.
+
+    Studies the destination already holds completely are skipped; partial ones get
+    only their missing instances. One study's failure does not stop the others; the
+    exit code is 1 if any study failed.
+    """
+    q = StudyQuery.parse(query)
+    cfg = load_config(ctx)
+    with ExitStack() as stack:
+        dest = stack.enter_context(cfg.place(destination))
+        items: list[tuple[Place, StudyRef]] = []
+        for p in places_for(cfg, q):
+            if p.key == destination:
+                continue
+            stack.enter_context(p)
+            items.extend((p, ref) for ref in p.studies(q))
+        log.info("sending %d studies matching %s to %s", len(items), q, destination)
+        if not items:
+            click.echo(f"no studies match {q}")
+            return
+        outcomes: list[StudyOutcome] = []
+        if show_progress(ctx):
+            with click.progressbar(length=len(items), label="sending", file=click.get_text_stream("stderr")) as bar:
+                summary = send_studies(items, dest, dry_run=dry_run,
+                                       progress=lambda o: (outcomes.append(o), bar.update(1)))
+        else:
+            summary = send_studies(items, dest, dry_run=dry_run, progress=outcomes.append)
+    for o in summary.outcomes:
+        if o.status == "would_send":
+            click.echo(f"would send {o.ref} ({o.missing} instances)")
+        elif o.status == "failed":
+            click.echo(f"failed {o.ref}: {o.error}", err=True)
+        elif o.status == "sent":
+            click.echo(f"sent {o.ref} ({o.sent} instances)")
+    click.echo(summary.line())
+    log.info("send finished: %s", summary.line())
+    if not summary.ok:
+        ctx.exit(1)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(send)

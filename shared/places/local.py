@@ -1,0 +1,172 @@
+"""What the two folder-based places share: a root folder, listing, and cached headers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from dicomsync.config import resolve_path
+from dicomsync.errors import ConfigError, DicomFileError, NotFound
+from dicomsync.header_cache import CachedHeader, HeaderCache, shared_cache
+from dicomsync.identity import StudyIdentity, identity_of, read_header, InstanceHeader
+from dicomsync.places.base import Place, StudyRef, require
+from dicomsync.query import StudyQuery
+
+log = logging.getLogger(__name__)
+
+
+def is_hidden(name: str) -> bool:
+    """Temporary and hidden entries (our own partial writes start with a dot)."""
+    return name.startswith(".")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One file of a study: its name inside the study, signature, and how to open it."""
+
+    name: str
+    size: int
+    mtime_ns: int
+    open: Callable[[], IO[bytes]]
+
+
+@dataclass
+class Scan:
+    """The readable instances of a study (SOP UID -> member name) and its identity."""
+
+    identity: StudyIdentity
+    files: dict[str, str]
+
+
+def scan_members(container: str, members: Iterable[Member], cache: HeaderCache) -> Scan:
+    """Headers of every member, from the cache when the signature is unchanged.
+
+    Each unreadable file is skipped with one warning that names it (cached
+    failures are warned about again at debug level only).
+    """
+    cached = cache.load(container)
+    headers: list[InstanceHeader] = []
+    files: dict[str, str] = {}
+    fresh: list[CachedHeader] = []
+    seen: set[str] = set()
+    for m in members:
+        seen.add(m.name)
+        entry = cached.get(m.name)
+        if entry is None or entry.size != m.size or entry.mtime_ns != m.mtime_ns:
+            try:
+                with m.open() as f:
+                    h = read_header(f)
+                entry = CachedHeader(m.name, m.size, m.mtime_ns, h.sop_uid, h.study_uid,
+                                     h.patient_id, None)
+            except DicomFileError as exc:
+                log.warning("skipping unreadable file %s/%s: %s", container, m.name,
+                            str(exc).split(": ", 1)[-1])
+                entry = CachedHeader(m.name, m.size, m.mtime_ns, None, None, None, str(exc))
+            except OSError as exc:
+                log.warning("skipping unreadable file %s/%s: %s", container, m.name, exc)
+                continue
+            fresh.append(entry)
+        elif entry.error:
+            log.debug("skipping unreadable file %s/%s (cached)", container, m.name)
+        if entry.sop_uid and entry.study_uid:
+            headers.append(InstanceHeader(entry.sop_uid, entry.study_uid, entry.patient_id or "", ""))
+            files.setdefault(entry.sop_uid, m.name)
+    if fresh:
+        cache.store(container, fresh)
+    stale = set(cached) - seen
+    if stale:
+        cache.forget(container, stale)
+    return Scan(identity=identity_of(headers), files=files)
+
+
+class RootPlace(Place):
+    """A place stored under ``root/<patient>/<study…>``."""
+
+    suffix: str = ""  # ".zip" for zipped roots
+
+    def __init__(self, key: str, root: Path, cache: HeaderCache | None = None) -> None:
+        super().__init__(key)
+        self.root = root
+        self._cache = cache
+        self._scans: dict[str, Scan] = {}
+
+    @property
+    def cache(self) -> HeaderCache:
+        return self._cache or shared_cache()
+
+    @classmethod
+    def from_config(cls, key: str, section: Mapping[str, Any], *, base_dir: Path) -> Place:
+        path = resolve_path(require(section, "Path", key, f"{cls.kind} place"), base_dir)
+        return cls(key, path)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"Kind": self.kind, "Path": str(self.root)}
+
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise NotFound(f"{self.kind} place {self.key!r}: root folder {self.root} does not exist")
+
+    def studies(self, query: StudyQuery | None = None) -> Iterator[StudyRef]:
+        self._check_root()
+        query = query or StudyQuery(self.key)
+        try:
+            patients = sorted(os.scandir(self.root), key=lambda e: e.name)
+        except OSError as exc:
+            raise NotFound(f"{self.kind} place {self.key!r}: cannot list {self.root}: {exc.strerror}") from None
+        for p in patients:
+            if is_hidden(p.name) or not p.is_dir():
+                continue
+            try:
+                entries = sorted(os.scandir(p.path), key=lambda e: e.name)
+            except OSError as exc:
+                log.warning("cannot list %s: %s", p.path, exc.strerror)
+                continue
+            for s in entries:
+                study = self._study_name(s)
+                if study is not None and query.matches(p.name, study):
+                    yield StudyRef(self.key, p.name, study, handle=s.path)
+
+    def _study_name(self, entry: os.DirEntry[str]) -> str | None:
+        raise NotImplementedError
+
+    def scan(self, ref: StudyRef) -> Scan:
+        raise NotImplementedError
+
+    def identity(self, ref: StudyRef) -> StudyIdentity:
+        scan = self.scan(ref)
+        self._scans[ref.key] = scan
+        return scan.identity
+
+    def _scan_for(self, ref: StudyRef) -> Scan:
+        scan = self._scans.get(ref.key)
+        if scan is None:
+            scan = self.scan(ref)
+            self._scans[ref.key] = scan
+        return scan
+
+    def ref(self, key: str) -> StudyRef:
+        from dicomsync.places.base import split_key
+
+        patient, study = split_key(key)
+        return StudyRef(self.key, patient, study)
+
+    def holds(self, key: str, identity: StudyIdentity) -> frozenset[str]:
+        self._check_root()
+        ref = self.ref(key)
+        scan = self.scan(ref)
+        self._scans[key] = scan
+        if scan.identity.sop_uids and scan.identity.study_uid != identity.study_uid:
+            log.warning(
+                "%s:%s holds a different study (%s) than the one being sent (%s)",
+                self.key, key, scan.identity.study_uid, identity.study_uid,
+            )
+        return scan.identity.sop_uids & identity.sop_uids
+
+
+def check_new_root(path: Path, kind: str, key: str) -> None:
+    if not path.is_dir():
+        raise ConfigError(f"{kind} place {key!r}: folder {path} does not exist")

@@ -1,0 +1,178 @@
+"""``orthanc``: an Orthanc server, over HTTP from the CLI or in-process inside the plugin.
+
+Keys are ``<PatientID>/<StudyInstanceUID>``, each made a safe path component.
+
+- Listing: one ``GET /studies?expand``.
+- Reading: ``GET /instances/{id}/file`` with ``Accept-Encoding: identity``.
+- Writing: ``POST /instances`` over keep-alive sessions, several in parallel.
+- Duplicate check: Orthanc's study ID is computed from PatientID and
+  StudyInstanceUID, then ``GET /studies/{id}/instances``; when that study is absent
+  (the PatientID differs), ``POST /tools/lookup`` finds it by UID.
+
+The password is read from the environment variable named by ``PasswordEnv``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from dicomsync.errors import ConfigError, NotFound, RemoteRejected
+from dicomsync.identity import StudyIdentity, orthanc_study_id, safe_component
+from dicomsync.orthanc_client import HttpTransport, OrthancClient
+from dicomsync.places.base import Instance, Place, Receipt, StudyRef, require
+from dicomsync.query import StudyQuery
+
+log = logging.getLogger(__name__)
+
+DEFAULT_UPLOAD_THREADS = 4
+
+
+class OrthancPlace(Place):
+    kind = "orthanc"
+    label = "Orthanc"
+
+    def __init__(
+        self,
+        key: str,
+        client: OrthancClient,
+        *,
+        url: str = "",
+        user: str | None = None,
+        password_env: str | None = None,
+        verify: bool | str = True,
+        upload_threads: int = DEFAULT_UPLOAD_THREADS,
+    ) -> None:
+        super().__init__(key)
+        self.client = client
+        self.url = url
+        self.user = user
+        self.password_env = password_env
+        self.verify = verify
+        self.upload_threads = max(1, upload_threads)
+        self._meta: dict[str, tuple[str, str]] = {}  # study ID -> (PatientID, StudyInstanceUID)
+
+    @classmethod
+    def from_config(cls, key: str, section: Mapping[str, Any], *, base_dir: Path) -> Place:
+        url = require(section, "Url", key, "orthanc place")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"orthanc place {key!r}: Url must start with http:// or https://")
+        user = section.get("User") or None
+        password_env = section.get("PasswordEnv") or None
+        password = None
+        if password_env:
+            password = os.environ.get(password_env)
+            if password is None:
+                raise ConfigError(
+                    f"orthanc place {key!r}: environment variable {password_env} is not set"
+                )
+        verify: bool | str = bool(section.get("VerifyTls", True))
+        if section.get("CaBundle"):
+            verify = str(section["CaBundle"])
+        transport = HttpTransport(url, user, password, verify=verify,
+                                  timeout=float(section.get("Timeout", 60)))
+        return cls(key, OrthancClient(transport), url=url, user=user, password_env=password_env,
+                   verify=verify, upload_threads=int(section.get("UploadThreads", DEFAULT_UPLOAD_THREADS)))
+
+    def to_config(self) -> dict[str, Any]:
+        section: dict[str, Any] = {"Kind": self.kind, "Url": self.url}
+        if self.user:
+            section["User"] = self.user
+        if self.password_env:
+            section["PasswordEnv"] = self.password_env
+        if self.verify is not True:
+            section["VerifyTls" if isinstance(self.verify, bool) else "CaBundle"] = self.verify
+        return section
+
+    def describe(self) -> str:
+        return f"Orthanc at '{self.url or self.client.transport.description}'"
+
+    # --- source -----------------------------------------------------------------------
+    def ref_for(self, study: Mapping[str, Any]) -> StudyRef:
+        """A StudyRef from one entry of ``/studies?expand`` (or ``/studies/{id}``)."""
+        patient_id = str(study.get("PatientMainDicomTags", {}).get("PatientID", ""))
+        uid = str(study.get("MainDicomTags", {}).get("StudyInstanceUID", ""))
+        self._meta[study["ID"]] = (patient_id, uid)
+        return StudyRef(self.key, safe_component(patient_id), safe_component(uid), handle=study["ID"])
+
+    def ref_by_id(self, study_id: str) -> StudyRef:
+        return self.ref_for(self.client.study(study_id))
+
+    def studies(self, query: StudyQuery | None = None) -> Iterator[StudyRef]:
+        query = query or StudyQuery(self.key)
+        refs = [self.ref_for(s) for s in self.client.studies_expanded()]
+        for ref in sorted(refs):
+            if query.matches(ref.patient, ref.study):
+                yield ref
+
+    def _study_id(self, ref: StudyRef) -> str:
+        if ref.handle:
+            return ref.handle
+        for candidate in self.studies(StudyQuery(self.key, ref.patient, ref.study)):
+            return candidate.handle
+        raise NotFound(f"{ref}: no such study in Orthanc")
+
+    def identity(self, ref: StudyRef) -> StudyIdentity:
+        study_id = self._study_id(ref)
+        instances = self.client.study_instances(study_id)
+        if study_id not in self._meta:
+            self.ref_by_id(study_id)
+        patient_id, study_uid = self._meta[study_id]
+        return StudyIdentity(
+            study_uid=study_uid,
+            sop_uids=frozenset(i["MainDicomTags"]["SOPInstanceUID"] for i in instances),
+            patient_id=patient_id,
+        )
+
+    def instances(self, ref: StudyRef, only: Collection[str] | None = None) -> Iterator[Instance]:
+        study_id = self._study_id(ref)
+        for inst in self.client.study_instances(study_id):
+            sop = inst["MainDicomTags"]["SOPInstanceUID"]
+            if only is not None and sop not in only:
+                continue
+            yield Instance(sop, f"{safe_component(sop)}.dcm",
+                           lambda i=inst["ID"]: self.client.instance_file(i))
+
+    # --- destination --------------------------------------------------------------------
+    def holds(self, key: str, identity: StudyIdentity) -> frozenset[str]:
+        held = self.client.study_sop_uids(orthanc_study_id(identity.patient_id, identity.study_uid))
+        if not held:
+            for study_id in self.client.lookup_studies(identity.study_uid):
+                held.update(self.client.study_sop_uids(study_id))
+        return frozenset(held) & identity.sop_uids
+
+    def receive(self, key: str, instances: Iterable[Instance], identity: StudyIdentity) -> Receipt:
+        """Upload with a few parallel keep-alive sessions; at most 2×threads files in memory."""
+        written = 0
+        limit = self.upload_threads * 2
+        pending: set[Future[Any]] = set()
+
+        def upload(inst: Instance) -> None:
+            answer = self.client.store_instance(inst.read())
+            if answer.get("Status") not in ("Success", "AlreadyStored"):
+                raise RemoteRejected(f"Orthanc refused {inst.name}: {answer.get('Status')}")
+
+        with ThreadPoolExecutor(self.upload_threads, thread_name_prefix="orthanc-up") as pool:
+            try:
+                for inst in instances:
+                    if len(pending) >= limit:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for f in done:
+                            f.result()
+                            written += 1
+                    pending.add(pool.submit(upload, inst))
+                for f in pending:
+                    f.result()
+                    written += 1
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+        return Receipt(written, self.describe())
+
+    def close(self) -> None:
+        self.client.close()

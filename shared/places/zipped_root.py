@@ -1,0 +1,125 @@
+"""``zipped_root``: one zip per study, ``root/<patient>/<study>.zip``.
+
+A zip is always written whole to a temporary file beside it (``.<study>.zip.…partial``)
+and renamed into place, so an interrupted send never leaves a zip that counts as
+sent. A partial destination is completed by rewriting the zip with the members it
+had plus the missing instances (the old members are copied compressed, not
+re-read as DICOM). Member names keep the source's relative paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Collection, Iterable, Iterator
+from pathlib import Path
+
+from dicomsync.errors import NotFound, RemoteRejected
+from dicomsync.header_cache import CachedHeader
+from dicomsync.identity import StudyIdentity, contained_path, safe_component
+from dicomsync.places.base import Instance, Receipt, StudyRef, split_key
+from dicomsync.places.local import Member, RootPlace, Scan, is_hidden, scan_members
+
+log = logging.getLogger(__name__)
+
+
+class ZippedRoot(RootPlace):
+    kind = "zipped_root"
+    label = "Zipped DICOM Root folder"
+    suffix = ".zip"
+
+    def describe(self) -> str:
+        return f"Zipped DICOM Root folder at '{self.root}'"
+
+    def _study_name(self, entry: os.DirEntry[str]) -> str | None:
+        if is_hidden(entry.name) or not entry.name.endswith(".zip") or not entry.is_file():
+            return None
+        return entry.name[: -len(".zip")]
+
+    def _zip_path(self, ref: StudyRef) -> Path:
+        return self.root / ref.patient / f"{ref.study}.zip"
+
+    def scan(self, ref: StudyRef) -> Scan:
+        path = self._zip_path(ref)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return Scan(StudyIdentity("", frozenset()), {})
+        try:
+            zf = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            log.warning("skipping unreadable zip %s: %s", path, exc)
+            return Scan(StudyIdentity("", frozenset()), {})
+        with zf:
+            members = [
+                Member(i.filename, st.st_size, st.st_mtime_ns, lambda n=i.filename: zf.open(n))
+                for i in zf.infolist()
+                if not i.is_dir() and not is_hidden(os.path.basename(i.filename))
+            ]
+            return scan_members(str(path), members, self.cache)
+
+    def instances(self, ref: StudyRef, only: Collection[str] | None = None) -> Iterator[Instance]:
+        path = self._zip_path(ref)
+        if not path.is_file():
+            raise NotFound(f"{ref}: no such zip {path}")
+        scan = self._scan_for(ref)
+        wanted = [(sop, name) for sop, name in sorted(scan.files.items(), key=lambda kv: kv[1])
+                  if only is None or sop in only]
+        if not wanted:
+            return
+        with zipfile.ZipFile(path) as zf:
+            for sop, name in wanted:
+                # Read here, while the zip is open: consumers may load bytes on other threads.
+                data = zf.read(name)
+                yield Instance(sop, name, lambda d=data: d)
+
+    def receive(self, key: str, instances: Iterable[Instance], identity: StudyIdentity) -> Receipt:
+        self._check_root()
+        patient, study = split_key(key)
+        folder = contained_path(self.root, safe_component(patient))
+        target = contained_path(folder, safe_component(study) + ".zip")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=folder)
+        os.close(fd)
+        names: set[str] = set()
+        entries: list[tuple[str, str]] = []  # (member, sop) for the cache
+        written = 0
+        try:
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as out:
+                if target.exists():
+                    old_scan = self.scan(self.ref(key))
+                    by_name = {n: s for s, n in old_scan.files.items()}
+                    with zipfile.ZipFile(target) as old:
+                        for info in old.infolist():
+                            with old.open(info) as src, out.open(info, "w") as dst:
+                                shutil.copyfileobj(src, dst, 1 << 20)
+                            names.add(info.filename)
+                            if info.filename in by_name:
+                                entries.append((info.filename, by_name[info.filename]))
+                for inst in instances:
+                    name = "/".join(safe_component(p) for p in inst.name.split("/") if p not in ("", "."))
+                    if not name or name in names:
+                        name = safe_component(inst.sop_uid) + ".dcm"
+                    out.writestr(name, inst.read())
+                    names.add(name)
+                    entries.append((name, inst.sop_uid))
+                    written += 1
+            os.replace(tmp, target)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise RemoteRejected(f"cannot write {target}: {exc.strerror or exc}") from None
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        st = target.stat()
+        self.cache.store(
+            str(target),
+            [CachedHeader(n, st.st_size, st.st_mtime_ns, sop, identity.study_uid,
+                          identity.patient_id, None) for n, sop in entries],
+            replace_all=True,
+        )
+        self._scans.pop(key, None)
+        return Receipt(written, str(target))
