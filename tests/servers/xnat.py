@@ -496,7 +496,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", f"{ctype};charset=UTF-8" if ctype != "application/zip"
                          else ctype)
         self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
+        for k, v in {**getattr(self, "_extra", {}), **(headers or {})}.items():
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
@@ -589,6 +589,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.store.lock:
             self.store.requests.append((self.command, self.path))
         method = self.command if self.command != "HEAD" else "GET"
+        self._extra: dict[str, str] = {}
         try:
             if path == "/" and method == "GET":
                 self._send(302, "", HTML, {"Location": "/app/template/Login.vm"})
@@ -633,12 +634,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method: str, path: str, query: dict[str, str], user: str,
                extra: dict[str, str]) -> None:
         extra.pop("X-Token", None)
-        self._extra = extra
+        self._extra = extra  # a new session cookie rides on the answer
         store = self.store
         fmt = query.get("format", "json")
         m: re.Match[str] | None
         if path == "/data/auth":
-            self._send(200, f"User '{user}' is logged in", TEXT, extra)
+            self._send(200, f"User '{user}' is logged in", TEXT)
         elif path == "/data/JSESSION":
             self._send(200, self._cookie_session() or "", TEXT, extra)
         elif path == "/data/version":
@@ -719,8 +720,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ImportFailed as exc:
             with self.store.lock:
                 self.store.imports.append(ImportRecord(user, query, 0, exc.status, exc.message))
-            self._error(exc.status, exc.message) if exc.status != 400 else self._send(
-                400, exc.message, TEXT)
+            self._error(exc.status, exc.message)
             return
         finally:
             body.close()
