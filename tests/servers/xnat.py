@@ -248,8 +248,7 @@ def parse_member(name: str, data: bytes) -> pydicom.Dataset:
         present = len(ds.PixelData)
         if expected is not None and present < expected:
             raise ValueError(
-                f"{name}: premature end of stream in Pixel Data "
-                f"({present} of {expected} bytes)"
+                f"{name}: premature end of stream in Pixel Data ({present} of {expected} bytes)"
             )
     return ds
 
@@ -300,8 +299,9 @@ class XnatStore:
                 return s
         return None
 
-    def _session_for(self, project: str, tag: str, label: str, subject: str,
-                     ds: pydicom.Dataset) -> PrearcSession:
+    def _session_for(
+        self, project: str, tag: str, label: str, subject: str, ds: pydicom.Dataset
+    ) -> PrearcSession:
         for s in self.prearchive:
             if (s.project, s.tag, s.name) == (project, tag, label):
                 return s
@@ -321,8 +321,9 @@ class XnatStore:
         self.prearchive.append(session)
         return session
 
-    def add_instance(self, project: str, subject: str | None, label: str | None,
-                     ds: pydicom.Dataset, data: bytes) -> PrearcSession:
+    def add_instance(
+        self, project: str, subject: str | None, label: str | None, ds: pydicom.Dataset, data: bytes
+    ) -> PrearcSession:
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
         sop_uid = str(ds.get("SOPInstanceUID", "") or "")
         series_uid = str(ds.get("SeriesInstanceUID", "") or "") or study_uid
@@ -345,10 +346,11 @@ class XnatStore:
                 modality=str(ds.get("Modality", "") or ""),
             )
             session.scans[series_uid] = scan
-        digest = hashlib.sha1(
-            f"{ds.get('SOPClassUID', '')}{sop_uid}".encode()).hexdigest()[:8]
-        name = (f"{study_uid}-{ds.get('SeriesNumber', '') or 0}-"
-                f"{ds.get('InstanceNumber', '') or 0}-{digest}.dcm")
+        digest = hashlib.sha1(f"{ds.get('SOPClassUID', '')}{sop_uid}".encode()).hexdigest()[:8]
+        name = (
+            f"{study_uid}-{ds.get('SeriesNumber', '') or 0}-"
+            f"{ds.get('InstanceNumber', '') or 0}-{digest}.dcm"
+        )
         scan.files[sop_uid] = StoredFile(name=name, data=data, sop_uid=sop_uid)
         session.lastmod = _stamp(_now())
         return session
@@ -429,8 +431,9 @@ class XnatStore:
             key = (session.project, session.subject)
             subject = self.subjects.get(key)
             if subject is None:
-                subject = Subject(self._next_id("S"), session.project, session.subject,
-                                  _stamp(_now()))
+                subject = Subject(
+                    self._next_id("S"), session.project, session.subject, _stamp(_now())
+                )
                 self.subjects[key] = subject
             modality = next((s.modality for s in session.scans.values()), "")
             exp = Experiment(
@@ -489,12 +492,18 @@ class _Handler(BaseHTTPRequestHandler):
     def store(self) -> XnatStore:
         return self.server.store
 
-    def _send(self, status: int, body: bytes | str = b"", ctype: str = TEXT,
-              headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes | str = b"",
+        ctype: str = TEXT,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         data = body.encode("utf-8") if isinstance(body, str) else body
         self.send_response(status)
-        self.send_header("Content-Type", f"{ctype};charset=UTF-8" if ctype != "application/zip"
-                         else ctype)
+        self.send_header(
+            "Content-Type", f"{ctype};charset=UTF-8" if ctype != "application/zip" else ctype
+        )
         self.send_header("Content-Length", str(len(data)))
         for k, v in {**getattr(self, "_extra", {}), **(headers or {})}.items():
             self.send_header(k, v)
@@ -510,10 +519,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str) -> None:
         # XNAT (Restlet) answers errors as a small HTML page; the client shows the text
-        reason = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-                  404: "Not Found", 409: "Conflict"}.get(status, "Error")
-        page = (f"<html><head><title>Status page</title></head><body><h3>{message}</h3>"
-                f"<p>{reason}</p></body></html>")
+        reason = {
+            400: "Bad Request",
+            401: "Unauthorized",
+            403: "Forbidden",
+            404: "Not Found",
+            409: "Conflict",
+        }.get(status, "Error")
+        page = (
+            f"<html><head><title>Status page</title></head><body><h3>{message}</h3>"
+            f"<p>{reason}</p></body></html>"
+        )
         self._send(status, page, HTML)
 
     def _read_body(self) -> Any:
@@ -595,8 +611,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(302, "", HTML, {"Location": "/app/template/Login.vm"})
                 return
             if path == "/app/template/Login.vm":
-                self._send(200, "<html><body><form name=\"form1\" method=\"post\" "
-                           "action=\"/xnat/login\"></form></body></html>", HTML)
+                self._send(
+                    200,
+                    '<html><body><form name="form1" method="post" '
+                    'action="/xnat/login"></form></body></html>',
+                    HTML,
+                )
                 return
             if path == "/data/services/auth" and method == "PUT":
                 self._login()
@@ -631,8 +651,9 @@ class _Handler(BaseHTTPRequestHandler):
         headers = self._new_login(user)
         self._send(200, headers.pop("X-Token"), TEXT, headers)
 
-    def _route(self, method: str, path: str, query: dict[str, str], user: str,
-               extra: dict[str, str]) -> None:
+    def _route(
+        self, method: str, path: str, query: dict[str, str], user: str, extra: dict[str, str]
+    ) -> None:
         extra.pop("X-Token", None)
         self._extra = extra  # a new session cookie rides on the answer
         store = self.store
@@ -645,8 +666,14 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/data/version":
             self._error(404, "The requested resource /data/version is not available")
         elif path == "/xapi/siteConfig/buildInfo":
-            self._json({"version": XNAT_VERSION, "buildNumber": "stand-in",
-                        "commit": "stand-in", "date": "2024-01-01"})
+            self._json(
+                {
+                    "version": XNAT_VERSION,
+                    "buildNumber": "stand-in",
+                    "commit": "stand-in",
+                    "date": "2024-01-01",
+                }
+            )
         elif path == "/xapi/siteConfig/uptime":
             self._json({"days": 0, "hours": 0, "minutes": 1, "seconds": 0})
         elif path == "/data/services/import" and method == "POST":
@@ -678,15 +705,31 @@ class _Handler(BaseHTTPRequestHandler):
             if self._project_denied(user, m.group(1)):
                 return
             p = m.group(1)
-            self._json({"items": [{"meta": {"xsi:type": "xnat:projectData"},
-                                   "data_fields": {"ID": p, "name": p, "secondary_ID": p}}]})
+            self._json(
+                {
+                    "items": [
+                        {
+                            "meta": {"xsi:type": "xnat:projectData"},
+                            "data_fields": {"ID": p, "name": p, "secondary_ID": p},
+                        }
+                    ]
+                }
+            )
         elif m := re.fullmatch(r"/data(?:/archive)?/projects/([^/]+)/subjects", path):
             if self._project_denied(user, m.group(1)):
                 return
             with store.lock:
-                rows = [{"ID": s.id, "label": s.label, "project": s.project,
-                         "insert_date": s.insert_date, "URI": f"/data/subjects/{s.id}"}
-                        for s in store.subjects.values() if s.project == m.group(1)]
+                rows = [
+                    {
+                        "ID": s.id,
+                        "label": s.label,
+                        "project": s.project,
+                        "insert_date": s.insert_date,
+                        "URI": f"/data/subjects/{s.id}",
+                    }
+                    for s in store.subjects.values()
+                    if s.project == m.group(1)
+                ]
             self._result_set(rows)
         elif m := re.fullmatch(r"/data(?:/archive)?/projects/([^/]+)/experiments", path):
             if self._project_denied(user, m.group(1)):
@@ -731,8 +774,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, answer, TEXT)
 
     def _archive(self, query: dict[str, str], user: str) -> None:
-        m = re.fullmatch(r"(?:/data)?/prearchive/projects/([^/]+)/([^/]+)/([^/]+)",
-                         query.get("src", ""))
+        m = re.fullmatch(
+            r"(?:/data)?/prearchive/projects/([^/]+)/([^/]+)/([^/]+)", query.get("src", "")
+        )
         session = self.store.find_session(*m.groups()) if m else None
         if session is None or not self.store.can_access(user, session.project):
             self._error(404, "No such prearchive session")
@@ -753,9 +797,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self._result_set([session.row()])
             return
         if rest == "/scans":
-            self._result_set([{"ID": s.id, "series_description": s.series_description,
-                               "xsiType": "xnat:imageScanData", "URI": f"{base}/scans/{s.id}"}
-                              for s in session.scans.values()])
+            self._result_set(
+                [
+                    {
+                        "ID": s.id,
+                        "series_description": s.series_description,
+                        "xsiType": "xnat:imageScanData",
+                        "URI": f"{base}/scans/{s.id}",
+                    }
+                    for s in session.scans.values()
+                ]
+            )
             return
         m = re.fullmatch(r"/scans/([^/]+)(/resources(?:/([^/]+)(/files(?:/(.+))?)?)?)?", rest)
         if not m:
@@ -772,16 +824,37 @@ class _Handler(BaseHTTPRequestHandler):
     def _experiment(self, exp: Experiment, rest: str, fmt: str, query: dict[str, str]) -> None:
         base = f"/data/experiments/{exp.id}"
         if rest == "":
-            self._json({"items": [{"meta": {"xsi:type": exp.xsi_type},
-                                   "data_fields": {"ID": exp.id, "label": exp.label,
-                                                   "UID": exp.uid, "project": exp.project,
-                                                   "subject_ID": exp.subject.id}}]})
+            self._json(
+                {
+                    "items": [
+                        {
+                            "meta": {"xsi:type": exp.xsi_type},
+                            "data_fields": {
+                                "ID": exp.id,
+                                "label": exp.label,
+                                "UID": exp.uid,
+                                "project": exp.project,
+                                "subject_ID": exp.subject.id,
+                            },
+                        }
+                    ]
+                }
+            )
             return
         if rest == "/scans":
-            self._result_set([{"ID": s.id, "type": s.series_description,
-                               "series_description": s.series_description,
-                               "xsiType": "xnat:imageScanData", "UID": s.series_uid,
-                               "URI": f"{base}/scans/{s.id}"} for s in exp.scans.values()])
+            self._result_set(
+                [
+                    {
+                        "ID": s.id,
+                        "type": s.series_description,
+                        "series_description": s.series_description,
+                        "xsiType": "xnat:imageScanData",
+                        "UID": s.series_uid,
+                        "URI": f"{base}/scans/{s.id}",
+                    }
+                    for s in exp.scans.values()
+                ]
+            )
             return
         m = re.fullmatch(r"/scans/([^/]+)(/resources(?:/([^/]+)(/files(?:/(.+))?)?)?)?", rest)
         if not m:
@@ -795,20 +868,32 @@ class _Handler(BaseHTTPRequestHandler):
                 return
         self._scan_part(scans, m, f"{base}/scans", fmt, exp.label)
 
-    def _scan_part(self, scans: list[Scan], m: re.Match[str], base: str, fmt: str,
-                   label: str) -> None:
+    def _scan_part(
+        self, scans: list[Scan], m: re.Match[str], base: str, fmt: str, label: str
+    ) -> None:
         resources, resource, files, filename = m.group(2), m.group(3), m.group(4), m.group(5)
         if resources is None:
             if fmt == "zip":
                 self._zip(scans, label)
             else:
-                self._result_set([{"ID": s.id, "series_description": s.series_description}
-                                  for s in scans])
+                self._result_set(
+                    [{"ID": s.id, "series_description": s.series_description} for s in scans]
+                )
             return
         if resource is None:
-            self._result_set([{"label": "DICOM", "format": "DICOM", "content": "RAW",
-                               "file_count": str(len(s.files)), "file_size": str(s.file_size),
-                               "xnat_abstractresource_id": f"{s.id}-DICOM"} for s in scans])
+            self._result_set(
+                [
+                    {
+                        "label": "DICOM",
+                        "format": "DICOM",
+                        "content": "RAW",
+                        "file_count": str(len(s.files)),
+                        "file_size": str(s.file_size),
+                        "xnat_abstractresource_id": f"{s.id}-DICOM",
+                    }
+                    for s in scans
+                ]
+            )
             return
         if resource != "DICOM":
             self._error(404, f"No resource {resource}")
@@ -817,11 +902,20 @@ class _Handler(BaseHTTPRequestHandler):
             self._zip(scans, label)
             return
         if filename is None:
-            self._result_set([{"Name": f.name, "Size": str(len(f.data)),
-                               "URI": f"{base}/{s.id}/resources/DICOM/files/{f.name}",
-                               "collection": "DICOM", "file_content": "RAW",
-                               "file_format": "DICOM"}
-                              for s in scans for f in s.files.values()])
+            self._result_set(
+                [
+                    {
+                        "Name": f.name,
+                        "Size": str(len(f.data)),
+                        "URI": f"{base}/{s.id}/resources/DICOM/files/{f.name}",
+                        "collection": "DICOM",
+                        "file_content": "RAW",
+                        "file_format": "DICOM",
+                    }
+                    for s in scans
+                    for f in s.files.values()
+                ]
+            )
             return
         for s in scans:
             for f in s.files.values():
@@ -833,14 +927,26 @@ class _Handler(BaseHTTPRequestHandler):
     def _zip(self, scans: Iterable[Scan], label: str) -> None:
         buf = io.BytesIO()
         _zip_scans(list(scans), label, buf)
-        self._send(200, buf.getvalue(), "application/zip",
-                   {"Content-Disposition": f'attachment; filename="{label}.zip"'})
+        self._send(
+            200,
+            buf.getvalue(),
+            "application/zip",
+            {"Content-Disposition": f'attachment; filename="{label}.zip"'},
+        )
 
 
 def _columns(rows: list[dict[str, Any]], columns: str | None) -> list[dict[str, Any]]:
     if not columns:
-        default = ("ID", "project", "date", "xsiType", "xnat:subjectassessordata/id", "label",
-                   "insert_date", "URI")
+        default = (
+            "ID",
+            "project",
+            "date",
+            "xsiType",
+            "xnat:subjectassessordata/id",
+            "label",
+            "insert_date",
+            "URI",
+        )
         return [{k: r[k] for k in default} for r in rows]
     wanted = [c for c in columns.split(",") if c]
     return [{k: r.get(k, "") for k in [*wanted, "URI"]} for r in rows]
@@ -888,8 +994,12 @@ class XnatServer:
         httpd.store = self.store
         self.port = int(httpd.server_address[1])
         self._httpd = httpd
-        self._thread = threading.Thread(target=httpd.serve_forever, name="xnat-stand-in",
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever,
+            name="xnat-stand-in",
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -940,16 +1050,18 @@ class XnatServer:
                     out.update(scan.files)
         return out
 
-    def find(self, project: str, *, label: str | None = None,
-             tag: str | None = None) -> PrearcSession:
+    def find(
+        self, project: str, *, label: str | None = None, tag: str | None = None
+    ) -> PrearcSession:
         with self.store.lock:
             for s in self.store.prearchive:
                 if s.project == project and label in (None, s.name) and tag in (None, s.tag):
                     return s
         raise KeyError(f"no prearchive session {project}/{label or tag}")
 
-    def set_status(self, project: str, status: str, *, label: str | None = None,
-                   tag: str | None = None) -> None:
+    def set_status(
+        self, project: str, status: str, *, label: str | None = None, tag: str | None = None
+    ) -> None:
         """Put a prearchive session in ``status`` (e.g. RECEIVING, READY, ERROR)."""
         with self.store.lock:
             self.find(project, label=label, tag=tag).status = status
@@ -963,8 +1075,15 @@ class XnatServer:
         with self.store.lock:
             self.store.rejections.clear()
 
-    def inject(self, project: str, files: Iterable[Path | bytes], *, subject: str, label: str,
-               status: str = "READY") -> PrearcSession:
+    def inject(
+        self,
+        project: str,
+        files: Iterable[Path | bytes],
+        *,
+        subject: str,
+        label: str,
+        status: str = "READY",
+    ) -> PrearcSession:
         """Put files into the prearchive as an import would (for an "upload in progress")."""
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as zf:
@@ -974,13 +1093,15 @@ class XnatServer:
         user = next(iter(self.store.users))
         with self.store.lock:
             sessions = self.store.import_zip(
-                user, {"project": project, "subject": subject, "session": label}, buf)
+                user, {"project": project, "subject": subject, "session": label}, buf
+            )
             for s in sessions:
                 s.status = status
         return sessions[0]
 
-    def archive(self, project: str, *, label: str | None = None,
-                tag: str | None = None) -> Experiment:
+    def archive(
+        self, project: str, *, label: str | None = None, tag: str | None = None
+    ) -> Experiment:
         """Move a prearchive session into the archive (as ``POST /data/services/archive``)."""
         return self.store.archive_session(self.find(project, label=label, tag=tag))
 
