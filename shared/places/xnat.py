@@ -1,0 +1,670 @@
+"""``xnat_pre_archive``: an XNAT project's prearchive, through the ``xnat`` client (xnatpy).
+
+Config section (the same in ``dicomsync.json`` and in the plugin's ``DicomSync.Places``)::
+
+    {"Kind": "xnat_pre_archive", "Server": "https://xnat.example.org", "Project": "MYPROJ",
+     "User": "alice", "PasswordEnv": "XNAT_PASS", "VerifyTls": true, "CaBundle": "/etc/ca.pem",
+     "Timeout": 300}
+
+``PasswordEnv`` (default ``XNAT_PASS``) names the environment variable that holds the
+password. The password is read when the place first connects, and is never stored,
+logged or put into an error message. ``CaBundle`` and ``Timeout`` are optional.
+
+Keys are ``<subject>/<session label>``.
+
+As a destination
+    ``prepare`` lists the project's prearchive once (RECEIVING sessions included) and its
+    archived experiments once, with their StudyInstanceUIDs. A study counts as present
+    when a session (prearchived or archived) with the same StudyInstanceUID exists in the
+    project: ``holds`` then answers every SOP UID of the study. XNAT's listings carry no
+    SOP UIDs, and downloading a session to compare instance by instance would cost as
+    much as sending it, so the session's existence is the duplicate rule. A session still
+    RECEIVING therefore also counts: an upload in progress is not duplicated.
+
+    ``receive`` writes the instances one by one into a temporary zip file (never the whole
+    study in memory) and uploads it with ``services.import_(…, destination='/prearchive',
+    import_handler='DICOM-zip')``, the subject and session labels mapped from the key by
+    ``xnat_label``. Then it checks that the session exists and that its scans hold at
+    least the number of files sent. XNAT groups what it receives into sessions by
+    (project, StudyInstanceUID, label), so a re-send merges into the same session.
+
+    A ``400`` from DICOM-zip may have left a partial session in the prearchive. Because a
+    session's existence counts as "present", ``receive`` deletes a session that this very
+    upload created before it raises ``RemoteRejected`` with XNAT's message. The error is
+    not retryable: XNAT refuses the content, and sending it again gives the same answer.
+    Network errors and 5xx are ``Unreachable`` (retryable); 401/403 are
+    ``AuthenticationFailed``.
+
+As a source
+    ``studies`` lists prearchive sessions (not those still RECEIVING, whose content is
+    incomplete) and archived experiments. ``identity`` downloads the session's DICOM as
+    one zip into a temporary folder and reads the headers; that download is cached for
+    the life of the place and ``instances`` reads from it.
+
+Label mapping (``xnat_label``): XNAT labels may hold only letters, digits, ``_`` and
+``-``. Accents are removed (``é`` -> ``e``), every other character becomes ``_``, an
+empty value becomes ``unknown``, and labels longer than 64 characters are cut and get an
+8-character hash suffix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import html
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import unicodedata
+import zipfile
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from dicomsync.errors import (
+    AuthenticationFailed,
+    ConfigError,
+    DicomFileError,
+    DicomSyncError,
+    NotFound,
+    PlaceKindUnavailable,
+    RemoteRejected,
+    TransferError,
+    Unreachable,
+)
+from dicomsync.identity import StudyIdentity, identity_of, read_header
+from dicomsync.places.base import Instance, Place, Receipt, StudyRef, require, split_key
+from dicomsync.query import StudyQuery
+
+log = logging.getLogger(__name__)
+client_log = logging.getLogger(__name__ + ".client")
+
+DEFAULT_PASSWORD_ENV = "XNAT_PASS"
+DEFAULT_TIMEOUT = 300.0
+MAX_LABEL = 64
+T = TypeVar("T")
+
+_LABEL_BAD = re.compile(r"[^A-Za-z0-9_-]")
+_CA_LOCK = threading.Lock()
+
+
+def xnat_label(value: str) -> str:
+    """Map a key part to an XNAT label (letters, digits, ``_`` and ``-`` only)."""
+    text = unicodedata.normalize("NFKD", str(value).strip())
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    text = _LABEL_BAD.sub("_", text)
+    if not text:
+        return "unknown"
+    if len(text) > MAX_LABEL:
+        digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
+        text = text[: MAX_LABEL - 9] + "_" + digest
+    return text
+
+
+def _xnat_message(text: str) -> str:
+    """XNAT's error text as one line: the ``<h3>`` of a status page, or the plain body."""
+    match = re.search(r"<h3>(.*?)</h3>", text, re.S)
+    if match:
+        text = match.group(1)
+    text = html.unescape(re.sub(r"<[^>]+>", " ", text))
+    return " ".join(text.split())[:500] or "no message"
+
+
+def _status_of(exc: Exception) -> tuple[int | None, str]:
+    """The HTTP status and body behind an xnat exception, when it carries them."""
+    response = getattr(exc, "response", None)
+    if response is not None and getattr(response, "status_code", None) is not None:
+        return int(response.status_code), str(response.text)
+    text = str(exc)
+    match = re.search(r"[Ss]tatus code (\d{3}), response text (.*)", text, re.S)
+    if match:
+        return int(match.group(1)), match.group(2)
+    match = re.search(r"\(status (\d{3})", text)
+    if match:
+        return int(match.group(1)), text
+    return None, text
+
+
+@dataclass(frozen=True)
+class _Session:
+    """A prearchive session or an archived experiment, as listed."""
+
+    subject: str
+    label: str
+    tag: str  # StudyInstanceUID ("" when XNAT does not know it)
+    status: str  # prearchive status; "ARCHIVED" for experiments
+    uri: str  # /data/prearchive/projects/P/ts/name or /data/experiments/ID
+
+    @property
+    def archived(self) -> bool:
+        return self.status == "ARCHIVED"
+
+    @property
+    def zip_uri(self) -> str:
+        return f"{self.uri}/scans/ALL/files" if self.archived else self.uri
+
+
+@dataclass
+class _Download:
+    identity: StudyIdentity
+    path: Path
+    members: dict[str, str]  # SOP UID -> zip member
+
+
+class XnatPreArchive(Place):
+    kind = "xnat_pre_archive"
+    label = "XNAT pre-archive"
+
+    def __init__(
+        self,
+        key: str,
+        server: str,
+        project: str,
+        user: str,
+        *,
+        password_env: str = DEFAULT_PASSWORD_ENV,
+        verify_tls: bool = True,
+        ca_bundle: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect: Callable[..., Any] | None = None,
+    ) -> None:
+        super().__init__(key)
+        self.server = server.rstrip("/")
+        self.project = project
+        self.user = user
+        self.password_env = password_env
+        self.verify_tls = verify_tls
+        self.ca_bundle = ca_bundle
+        self.timeout = timeout
+        self._connect_fn = connect
+        self._session: Any = None
+        self._lock = threading.RLock()
+        self._present: set[str] | None = None  # StudyInstanceUIDs in the project
+        self._listing: list[_Session] | None = None
+        self._downloads: dict[str, _Download] = {}
+        self._tmp: Path | None = None
+
+    # --- configuration ----------------------------------------------------------------
+    @classmethod
+    def from_config(cls, key: str, section: Mapping[str, Any], *, base_dir: Path) -> Place:
+        what = "xnat_pre_archive place"
+        server = require(section, "Server", key, what)
+        parts = urlsplit(server)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{what} {key!r}: Server must be an http:// or https:// URL")
+        if parts.username or parts.password:
+            raise ConfigError(
+                f"{what} {key!r}: Server must not contain a user or password; "
+                "give User, and the password in the environment variable named by PasswordEnv"
+            )
+        project = require(section, "Project", key, what)
+        user = require(section, "User", key, what)
+        password_env = section.get("PasswordEnv", DEFAULT_PASSWORD_ENV)
+        if not isinstance(password_env, str) or not re.fullmatch(
+            r"[A-Za-z_][A-Za-z0-9_]*", password_env
+        ):
+            raise ConfigError(f"{what} {key!r}: PasswordEnv must be an environment variable name")
+        verify = section.get("VerifyTls", True)
+        if not isinstance(verify, bool):
+            raise ConfigError(f"{what} {key!r}: VerifyTls must be true or false")
+        ca_bundle = section.get("CaBundle") or None
+        if ca_bundle is not None:
+            if not isinstance(ca_bundle, str):
+                raise ConfigError(f"{what} {key!r}: CaBundle must be a path")
+            ca_path = Path(ca_bundle).expanduser()
+            ca_bundle = str(ca_path if ca_path.is_absolute() else base_dir / ca_path)
+        try:
+            timeout = float(section.get("Timeout", DEFAULT_TIMEOUT))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{what} {key!r}: Timeout must be a number of seconds") from None
+        return cls(
+            key,
+            server,
+            project,
+            user,
+            password_env=password_env,
+            verify_tls=verify,
+            ca_bundle=ca_bundle,
+            timeout=timeout,
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        section: dict[str, Any] = {
+            "Kind": self.kind,
+            "Server": self.server,
+            "Project": self.project,
+            "User": self.user,
+            "PasswordEnv": self.password_env,
+        }
+        if not self.verify_tls:
+            section["VerifyTls"] = False
+        if self.ca_bundle:
+            section["CaBundle"] = self.ca_bundle
+        if self.timeout != DEFAULT_TIMEOUT:
+            section["Timeout"] = self.timeout
+        return section
+
+    def describe(self) -> str:
+        return f"XNAT pre-archive project '{self.project}' at {self.server} (user {self.user})"
+
+    # --- the xnat session -----------------------------------------------------------------
+    @property
+    def _where(self) -> str:
+        return f"XNAT {self.server}"
+
+    def _password(self) -> str:
+        password = os.environ.get(self.password_env)
+        if not password:
+            raise ConfigError(
+                f"xnat_pre_archive place {self.key!r}: set the password in the environment "
+                f"variable {self.password_env}"
+            )
+        return password
+
+    def _open(self) -> Any:
+        with self._lock:
+            if self._session is not None:
+                return self._session
+            connect = self._connect_fn
+            if connect is None:
+                try:
+                    import xnat
+                except ImportError as exc:
+                    raise PlaceKindUnavailable(
+                        f"xnat_pre_archive place {self.key!r} needs the 'xnat' package "
+                        f"(pip install xnat): {exc}"
+                    ) from None
+                connect = xnat.connect
+            password = self._password()
+            verify: bool = self.verify_tls
+            log.debug("connecting to %s as %s", self.server, self.user)
+            with self._translate("login"), self._ca_env():
+                session = connect(
+                    self.server,
+                    user=self.user,
+                    password=password,
+                    verify=verify,
+                    no_parse_model=True,
+                    logger=client_log,
+                    default_timeout=self.timeout,
+                )
+            del password
+            if self.ca_bundle and self.verify_tls:
+                session.interface.verify = self.ca_bundle
+            self._session = session
+            try:
+                self._check_project()
+            except BaseException:
+                self.close()
+                raise
+            return session
+
+    @contextlib.contextmanager
+    def _ca_env(self) -> Iterator[None]:
+        """During login, point requests at CaBundle (xnatpy has no parameter for it)."""
+        if not (self.ca_bundle and self.verify_tls):
+            yield
+            return
+        with _CA_LOCK:
+            old = os.environ.get("REQUESTS_CA_BUNDLE")
+            os.environ["REQUESTS_CA_BUNDLE"] = self.ca_bundle
+            try:
+                yield
+            finally:
+                if old is None:
+                    os.environ.pop("REQUESTS_CA_BUNDLE", None)
+                else:
+                    os.environ["REQUESTS_CA_BUNDLE"] = old
+
+    def _check_project(self) -> None:
+        self._call("project", lambda s: s.get(f"/data/projects/{self.project}", format="json"))
+
+    def close(self) -> None:
+        with self._lock:
+            session, self._session = self._session, None
+            if session is not None:
+                try:
+                    session.disconnect()
+                except Exception as exc:  # logging out of a server that is gone
+                    log.debug("closing the XNAT session failed: %s", type(exc).__name__)
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
+            self._downloads.clear()
+
+    def _call(self, what: str, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(session)``; one re-login if XNAT forgot our session (401)."""
+        session = self._open()
+        state: dict[str, int] = {}
+        try:
+            with self._translate(what, state):
+                return fn(session)
+        except AuthenticationFailed:
+            if state.get("status") != 401:
+                raise
+            log.info("%s: session expired; logging in again", self._where)
+        with self._lock:
+            old, self._session = self._session, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.disconnect()
+        session = self._open()
+        with self._translate(what):
+            return fn(session)
+
+    @contextlib.contextmanager
+    def _translate(self, what: str, state: dict[str, int] | None = None) -> Iterator[None]:
+        """Turn xnat/requests exceptions into dicomsync errors (one line, no secret)."""
+        import requests
+        import xnat.exceptions as xe
+
+        try:
+            yield
+        except DicomSyncError:
+            raise
+        except requests.exceptions.SSLError:
+            raise Unreachable(
+                f"{self._where}: TLS certificate verification failed (give the CA in CaBundle)",
+                retryable=False,
+            ) from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else "no answer"
+            raise Unreachable(f"{self._where} is unreachable ({kind}) during {what}") from None
+        except Exception as exc:
+            status, text = _status_of(exc)
+            if state is not None and status is not None:
+                state["status"] = status
+            raise self._from_xnat(exc, status, text, what, xe) from None
+
+    def _from_xnat(
+        self, exc: Exception, status: int | None, text: str, what: str, xe: Any
+    ) -> DicomSyncError:
+        if isinstance(exc, xe.XNATSSLError):
+            return Unreachable(f"{self._where}: TLS error during {what}", retryable=False)
+        if isinstance(exc, xe.XNATAuthError):
+            return AuthenticationFailed(
+                f"{self._where} refused the login of user {self.user!r} "
+                f"(check the password in {self.password_env})"
+            )
+        if isinstance(exc, xe.XNATConnectionError):
+            return Unreachable(f"{self._where} is unreachable during {what}")
+        message = _xnat_message(text)
+        if status == 401:
+            return AuthenticationFailed(f"{self._where} refused user {self.user!r} during {what}")
+        if what == "project" and status in (403, 404):
+            extra = "" if status == 404 else f" or user {self.user!r} may not access it"
+            return NotFound(f"{self._where} has no project {self.project!r}{extra}")
+        if status == 403:
+            return AuthenticationFailed(
+                f"{self._where}: user {self.user!r} may not {what} in project {self.project!r}"
+            )
+        if status == 404:
+            return NotFound(f"{self._where}: not found during {what}: {message}")
+        if status is not None and status >= 500:
+            return Unreachable(f"{self._where} answered {status} during {what}: {message}")
+        if status is not None:
+            return RemoteRejected(f"{self._where} refused {what} ({status}): {message}")
+        return RemoteRejected(f"{self._where}: {what} failed: {type(exc).__name__}: {message}")
+
+    # --- listings ---------------------------------------------------------------------------
+    def _list_sessions(self) -> list[_Session]:
+        """One prearchive listing (RECEIVING included) and one archive listing."""
+
+        def run(s: Any) -> list[_Session]:
+            pre = s.get_json(f"/data/prearchive/projects/{self.project}")
+            exp = s.get_json(
+                f"/data/projects/{self.project}/experiments",
+                query={"columns": "ID,label,subject_label,UID,xsiType"},
+            )
+            out: list[_Session] = []
+            for row in pre["ResultSet"]["Result"]:
+                url = str(row.get("url", ""))
+                out.append(
+                    _Session(
+                        subject=str(row.get("subject", "") or ""),
+                        label=str(row.get("name", "") or row.get("folderName", "") or ""),
+                        tag=str(row.get("tag", "") or ""),
+                        status=str(row.get("status", "") or ""),
+                        uri=url if url.startswith("/data/") else f"/data{url}",
+                    )
+                )
+            for row in exp["ResultSet"]["Result"]:
+                out.append(
+                    _Session(
+                        subject=str(row.get("subject_label", "") or ""),
+                        label=str(row.get("label", "") or ""),
+                        tag=str(row.get("UID", "") or ""),
+                        status="ARCHIVED",
+                        uri=f"/data/experiments/{row['ID']}",
+                    )
+                )
+            return out
+
+        sessions = self._call("listing", run)
+        self._listing = sessions
+        self._present = {s.tag for s in sessions if s.tag}
+        return sessions
+
+    # --- destination -------------------------------------------------------------------------
+    def prepare(self, identities: Iterable[tuple[str, StudyIdentity]]) -> None:
+        self._list_sessions()
+
+    def holds(self, key: str, identity: StudyIdentity) -> frozenset[str]:
+        if self._present is None:
+            self._list_sessions()
+        assert self._present is not None
+        if identity.study_uid and identity.study_uid in self._present:
+            return identity.sop_uids
+        return frozenset()
+
+    def receive(self, key: str, instances: Iterable[Instance], identity: StudyIdentity) -> Receipt:
+        patient, study = split_key(key)
+        subject, label = xnat_label(patient), xnat_label(study)
+        if self._listing is None:
+            self._list_sessions()
+        before = {s.uri for s in (self._listing or [])}
+        tmpdir = self._tmpdir()
+        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".zip", dir=tmpdir)
+        os.close(fd)
+        zip_path = Path(name)
+        try:
+            count = self._write_zip(zip_path, instances)
+            if count == 0:
+                raise RemoteRejected(f"{key}: nothing to send")
+            log.info(
+                "uploading %s (%d instances) to %s project %s as %s/%s",
+                key,
+                count,
+                self.server,
+                self.project,
+                subject,
+                label,
+            )
+
+            def upload(s: Any) -> Any:
+                with open(zip_path, "rb") as fh:
+                    return s.services.import_(
+                        data=fh,
+                        project=self.project,
+                        subject=subject,
+                        experiment=label,
+                        destination="/prearchive",
+                        import_handler="DICOM-zip",
+                        content_type="application/zip",
+                    )
+
+            try:
+                result = self._call("upload", upload)
+            except RemoteRejected:
+                self._remove_new_sessions(label, before)
+                raise
+            uri = (str(getattr(result, "uri", "") or "").split() or [""])[0]
+            self._verify(key, uri, count, label, before, identity)
+        finally:
+            zip_path.unlink(missing_ok=True)
+        if self._present is not None and identity.study_uid:
+            self._present.add(identity.study_uid)
+        return Receipt(count, f"{self.server}{uri}")
+
+    def _write_zip(self, path: Path, instances: Iterable[Instance]) -> int:
+        count = 0
+        seen: set[str] = set()
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+            for inst in instances:
+                if inst.sop_uid in seen:
+                    continue
+                seen.add(inst.sop_uid)
+                count += 1
+                base = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(inst.name))[-80:]
+                zf.writestr(f"{count:06d}_{base or 'instance'}", inst.read())
+        return count
+
+    def _verify(
+        self, key: str, uri: str, count: int, label: str, before: set[str], identity: StudyIdentity
+    ) -> None:
+        """The session exists and its scans hold at least the files sent."""
+        if not uri.startswith("/data/prearchive/"):
+            raise TransferError(f"{key}: XNAT answered the upload with {uri!r}, not a session")
+
+        def files(s: Any) -> dict[str, int]:
+            counts: dict[str, int] = {}
+            scans = s.get_json(f"{uri}/scans")["ResultSet"]["Result"]
+            for scan in scans:
+                sid = str(scan["ID"])
+                res = s.get_json(f"{uri}/scans/{sid}/resources")["ResultSet"]["Result"]
+                counts[sid] = sum(
+                    int(r.get("file_count", 0) or 0)
+                    for r in res
+                    if r.get("label") in ("DICOM", "secondary")
+                )
+            return counts
+
+        try:
+            counts = self._call("verification", files)
+        except NotFound:
+            raise TransferError(f"{key}: XNAT session {uri} is missing after the upload") from None
+        total = sum(counts.values())
+        if total < count:
+            detail = ", ".join(f"scan {k}: {v}" for k, v in sorted(counts.items()))
+            if uri not in before:
+                self._remove(uri)
+            raise TransferError(
+                f"{key}: XNAT session {uri} holds {total} files after sending {count} ({detail})"
+            )
+        log.info("%s: XNAT session %s holds %d files in %d scans", key, uri, total, len(counts))
+
+    def _remove_new_sessions(self, label: str, before: set[str]) -> None:
+        """After a rejected upload, delete the partial sessions this upload created."""
+        try:
+            sessions = self._list_sessions()
+        except DicomSyncError as exc:
+            log.warning("cannot list XNAT sessions to remove a partial upload: %s", exc)
+            return
+        for s in sessions:
+            if not s.archived and s.label == label and s.uri not in before:
+                self._remove(s.uri)
+                if self._present is not None:
+                    self._present.discard(s.tag)
+
+    def _remove(self, uri: str) -> None:
+        src = uri.removeprefix("/data")
+        try:
+            self._call(
+                "cleanup", lambda s: s.post("/data/services/prearchive/delete", query={"src": src})
+            )
+            log.warning("removed partial XNAT session %s", uri)
+        except DicomSyncError as exc:
+            log.warning("could not remove partial XNAT session %s: %s", uri, exc)
+
+    # --- source --------------------------------------------------------------------------------
+    def studies(self, query: StudyQuery | None = None) -> Iterator[StudyRef]:
+        query = query or StudyQuery(self.key)
+        seen: set[str] = set()
+        sessions = self._list_sessions()
+        # archived experiments first: they are final; prearchive copies come second
+        for s in sorted(sessions, key=lambda s: (not s.archived, s.uri)):
+            if s.status == "RECEIVING":
+                log.info("skipping XNAT session %s: still RECEIVING", s.uri)
+                continue
+            patient, study = s.subject or "unknown", s.label or "unknown"
+            if f"{patient}/{study}" in seen:
+                study = f"{study}@{s.uri.rsplit('/', 2)[-2]}"  # disambiguate by timestamp/ID
+            seen.add(f"{patient}/{study}")
+            if query.matches(patient, study):
+                yield StudyRef(self.key, patient, study, handle=s.uri)
+
+    def _resolve(self, ref: StudyRef) -> _Session:
+        if self._listing is None:
+            self._list_sessions()
+        for s in self._listing or []:
+            if s.uri == ref.handle:
+                return s
+        for candidate in self.studies(StudyQuery(self.key, ref.patient, ref.study)):
+            for s in self._listing or []:
+                if s.uri == candidate.handle:
+                    return s
+        raise NotFound(f"{ref}: no such XNAT session in project {self.project!r}")
+
+    def _tmpdir(self) -> Path:
+        with self._lock:
+            if self._tmp is None:
+                self._tmp = Path(tempfile.mkdtemp(prefix="dicomsync-xnat-"))
+            return self._tmp
+
+    def _download(self, ref: StudyRef) -> _Download:
+        session = self._resolve(ref)
+        cached = self._downloads.get(session.uri)
+        if cached is not None:
+            return cached
+        fd, name = tempfile.mkstemp(prefix="session-", suffix=".zip", dir=self._tmpdir())
+        path = Path(name)
+
+        def fetch(s: Any) -> None:
+            with os.fdopen(os.dup(fd), "wb") as fh:
+                fh.truncate(0)
+                s.download_stream(session.zip_uri, fh, format="zip")
+
+        try:
+            self._call("download", fetch)
+        finally:
+            os.close(fd)
+        headers = []
+        members: dict[str, str] = {}
+        try:
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if info.is_dir():
+                        continue
+                    try:
+                        with zf.open(info) as f:
+                            h = read_header(f)
+                    except DicomFileError as exc:
+                        log.debug("skipping %s in %s: %s", info.filename, session.uri, exc)
+                        continue
+                    headers.append(h)
+                    members.setdefault(h.sop_uid, info.filename)
+        except zipfile.BadZipFile as exc:
+            raise RemoteRejected(f"{ref}: XNAT sent an unreadable zip ({exc})") from None
+        download = _Download(identity_of(headers), path, members)
+        self._downloads[session.uri] = download
+        return download
+
+    def identity(self, ref: StudyRef) -> StudyIdentity:
+        return self._download(ref).identity
+
+    def instances(self, ref: StudyRef, only: Collection[str] | None = None) -> Iterator[Instance]:
+        download = self._download(ref)
+        for sop, member in sorted(download.members.items(), key=lambda kv: kv[1]):
+            if only is not None and sop not in only:
+                continue
+
+            def load(path: Path = download.path, name: str = member) -> bytes:
+                with zipfile.ZipFile(path) as zf:
+                    return zf.read(name)
+
+            yield Instance(sop, os.path.basename(member), load)
