@@ -65,8 +65,10 @@ class InstanceHeader:
 def read_header(source: str | os.PathLike[str] | bytes | IO[bytes]) -> InstanceHeader:
     """Read the identity tags of one DICOM instance, without its pixel data.
 
-    Raises ``DicomFileError`` (naming the file) for anything that is not DICOM or
-    lacks a SOPInstanceUID or StudyInstanceUID.
+    The SOP UID falls back to the file meta's MediaStorageSOPInstanceUID; the study
+    UID may be empty (a fragment then belongs to the study of the folder it is in).
+    Raises ``DicomFileError`` (naming the file) for anything that is not DICOM or has
+    no SOP instance UID at all.
     """
     name = _describe(source)
     fileobj: str | os.PathLike[str] | IO[bytes]
@@ -74,6 +76,8 @@ def read_header(source: str | os.PathLike[str] | bytes | IO[bytes]) -> InstanceH
     try:
         ds = pydicom.dcmread(fileobj, stop_before_pixels=True, specific_tags=_IDENTITY_TAGS)
         sop = str(ds.get("SOPInstanceUID", "") or "").strip()
+        if not sop and getattr(ds, "file_meta", None) is not None:
+            sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "").strip()
         study = str(ds.get("StudyInstanceUID", "") or "").strip()
         patient = str(ds.get("PatientID", "") or "").strip()
         series = str(ds.get("SeriesInstanceUID", "") or "").strip()
@@ -83,8 +87,8 @@ def read_header(source: str | os.PathLike[str] | bytes | IO[bytes]) -> InstanceH
         raise DicomFileError(f"{name}: cannot read ({exc})") from exc
     except Exception as exc:  # pydicom raises many kinds on corrupt data
         raise DicomFileError(f"{name}: corrupt DICOM ({type(exc).__name__}: {exc})") from exc
-    if not sop or not study:
-        raise DicomFileError(f"{name}: no SOPInstanceUID or StudyInstanceUID")
+    if not sop:
+        raise DicomFileError(f"{name}: no SOPInstanceUID")
     return InstanceHeader(sop_uid=sop, study_uid=study, patient_id=patient, series_uid=series)
 
 
@@ -103,8 +107,9 @@ def identity_of(headers: Iterable[InstanceHeader]) -> StudyIdentity:
         return StudyIdentity(study_uid="", sop_uids=frozenset())
     counts: dict[str, int] = {}
     for h in headers:
-        counts[h.study_uid] = counts.get(h.study_uid, 0) + 1
-    study_uid = max(counts, key=lambda uid: counts[uid])
+        if h.study_uid:
+            counts[h.study_uid] = counts.get(h.study_uid, 0) + 1
+    study_uid = max(counts, key=lambda uid: counts[uid]) if counts else ""
     patient_id = next((h.patient_id for h in headers if h.study_uid == study_uid), "")
     return StudyIdentity(
         study_uid=study_uid,

@@ -12,7 +12,7 @@ from typing import IO, Any
 from dicomsync.config import resolve_path
 from dicomsync.errors import ConfigError, DicomFileError, NotFound
 from dicomsync.header_cache import CachedHeader, HeaderCache, shared_cache
-from dicomsync.identity import StudyIdentity, identity_of, read_header, InstanceHeader
+from dicomsync.identity import InstanceHeader, StudyIdentity, identity_of, read_header
 from dicomsync.places.base import Place, StudyRef, require
 from dicomsync.query import StudyQuery
 
@@ -72,7 +72,7 @@ def scan_members(container: str, members: Iterable[Member], cache: HeaderCache) 
             fresh.append(entry)
         elif entry.error:
             log.debug("skipping unreadable file %s/%s (cached)", container, m.name)
-        if entry.sop_uid and entry.study_uid:
+        if entry.sop_uid:
             headers.append(InstanceHeader(entry.sop_uid, entry.study_uid, entry.patient_id or "", ""))
             files.setdefault(entry.sop_uid, m.name)
     if fresh:

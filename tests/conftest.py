@@ -1,0 +1,76 @@
+"""Shared fixtures: a private header cache, real Orthanc servers on free ports, the CLI runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from click.testing import CliRunner, Result
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dicomdata import data_dir  # noqa: E402
+from orthanc_server import OrthancProcess  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test session gets its own header cache, never the user's."""
+    old = os.environ.get("DICOMSYNC_CACHE_DIR")
+    os.environ["DICOMSYNC_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("DICOMSYNC_CACHE_DIR", None)
+    else:
+        os.environ["DICOMSYNC_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = data_dir()
+    assert path.is_dir(), f"test data folder missing: {path} (set DICOMSYNC_TEST_DATA)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def orthanc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
+    """One plain Orthanc (no plugin) for the whole session."""
+    server = OrthancProcess(tmp_path_factory.mktemp("orthanc"), "store").start()
+    yield server
+    server.stop()
+
+
+def clear_orthanc(server: OrthancProcess) -> None:
+    for pid in requests.get(server.url + "/patients", timeout=30).json():
+        requests.delete(f"{server.url}/patients/{pid}", timeout=30).raise_for_status()
+
+
+@pytest.fixture
+def orthanc(orthanc_server: OrthancProcess) -> OrthancProcess:
+    """The session Orthanc, emptied before the test."""
+    clear_orthanc(orthanc_server)
+    return orthanc_server
+
+
+class Cli:
+    """Runs ``dicomsync`` in-process with a given config file."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+
+    def __call__(self, *args: str, ok: bool = True) -> Result:
+        from dicomsync.cli.main import cli
+
+        result = CliRunner().invoke(cli, ["--config", str(self.config), *args], catch_exceptions=False)
+        if ok and result.exit_code != 0:
+            raise AssertionError(f"dicomsync {' '.join(args)} exited {result.exit_code}:\n{result.output}")
+        return result
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path / "dicomsync.json")
