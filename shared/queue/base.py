@@ -82,7 +82,9 @@ class RetryPolicy:
                 max_attempts=int(section.get("MaxAttempts", cls.max_attempts)),
             )
         except (TypeError, ValueError):
-            raise ConfigError("Retry: BaseDelay, MaxDelay and MaxAttempts must be numbers") from None
+            raise ConfigError(
+                "Retry: BaseDelay, MaxDelay and MaxAttempts must be numbers"
+            ) from None
 
     def delay(self, attempts: int, rng: Callable[[], float] = random.random) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""

@@ -1,0 +1,320 @@
+"""WorkerPool: drains the queue with threads per destination ("lanes").
+
+Each lane (a destination, optionally one job kind) has its own threads, as many as
+its ``concurrency``, so a dead or slow destination only ever occupies its own
+threads. A thread leases one job (or a batch), calls the injected handler and
+records the outcome:
+
+- the handler returns ``Delivered(fingerprint, sent)``: ``queue.done``;
+- it raises a ``DicomSyncError`` with ``retryable`` set (network, 5xx, a send the
+  destination does not fully hold yet): ``queue.retry_later`` (backoff with jitter,
+  failed after the policy's last attempt);
+- it raises any other ``DicomSyncError`` (not found, refused, authentication,
+  config): ``queue.fail`` at once. These do not heal by waiting; fix the cause,
+  then ``retry-failed``;
+- it raises anything else (a bug): logged with its traceback and retried like a
+  retryable error, so it ends as failed after the last attempt rather than looping.
+
+While the pool stops, an error is not recorded: the job stays ``sending`` for this
+node and ``recover`` takes it back at the next start, without a backoff delay.
+
+Threads sleep on a per-lane ``threading.Event`` that the queue sets on enqueue,
+and wake anyway when the next retry is due or after ``poll_interval`` (jobs
+enqueued by another process, leases expired on a dead node). A heartbeat thread
+extends the leases of jobs in flight. The pool knows nothing of Orthanc or of
+place kinds: handlers do the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dicomsync.errors import DicomSyncError, QueueError
+from dicomsync.queue.base import Job, Queue
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A handler's success: the fingerprint of what the destination now holds."""
+
+    fingerprint: str
+    sent: int = 0
+
+
+Handler = Callable[[Job], Delivered]
+BatchHandler = Callable[[list[Job]], Sequence["Delivered | BaseException"]]
+
+
+@dataclass(frozen=True)
+class Lane:
+    """Threads for one destination (and, if set, one kind of job)."""
+
+    destination: str
+    concurrency: int = 1
+    kind: str | None = None
+    batch: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.destination}" if self.kind else self.destination
+
+
+class _LaneState:
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.event = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.busy = 0
+        self.handled = 0
+        self.errors = 0
+        self.last_error = ""
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        queue: Queue,
+        lanes: Sequence[Lane],
+        handlers: Mapping[str, Handler] | None = None,
+        *,
+        batch_handlers: Mapping[str, BatchHandler] | None = None,
+        owner: str = "",
+        lease_seconds: float = 300.0,
+        poll_interval: float = 5.0,
+    ) -> None:
+        self.queue = queue
+        self.handlers = dict(handlers or {})
+        self.batch_handlers = dict(batch_handlers or {})
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self._lanes: dict[str, _LaneState] = {}
+        for lane in lanes:
+            if lane.name in self._lanes:
+                raise ValueError(f"two lanes for {lane.name}")
+            self._lanes[lane.name] = _LaneState(lane)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, Job] = {}
+        self._heartbeat: threading.Thread | None = None
+        self.started_at: float | None = None
+
+    # --- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self.started_at is not None:
+            return
+        self._stop.clear()
+        self.queue.subscribe(self.wake)
+        for state in self._lanes.values():
+            for i in range(max(1, state.lane.concurrency)):
+                t = threading.Thread(
+                    target=self._run,
+                    args=(state,),
+                    name=f"dicomsync-{state.lane.name}-{i}",
+                    daemon=True,
+                )
+                state.threads.append(t)
+                t.start()
+        self._heartbeat = threading.Thread(target=self._beat, name="dicomsync-lease", daemon=True)
+        self._heartbeat.start()
+        self.started_at = time.time()
+        log.info(
+            "workers started: %s",
+            ", ".join(f"{s.lane.name}x{max(1, s.lane.concurrency)}" for s in self._lanes.values())
+            or "none",
+        )
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop and join the threads; True when every thread ended within ``timeout``."""
+        self._stop.set()
+        self.queue.unsubscribe(self.wake)
+        for state in self._lanes.values():
+            state.event.set()
+        deadline = time.monotonic() + timeout
+        clean = True
+        threads = [t for s in self._lanes.values() for t in s.threads]
+        if self._heartbeat is not None:
+            threads.append(self._heartbeat)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+            clean = clean and not t.is_alive()
+        if not clean:
+            log.warning(
+                "workers still busy after %.0fs; their jobs are taken back at the next start",
+                timeout,
+            )
+        for state in self._lanes.values():
+            state.threads.clear()
+        self.started_at = None
+        return clean
+
+    @property
+    def running(self) -> bool:
+        return self.started_at is not None and not self._stop.is_set()
+
+    def wake(self, destination: str) -> None:
+        """Called by the queue when a job for ``destination`` becomes due."""
+        for state in self._lanes.values():
+            if state.lane.destination == destination:
+                state.event.set()
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "running": self.running,
+                "started_at": self.started_at,
+                "lanes": {
+                    name: {
+                        "destination": s.lane.destination,
+                        "kind": s.lane.kind,
+                        "concurrency": max(1, s.lane.concurrency),
+                        "alive": sum(t.is_alive() for t in s.threads),
+                        "busy": s.busy,
+                        "handled": s.handled,
+                        "errors": s.errors,
+                        "last_error": s.last_error,
+                    }
+                    for name, s in self._lanes.items()
+                },
+            }
+
+    # --- threads ------------------------------------------------------------------------
+    def _run(self, state: _LaneState) -> None:
+        lane = state.lane
+        while not self._stop.is_set():
+            try:
+                jobs = self.queue.lease(
+                    lane.destination,
+                    max(1, lane.batch),
+                    self.lease_seconds,
+                    owner=self.owner,
+                    kind=lane.kind,
+                )
+            except QueueError as exc:
+                log.error("%s: cannot lease jobs: %s", lane.name, exc)
+                self._stop.wait(self.poll_interval)
+                continue
+            if not jobs:
+                self._sleep(state)
+                continue
+            with self._lock:
+                state.busy += 1
+                self._in_flight.update((j.id, j) for j in jobs)
+            try:
+                if lane.batch > 1 and self._batch_handler(jobs) is not None:
+                    self._handle_batch(state, jobs)
+                else:
+                    for job in jobs:
+                        self._handle(state, job)
+            finally:
+                with self._lock:
+                    state.busy -= 1
+                    for j in jobs:
+                        self._in_flight.pop(j.id, None)
+
+    def _sleep(self, state: _LaneState) -> None:
+        timeout = self.poll_interval
+        try:
+            due = self.queue.next_due(state.lane.destination, state.lane.kind)
+        except QueueError:
+            due = None
+        if due is not None:
+            timeout = min(timeout, max(0.05, due - time.time()))
+        state.event.wait(timeout)
+        state.event.clear()
+
+    def _handler(self, job: Job) -> Handler | None:
+        return self.handlers.get(job.kind)
+
+    def _batch_handler(self, jobs: list[Job]) -> BatchHandler | None:
+        return self.batch_handlers.get(jobs[0].kind)
+
+    def _handle(self, state: _LaneState, job: Job) -> None:
+        handler = self._handler(job)
+        if handler is None:
+            self._record(state, job, DicomSyncError(f"no handler for jobs of kind {job.kind!r}"))
+            return
+        try:
+            result: Delivered | BaseException = handler(job)
+        except Exception as exc:  # recorded below; never kills the thread
+            result = exc
+        self._record(state, job, result)
+
+    def _handle_batch(self, state: _LaneState, jobs: list[Job]) -> None:
+        handler = self._batch_handler(jobs)
+        assert handler is not None
+        try:
+            results = list(handler(jobs))
+            if len(results) != len(jobs):
+                raise DicomSyncError(f"batch handler answered {len(results)} of {len(jobs)} jobs")
+        except Exception as exc:
+            results = [exc] * len(jobs)
+        for job, result in zip(jobs, results, strict=True):
+            self._record(state, job, result)
+
+    def _record(self, state: _LaneState, job: Job, result: Delivered | BaseException) -> None:
+        try:
+            if isinstance(result, Delivered):
+                self.queue.done(job, result.fingerprint, result.sent)
+                with self._lock:
+                    state.handled += 1
+                return
+            if self._stop.is_set():
+                log.info(
+                    "job %d: interrupted by stop (%s); taken back at the next start", job.id, result
+                )
+                return
+            with self._lock:
+                state.errors += 1
+                state.last_error = str(result)[:500]
+            if isinstance(result, DicomSyncError):
+                if result.retryable:
+                    log.warning(
+                        "job %d (%s -> %s), attempt %d: %s; will retry",
+                        job.id,
+                        job.resource,
+                        job.destination,
+                        job.attempts,
+                        result,
+                    )
+                    self.queue.retry_later(job, str(result))
+                else:
+                    log.error(
+                        "job %d (%s -> %s) failed: %s",
+                        job.id,
+                        job.resource,
+                        job.destination,
+                        result,
+                    )
+                    self.queue.fail(job, str(result))
+            else:
+                log.error(
+                    "job %d (%s -> %s): unexpected %s: %s",
+                    job.id,
+                    job.resource,
+                    job.destination,
+                    type(result).__name__,
+                    result,
+                    exc_info=result,
+                )
+                self.queue.retry_later(job, f"internal error: {type(result).__name__}: {result}")
+        except QueueError as exc:
+            log.error("job %d: cannot record its outcome (%s); its lease will expire", job.id, exc)
+
+    def _beat(self) -> None:
+        interval = max(0.5, self.lease_seconds / 3)
+        while not self._stop.wait(interval):
+            with self._lock:
+                jobs = list(self._in_flight.values())
+            if jobs:
+                try:
+                    self.queue.extend(jobs, self.lease_seconds)
+                except QueueError as exc:
+                    log.error("cannot extend leases: %s", exc)

@@ -1,0 +1,287 @@
+"""The durable queue on real SQLite files: idempotence, leases, backoff, recovery, several processes."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+from dicomsync.errors import ConfigError, QueueError
+from dicomsync.queue import NewJob, RetryPolicy, open_queue
+from dicomsync.queue.sqlite import SQLiteQueue
+
+
+class Clock:
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def q(tmp_path: Path, clock: Clock) -> SQLiteQueue:
+    queue = SQLiteQueue(tmp_path / "queue.sqlite", RetryPolicy(2, 30, 5), clock=clock)
+    yield queue
+    queue.close()
+
+
+def study(resource: str = "s1", dest: str = "b", fp: str | None = None) -> NewJob:
+    return NewJob("study", resource, dest, study_uid=f"1.2.{resource}", fingerprint=fp)
+
+
+def test_enqueue_is_idempotent_per_kind_resource_destination(q: SQLiteQueue) -> None:
+    first = q.enqueue(study())
+    again = q.enqueue(study())
+    other_dest = q.enqueue(study(dest="zips"))
+    other_kind = q.enqueue(NewJob("tags", "s1", "b"))
+    assert first.action == "created" and again.action == "unchanged"
+    assert again.job_id == first.job_id
+    assert len({first.job_id, other_dest.job_id, other_kind.job_id}) == 3
+    assert [j.state for j in q.jobs()] == ["queued"] * 3
+    job = q.get(first.job_id)
+    assert job is not None and job.study_uid == "1.2.s1" and job.attempts == 0
+
+
+def test_lease_claims_once_and_done_records_fingerprint(q: SQLiteQueue, clock: Clock) -> None:
+    job_id = q.enqueue(study()).job_id
+    leased = q.lease("b", 5, 60, owner="node1")
+    assert [j.id for j in leased] == [job_id]
+    assert leased[0].state == "sending" and leased[0].attempts == 1
+    assert leased[0].lease_owner == "node1" and leased[0].lease_expires_at == clock.now + 60
+    assert q.lease("b", 5, 60) == []
+    assert q.lease("zips", 5, 60) == []
+    assert q.done(leased[0], "fp1", delivered=7)
+    job = q.get(job_id)
+    assert job is not None
+    assert (job.state, job.fingerprint, job.delivered_count) == ("done", "fp1", 7)
+    # done twice with the same lease changes nothing
+    assert not q.done(leased[0], "fp1", delivered=7)
+    assert q.get(job_id).delivered_count == 7  # type: ignore[union-attr]
+
+
+def test_reenqueue_of_done_job_depends_on_fingerprint(q: SQLiteQueue) -> None:
+    job_id = q.enqueue(study(fp="fp1")).job_id
+    q.done(q.lease("b")[0], "fp1", 3)
+    assert q.enqueue(study(fp="fp1")).action == "unchanged"
+    assert q.get(job_id).state == "done"  # type: ignore[union-attr]
+    assert q.enqueue(study(fp="fp2")).action == "requeued"
+    job = q.get(job_id)
+    assert job is not None and job.state == "queued" and job.attempts == 0
+    q.done(q.lease("b")[0], "fp2", 1)
+    # an unknown fingerprint (a new STABLE_STUDY) always means "check again"
+    assert q.enqueue(study(fp=None)).action == "requeued"
+    q.done(q.lease("b")[0], "fp2", 0)
+    job = q.get(job_id)
+    assert job is not None and job.delivered_count == 4 and job.fingerprint == "fp2"
+    assert q.fingerprints("b") == {"s1": "fp2"}
+
+
+def test_enqueue_while_sending_reruns_after_done(q: SQLiteQueue) -> None:
+    job_id = q.enqueue(study()).job_id
+    leased = q.lease("b")[0]
+    assert q.enqueue(study()).action == "rerun"
+    assert q.get(job_id).state == "sending"  # type: ignore[union-attr]
+    q.done(leased, "fp1", 2)
+    job = q.get(job_id)
+    assert job is not None and job.state == "queued" and job.fingerprint == "fp1"
+    again = q.lease("b")[0]
+    assert again.id == job_id and again.attempts == 1
+
+
+def test_retry_backoff_grows_with_jitter_up_to_cap_then_fails(q: SQLiteQueue, clock: Clock) -> None:
+    job_id = q.enqueue(study()).job_id
+    delays = []
+    for attempt in range(1, 6):
+        job = q.lease("b", 1, 60)[0]
+        assert job.attempts == attempt
+        q.retry_later(job, f"down {attempt}")
+        job = q.get(job_id)
+        assert job is not None
+        if attempt < 5:
+            assert job.state == "queued" and job.last_error == f"down {attempt}"
+            delay = job.next_attempt_at - clock.now
+            assert job.to_dict(clock.now)["retry_delay"] == pytest.approx(delay, abs=1e-3)
+            ceiling = min(30.0, 2.0 * 2 ** (attempt - 1))
+            assert ceiling / 2 <= delay <= ceiling
+            delays.append(delay)
+            assert q.lease("b") == []  # not due yet
+            clock.now = job.next_attempt_at
+    assert delays == sorted(delays) and delays[-1] > delays[0]
+    assert job.state == "failed" and "gave up after 5 attempts" in job.last_error
+    assert q.stats()["b"].failed == 1 and "down 5" in q.stats()["b"].last_error
+    assert q.requeue_failed("other") == 0
+    assert q.requeue_failed("b") == 1
+    job = q.get(job_id)
+    assert job is not None and (job.state, job.attempts, job.last_error) == ("queued", 0, "")
+
+
+def test_policy_delay_bounds_and_validation() -> None:
+    p = RetryPolicy(1, 8, 10)
+    assert [p.delay(k, lambda: 1.0) for k in range(1, 7)] == [1, 2, 4, 8, 8, 8]
+    assert [p.delay(k, lambda: 0.0) for k in range(1, 5)] == [0.5, 1, 2, 4]
+    assert RetryPolicy.from_config(
+        {"BaseDelay": 3, "MaxDelay": 9, "MaxAttempts": 2}
+    ) == RetryPolicy(3, 9, 2)
+    for bad in (
+        {"BaseDelay": 0},
+        {"MaxDelay": 1, "BaseDelay": 5},
+        {"MaxAttempts": 0},
+        {"Base": 1},
+        {"BaseDelay": "x"},
+        [1],
+    ):
+        with pytest.raises(ConfigError):
+            RetryPolicy.from_config(bad)
+
+
+def test_fail_and_requeue_ids(q: SQLiteQueue) -> None:
+    a = q.enqueue(study("a")).job_id
+    b = q.enqueue(study("b")).job_id
+    ja, jb = q.lease("b", 2)
+    q.fail(ja, "refused")
+    q.done(jb, "fp", 1)
+    assert {j.id for j in q.jobs(state="failed")} == {a}
+    assert q.requeue([a, b, 999]) == 2
+    assert {j.state for j in q.jobs()} == {"queued"}
+    with pytest.raises(QueueError):
+        q.jobs(state="bogus")
+
+
+def test_expired_lease_is_taken_over_and_old_holder_cannot_write(
+    q: SQLiteQueue, clock: Clock
+) -> None:
+    job_id = q.enqueue(study()).job_id
+    first = q.lease("b", 1, 30, owner="dead-node")[0]
+    assert q.next_due("b") == clock.now + 30
+    clock.now += 31
+    second = q.lease("b", 1, 30, owner="node2")[0]
+    assert second.id == job_id and second.attempts == 2
+    assert not q.done(first, "stale", 1)
+    assert not q.retry_later(first, "stale")
+    assert q.done(second, "fresh", 2)
+    assert q.get(job_id).fingerprint == "fresh"  # type: ignore[union-attr]
+
+
+def test_extend_keeps_the_lease(q: SQLiteQueue, clock: Clock) -> None:
+    q.enqueue(study())
+    job = q.lease("b", 1, 30)[0]
+    clock.now += 20
+    assert q.extend([job], 30) == 1
+    clock.now += 20
+    assert q.lease("b", 1, 30) == []
+    assert q.done(job, "fp")
+
+
+def test_recover_takes_back_only_this_nodes_jobs(q: SQLiteQueue) -> None:
+    q.enqueue(study("mine"))
+    q.enqueue(study("theirs"))
+    mine = q.lease("b", 1, 600, owner="A")[0]
+    q.lease("b", 1, 600, owner="B")
+    assert q.recover("A") == 1
+    states = {j.resource: j.state for j in q.jobs()}
+    assert states == {"mine": "queued", "theirs": "sending"}
+    assert not q.done(mine, "late")
+    assert q.recover() == 1  # no owner: everything still sending
+    assert {j.state for j in q.jobs()} == {"queued"}
+
+
+def test_stats_jobs_and_next_due(q: SQLiteQueue, clock: Clock) -> None:
+    for r in ("a", "b", "c"):
+        q.enqueue(study(r))
+    clock.now += 10
+    q.enqueue(study("z", dest="zips"))
+    q.done(q.lease("b")[0], "fp", 5)
+    job = q.lease("b")[0]
+    q.retry_later(job, "B is down", delay=7)
+    s = q.stats()
+    assert (s["b"].queued, s["b"].sending, s["b"].done, s["b"].failed) == (2, 0, 1, 0)
+    assert s["b"].delivered == 5 and s["b"].depth == 2
+    assert s["b"].oldest_queued_age == pytest.approx(10)
+    assert s["b"].last_error == "B is down"
+    assert s["zips"].queued == 1 and s["zips"].oldest_queued_age == 0
+    assert q.next_due("b") == clock.now - 10  # "c" has been due since it was enqueued
+    assert [j.resource for j in q.jobs(destination="b", limit=1)] == ["b"]
+    assert q.jobs(state="done")[0].to_dict()["fingerprint"] == "fp"
+    assert "lease_token" not in q.jobs()[0].to_dict()
+
+
+def test_meta_and_reopen_keeps_everything(tmp_path: Path) -> None:
+    q1 = open_queue(tmp_path)
+    q1.enqueue(study())
+    q1.set_meta("cursor", "42")
+    q1.set_meta("cursor", "43")
+    q1.close()
+    q2 = open_queue(tmp_path)
+    assert q2.get_meta("cursor") == "43" and q2.get_meta("none") is None
+    assert len(q2.jobs()) == 1
+    q2.close()
+
+
+def test_subscribers_hear_about_due_jobs(q: SQLiteQueue) -> None:
+    heard: list[str] = []
+    q.subscribe(heard.append)
+    q.enqueue(study())
+    q.enqueue(study())  # unchanged: no wake-up
+    q.requeue_failed()
+    q.enqueue(study("x", dest="zips"))
+    assert heard == ["b", "zips"]
+
+
+def test_threads_lease_each_job_exactly_once(tmp_path: Path) -> None:
+    queue = SQLiteQueue(tmp_path / "q.sqlite")
+    queue.enqueue_many([study(f"s{i}") for i in range(200)])
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while jobs := queue.lease("b", 3, 60):
+            for j in jobs:
+                queue.done(j, "fp", 1)
+            with lock:
+                got.extend(j.id for j in jobs)
+
+    threads = [threading.Thread(target=drain) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == sorted(set(got)) and len(got) == 200
+    assert queue.stats()["b"].done == 200
+    queue.close()
+
+
+def _drain_in_process(path: str) -> list[int]:
+    queue = SQLiteQueue(path)
+    ids = []
+    while jobs := queue.lease("b", 2, 60, owner="proc"):
+        for j in jobs:
+            queue.done(j, "fp", 1)
+            ids.append(j.id)
+    queue.close()
+    return ids
+
+
+def test_processes_lease_each_job_exactly_once(tmp_path: Path) -> None:
+    path = tmp_path / "shared.sqlite"
+    queue = SQLiteQueue(path)
+    queue.enqueue_many([study(f"s{i}") for i in range(300)])
+    with ProcessPoolExecutor(4) as pool:
+        results = list(pool.map(_drain_in_process, [str(path)] * 4))
+    ids = [i for r in results for i in r]
+    assert len(ids) == 300 and len(set(ids)) == 300
+    assert queue.stats()["b"].done == 300
+    queue.close()
+
+
+def test_unwritable_state_dir_is_a_queue_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(QueueError):
+        SQLiteQueue(blocker / "sub" / "queue.sqlite")

@@ -1,0 +1,187 @@
+"""WorkerPool over a real SQLite queue, with plain handler functions injected."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from dicomsync.errors import NotFound, Unreachable
+from dicomsync.queue import Job, NewJob, RetryPolicy
+from dicomsync.queue.sqlite import SQLiteQueue
+from dicomsync.worker import Delivered, Lane, WorkerPool
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def q(tmp_path: Path) -> Iterator[SQLiteQueue]:
+    queue = SQLiteQueue(tmp_path / "queue.sqlite", RetryPolicy(30, 60, 3))
+    yield queue
+    queue.close()
+
+
+def states(q: SQLiteQueue, dest: str) -> dict[str, str]:
+    return {j.resource: j.state for j in q.jobs(destination=dest, limit=1000)}
+
+
+def test_drains_every_destination_and_a_dead_one_holds_up_nobody(q: SQLiteQueue) -> None:
+    release = threading.Event()
+    seen: list[str] = []
+
+    def handler(job: Job) -> Delivered:
+        if job.destination == "dead":
+            release.wait(30)
+            raise Unreachable("dead is down")
+        seen.append(job.resource)
+        return Delivered(f"fp-{job.resource}", sent=2)
+
+    for i in range(4):
+        q.enqueue(NewJob("study", f"d{i}", "dead"))
+    for i in range(20):
+        q.enqueue(NewJob("study", f"s{i}", "b"))
+    pool = WorkerPool(q, [Lane("dead", 2), Lane("b", 3)], {"study": handler}, poll_interval=60)
+    pool.start()
+    try:
+        wait_for(lambda: q.stats()["b"].done == 20)
+        # both of dead's threads are stuck in a send, and b drained anyway
+        assert pool.state()["lanes"]["dead"]["busy"] == 2
+        assert q.stats()["dead"].sending == 2 and q.stats()["dead"].queued == 2
+        assert q.stats()["b"].delivered == 40
+        release.set()
+        wait_for(lambda: q.stats()["dead"].sending == 0 and q.stats()["dead"].queued == 4)
+    finally:
+        assert pool.stop()
+    dead = q.jobs(destination="dead")
+    assert {j.last_error for j in dead} == {"dead is down"} and {j.attempts for j in dead} <= {1}
+    assert sorted(seen) == sorted(f"s{i}" for i in range(20))
+
+
+def test_outcomes_map_to_done_retry_and_fail(q: SQLiteQueue) -> None:
+    def handler(job: Job) -> Delivered:
+        if job.resource == "gone":
+            raise NotFound("study gone")
+        if job.resource == "flaky":
+            raise Unreachable("connection refused")
+        if job.resource == "bug":
+            raise KeyError("oops")
+        return Delivered("fp", 1)
+
+    for r in ("ok", "gone", "flaky", "bug"):
+        q.enqueue(NewJob("study", r, "b"))
+    q.enqueue(NewJob("tags", "i1", "b"))  # no handler for this kind: failed, not stuck
+    pool = WorkerPool(q, [Lane("b", 2)], {"study": handler}, poll_interval=60)
+    pool.start()
+    try:
+        wait_for(
+            lambda: (
+                q.stats()["b"].sending == 0
+                and q.stats()["b"].queued == 2
+                and q.stats()["b"].done == 1
+                and q.stats()["b"].failed == 2
+            )
+        )
+    finally:
+        pool.stop()
+    jobs = {j.resource: j for j in q.jobs(destination="b")}
+    assert jobs["ok"].state == "done"
+    assert jobs["gone"].state == "failed" and jobs["gone"].last_error == "study gone"
+    assert jobs["flaky"].state == "queued" and jobs["flaky"].last_error == "connection refused"
+    assert jobs["flaky"].next_attempt_at > time.time() + 10  # backoff, not a hot loop
+    assert jobs["bug"].state == "queued" and "internal error: KeyError" in jobs["bug"].last_error
+    assert jobs["i1"].state == "failed" and "no handler" in jobs["i1"].last_error
+    assert pool.state()["lanes"]["b"]["errors"] == 4
+
+
+def test_enqueue_wakes_sleeping_workers(q: SQLiteQueue) -> None:
+    done = threading.Event()
+
+    def handler(job: Job) -> Delivered:
+        done.set()
+        return Delivered("fp")
+
+    pool = WorkerPool(q, [Lane("b")], {"study": handler}, poll_interval=3600)
+    pool.start()
+    try:
+        time.sleep(0.2)  # let the thread go to sleep on its event
+        q.enqueue(NewJob("study", "s", "b"))
+        assert done.wait(10), "an enqueue must wake the lane without waiting for the poll"
+    finally:
+        pool.stop()
+
+
+def test_retry_becomes_due_without_an_enqueue(tmp_path: Path) -> None:
+    queue = SQLiteQueue(tmp_path / "q.sqlite", RetryPolicy(0.2, 0.4, 5))
+    calls: list[int] = []
+
+    def handler(job: Job) -> Delivered:
+        calls.append(job.attempts)
+        if job.attempts < 3:
+            raise Unreachable("not yet")
+        return Delivered("fp")
+
+    queue.enqueue(NewJob("study", "s", "b"))
+    pool = WorkerPool(queue, [Lane("b")], {"study": handler}, poll_interval=3600)
+    pool.start()
+    try:
+        wait_for(lambda: queue.stats()["b"].done == 1)
+    finally:
+        pool.stop()
+    assert calls == [1, 2, 3]
+    queue.close()
+
+
+def test_stop_leaves_interrupted_jobs_for_recover(q: SQLiteQueue) -> None:
+    started = threading.Event()
+    release = threading.Event()
+
+    def handler(job: Job) -> Delivered:
+        started.set()
+        release.wait(30)
+        raise Unreachable("Orthanc is stopping")
+
+    job_id = q.enqueue(NewJob("study", "s", "b")).job_id
+    pool = WorkerPool(q, [Lane("b")], {"study": handler}, owner="node", poll_interval=60)
+    pool.start()
+    assert started.wait(10)
+    stopper = threading.Thread(target=pool.stop)
+    stopper.start()
+    time.sleep(0.1)
+    release.set()
+    stopper.join(15)
+    assert not pool.running
+    job = q.get(job_id)
+    assert job is not None and job.state == "sending" and job.last_error == ""
+    assert q.recover("node") == 1
+    assert q.get(job_id).state == "queued"  # type: ignore[union-attr]
+
+
+def test_batch_handler_gets_several_jobs(q: SQLiteQueue) -> None:
+    batches: list[int] = []
+
+    def batch(jobs: list[Job]) -> list[Delivered | BaseException]:
+        batches.append(len(jobs))
+        return [Unreachable("busy") if j.resource == "i0" else Delivered("") for j in jobs]
+
+    q.enqueue_many([NewJob("tags", f"i{i}", "splunk") for i in range(10)])
+    pool = WorkerPool(
+        q,
+        [Lane("splunk", 1, kind="tags", batch=5)],
+        batch_handlers={"tags": batch},
+        poll_interval=60,
+    )
+    pool.start()
+    try:
+        wait_for(lambda: q.stats()["splunk"].done == 9)
+    finally:
+        pool.stop()
+    assert batches == [5, 5]
+    assert q.find("tags", "i0", "splunk").state == "queued"  # type: ignore[union-attr]
