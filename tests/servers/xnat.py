@@ -809,7 +809,7 @@ class _Handler(BaseHTTPRequestHandler):
                 ]
             )
             return
-        m = re.fullmatch(r"/scans/([^/]+)(/resources(?:/([^/]+)(/files(?:/(.+))?)?)?)?", rest)
+        m = re.fullmatch(r"/scans/([^/]+)(/resources(?:/([^/]+))?)?(/files(?:/(.+))?)?", rest)
         if not m:
             self._error(404, f"Unknown prearchive resource {rest}")
             return
@@ -856,7 +856,7 @@ class _Handler(BaseHTTPRequestHandler):
                 ]
             )
             return
-        m = re.fullmatch(r"/scans/([^/]+)(/resources(?:/([^/]+)(/files(?:/(.+))?)?)?)?", rest)
+        m = re.fullmatch(r"/scans/([^/]+)(/resources(?:/([^/]+))?)?(/files(?:/(.+))?)?", rest)
         if not m:
             self._error(404, f"Unknown experiment resource {rest}")
             return
@@ -872,7 +872,13 @@ class _Handler(BaseHTTPRequestHandler):
         self, scans: list[Scan], m: re.Match[str], base: str, fmt: str, label: str
     ) -> None:
         resources, resource, files, filename = m.group(2), m.group(3), m.group(4), m.group(5)
-        if resources is None:
+        if resources is not None and resource is None and files is not None:
+            self._error(404, "Unknown resource path")
+            return
+        if resource is not None and resource != "DICOM":
+            self._error(404, f"No resource {resource}")
+            return
+        if resources is None and files is None:
             if fmt == "zip":
                 self._zip(scans, label)
             else:
@@ -880,7 +886,7 @@ class _Handler(BaseHTTPRequestHandler):
                     [{"ID": s.id, "series_description": s.series_description} for s in scans]
                 )
             return
-        if resource is None:
+        if files is None and resource is None:
             self._result_set(
                 [
                     {
@@ -894,9 +900,6 @@ class _Handler(BaseHTTPRequestHandler):
                     for s in scans
                 ]
             )
-            return
-        if resource != "DICOM":
-            self._error(404, f"No resource {resource}")
             return
         if files is None or (filename is None and fmt == "zip"):
             self._zip(scans, label)
