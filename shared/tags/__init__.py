@@ -13,7 +13,9 @@ Public API::
 For every instance:
 
 - ``<SOPInstanceUID>:instance`` — sourcetype ``dicomsync:instance``; fields are the
-  Orthanc-style simplified tags (``dicomsync.tags.simplify``).
+  Orthanc-style simplified tags (``dicomsync.tags.simplify``). For dose reports the
+  ``ContentSequence`` is left out of this event: the ``dose_report`` event carries
+  the content tree, flattened and lossless.
 
 For dose reports (``dicomsync.tags.dose.is_dose_report``), in addition:
 
@@ -44,12 +46,12 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-
 from dicomsync.errors import DicomFileError
 from dicomsync.tags import dose, sr
+from dicomsync.tags.lite import reader_for
 from dicomsync.tags.simplify import simplify, utf8_repair_enabled
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ SOURCETYPE_INSTANCE = "dicomsync:instance"
 SOURCETYPE_DOSE_REPORT = "dicomsync:dose_report"
 SOURCETYPE_DOSE_EVENT = "dicomsync:dose_event"
 SOURCETYPES = (SOURCETYPE_INSTANCE, SOURCETYPE_DOSE_REPORT, SOURCETYPE_DOSE_EVENT)
+_CONTENT_SEQUENCE = frozenset({0x0040A730})
 
 
 @dataclass
@@ -131,28 +134,31 @@ def events_from_dataset(ds: Dataset, *, source: str = "", now: float | None = No
         raise DicomFileError(f"{source or 'instance'}: no SOPInstanceUID")
     repair = utf8_repair_enabled(ds)
     when, time_source = dose.instance_time(ds, now=now)
+    try:
+        is_dose = dose.is_dose_report(ds)
+    except Exception as exc:
+        log.warning("%s: cannot tell whether it is a dose report: %s", source or sop_uid, exc)
+        is_dose = False
+    # A dose report's content tree is in its dose_report event, flattened and lossless;
+    # the instance event leaves it out (it would double the size and the parsing time).
+    skip = _CONTENT_SEQUENCE if is_dose else frozenset()
     events = [
         Event(
             id=f"{sop_uid}:instance",
             sourcetype=SOURCETYPE_INSTANCE,
             time=when,
             time_source=time_source,
-            fields=simplify(ds, repair=repair),
+            fields=simplify(ds, repair=repair, skip=skip),
             source=source,
         )
     ]
-    try:
-        is_dose = dose.is_dose_report(ds)
-    except Exception as exc:
-        log.warning("%s: cannot tell whether it is a dose report: %s", source or sop_uid, exc)
-        is_dose = False
     if not is_dose:
         return events
 
-    context = dose.study_context(ds, repair)
-    flattener = sr.Flattener(repair)
+    flattener = sr.Flattener(repair, reader_for(ds))
+    context = dose.study_context(ds, flattener)
     report: dict[str, Any] = dict(context)
-    report.update(sr.flatten(ds, repair=repair))
+    report.update(sr.flatten(ds, repair=repair, flattener=flattener))
     events.append(
         Event(
             id=f"{sop_uid}:dose_report",
@@ -166,10 +172,17 @@ def events_from_dataset(ds: Dataset, *, source: str = "", now: float | None = No
     seen: set[str] = set()
     for fields, started, offset_known in dose.irradiation_events(ds, context, flattener):
         uid = fields.get("Irradiation Event UID")
-        suffix = str(uid) if isinstance(uid, str) and uid and uid not in seen else str(fields["EventIndex"])
+        suffix = (
+            str(uid)
+            if isinstance(uid, str) and uid and uid not in seen
+            else str(fields["EventIndex"])
+        )
         seen.add(suffix)
         if started is not None:
-            ev_time, ev_source = started, "event_start" + ("+tz" if offset_known else "/utc-assumed")
+            ev_time, ev_source = (
+                started,
+                "event_start" + ("+tz" if offset_known else "/utc-assumed"),
+            )
         else:
             ev_time, ev_source = when, time_source
         events.append(

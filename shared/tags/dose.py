@@ -39,9 +39,18 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from dicomsync.tags.sr import (
+    T_CODE_MEANING,
+    T_CONCEPT_NAME,
+    T_CONTENT,
+    T_DATETIME,
+    T_TEXT,
+    T_UID,
+    T_VALUE_TYPE,
+    Flattener,
+    code_string,
+)
 from pydicom.dataset import Dataset
-
-from dicomsync.tags.sr import Flattener, code_string
 
 DOSE_SOP_CLASSES = frozenset(
     {
@@ -171,55 +180,67 @@ def instance_time(ds: Dataset, now: float | None = None) -> tuple[float, str]:
 
 
 # --- context and events ------------------------------------------------------------------
-def study_context(ds: Dataset, repair: bool = False) -> dict[str, Any]:
+def study_context(ds: Dataset, flattener: Flattener) -> dict[str, Any]:
     """The header values every dose record carries, plus the Device Observer UID."""
     from dicomsync.tags.simplify import fix_text
 
     ctx: dict[str, Any] = {}
     for kw in CONTEXT_TAGS:
-        value = ds.get(kw)
-        ctx[kw] = None if value is None or value == "" else fix_text(str(value), repair)
-    ctx["Device Observer UID"] = _find_value(ds.get("ContentSequence") or [], CODE_DEVICE_OBSERVER_UID)
+        try:
+            value = ds.get(kw)
+        except Exception:
+            value = None
+        ctx[kw] = None if value is None or value == "" else fix_text(str(value), flattener.repair)
+    content = _safe_seq(flattener, ds, T_CONTENT)
+    ctx["Device Observer UID"] = _find_value(content, CODE_DEVICE_OBSERVER_UID, flattener)
     return ctx
 
 
-def _find_value(items: Any, code: str) -> str | None:
-    """The UID/text value of the first item (root level) with concept ``code``."""
+def _safe_seq(fl: Flattener, node: Any, tag: int) -> list[Any]:
+    try:
+        return fl.seq(node, tag) or []
+    except Exception:
+        return []
+
+
+def _find_value(items: Any, code: str, fl: Flattener) -> str | None:
+    """The UID/text/date-time value of the first item (this level) with concept ``code``."""
     for item in items:
-        seq = item.get("ConceptNameCodeSequence")
-        if seq and code_string(seq[0]) == code:
-            for kw in ("UID", "TextValue", "DateTime"):
-                value = item.get(kw)
-                if value not in (None, ""):
-                    return str(value)
+        try:
+            names = fl.seq(item, T_CONCEPT_NAME)
+            if names and fl.code_string(names[0]) == code:
+                for tag in (T_UID, T_TEXT, T_DATETIME):
+                    value = fl.fast_text(item, tag)
+                    if value:
+                        return value
+        except Exception:
+            continue
     return None
 
 
-def _event_type(item: Dataset) -> str | None:
-    if str(item.get("ValueType", "") or "").upper() != "CONTAINER":
+def _event_type(item: Any, fl: Flattener) -> str | None:
+    if (fl.fast_text(item, T_VALUE_TYPE) or "").strip().upper() != "CONTAINER":
         return None
-    seq = item.get("ConceptNameCodeSequence")
-    if not seq:
+    names = fl.seq(item, T_CONCEPT_NAME)
+    if not names:
         return None
-    code = code_string(seq[0])
+    code = fl.code_string(names[0])
     if code in EVENT_CODES:
         return EVENT_CODES[code]
-    meaning = str(seq[0].get("CodeMeaning", "") or "").strip().lower()
+    meaning = (fl.fast_text(names[0], T_CODE_MEANING) or "").strip().lower()
     return EVENT_MEANINGS.get(meaning)
 
 
-def _event_containers(items: Any) -> Iterator[tuple[str, Dataset]]:
+def _event_containers(items: Any, fl: Flattener) -> Iterator[tuple[str, Any]]:
     for item in items:
         try:
-            kind = _event_type(item)
+            kind = _event_type(item, fl)
         except Exception:
             kind = None
         if kind is not None:
             yield kind, item
             continue
-        children = item.get("ContentSequence")
-        if children:
-            yield from _event_containers(children)
+        yield from _event_containers(_safe_seq(fl, item, T_CONTENT), fl)
 
 
 def irradiation_events(
@@ -227,14 +248,17 @@ def irradiation_events(
 ) -> Iterator[tuple[dict[str, Any], float | None, bool]]:
     """Per-event records: (fields, start epoch or None, offset_known)."""
     default_offset = parse_offset(str(ds.get("TimezoneOffsetFromUTC", "") or ""))
-    for index, (kind, container) in enumerate(_event_containers(ds.get("ContentSequence") or [])):
-        children = container.get("ContentSequence") or []
+    content = _safe_seq(flattener, ds, T_CONTENT)
+    for index, (kind, container) in enumerate(_event_containers(content, flattener)):
+        children = _safe_seq(flattener, container, T_CONTENT)
         fields: dict[str, Any] = dict(context)
         fields["EventType"] = kind
         fields["EventIndex"] = index + 1
-        fields["Irradiation Event UID"] = _find_value(children, CODE_IRRADIATION_EVENT_UID)
+        fields["Irradiation Event UID"] = _find_value(
+            children, CODE_IRRADIATION_EVENT_UID, flattener
+        )
         fields.update(flattener.container(children))
-        started = _find_value(children, CODE_DATETIME_STARTED)
+        started = _find_value(children, CODE_DATETIME_STARTED, flattener)
         parsed = parse_datetime(started, default_offset) if started else None
         if parsed is None:
             yield fields, None, False

@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
@@ -34,6 +35,69 @@ BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN", "OB or OW", "U
 TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 # Declarations under which UTF-8 bytes are a known vendor mistake worth repairing.
 _LATIN1_DECLARATIONS = frozenset({"", "ISO_IR 100", "ISO_IR 6", "ISO 2022 IR 100"})
+
+
+# VRs whose raw bytes are text: plain-ASCII values are decoded directly (fast path).
+STRING_VRS = frozenset(
+    {
+        "AE",
+        "AS",
+        "CS",
+        "DA",
+        "DS",
+        "DT",
+        "IS",
+        "LO",
+        "LT",
+        "PN",
+        "SH",
+        "ST",
+        "TM",
+        "UC",
+        "UI",
+        "UR",
+        "UT",
+    }
+)
+_KEEP_LEADING = frozenset({"LT", "ST", "UT", "UR"})
+_ABSENT = object()
+
+
+def _raw_vr(elem: RawDataElement) -> str | None:
+    if elem.VR:
+        return str(elem.VR)
+    try:
+        return str(dictionary_VR(elem.tag))
+    except KeyError:
+        return None
+
+
+def fast_text(ds: Dataset, tag: int) -> str | None:
+    """The text of a string element, or None when absent.
+
+    Plain-ASCII raw values are decoded without pydicom's per-element conversion
+    (about 20x faster; flattening is dominated by it). Anything else (non-ASCII,
+    ISO 2022 escapes, binary VRs, already converted elements) goes through pydicom,
+    and multi-valued results are joined with ``\\``.
+    """
+    elem = ds.get_item(tag)
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement):
+        raw = elem.value
+        if raw is None:
+            return ""
+        if isinstance(raw, bytes) and raw.isascii() and b"\x1b" not in raw:
+            vr = _raw_vr(elem)
+            if vr in STRING_VRS:
+                text = raw.decode("ascii").rstrip(" \x00")
+                return text if vr in _KEEP_LEADING else text.lstrip(" ")
+    value = ds[tag].value
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value)
 
 
 def utf8_repair_enabled(ds: Dataset) -> bool:
@@ -54,6 +118,15 @@ def fix_text(text: str, repair: bool) -> str:
     except (UnicodeEncodeError, UnicodeDecodeError):
         return text
     return fixed
+
+
+def _key_of(tag: int) -> str:
+    from pydicom.datadict import keyword_for_tag
+
+    keyword = keyword_for_tag(tag)
+    if keyword:
+        return keyword
+    return f"{tag >> 16:04x},{tag & 0xFFFF:04x}"
 
 
 def element_key(elem: DataElement) -> str:
@@ -84,14 +157,32 @@ def element_value(elem: DataElement, repair: bool) -> str | None:
     return _scalar(value, vr, repair)
 
 
-def simplify(ds: Dataset, *, repair: bool | None = None) -> dict[str, Any]:
-    """The simplified tags of ``ds`` (see the module docstring)."""
+def simplify(
+    ds: Dataset, *, repair: bool | None = None, skip: frozenset[int] = frozenset()
+) -> dict[str, Any]:
+    """The simplified tags of ``ds`` (see the module docstring); ``skip``: top-level tags to omit."""
     if repair is None:
         repair = utf8_repair_enabled(ds)
     out: dict[str, Any] = {}
-    for tag in ds.keys():  # noqa: SIM118 - keys() is the tag list, in order
-        if tag.group == 0x0002 or tag == 0x7FE00010:
+    for tag in ds.keys():
+        if tag.group == 0x0002 or tag == 0x7FE00010 or tag in skip:
             continue
+        raw = ds.get_item(tag)
+        if (
+            isinstance(raw, RawDataElement)
+            and isinstance(raw.value, bytes)
+            and raw.value.isascii()
+            and b"\x1b" not in raw.value
+        ):
+            vr0 = _raw_vr(raw)
+            if vr0 in STRING_VRS:
+                text = raw.value.decode("ascii").rstrip(" \x00")
+                if vr0 not in _KEEP_LEADING:
+                    text = text.lstrip(" ")
+                if vr0 in ("LO", "SH", "PN", "CS", "DS", "IS", "UI", "AE", "DA", "TM", "DT"):
+                    text = "\\".join(v.strip(" ") for v in text.split("\\"))
+                out[_key_of(tag)] = text
+                continue
         try:
             elem = ds[tag]
         except Exception as exc:  # corrupt raw element: keep the key, mark the value

@@ -62,15 +62,45 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from dicomsync.tags.lite import Reader, reader_for
+from dicomsync.tags.simplify import fix_text, utf8_repair_enabled
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from dicomsync.tags.simplify import fix_text, utf8_repair_enabled
-
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
-# Tags read raw (before pydicom's conversion) so vendor number formats never raise.
-_TAG_NUMERIC_VALUE = 0x0040A30A
+# Tags, read by number: plain-ASCII values skip pydicom's slow per-element conversion,
+# and NumericValue is read raw so vendor number formats never raise.
+T_CODE_VALUE = 0x00080100
+T_SCHEME = 0x00080102
+T_CODE_MEANING = 0x00080104
+T_LONG_CODE_VALUE = 0x00080119
+T_URN_CODE_VALUE = 0x00080120
+T_VALUE_TYPE = 0x0040A040
+T_CONCEPT_NAME = 0x0040A043
+T_CONCEPT_CODE = 0x0040A168
+T_CONTENT = 0x0040A730
+T_TEXT = 0x0040A160
+T_PNAME = 0x0040A123
+T_DATE = 0x0040A121
+T_TIME = 0x0040A122
+T_DATETIME = 0x0040A120
+T_UID = 0x0040A124
+T_MEASURED = 0x0040A300
+T_UNITS = 0x004008EA
+T_NUMERIC_VALUE = 0x0040A30A
+T_QUALIFIER = 0x0040A301
+T_REF_SOP = 0x00081199
+T_REF_CLASS = 0x00081150
+T_REF_INSTANCE = 0x00081155
+T_REF_FRAMES = 0x00081160
+T_REF_CONTENT_ITEM = 0x0040DB73
+T_GRAPHIC_DATA = 0x00700022
+T_GRAPHIC_TYPE = 0x00700023
+T_RANGE_TYPE = 0x0040A130
+T_SAMPLE_POSITIONS = 0x0040A132
+T_TIME_OFFSETS = 0x0040A138
+T_REF_DATETIME = 0x0040A13A
 
 
 class _Invalid(Exception):
@@ -88,20 +118,37 @@ def parse_number(text: str) -> float | int | None:
     return value
 
 
-def code_string(item: Dataset) -> str | None:
-    """``"<scheme>:<value>"`` of a code sequence item, or None."""
-    value = item.get("CodeValue") or item.get("LongCodeValue") or item.get("URNCodeValue")
-    if value is None or value == "":
+_DEFAULT_READER = Reader(None)
+
+
+def code_string(item: Any, reader: Reader = _DEFAULT_READER) -> str | None:
+    """``"<scheme>:<value>"`` of a code sequence item (lite dict or Dataset), or None."""
+    value = (
+        reader.text(item, T_CODE_VALUE)
+        or reader.text(item, T_LONG_CODE_VALUE)
+        or reader.text(item, T_URN_CODE_VALUE)
+    )
+    if not value:
         return None
-    scheme = item.get("CodingSchemeDesignator") or ""
+    scheme = reader.text(item, T_SCHEME) or ""
     return f"{scheme}:{value}"
 
 
 class Flattener:
     """Flattens one SR dataset. ``repair`` turns the UTF-8-in-Latin-1 repair on."""
 
-    def __init__(self, repair: bool = False) -> None:
+    def __init__(self, repair: bool = False, reader: Reader | None = None) -> None:
         self.repair = repair
+        self.reader = reader or _DEFAULT_READER
+
+    def seq(self, node: Any, tag: int) -> list[Any] | None:
+        return self.reader.seq(node, tag)
+
+    def fast_text(self, node: Any, tag: int) -> str | None:
+        return self.reader.text(node, tag)
+
+    def code_string(self, node: Any) -> str | None:
+        return code_string(node, self.reader)
 
     # --- helpers -------------------------------------------------------------------------
     def text(self, value: Any) -> str:
@@ -109,12 +156,12 @@ class Flattener:
 
     def concept(self, item: Dataset) -> tuple[str | None, str | None]:
         """(meaning, "<scheme>:<value>") of the item's concept name."""
-        seq = item.get("ConceptNameCodeSequence")
-        if not seq:
+        names = self.seq(item, T_CONCEPT_NAME)
+        if not names:
             return None, None
-        code = seq[0]
-        meaning = code.get("CodeMeaning")
-        return (self.text(meaning) if meaning is not None else None), code_string(code)
+        code = names[0]
+        meaning = self.fast_text(code, T_CODE_MEANING)
+        return (self.text(meaning) if meaning is not None else None), self.code_string(code)
 
     # --- containers ----------------------------------------------------------------------
     def container(self, items: Iterable[Dataset]) -> dict[str, Any]:
@@ -146,13 +193,11 @@ class Flattener:
         key = f"@invalid item {index + 1}"
         try:
             meaning, concept_code = self.concept(item)
-            value_type = str(item.get("ValueType", "") or "").strip().upper()
+            value_type = (self.fast_text(item, T_VALUE_TYPE) or "").strip().upper()
             if meaning is not None:
                 key = meaning
-            elif "ReferencedContentItemIdentifier" in item:
-                ref = item.ReferencedContentItemIdentifier
-                path = ref if isinstance(ref, MultiValue | list) else [ref]
-                return "@reference", ".".join(str(int(p)) for p in path), {}
+            elif self.reader.has(item, T_REF_CONTENT_ITEM):
+                return "@reference", self._ref_path(item), {}
             else:
                 key = f"@unnamed {value_type or 'ITEM'}"
             siblings: dict[str, Any] = {}
@@ -160,7 +205,7 @@ class Flattener:
                 siblings["@concept"] = concept_code
             value = self.value(item, value_type, siblings)
             if value_type != "CONTAINER":
-                children = item.get("ContentSequence")
+                children = self.seq(item, T_CONTENT)
                 if children:
                     siblings["@children"] = self.container(children)
             return key, value, siblings
@@ -170,84 +215,88 @@ class Flattener:
     # --- values --------------------------------------------------------------------------
     def value(self, item: Dataset, value_type: str, siblings: dict[str, Any]) -> Any:
         if value_type == "CONTAINER":
-            return self.container(item.get("ContentSequence") or [])
+            return self.container(self.seq(item, T_CONTENT) or [])
         if value_type == "NUM":
             return self.num(item, siblings)
         if value_type == "CODE":
-            seq = item.get("ConceptCodeSequence")
-            if not seq:
+            codes = self.seq(item, T_CONCEPT_CODE)
+            if not codes:
                 return None
-            code = seq[0]
-            sib = code_string(code)
+            code = codes[0]
+            sib = self.code_string(code)
             if sib is not None:
                 siblings["@code"] = sib
-            meaning = code.get("CodeMeaning")
-            return self.text(meaning) if meaning not in (None, "") else None
+            return self._str(self.fast_text(code, T_CODE_MEANING))
         if value_type == "TEXT":
-            return self._str(item.get("TextValue"))
+            return self._str(self.fast_text(item, T_TEXT))
         if value_type == "PNAME":
-            return self._str(item.get("PersonName"))
+            return self._str(self.fast_text(item, T_PNAME))
         if value_type == "DATE":
-            return self._str(item.get("Date"))
+            return self._str(self.fast_text(item, T_DATE))
         if value_type == "TIME":
-            return self._str(item.get("Time"))
+            return self._str(self.fast_text(item, T_TIME))
         if value_type == "DATETIME":
-            return self._str(item.get("DateTime"))
+            return self._str(self.fast_text(item, T_DATETIME))
         if value_type == "UIDREF":
-            return self._str(item.get("UID"))
+            return self._str(self.fast_text(item, T_UID))
         if value_type in ("IMAGE", "COMPOSITE", "WAVEFORM"):
-            seq = item.get("ReferencedSOPSequence")
-            if not seq:
+            refs = self.seq(item, T_REF_SOP)
+            if not refs:
                 return None
-            ref = seq[0]
-            if ref.get("ReferencedSOPClassUID"):
-                siblings["@sop_class"] = str(ref.ReferencedSOPClassUID)
-            frames = ref.get("ReferencedFrameNumber")
-            if frames not in (None, ""):
-                siblings["@frames"] = (
-                    "\\".join(str(f) for f in frames)
-                    if isinstance(frames, MultiValue | list)
-                    else str(frames)
-                )
-            return self._str(ref.get("ReferencedSOPInstanceUID"))
+            ref = refs[0]
+            sop_class = self.fast_text(ref, T_REF_CLASS)
+            if sop_class:
+                siblings["@sop_class"] = sop_class
+            frames = self.fast_text(ref, T_REF_FRAMES)
+            if frames:
+                siblings["@frames"] = frames
+            return self._str(self.fast_text(ref, T_REF_INSTANCE))
         if value_type in ("SCOORD", "SCOORD3D"):
-            if item.get("GraphicType"):
-                siblings["@graphic_type"] = str(item.GraphicType)
-            data = item.get("GraphicData")
-            return _number_list(data)
+            graphic_type = self.fast_text(item, T_GRAPHIC_TYPE)
+            if graphic_type:
+                siblings["@graphic_type"] = graphic_type
+            return self.reader.numbers(item, T_GRAPHIC_DATA, "f")
         if value_type == "TCOORD":
-            if item.get("TemporalRangeType"):
-                siblings["@range_type"] = str(item.TemporalRangeType)
-            for name in ("ReferencedSamplePositions", "ReferencedTimeOffsets"):
-                if item.get(name) is not None:
-                    return _number_list(item.get(name))
-            dt = item.get("ReferencedDateTime")
-            if dt is not None:
-                return [str(v) for v in (dt if isinstance(dt, MultiValue | list) else [dt])]
+            range_type = self.fast_text(item, T_RANGE_TYPE)
+            if range_type:
+                siblings["@range_type"] = range_type
+            positions = self.reader.numbers(item, T_SAMPLE_POSITIONS, "I")
+            if positions is not None:
+                return positions
+            for tag in (T_TIME_OFFSETS, T_REF_DATETIME):
+                text = self.fast_text(item, tag)
+                if text is not None:
+                    parts = text.split("\\")
+                    if tag == T_TIME_OFFSETS:
+                        return [parse_number(p) for p in parts]
+                    return parts
             return None
         raise _Invalid(f"unsupported value type {value_type or '(none)'!r}")
 
     def num(self, item: Dataset, siblings: dict[str, Any]) -> Any:
-        qualifier = item.get("NumericValueQualifierCodeSequence")
+        qualifier = self.seq(item, T_QUALIFIER)
         if qualifier:
-            siblings["@qualifier"] = self._str(qualifier[0].get("CodeMeaning"))
-        seq = item.get("MeasuredValueSequence")
-        if not seq:
+            siblings["@qualifier"] = self._str(self.fast_text(qualifier[0], T_CODE_MEANING))
+        measured = self.seq(item, T_MEASURED)
+        if not measured:
             return None
-        mv = seq[0]
-        units = mv.get("MeasurementUnitsCodeSequence")
+        mv = measured[0]
+        units = self.seq(mv, T_UNITS)
         if units:
             unit = units[0]
-            unit_value = unit.get("CodeValue")
-            if unit_value not in (None, ""):
-                siblings["@unit"] = str(unit_value)
-            meaning = unit.get("CodeMeaning")
-            if meaning not in (None, "") and str(meaning) != str(unit_value):
+            unit_value = self.fast_text(unit, T_CODE_VALUE)
+            if unit_value:
+                siblings["@unit"] = unit_value
+            meaning = self.fast_text(unit, T_CODE_MEANING)
+            if meaning and meaning != unit_value:
                 siblings["@unit_meaning"] = self.text(meaning)
-            scheme = str(unit.get("CodingSchemeDesignator") or "")
+            scheme = self.fast_text(unit, T_SCHEME) or ""
             if scheme and scheme != "UCUM":
                 siblings["@unit_scheme"] = scheme
-        raw = _raw_text(mv, _TAG_NUMERIC_VALUE)
+        raw_value = self.reader.raw(mv, T_NUMERIC_VALUE)
+        if raw_value is None:
+            return None
+        raw = raw_value.decode("latin-1") if isinstance(raw_value, bytes) else raw_value
         if raw is None:
             return None
         parts = raw.split("\\")
@@ -256,6 +305,11 @@ class Flattener:
         except ValueError as exc:
             raise _Invalid(str(exc)) from None
         return numbers[0] if len(numbers) == 1 else numbers
+
+    def _ref_path(self, item: Any) -> str:
+        """ReferencedContentItemIdentifier (UL, VM 1-n) as ``"1.3.2"``."""
+        values = self.reader.numbers(item, T_REF_CONTENT_ITEM, "I") or []
+        return ".".join(str(int(v)) for v in values)
 
     def _str(self, value: Any) -> str | None:
         if value is None:
@@ -269,30 +323,6 @@ class Flattener:
         return fix_text(text, self.repair)
 
 
-def _raw_text(ds: Dataset, tag: int) -> str | None:
-    """An element's text without pydicom's VR conversion (which rejects vendor numbers)."""
-    if tag not in ds:
-        return None
-    elem = ds.get_item(tag)
-    if elem is None:
-        return None
-    value = elem.value
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode("latin-1")
-    if isinstance(value, MultiValue | list):
-        return "\\".join(str(v) for v in value)
-    return str(value)
-
-
-def _number_list(data: Any) -> list[float] | None:
-    if data is None:
-        return None
-    values = data if isinstance(data, MultiValue | list | tuple) else [data]
-    return [float(v) for v in values]
-
-
 def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text[:200]
@@ -300,14 +330,17 @@ def _reason(exc: BaseException) -> str:
 
 def root_concept(ds: Dataset, repair: bool = False) -> tuple[str | None, str | None]:
     """(meaning, "<scheme>:<value>") of the document's root concept."""
-    return Flattener(repair).concept(ds)
+    return Flattener(repair, reader_for(ds)).concept(ds)
 
 
-def flatten(ds: Dataset, *, repair: bool | None = None) -> dict[str, Any]:
+def flatten(
+    ds: Dataset, *, repair: bool | None = None, flattener: Flattener | None = None
+) -> dict[str, Any]:
     """``{<root concept meaning>: <flattened content tree>}`` of an SR document."""
-    if repair is None:
-        repair = utf8_repair_enabled(ds)
-    flattener = Flattener(repair)
+    if flattener is None:
+        if repair is None:
+            repair = utf8_repair_enabled(ds)
+        flattener = Flattener(repair, reader_for(ds))
     meaning, _ = flattener.concept(ds)
-    body = flattener.container(ds.get("ContentSequence") or [])
+    body = flattener.container(flattener.seq(ds, T_CONTENT) or [])
     return {meaning or "@unnamed CONTAINER": body}
