@@ -1,0 +1,56 @@
+"""Helpers for benchmarks: generated data, real Orthanc servers, timing, curl uploads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from dicomdata import generate_root, make_instance  # noqa: E402,F401
+from orthanc_server import OrthancProcess  # noqa: E402,F401
+
+
+@contextmanager
+def timed(label: str, results: dict[str, float]) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    results[label] = time.perf_counter() - start
+
+
+def workdir(name: str) -> Path:
+    base = Path(os.environ.get("DICOMSYNC_BENCH_DIR") or tempfile.mkdtemp(prefix=f"dicomsync-{name}-"))
+    base.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("DICOMSYNC_CACHE_DIR", str(base / "cache"))
+    return base
+
+
+def curl_upload(url: str, files: list[Path]) -> float:
+    """Upload files with ONE keep-alive curl process; returns seconds."""
+    with tempfile.NamedTemporaryFile("w", suffix=".curl", delete=False) as cfg:
+        for i, f in enumerate(files):
+            if i:
+                cfg.write("next\n")
+            cfg.write(f'url = "{url}/instances"\n')
+            cfg.write(f'data-binary = "@{f}"\n')
+            cfg.write('header = "Expect:"\nheader = "Content-Type: application/dicom"\n')
+            cfg.write('output = "/dev/null"\nsilent\nfail\n')
+    start = time.perf_counter()
+    subprocess.run(["curl", "-K", cfg.name], check=True)
+    seconds = time.perf_counter() - start
+    os.unlink(cfg.name)
+    return seconds
+
+
+def report(title: str, rows: list[tuple[str, str]]) -> None:
+    print(f"\n## {title}")
+    width = max(len(r[0]) for r in rows)
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
