@@ -46,12 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
 from dicomsync.errors import DicomFileError
 from dicomsync.tags import dose, sr
 from dicomsync.tags.lite import reader_for
 from dicomsync.tags.simplify import simplify, utf8_repair_enabled
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 from dicomsync.tags.sr import (
     T_CODE_MEANING,
     T_CONCEPT_NAME,
@@ -50,7 +52,6 @@ from dicomsync.tags.sr import (
     Flattener,
     code_string,
 )
-from pydicom.dataset import Dataset
 
 DOSE_SOP_CLASSES = frozenset(
     {

@@ -138,8 +138,10 @@ def _dataset(
 class Reader:
     """Reads values from lite items or pydicom Datasets, with one charset."""
 
-    def __init__(self, encodings: Sequence[str] | None) -> None:
+    def __init__(self, encodings: Sequence[str] | None, *, lite: bool = True) -> None:
+        """``lite=False`` reads sequences through pydicom only (the reference path)."""
         self.encodings = list(encodings or ["iso8859"])
+        self.lite = lite
         # Sequences parsed from a Dataset's raw bytes, so a second look costs nothing.
         self._parsed: dict[tuple[int, int], tuple[Any, list[LiteItem]]] = {}
 
@@ -221,7 +223,7 @@ class Reader:
         elem = node.get_item(tag)
         if elem is None:
             return None
-        if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        if self.lite and isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
             cached = self._parsed.get((id(node), tag))
             if cached is not None and cached[0] is node:
                 return cached[1]
@@ -239,14 +241,14 @@ class Reader:
         return list(value) if value is not None else None
 
 
-def reader_for(ds: Dataset) -> Reader:
+def reader_for(ds: Dataset, *, lite: bool = True) -> Reader:
     from pydicom.charset import convert_encodings
 
     value = ds.get("SpecificCharacterSet")
     if value is None or value == "":
-        return Reader(None)
+        return Reader(None, lite=lite)
     names = list(value) if isinstance(value, MultiValue | list) else [value]
     try:
-        return Reader(convert_encodings([str(n) for n in names]))
+        return Reader(convert_encodings([str(n) for n in names]), lite=lite)
     except Exception:
-        return Reader(None)
+        return Reader(None, lite=lite)

@@ -62,10 +62,11 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from dicomsync.tags.lite import Reader, reader_for
-from dicomsync.tags.simplify import fix_text, utf8_repair_enabled
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+
+from dicomsync.tags.lite import Reader, reader_for
+from dicomsync.tags.simplify import fix_text, utf8_repair_enabled
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
