@@ -17,6 +17,7 @@ import pytest
 import requests
 import xnat
 import xnat.exceptions
+
 from dicomdata import data, make_instance, pcir_study_files
 from servers.xnat import XnatServer, iter_zip_dicom
 

@@ -445,6 +445,7 @@ class XnatPreArchive(Place):
                 )
             return out
 
+        self._listing = self._present = None  # a failed listing leaves no stale answer
         sessions = self._call("listing", run)
         self._listing = sessions
         self._present = {s.tag for s in sessions if s.tag}

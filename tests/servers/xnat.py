@@ -57,12 +57,14 @@ on the same port (``forget_logins`` drops server-side sessions like a Tomcat res
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import io
 import json
 import re
 import secrets
+import socket
 import tempfile
 import threading
 import zipfile
@@ -482,6 +484,7 @@ def _zip_scans(scans: Iterable[Scan], prefix: str, out: Any) -> None:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
     server: _HttpServer
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
@@ -960,6 +963,29 @@ class _HttpServer(ThreadingHTTPServer):
     allow_reuse_address = True
     store: XnatStore
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def drop_connections(self) -> None:
+        """Close kept-alive client connections too: a stopped server answers nothing."""
+        with self.connections_lock:
+            conns, self.connections = list(self.connections), set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
 
 # --- the fixture object --------------------------------------------------------------------------
 
@@ -1012,6 +1038,7 @@ class XnatServer:
             return
         self._httpd.shutdown()
         self._httpd.server_close()
+        self._httpd.drop_connections()
         if self._thread is not None:
             self._thread.join(5)
         self._httpd = None
