@@ -16,13 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, OrthancProcess, curl_upload, generate_root, report, workdir
-
-from dicomsync.places.dicom_root import DicomRoot
-from dicomsync.places.zipped_root import ZippedRoot
 from dicomsync.config import build_place
+from dicomsync.places.dicom_root import DicomRoot
 from dicomsync.query import StudyQuery
 from dicomsync.transfer import send
+
+from common import REPO, OrthancProcess, curl_upload, generate_root, report, workdir
 
 STUDIES = 1000
 
@@ -31,7 +30,9 @@ def cli(config: Path, *args: str) -> tuple[float, str]:
     start = time.perf_counter()
     out = subprocess.run(
         [str(REPO / ".venv" / "bin" / "dicomsync"), "--config", str(config), *args],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return time.perf_counter() - start, out
 
@@ -45,8 +46,11 @@ def main() -> None:
     config = base / "dicomsync.json"
     config.unlink(missing_ok=True)
     (base / "zips").mkdir(exist_ok=True)
-    subprocess.run([str(REPO / ".venv/bin/dicomsync"), "--config", str(config), "init"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [str(REPO / ".venv/bin/dicomsync"), "--config", str(config), "init"],
+        check=True,
+        capture_output=True,
+    )
     cli(config, "place", "add", "dicom_root", "root", str(root))
     cli(config, "place", "add", "zipped_root", "zips", str(base / "zips"))
 
@@ -72,7 +76,9 @@ def main() -> None:
         rows.append(("first send root->orthanc (1,000 small studies)", f"{secs:.2f} s"))
         secs, out = cli(config, "send", "root:*", "pacs")
         assert out.splitlines()[-1].startswith(f"0 sent, {STUDIES} duplicate"), out
-        rows.append(("repeat send root->orthanc (all duplicates)", f"{secs:.2f} s  [target < 10 s]"))
+        rows.append(
+            ("repeat send root->orthanc (all duplicates)", f"{secs:.2f} s  [target < 10 s]")
+        )
     finally:
         orthanc.stop()
 
@@ -98,8 +104,12 @@ def main() -> None:
         assert summary.sent == 20 and summary.instances_sent == len(files), summary.line()
     finally:
         orthanc.stop()
-    rows.append((f"curl keep-alive upload ({len(files)} files, {mb:.0f} MB)",
-                 f"{len(files) / curl_s:.0f} instances/s"))
+    rows.append(
+        (
+            f"curl keep-alive upload ({len(files)} files, {mb:.0f} MB)",
+            f"{len(files) / curl_s:.0f} instances/s",
+        )
+    )
     rows.append(("dicomsync first send root->orthanc", f"{len(files) / ours:.0f} instances/s"))
     rows.append(("ratio dicomsync / curl", f"{curl_s / ours:.2f}x  [target >= 0.8x]"))
     report("send benchmarks", rows)

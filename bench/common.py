@@ -26,7 +26,9 @@ def timed(label: str, results: dict[str, float]) -> Iterator[None]:
 
 
 def workdir(name: str) -> Path:
-    base = Path(os.environ.get("DICOMSYNC_BENCH_DIR") or tempfile.mkdtemp(prefix=f"dicomsync-{name}-"))
+    base = Path(
+        os.environ.get("DICOMSYNC_BENCH_DIR") or tempfile.mkdtemp(prefix=f"dicomsync-{name}-")
+    )
     base.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DICOMSYNC_CACHE_DIR", str(base / "cache"))
     return base

@@ -24,8 +24,9 @@ def find(ctx: click.Context, query: str, as_json: bool) -> None:
             refs.extend(p.studies(q))
     refs.sort(key=str)
     if as_json:
-        echo_json([{"place": r.place, "patient": r.patient, "study": r.study, "key": r.key}
-                   for r in refs])
+        echo_json(
+            [{"place": r.place, "patient": r.patient, "study": r.study, "key": r.key} for r in refs]
+        )
         return
     click.echo(f"found {len(refs)}:")
     for r in refs:
@@ -58,7 +59,12 @@ def compare(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
     holds some.
     """
     left, right = _identities(ctx, a), _identities(ctx, b)
-    rows: dict[str, list[dict[str, object]]] = {"only_a": [], "both": [], "partial": [], "only_b": []}
+    rows: dict[str, list[dict[str, object]]] = {
+        "only_a": [],
+        "both": [],
+        "partial": [],
+        "only_b": [],
+    }
     for uid, (ref, ident) in sorted(left.items(), key=lambda kv: kv[1][0]):
         other = right.get(uid)
         if other is None:

@@ -36,8 +36,15 @@ def status(ctx: click.Context, as_json: bool) -> None:
     sinks = [{"key": k, "kind": v.get("Kind")} for k, v in sorted(cfg.sinks.items())]
     kinds = PLACES.availability()
     if as_json:
-        echo_json({"version": __version__, "config": str(cfg.path), "places": places,
-                   "sinks": sinks, "place_kinds": kinds})
+        echo_json(
+            {
+                "version": __version__,
+                "config": str(cfg.path),
+                "places": places,
+                "sinks": sinks,
+                "place_kinds": kinds,
+            }
+        )
         return
     click.echo(f"dicomsync {__version__}, config {cfg.path}")
     click.echo(f"places: {len(places)}")

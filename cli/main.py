@@ -41,7 +41,11 @@ def configure_logging(verbose: int, quiet: bool, log_file: Path | None) -> None:
         if getattr(h, "_dicomsync", False):
             root.removeHandler(h)
             h.close()
-    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    level = (
+        logging.ERROR
+        if quiet
+        else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    )
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(level)
     console.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
@@ -61,14 +65,23 @@ def configure_logging(verbose: int, quiet: bool, log_file: Path | None) -> None:
 @click.group(cls=DicomSyncGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More output (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bar.")
-@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Append a timestamped log of everything done to FILE.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
-              envvar="DICOMSYNC_CONFIG", help="Configuration file (default ./dicomsync.json).")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Append a timestamped log of everything done to FILE.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="DICOMSYNC_CONFIG",
+    help="Configuration file (default ./dicomsync.json).",
+)
 @click.version_option(__version__, prog_name="dicomsync")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int, quiet: bool, log_file: Path | None,
-        config_path: Path | None) -> None:
+def cli(
+    ctx: click.Context, verbose: int, quiet: bool, log_file: Path | None, config_path: Path | None
+) -> None:
     """Move DICOM studies between places without duplicates."""
     configure_logging(verbose, quiet, log_file)
     ctx.ensure_object(dict)

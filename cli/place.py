@@ -58,14 +58,27 @@ def add_zipped_root(ctx: click.Context, key: str, path: Path) -> None:
 @click.argument("key")
 @click.argument("url")
 @click.option("--user", help="HTTP user name.")
-@click.option("--password-env", metavar="VAR",
-              help="Environment variable that holds the password (never stored).")
+@click.option(
+    "--password-env",
+    metavar="VAR",
+    help="Environment variable that holds the password (never stored).",
+)
 @click.option("--no-verify", is_flag=True, help="Do not verify TLS certificates (not recommended).")
-@click.option("--ca-bundle", type=click.Path(exists=True, dir_okay=False),
-              help="CA bundle to verify the server's certificate with.")
+@click.option(
+    "--ca-bundle",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CA bundle to verify the server's certificate with.",
+)
 @click.pass_context
-def add_orthanc(ctx: click.Context, key: str, url: str, user: str | None,
-                password_env: str | None, no_verify: bool, ca_bundle: str | None) -> None:
+def add_orthanc(
+    ctx: click.Context,
+    key: str,
+    url: str,
+    user: str | None,
+    password_env: str | None,
+    no_verify: bool,
+    ca_bundle: str | None,
+) -> None:
     """An Orthanc server at URL."""
     section: dict[str, Any] = {"Kind": "orthanc", "Url": url}
     if user:
@@ -125,8 +138,9 @@ def ls_place(ctx: click.Context, key: str, as_json: bool) -> None:
         rows = []
         for ref in p.studies(StudyQuery(key)):
             ident = p.identity(ref)
-            rows.append({"key": ref.key, "study_uid": ident.study_uid,
-                         "instances": len(ident.sop_uids)})
+            rows.append(
+                {"key": ref.key, "study_uid": ident.study_uid, "instances": len(ident.sop_uids)}
+            )
     if as_json:
         echo_json(rows)
         return

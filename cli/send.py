@@ -6,11 +6,13 @@ import logging
 from contextlib import ExitStack
 
 import click
+from click.termui import progressbar
 
 from dicomsync.cli.common import load_config, places_for, show_progress
 from dicomsync.places.base import Place, StudyRef
 from dicomsync.query import StudyQuery
-from dicomsync.transfer import StudyOutcome, send as send_studies
+from dicomsync.transfer import StudyOutcome
+from dicomsync.transfer import send as send_studies
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,17 @@ def send(ctx: click.Context, query: str, destination: str, dry_run: bool) -> Non
         if not items:
             click.echo(f"no studies match {q}")
             return
-        outcomes: list[StudyOutcome] = []
         if show_progress(ctx):
-            with click.progressbar(length=len(items), label="sending", file=click.get_text_stream("stderr")) as bar:
-                summary = send_studies(items, dest, dry_run=dry_run,
-                                       progress=lambda o: (outcomes.append(o), bar.update(1)))
+            with progressbar(
+                length=len(items), label="sending", file=click.get_text_stream("stderr")
+            ) as bar:
+
+                def advance(_: StudyOutcome) -> None:
+                    bar.update(1)
+
+                summary = send_studies(items, dest, dry_run=dry_run, progress=advance)
         else:
-            summary = send_studies(items, dest, dry_run=dry_run, progress=outcomes.append)
+            summary = send_studies(items, dest, dry_run=dry_run)
     for o in summary.outcomes:
         if o.status == "would_send":
             click.echo(f"would send {o.ref} ({o.missing} instances)")

@@ -23,7 +23,9 @@ from dicomsync.transfer import send
 def main(root: str, url: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s: %(message)s")
     source = DicomRoot("folder", Path(root))
-    transport = HttpTransport(url, os.environ.get("ORTHANC_USER"), os.environ.get("ORTHANC_PASSWORD"))
+    transport = HttpTransport(
+        url, os.environ.get("ORTHANC_USER"), os.environ.get("ORTHANC_PASSWORD")
+    )
     with OrthancPlace("orthanc", OrthancClient(transport), url=url) as dest:
         try:
             summary = send(((source, ref) for ref in source.studies()), dest)

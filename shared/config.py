@@ -65,11 +65,13 @@ def _check_sections(value: Any, what: str, source: str) -> dict[str, dict[str, A
         if not isinstance(section, dict):
             raise ConfigError(f"{source}: {what}[{key!r}] must be an object")
         if not isinstance(section.get("Kind"), str):
-            raise ConfigError(f"{source}: {what}[{key!r}] needs a \"Kind\"")
+            raise ConfigError(f'{source}: {what}[{key!r}] needs a "Kind"')
     return dict(value)
 
 
-def load_sections(value: Any, what: str, base_dir: Path, source: str) -> tuple[dict[str, dict[str, Any]], Path]:
+def load_sections(
+    value: Any, what: str, base_dir: Path, source: str
+) -> tuple[dict[str, dict[str, Any]], Path]:
     """``Places``/``Sinks`` given inline, or as a path to a dicomsync.json file.
 
     Returns the sections and the folder that relative paths in them are relative to.
@@ -102,9 +104,7 @@ class Config:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError(
-                f"no configuration at {path}; run 'dicomsync init' first"
-            ) from None
+            raise ConfigError(f"no configuration at {path}; run 'dicomsync init' first") from None
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
         try:
@@ -176,7 +176,7 @@ def build_place(key: str, section: Mapping[str, Any], base_dir: Path) -> Any:
 
     kind = section.get("Kind")
     if not isinstance(kind, str):
-        raise ConfigError(f"place {key!r} needs a \"Kind\"")
+        raise ConfigError(f'place {key!r} needs a "Kind"')
     cls = PLACES.get(kind)
     return cls.from_config(key, section, base_dir=base_dir)
 

@@ -96,7 +96,9 @@ class HeaderCache:
             return {}
         return {r[0]: CachedHeader(*r) for r in rows}
 
-    def store(self, container: str, entries: Iterable[CachedHeader], *, replace_all: bool = False) -> None:
+    def store(
+        self, container: str, entries: Iterable[CachedHeader], *, replace_all: bool = False
+    ) -> None:
         conn = self._conn()
         if conn is None:
             return
@@ -108,8 +110,16 @@ class HeaderCache:
                 conn.executemany(
                     "INSERT OR REPLACE INTO headers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        (container, e.member, e.size, e.mtime_ns, e.sop_uid, e.study_uid,
-                         e.patient_id, e.error)
+                        (
+                            container,
+                            e.member,
+                            e.size,
+                            e.mtime_ns,
+                            e.sop_uid,
+                            e.study_uid,
+                            e.patient_id,
+                            e.error,
+                        )
                         for e in entries
                     ],
                 )

@@ -63,7 +63,9 @@ def raise_for_status(status: int, what: str, detail: str = "") -> None:
     if status == 404:
         raise NotFound(f"{what}: not found (404){suffix}")
     if status in (401, 403):
-        raise AuthenticationFailed(f"{what}: not authorised ({status}); check the user and password")
+        raise AuthenticationFailed(
+            f"{what}: not authorised ({status}); check the user and password"
+        )
     if status < 500:
         raise RemoteRejected(f"{what}: rejected ({status}){suffix}")
     raise Unreachable(f"{what}: server error ({status}){suffix}")

@@ -76,8 +76,7 @@ class StudyQuery:
         if self.study is None:
             return self._patient_re.match(f"{patient}/{study}") is not None
         return (
-            self._patient_re.match(patient) is not None
-            and self._study_re.match(study) is not None
+            self._patient_re.match(patient) is not None and self._study_re.match(study) is not None
         )
 
     def __str__(self) -> str:

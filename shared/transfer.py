@@ -97,7 +97,9 @@ def send_study(
         held = dest.holds(ref.key, identity)
         missing = identity.missing_from(held)
         if not missing:
-            log.info("%s: duplicate, %s already holds all %d instances", ref, dest.key, len(identity))
+            log.info(
+                "%s: duplicate, %s already holds all %d instances", ref, dest.key, len(identity)
+            )
             return StudyOutcome(ref, "duplicate", identity=identity)
         if dry_run:
             return StudyOutcome(ref, "would_send", missing=len(missing), identity=identity)
@@ -109,10 +111,14 @@ def send_study(
                 f"{ref}: {dest.key} holds {len(identity) - len(still)} of {len(identity)} "
                 "instances after the send"
             )
-        return StudyOutcome(ref, "sent", sent=receipt.written, missing=len(missing), identity=identity)
+        return StudyOutcome(
+            ref, "sent", sent=receipt.written, missing=len(missing), identity=identity
+        )
     except DicomSyncError as exc:
         log.error("%s: failed: %s", ref, exc)
-        return StudyOutcome(ref, "failed", error=str(exc), identity=identity, retryable=exc.retryable)
+        return StudyOutcome(
+            ref, "failed", error=str(exc), identity=identity, retryable=exc.retryable
+        )
 
 
 def send(

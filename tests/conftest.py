@@ -13,8 +13,8 @@ from click.testing import CliRunner, Result
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dicomdata import data_dir  # noqa: E402
-from orthanc_server import OrthancProcess  # noqa: E402
+from dicomdata import data_dir
+from orthanc_server import OrthancProcess
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -65,9 +65,13 @@ class Cli:
     def __call__(self, *args: str, ok: bool = True) -> Result:
         from dicomsync.cli.main import cli
 
-        result = CliRunner().invoke(cli, ["--config", str(self.config), *args], catch_exceptions=False)
+        result = CliRunner().invoke(
+            cli, ["--config", str(self.config), *args], catch_exceptions=False
+        )
         if ok and result.exit_code != 0:
-            raise AssertionError(f"dicomsync {' '.join(args)} exited {result.exit_code}:\n{result.output}")
+            raise AssertionError(
+                f"dicomsync {' '.join(args)} exited {result.exit_code}:\n{result.output}"
+            )
         return result
 
 

@@ -18,7 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("DICOMSYNC_TEST_DATA") or REPO_ROOT.parent / "shared" / "data" / "dicom")
+    return Path(
+        os.environ.get("DICOMSYNC_TEST_DATA") or REPO_ROOT.parent / "shared" / "data" / "dicom"
+    )
 
 
 def data(*parts: str) -> Path:

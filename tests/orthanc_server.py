@@ -94,7 +94,7 @@ class OrthancProcess:
         if self.verbose or self.plugin:
             args.append("--verbose")
         args.append(str(self.config_path))
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             args, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir
         )

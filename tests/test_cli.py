@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from test_send import make_study, places
+
 from conftest import Cli
 from orthanc_server import free_port
-from test_send import make_study, places
 
 
 def error_line(result) -> str:  # type: ignore[no-untyped-def]
@@ -22,7 +23,10 @@ def error_line(result) -> str:  # type: ignore[no-untyped-def]
 
 def test_init_refuses_to_overwrite(cli: Cli) -> None:
     assert cli("init").output == f"created {cli.config}\n"
-    assert error_line(cli("init", ok=False)) == f"Error: {cli.config} already exists; not overwriting it"
+    assert (
+        error_line(cli("init", ok=False))
+        == f"Error: {cli.config} already exists; not overwriting it"
+    )
 
 
 def test_missing_config(cli: Cli) -> None:
@@ -37,7 +41,10 @@ def test_corrupted_config(cli: Cli) -> None:
         f"Error: {cli.config} is not valid JSON (line 1, column 18: Expecting value)"
     )
     cli.config.write_text('{"Places": {"a": {"Path": "/x"}}}')
-    assert error_line(cli("find", "a:*", ok=False)) == f'Error: {cli.config}: Places[\'a\'] needs a "Kind"'
+    assert (
+        error_line(cli("find", "a:*", ok=False))
+        == f"Error: {cli.config}: Places['a'] needs a \"Kind\""
+    )
     cli.config.write_text('{"Places": {"a": {"Kind": "ftp"}}}')
     assert error_line(cli("find", "a:*", ok=False)) == (
         "Error: unknown place kind 'ftp'; known kinds: dicom_root, orthanc, xnat_pre_archive, zipped_root"
@@ -85,14 +92,29 @@ def test_unreachable_orthanc(tmp_path: Path, cli: Cli) -> None:
     assert "Traceback" not in result.output
 
 
-def test_password_comes_from_environment_only(tmp_path: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_password_comes_from_environment_only(
+    tmp_path: Path, cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cli("init")
     monkeypatch.setenv("PACS_SECRET", "s3cr3t-value")
-    cli("place", "add", "orthanc", "pacs", "http://127.0.0.1:1", "--user", "u", "--password-env", "PACS_SECRET")
+    cli(
+        "place",
+        "add",
+        "orthanc",
+        "pacs",
+        "http://127.0.0.1:1",
+        "--user",
+        "u",
+        "--password-env",
+        "PACS_SECRET",
+    )
     text = cli.config.read_text()
     assert "s3cr3t-value" not in text
     assert json.loads(text)["Places"]["pacs"] == {
-        "Kind": "orthanc", "Url": "http://127.0.0.1:1", "User": "u", "PasswordEnv": "PACS_SECRET",
+        "Kind": "orthanc",
+        "Url": "http://127.0.0.1:1",
+        "User": "u",
+        "PasswordEnv": "PACS_SECRET",
     }
     monkeypatch.delenv("PACS_SECRET")
     assert error_line(cli("find", "pacs:*", ok=False)) == (
@@ -143,4 +165,7 @@ def test_config_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("DICOMSYNC_CONFIG", str(tmp_path / "other.json"))
     result = CliRunner().invoke(group, ["init"])
     assert result.exit_code == 0 and (tmp_path / "other.json").is_file()
-    assert not os.path.exists("dicomsync.json") or Path("dicomsync.json").resolve() != tmp_path / "other.json"
+    assert (
+        not os.path.exists("dicomsync.json")
+        or Path("dicomsync.json").resolve() != tmp_path / "other.json"
+    )

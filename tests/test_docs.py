@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 
 import click
-from orthanc_server import REPO_ROOT
 
 from dicomsync.cli.main import cli
+
+from orthanc_server import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
 

@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orthanc_server import REPO_ROOT, OrthancProcess
 from test_send import make_study
+
+from orthanc_server import REPO_ROOT, OrthancProcess
 
 
 def test_sync_folder_to_orthanc_example(tmp_path: Path, orthanc: OrthancProcess) -> None:

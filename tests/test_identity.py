@@ -5,7 +5,13 @@ import hashlib
 import pytest
 
 from dicomsync.errors import DicomFileError
-from dicomsync.identity import StudyIdentity, contained_path, orthanc_study_id, read_header, safe_component
+from dicomsync.identity import (
+    StudyIdentity,
+    contained_path,
+    orthanc_study_id,
+    read_header,
+    safe_component,
+)
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import Cli
-from dicomdata import make_instance
-from orthanc_server import OrthancProcess
 from pydicom.uid import generate_uid
 from test_walkthrough import sop_uids_in_folder, sop_uids_in_zip
 
@@ -22,6 +19,10 @@ from dicomsync.places.base import Instance
 from dicomsync.places.dicom_root import DicomRoot
 from dicomsync.places.zipped_root import ZippedRoot
 from dicomsync.transfer import send_study
+
+from conftest import Cli
+from dicomdata import make_instance
+from orthanc_server import OrthancProcess
 
 
 def make_study(folder: Path, n: int, patient: str = "P1", subfolders: bool = False) -> set[str]:
@@ -45,8 +46,13 @@ def test_folder_to_folder_keeps_subfolders(tmp_path: Path, cli: Cli) -> None:
     places(tmp_path, cli, ("dicom_root", "src"), ("dicom_root", "dst"))
     uids = make_study(tmp_path / "src" / "p" / "s", 4, subfolders=True)
     cli("send", "src:*", "dst")
-    assert sorted(p.relative_to(tmp_path / "dst").as_posix() for p in (tmp_path / "dst").rglob("*.dcm")) == [
-        "p/s/series0/im0.dcm", "p/s/series0/im2.dcm", "p/s/series1/im1.dcm", "p/s/series1/im3.dcm",
+    assert sorted(
+        p.relative_to(tmp_path / "dst").as_posix() for p in (tmp_path / "dst").rglob("*.dcm")
+    ) == [
+        "p/s/series0/im0.dcm",
+        "p/s/series0/im2.dcm",
+        "p/s/series1/im1.dcm",
+        "p/s/series1/im3.dcm",
     ]
     assert sop_uids_in_folder(tmp_path / "dst" / "p" / "s") == uids
 
@@ -120,7 +126,9 @@ def test_one_failure_does_not_stop_the_batch(tmp_path: Path, cli: Cli) -> None:
     assert result.exit_code == 1
     assert result.stdout.splitlines()[-1].startswith("2 sent, 0 duplicate, 1 failed")
     assert "failed src:p/b:" in result.stderr
-    assert (tmp_path / "zips" / "p" / "a.zip").is_file() and (tmp_path / "zips" / "p" / "c.zip").is_file()
+    assert (tmp_path / "zips" / "p" / "a.zip").is_file() and (
+        tmp_path / "zips" / "p" / "c.zip"
+    ).is_file()
 
 
 def test_dry_run_sends_nothing(tmp_path: Path, cli: Cli) -> None:
@@ -132,7 +140,9 @@ def test_dry_run_sends_nothing(tmp_path: Path, cli: Cli) -> None:
     assert not list((tmp_path / "zips").rglob("*.zip"))
 
 
-def test_broken_and_odd_files(tmp_path: Path, cli: Cli, shared_data: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_broken_and_odd_files(
+    tmp_path: Path, cli: Cli, shared_data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     places(tmp_path, cli, ("dicom_root", "src"), ("zipped_root", "zips"))
     study = tmp_path / "src" / "p" / "s"
     study.mkdir(parents=True)
@@ -146,18 +156,28 @@ def test_broken_and_odd_files(tmp_path: Path, cli: Cli, shared_data: Path, caplo
     # The two files without a DICOM preamble and meta header are skipped, one line each;
     # MR_truncated still has a readable header, so it is delivered as it is.
     assert sorted(w.split(": ")[0].rsplit("/", 1)[1] for w in unreadable) == [
-        "broken_no_meta_no_preamble.dcm", "broken_no_meta_stray_leading_byte.dcm",
+        "broken_no_meta_no_preamble.dcm",
+        "broken_no_meta_stray_leading_byte.dcm",
     ]
     assert all(w.count("\n") == 0 for w in unreadable)
     with zipfile.ZipFile(tmp_path / "zips" / "p" / "s.zip") as zf:
         delivered = sorted(zf.namelist())
-    assert delivered == ["broken_MR_truncated.dcm", "odd_ExplVR_BigEnd.dcm", "odd_image_dfl.dcm", "odd_priv_SQ.dcm"]
+    assert delivered == [
+        "broken_MR_truncated.dcm",
+        "odd_ExplVR_BigEnd.dcm",
+        "odd_image_dfl.dcm",
+        "odd_priv_SQ.dcm",
+    ]
     for name in delivered:
-        assert (study / name).read_bytes() == zipfile.ZipFile(tmp_path / "zips" / "p" / "s.zip").read(name)
+        assert (study / name).read_bytes() == zipfile.ZipFile(
+            tmp_path / "zips" / "p" / "s.zip"
+        ).read(name)
     assert out.splitlines()[-1].startswith("1 sent, 0 duplicate, 0 failed (4 instances")
 
 
-def test_charsets_round_trip_every_place(tmp_path: Path, cli: Cli, shared_data: Path, orthanc: OrthancProcess) -> None:
+def test_charsets_round_trip_every_place(
+    tmp_path: Path, cli: Cli, shared_data: Path, orthanc: OrthancProcess
+) -> None:
     places(tmp_path, cli, ("dicom_root", "src"), ("zipped_root", "zips"), ("dicom_root", "back"))
     cli("place", "add", "orthanc", "pacs", orthanc.url)
     names = {}
@@ -180,7 +200,9 @@ def test_charsets_round_trip_every_place(tmp_path: Path, cli: Cli, shared_data: 
     assert any(not n.isascii() for _, n in names.values())
 
 
-def test_patient_id_cannot_escape_the_root(tmp_path: Path, cli: Cli, orthanc: OrthancProcess) -> None:
+def test_patient_id_cannot_escape_the_root(
+    tmp_path: Path, cli: Cli, orthanc: OrthancProcess
+) -> None:
     ds = make_instance(tmp_path / "evil.dcm", patient_id="../../etc", study_uid=generate_uid())
     orthanc.upload((tmp_path / "evil.dcm").read_bytes())
     places(tmp_path, cli, ("zipped_root", "zips"), ("dicom_root", "out"))

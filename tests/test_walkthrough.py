@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+
 from conftest import Cli
 from dicomdata import build_seed_tree
 from orthanc_server import OrthancProcess
@@ -36,7 +37,9 @@ def seed(tmp_path: Path, cli: Cli) -> dict[str, list[Path]]:
     return layout
 
 
-def test_seed_walkthrough_folder_to_zip(tmp_path: Path, cli: Cli, seed: dict[str, list[Path]]) -> None:
+def test_seed_walkthrough_folder_to_zip(
+    tmp_path: Path, cli: Cli, seed: dict[str, list[Path]]
+) -> None:
     out = cli("place", "list").output
     assert out.splitlines() == [
         "key         place",
@@ -72,7 +75,10 @@ def test_seed_walkthrough_folder_to_zip(tmp_path: Path, cli: Cli, seed: dict[str
     assert out.splitlines()[-1].startswith("3 sent, 1 duplicate, 0 failed")
     zips = sorted((tmp_path / "dicom_zipped").rglob("*.zip"))
     assert [z.relative_to(tmp_path / "dicom_zipped").as_posix() for z in zips] == [
-        "patient1/study1.zip", "patient1/study2.zip", "patient1/study3.zip", "patient2/study1.zip",
+        "patient1/study1.zip",
+        "patient1/study2.zip",
+        "patient1/study3.zip",
+        "patient2/study1.zip",
     ]
     for key, files in seed.items():
         assert sop_uids_in_zip(tmp_path / "dicom_zipped" / f"{key}.zip") == sop_uids_in_folder(
@@ -91,8 +97,9 @@ def test_seed_walkthrough_through_orthanc(
     tmp_path: Path, cli: Cli, seed: dict[str, list[Path]], orthanc: OrthancProcess
 ) -> None:
     source_sets = {
-        str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID):
-            sop_uids_in_folder(tmp_path / "dicom_root" / key)
+        str(
+            pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        ): sop_uids_in_folder(tmp_path / "dicom_root" / key)
         for key, files in seed.items()
     }
     cli("place", "add", "orthanc", "pacs", orthanc.url)

@@ -110,7 +110,9 @@ class Place(ABC):
     def identity(self, ref: StudyRef) -> StudyIdentity: ...
 
     @abstractmethod
-    def instances(self, ref: StudyRef, only: Collection[str] | None = None) -> Iterator[Instance]: ...
+    def instances(
+        self, ref: StudyRef, only: Collection[str] | None = None
+    ) -> Iterator[Instance]: ...
 
     # --- destination -----------------------------------------------------------------
     def prepare(self, identities: Iterable[tuple[str, StudyIdentity]]) -> None:  # noqa: B027
@@ -119,9 +121,7 @@ class Place(ABC):
     def holds(self, key: str, identity: StudyIdentity) -> frozenset[str]:
         raise RemoteRejected(f"{self.kind} place {self.key!r} cannot be a destination")
 
-    def receive(
-        self, key: str, instances: Iterable[Instance], identity: StudyIdentity
-    ) -> Receipt:
+    def receive(self, key: str, instances: Iterable[Instance], identity: StudyIdentity) -> Receipt:
         raise RemoteRejected(f"{self.kind} place {self.key!r} cannot be a destination")
 
     def close(self) -> None:  # noqa: B027

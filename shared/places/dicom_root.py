@@ -90,8 +90,17 @@ class DicomRoot(RootPlace):
             _atomic_write(target, data)
             st = target.stat()
             rel = target.relative_to(folder).as_posix()
-            written.append(CachedHeader(rel, st.st_size, st.st_mtime_ns, inst.sop_uid,
-                                        identity.study_uid, identity.patient_id, None))
+            written.append(
+                CachedHeader(
+                    rel,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    inst.sop_uid,
+                    identity.study_uid,
+                    identity.patient_id,
+                    None,
+                )
+            )
         self.cache.store(str(folder), written)
         self._scans.pop(key, None)
         return Receipt(len(written), str(folder))

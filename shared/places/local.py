@@ -60,11 +60,16 @@ def scan_members(container: str, members: Iterable[Member], cache: HeaderCache) 
             try:
                 with m.open() as f:
                     h = read_header(f)
-                entry = CachedHeader(m.name, m.size, m.mtime_ns, h.sop_uid, h.study_uid,
-                                     h.patient_id, None)
+                entry = CachedHeader(
+                    m.name, m.size, m.mtime_ns, h.sop_uid, h.study_uid, h.patient_id, None
+                )
             except DicomFileError as exc:
-                log.warning("skipping unreadable file %s/%s: %s", container, m.name,
-                            str(exc).split(": ", 1)[-1])
+                log.warning(
+                    "skipping unreadable file %s/%s: %s",
+                    container,
+                    m.name,
+                    str(exc).split(": ", 1)[-1],
+                )
                 entry = CachedHeader(m.name, m.size, m.mtime_ns, None, None, None, str(exc))
             except OSError as exc:
                 log.warning("skipping unreadable file %s/%s: %s", container, m.name, exc)
@@ -73,7 +78,9 @@ def scan_members(container: str, members: Iterable[Member], cache: HeaderCache) 
         elif entry.error:
             log.debug("skipping unreadable file %s/%s (cached)", container, m.name)
         if entry.sop_uid:
-            headers.append(InstanceHeader(entry.sop_uid, entry.study_uid, entry.patient_id or "", ""))
+            headers.append(
+                InstanceHeader(entry.sop_uid, entry.study_uid, entry.patient_id or "", "")
+            )
             files.setdefault(entry.sop_uid, m.name)
     if fresh:
         cache.store(container, fresh)
@@ -108,7 +115,9 @@ class RootPlace(Place):
 
     def _check_root(self) -> None:
         if not self.root.is_dir():
-            raise NotFound(f"{self.kind} place {self.key!r}: root folder {self.root} does not exist")
+            raise NotFound(
+                f"{self.kind} place {self.key!r}: root folder {self.root} does not exist"
+            )
 
     def studies(self, query: StudyQuery | None = None) -> Iterator[StudyRef]:
         self._check_root()
@@ -116,7 +125,9 @@ class RootPlace(Place):
         try:
             patients = sorted(os.scandir(self.root), key=lambda e: e.name)
         except OSError as exc:
-            raise NotFound(f"{self.kind} place {self.key!r}: cannot list {self.root}: {exc.strerror}") from None
+            raise NotFound(
+                f"{self.kind} place {self.key!r}: cannot list {self.root}: {exc.strerror}"
+            ) from None
         for p in patients:
             if is_hidden(p.name) or not p.is_dir():
                 continue
@@ -162,7 +173,10 @@ class RootPlace(Place):
         if scan.identity.sop_uids and scan.identity.study_uid != identity.study_uid:
             log.warning(
                 "%s:%s holds a different study (%s) than the one being sent (%s)",
-                self.key, key, scan.identity.study_uid, identity.study_uid,
+                self.key,
+                key,
+                scan.identity.study_uid,
+                identity.study_uid,
             )
         return scan.identity.sop_uids & identity.sop_uids
 

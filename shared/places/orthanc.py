@@ -73,10 +73,18 @@ class OrthancPlace(Place):
         verify: bool | str = bool(section.get("VerifyTls", True))
         if section.get("CaBundle"):
             verify = str(section["CaBundle"])
-        transport = HttpTransport(url, user, password, verify=verify,
-                                  timeout=float(section.get("Timeout", 60)))
-        return cls(key, OrthancClient(transport), url=url, user=user, password_env=password_env,
-                   verify=verify, upload_threads=int(section.get("UploadThreads", DEFAULT_UPLOAD_THREADS)))
+        transport = HttpTransport(
+            url, user, password, verify=verify, timeout=float(section.get("Timeout", 60))
+        )
+        return cls(
+            key,
+            OrthancClient(transport),
+            url=url,
+            user=user,
+            password_env=password_env,
+            verify=verify,
+            upload_threads=int(section.get("UploadThreads", DEFAULT_UPLOAD_THREADS)),
+        )
 
     def to_config(self) -> dict[str, Any]:
         section: dict[str, Any] = {"Kind": self.kind, "Url": self.url}
@@ -97,7 +105,9 @@ class OrthancPlace(Place):
         patient_id = str(study.get("PatientMainDicomTags", {}).get("PatientID", ""))
         uid = str(study.get("MainDicomTags", {}).get("StudyInstanceUID", ""))
         self._meta[study["ID"]] = (patient_id, uid)
-        return StudyRef(self.key, safe_component(patient_id), safe_component(uid), handle=study["ID"])
+        return StudyRef(
+            self.key, safe_component(patient_id), safe_component(uid), handle=study["ID"]
+        )
 
     def ref_by_id(self, study_id: str) -> StudyRef:
         return self.ref_for(self.client.study(study_id))
@@ -134,8 +144,9 @@ class OrthancPlace(Place):
             sop = inst["MainDicomTags"]["SOPInstanceUID"]
             if only is not None and sop not in only:
                 continue
-            yield Instance(sop, f"{safe_component(sop)}.dcm",
-                           lambda i=inst["ID"]: self.client.instance_file(i))
+            yield Instance(
+                sop, f"{safe_component(sop)}.dcm", lambda i=inst["ID"]: self.client.instance_file(i)
+            )
 
     # --- destination --------------------------------------------------------------------
     def holds(self, key: str, identity: StudyIdentity) -> frozenset[str]:
@@ -146,7 +157,7 @@ class OrthancPlace(Place):
         return frozenset(held) & identity.sop_uids
 
     def receive(self, key: str, instances: Iterable[Instance], identity: StudyIdentity) -> Receipt:
-        """Upload with a few parallel keep-alive sessions; at most 2×threads files in memory."""
+        """Upload with a few parallel keep-alive sessions; at most 2 x threads files in memory."""
         written = 0
         limit = self.upload_threads * 2
         pending: set[Future[Any]] = set()

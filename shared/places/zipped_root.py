@@ -66,8 +66,11 @@ class ZippedRoot(RootPlace):
         if not path.is_file():
             raise NotFound(f"{ref}: no such zip {path}")
         scan = self._scan_for(ref)
-        wanted = [(sop, name) for sop, name in sorted(scan.files.items(), key=lambda kv: kv[1])
-                  if only is None or sop in only]
+        wanted = [
+            (sop, name)
+            for sop, name in sorted(scan.files.items(), key=lambda kv: kv[1])
+            if only is None or sop in only
+        ]
         if not wanted:
             return
         with zipfile.ZipFile(path) as zf:
@@ -88,7 +91,9 @@ class ZippedRoot(RootPlace):
         entries: list[tuple[str, str]] = []  # (member, sop) for the cache
         written = 0
         try:
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as out:
+            with zipfile.ZipFile(
+                tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1
+            ) as out:
                 if target.exists():
                     old_scan = self.scan(self.ref(key))
                     by_name = {n: s for s, n in old_scan.files.items()}
@@ -100,7 +105,9 @@ class ZippedRoot(RootPlace):
                             if info.filename in by_name:
                                 entries.append((info.filename, by_name[info.filename]))
                 for inst in instances:
-                    name = "/".join(safe_component(p) for p in inst.name.split("/") if p not in ("", "."))
+                    name = "/".join(
+                        safe_component(p) for p in inst.name.split("/") if p not in ("", ".")
+                    )
                     if not name or name in names:
                         name = safe_component(inst.sop_uid) + ".dcm"
                     out.writestr(name, inst.read())
@@ -117,8 +124,18 @@ class ZippedRoot(RootPlace):
         st = target.stat()
         self.cache.store(
             str(target),
-            [CachedHeader(n, st.st_size, st.st_mtime_ns, sop, identity.study_uid,
-                          identity.patient_id, None) for n, sop in entries],
+            [
+                CachedHeader(
+                    n,
+                    st.st_size,
+                    st.st_mtime_ns,
+                    sop,
+                    identity.study_uid,
+                    identity.patient_id,
+                    None,
+                )
+                for n, sop in entries
+            ],
             replace_all=True,
         )
         self._scans.pop(key, None)
