@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import ExitStack
 
 import click
@@ -45,7 +46,7 @@ def send(ctx: click.Context, query: str, destination: str, dry_run: bool) -> Non
             return
         if show_progress(ctx):
             with progressbar(
-                length=len(items), label="sending", file=click.get_text_stream("stderr")
+                length=len(items), label="sending", file=sys.stderr
             ) as bar:
 
                 def advance(_: StudyOutcome) -> None:
