@@ -502,7 +502,7 @@ class XnatPreArchive(Place):
             try:
                 result = self._call("upload", upload)
             except RemoteRejected:
-                self._remove_new_sessions(label, before)
+                self._remove_new_sessions(subject, label, before)
                 raise
             uri = (str(getattr(result, "uri", "") or "").split() or [""])[0]
             self._verify(key, uri, count, label, before, identity)
@@ -510,6 +510,9 @@ class XnatPreArchive(Place):
             zip_path.unlink(missing_ok=True)
         if self._present is not None and identity.study_uid:
             self._present.add(identity.study_uid)
+        if self._listing is not None and uri not in before:
+            # known from now on, so that a later failure in this batch never removes it
+            self._listing.append(_Session(subject, label, identity.study_uid, "READY", uri))
         return Receipt(count, f"{self.server}{uri}")
 
     def _write_zip(self, path: Path, instances: Iterable[Instance]) -> int:
@@ -559,18 +562,22 @@ class XnatPreArchive(Place):
             )
         log.info("%s: XNAT session %s holds %d files in %d scans", key, uri, total, len(counts))
 
-    def _remove_new_sessions(self, label: str, before: set[str]) -> None:
+    def _remove_new_sessions(self, subject: str, label: str, before: set[str]) -> None:
         """After a rejected upload, delete the partial sessions this upload created."""
         try:
             sessions = self._list_sessions()
         except DicomSyncError as exc:
             log.warning("cannot list XNAT sessions to remove a partial upload: %s", exc)
             return
-        for s in sessions:
-            if not s.archived and s.label == label and s.uri not in before:
-                self._remove(s.uri)
-                if self._present is not None:
-                    self._present.discard(s.tag)
+        removed = {
+            s.uri
+            for s in sessions
+            if not s.archived and s.uri not in before and (s.subject, s.label) == (subject, label)
+        }
+        for uri in sorted(removed):
+            self._remove(uri)
+        self._listing = [s for s in sessions if s.uri not in removed]
+        self._present = {s.tag for s in self._listing if s.tag}
 
     def _remove(self, uri: str) -> None:
         src = uri.removeprefix("/data")
