@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+
 from conftest import Cli
 from dicomdata import build_seed_tree, data
 from servers.xnat import XnatServer
