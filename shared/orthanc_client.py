@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -109,9 +110,9 @@ class HttpTransport(Transport):
         try:
             r = self._session().request(method, self.url + path, timeout=self._timeout, **kw)
         except requests.exceptions.SSLError as exc:
-            raise Unreachable(f"{what}: TLS verification failed ({_short(exc)})") from None
+            raise Unreachable(f"{what}: TLS verification failed ({short_reason(exc)})") from None
         except requests.RequestException as exc:
-            raise Unreachable(f"cannot reach Orthanc at {self.url}: {_short(exc)}") from None
+            raise Unreachable(f"cannot reach Orthanc at {self.url}: {short_reason(exc)}") from None
         if r.status_code >= 300:
             raise_for_status(r.status_code, what, _detail(r))
         return r
@@ -140,15 +141,19 @@ class HttpTransport(Transport):
         self._local = threading.local()
 
 
-def _short(exc: Exception) -> str:
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
+
+
+def short_reason(exc: BaseException) -> str:
+    """The most specific, human part of a requests/urllib3 error, on one line."""
     text = str(exc)
-    # requests nests the reason deep inside; keep the last, most specific part.
-    if "Caused by" in text or "Max retries" in text:
-        for marker in ("Failed to establish a new connection: ", "Caused by "):
-            if marker in text:
-                text = text.split(marker, 1)[1]
-        text = text.rstrip(")'\"")
-    return text[:200]
+    found = _ERRNO.findall(text)
+    if found:
+        return str(found[-1]).strip()
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    text = " ".join(text.split())
+    return text[:200] or type(exc).__name__
 
 
 def _detail(r: requests.Response) -> str:

@@ -115,7 +115,7 @@ def send_study(
             ref, "sent", sent=receipt.written, missing=len(missing), identity=identity
         )
     except DicomSyncError as exc:
-        log.error("%s: failed: %s", ref, exc)
+        log.info("%s: failed: %s", ref, exc)
         return StudyOutcome(
             ref, "failed", error=str(exc), identity=identity, retryable=exc.retryable
         )
@@ -136,7 +136,7 @@ def send(
         try:
             prepared.append((source, ref, source.identity(ref)))
         except DicomSyncError as exc:
-            log.error("%s: failed: %s", ref, exc)
+            log.info("%s: failed: %s", ref, exc)
             outcome = StudyOutcome(ref, "failed", error=str(exc), retryable=exc.retryable)
             summary.outcomes.append(outcome)
             if progress:
