@@ -58,6 +58,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 import unicodedata
 import zipfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
@@ -86,6 +87,7 @@ client_log = logging.getLogger(__name__ + ".client")
 
 DEFAULT_PASSWORD_ENV = "XNAT_PASS"
 DEFAULT_TIMEOUT = 300.0
+REFUSED_SECONDS = 60.0  # a refused login is not tried again for this long (or until close)
 MAX_LABEL = 64
 T = TypeVar("T")
 
@@ -171,7 +173,6 @@ class XnatPreArchive(Place):
         verify_tls: bool = True,
         ca_bundle: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
-        connect: Callable[..., Any] | None = None,
     ) -> None:
         super().__init__(key)
         self.server = server.rstrip("/")
@@ -181,7 +182,7 @@ class XnatPreArchive(Place):
         self.verify_tls = verify_tls
         self.ca_bundle = ca_bundle
         self.timeout = timeout
-        self._connect_fn = connect
+        self._refused: tuple[float, DicomSyncError] | None = None
         self._session: Any = None
         self._lock = threading.RLock()
         self._present: set[str] | None = None  # StudyInstanceUIDs in the project
@@ -270,16 +271,25 @@ class XnatPreArchive(Place):
         with self._lock:
             if self._session is not None:
                 return self._session
-            connect = self._connect_fn
-            if connect is None:
-                try:
-                    import xnat
-                except ImportError as exc:
-                    raise PlaceKindUnavailable(
-                        f"xnat_pre_archive place {self.key!r} needs the 'xnat' package "
-                        f"(pip install xnat): {exc}"
-                    ) from None
-                connect = xnat.connect
+            if self._refused is not None and time.monotonic() < self._refused[0]:
+                # do not hammer XNAT with a password it refused (accounts get locked)
+                raise self._refused[1]
+            try:
+                return self._login()
+            except (AuthenticationFailed, NotFound, ConfigError) as exc:
+                self._refused = (time.monotonic() + REFUSED_SECONDS, exc)
+                raise
+
+    def _login(self) -> Any:
+        with self._lock:
+            try:
+                import xnat
+            except ImportError as exc:
+                raise PlaceKindUnavailable(
+                    f"xnat_pre_archive place {self.key!r} needs the 'xnat' package "
+                    f"(pip install xnat): {exc}"
+                ) from None
+            connect = xnat.connect
             password = self._password()
             verify: bool = self.verify_tls
             log.debug("connecting to %s as %s", self.server, self.user)
@@ -326,6 +336,7 @@ class XnatPreArchive(Place):
 
     def close(self) -> None:
         with self._lock:
+            self._refused = None
             session, self._session = self._session, None
             if session is not None:
                 try:
