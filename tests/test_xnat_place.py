@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -460,3 +462,62 @@ def test_close_logs_out_and_tolerates_a_dead_server(
 def test_empty_receive_is_rejected(server: XnatServer, tmp_path: Path, password: str) -> None:
     with xnat_place(server, tmp_path) as place, pytest.raises(RemoteRejected, match="nothing"):
         place.receive("a/b", [], StudyIdentity("1.2", frozenset()))
+
+
+# --- TLS -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[XnatServer]:
+    """The stand-in over https with a self-signed certificate made by openssl."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    srv = XnatServer(users={"tester": PASSWORD}, projects=[PROJECT], tls=(cert, key)).start()
+    yield srv
+    srv.stop()
+
+
+def test_tls_verification_and_ca_bundle(
+    tls_server: XnatServer, tmp_path: Path, password: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    assert tls_server.url.startswith("https://")
+    with xnat_place(tls_server, tmp_path) as place, pytest.raises(Unreachable) as info:
+        place.prepare([])
+    assert str(info.value) == (
+        f"XNAT {tls_server.url}: TLS certificate verification failed (give the CA in CaBundle)"
+    )
+    assert not info.value.retryable
+    build_seed_tree(tmp_path / "root")
+    with (
+        root_place(tmp_path / "root") as src,
+        xnat_place(tls_server, tmp_path, CaBundle=str(tmp_path / "cert.pem")) as dest,
+    ):
+        assert send(items(src)[:2], dest).sent == 2
+        (ref,) = [r for r in dest.studies() if r.key == "patient1/study1"]
+        assert len(dest.identity(ref)) == 3  # later requests verify with the bundle too
+    assert "REQUESTS_CA_BUNDLE" not in os.environ  # the login-time override is undone
+    with xnat_place(tls_server, tmp_path, VerifyTls=False) as place:
+        place.prepare([])

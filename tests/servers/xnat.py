@@ -65,6 +65,7 @@ import json
 import re
 import secrets
 import socket
+import ssl
 import tempfile
 import threading
 import zipfile
@@ -998,7 +999,10 @@ class XnatServer:
         users: dict[str, str] | None = None,
         projects: dict[str, set[str] | None] | Iterable[str] | None = None,
         port: int = 0,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        """``tls``: (certificate, key) PEM files to serve https instead of http."""
+        self.tls = tls
         if projects is None:
             projects = {"TESTPROJ": None}
         if not isinstance(projects, dict):
@@ -1010,7 +1014,7 @@ class XnatServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -1021,6 +1025,10 @@ class XnatServer:
             return self
         httpd = _HttpServer(("127.0.0.1", self.port), _Handler)
         httpd.store = self.store
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(str(self.tls[0]), str(self.tls[1]))
+            httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
         self.port = int(httpd.server_address[1])
         self._httpd = httpd
         self._thread = threading.Thread(
