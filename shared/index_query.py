@@ -1,0 +1,333 @@
+"""The index query language, and its translations to SQL (sqlite_index) and SPL (Splunk).
+
+Used by ``dicomsync replicate --where`` to pick studies from what a sink has indexed.
+
+Syntax::
+
+    query      := condition ( ["AND"] condition )*
+    condition  := field op value
+    field      := bare-name | "double-quoted name"
+    op         := "=" | "!=" | "<" | ">" | "<=" | ">="
+    value      := number | "double-quoted text" | bare-text
+
+Examples::
+
+    Modality=SR
+    SeriesDescription="Dose Record" AND StudyDate>=20240101
+    "CT Dose.Mean CTDIvol">50
+    Manufacturer=SIEM* AND "CT Acquisition Parameters.CT X-Ray Source Parameters{}.KVP"=140
+
+Fields are named the way Splunk names JSON fields: nested object keys joined with
+``.``, and ``{}`` after a key whose value is a list (``Sources{}.KVP``). A bare name
+may contain letters, digits and ``_ . { } @ -``; anything else (spaces) needs double
+quotes. Inside double quotes, ``\\"`` is a quote and ``\\\\`` a backslash.
+
+Values:
+
+- a bare value that looks like a number (``50``, ``-1.5``, ``1e-5``) compares as a
+  number: it matches a field value that is a number or numeric text (``"50.0"``);
+- anything else compares as text, case-sensitively; ``*`` in a text value is a glob
+  (any run of characters) for ``=`` and ``!=``; no other character is special;
+- ``<``/``>`` with text compare lexicographically.
+
+Semantics (the same in SQLite and in SPL, and in the HEC stand-in's search): all
+conditions must hold **in the same event**; a field with several values (a list)
+matches when any value matches; ``!=`` matches events that have the field and no
+value equal to the given one; ``null`` values are not indexed and never match.
+Dose summary and per-event events carry the study context (Modality, Manufacturer,
+StudyDate, ...), so study-level and dose conditions combine in one query.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dicomsync.errors import QueryError
+
+Op = Literal["=", "!=", "<", ">", "<=", ">="]
+Kind = Literal["number", "text", "glob"]
+OPS: tuple[Op, ...] = ("!=", "<=", ">=", "=", "<", ">")
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_BARE_FIELD = re.compile(r"[A-Za-z0-9_.{}@\-]+")
+_BARE_VALUE = re.compile(r"[^\s\"=<>!]+")
+USAGE = 'expected FIELD OP VALUE [AND ...], e.g. Modality=SR AND "CT Dose.Mean CTDIvol">50'
+
+
+def to_number(value: Any) -> float | None:
+    """A field value as a number (numbers, numeric text); None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value.strip())
+    return None
+
+
+def value_text(value: Any) -> str:
+    """A field value as the text the index stores (numbers as JSON writes them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
+        return repr(value)
+    return str(value)
+
+
+def flatten_fields(obj: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(Splunk-style field name, scalar value) pairs of an event; nulls are skipped."""
+
+    def walk(value: Any, path: str) -> Iterator[tuple[str, Any]]:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(v, f"{path}.{k}" if path else str(k))
+        elif isinstance(value, list):
+            for v in value:
+                yield from walk(v, path + "{}")
+        elif value is not None:
+            yield path, value
+
+    yield from walk(obj, "")
+
+
+@dataclass(frozen=True)
+class Condition:
+    field: str
+    op: Op
+    value: str | float
+    kind: Kind
+
+    def matches_value(self, value: Any) -> bool:
+        """Does one field value satisfy the condition (ignoring ``!=``'s negation)?"""
+        op = "=" if self.op == "!=" else self.op
+        if self.kind == "number":
+            number = to_number(value)
+            if number is None:
+                return False
+            target = float(self.value)
+            return {
+                "=": number == target,
+                "<": number < target,
+                ">": number > target,
+                "<=": number <= target,
+                ">=": number >= target,
+            }[op]
+        text = value_text(value)
+        if self.kind == "glob":
+            return glob_regex(str(self.value)).match(text) is not None
+        target_text = str(self.value)
+        return {
+            "=": text == target_text,
+            "<": text < target_text,
+            ">": text > target_text,
+            "<=": text <= target_text,
+            ">=": text >= target_text,
+        }[op]
+
+    def matches(self, values: list[Any]) -> bool:
+        if self.op == "!=":
+            return bool(values) and not any(self.matches_value(v) for v in values)
+        return any(self.matches_value(v) for v in values)
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile("^" + ".*".join(re.escape(p) for p in pattern.split("*")) + "$", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class IndexQuery:
+    """A parsed query: conditions that must all hold in one event."""
+
+    text: str
+    conditions: tuple[Condition, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> IndexQuery:
+        return cls(text=text, conditions=tuple(_Parser(text).parse()))
+
+    def matches(self, event_fields: dict[str, Any]) -> bool:
+        """Evaluate against one event's fields (for tests and small in-memory use)."""
+        flat: dict[str, list[Any]] = {}
+        for path, value in flatten_fields(event_fields):
+            flat.setdefault(path, []).append(value)
+        return all(c.matches(flat.get(c.field, [])) for c in self.conditions)
+
+    # --- SQL ---------------------------------------------------------------------------------
+    def to_sql(self) -> tuple[str, list[Any]]:
+        """A WHERE expression over ``events e`` with a ``fields`` table, and its parameters.
+
+        Schema assumed: ``fields(event INTEGER, path TEXT, text TEXT, num REAL)`` where
+        ``event`` is ``events.rowid``.
+        """
+        parts: list[str] = []
+        params: list[Any] = []
+        for c in self.conditions:
+            pred, pred_params = _sql_predicate(c)
+            exists = "EXISTS (SELECT 1 FROM fields f WHERE f.event = e.rowid AND f.path = ?{})"
+            if c.op == "!=":
+                parts.append(f"({exists.format('')} AND NOT {exists.format(' AND ' + pred)})")
+                params += [c.field, c.field, *pred_params]
+            else:
+                parts.append(exists.format(" AND " + pred))
+                params += [c.field, *pred_params]
+        return " AND ".join(parts) or "1", params
+
+    # --- SPL ---------------------------------------------------------------------------------
+    def to_spl(self, index: str | None = None, sourcetype: str = "dicomsync:*") -> str:
+        """A Splunk search returning one row per matching StudyInstanceUID."""
+        base = "search"
+        if index:
+            base += f" index={spl_string(index)}"
+        base += f" sourcetype={spl_string(sourcetype)}"
+        exprs = [_spl_condition(c) for c in self.conditions]
+        where = f" | where {' AND '.join(exprs)}" if exprs else ""
+        return f"{base}{where} | stats count by StudyInstanceUID"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _sql_predicate(c: Condition) -> tuple[str, list[Any]]:
+    op = "=" if c.op == "!=" else c.op
+    if c.kind == "number":
+        return f"f.num {op} ?", [float(c.value)]
+    if c.kind == "glob":
+        return "f.text GLOB ?", [_sqlite_glob(str(c.value))]
+    return f"f.text {op} ?", [str(c.value)]
+
+
+def _sqlite_glob(pattern: str) -> str:
+    """Our glob (only ``*`` special) as an SQLite GLOB pattern (``?`` and ``[`` escaped)."""
+    out = []
+    for ch in pattern:
+        if ch == "?":
+            out.append("[?]")
+        elif ch == "[":
+            out.append("[[]")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def spl_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def spl_field(name: str) -> str:
+    if "'" in name:
+        raise QueryError(f"field {name!r}: a field name with a single quote cannot be used in SPL")
+    return f"'{name}'"
+
+
+def _spl_number(value: float) -> str:
+    return repr(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def _spl_condition(c: Condition) -> str:
+    field = spl_field(c.field)
+    op = "=" if c.op == "!=" else c.op
+    if c.kind == "number":
+        expr = f"{field}{op}{_spl_number(float(c.value))}"
+    elif c.kind == "glob":
+        regex = "^" + ".*".join(re.escape(p) for p in str(c.value).split("*")) + "$"
+        expr = f"match({field}, {spl_string(regex)})"
+    else:
+        expr = f"{field}{op}{spl_string(str(c.value))}"
+    if c.op == "!=":
+        return f"(isnotnull({field}) AND NOT ({expr}))"
+    return expr
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        if not isinstance(text, str) or not text.strip():
+            raise QueryError(f"empty index query; {USAGE}")
+        self.text = text
+        self.pos = 0
+
+    def error(self, what: str) -> QueryError:
+        return QueryError(f"invalid index query {self.text!r}: {what} at column {self.pos + 1}")
+
+    def skip_ws(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def parse(self) -> list[Condition]:
+        conditions = [self.condition()]
+        while True:
+            self.skip_ws()
+            if self.pos >= len(self.text):
+                return conditions
+            word = re.match(r"(?i)(AND|OR|NOT)\b", self.text[self.pos :])
+            if word and word.group(1).upper() == "AND":
+                self.pos += 3
+                self.skip_ws()
+                if self.pos >= len(self.text):
+                    raise self.error("expected a condition after AND")
+            elif word:
+                raise self.error(f"{word.group(1).upper()} is not supported (only AND)")
+            conditions.append(self.condition())
+
+    def quoted(self) -> str:
+        assert self.text[self.pos] == '"'
+        start = self.pos
+        self.pos += 1
+        out = []
+        while self.pos < len(self.text):
+            ch = self.text[self.pos]
+            if ch == "\\" and self.pos + 1 < len(self.text) and self.text[self.pos + 1] in '"\\':
+                out.append(self.text[self.pos + 1])
+                self.pos += 2
+                continue
+            if ch == '"':
+                self.pos += 1
+                return "".join(out)
+            out.append(ch)
+            self.pos += 1
+        self.pos = start
+        raise self.error("unterminated quote")
+
+    def condition(self) -> Condition:
+        self.skip_ws()
+        if self.pos >= len(self.text):
+            raise self.error(f"expected a field; {USAGE}")
+        if self.text[self.pos] == '"':
+            field = self.quoted()
+            if not field:
+                raise self.error("empty field name")
+        else:
+            m = _BARE_FIELD.match(self.text, self.pos)
+            if not m:
+                raise self.error(f"expected a field name, found {self.text[self.pos]!r}")
+            field = m.group(0)
+            self.pos = m.end()
+        self.skip_ws()
+        op = next((o for o in OPS if self.text.startswith(o, self.pos)), None)
+        if op is None:
+            raise self.error(f"expected an operator (=, !=, <, >, <=, >=) after {field!r}")
+        self.pos += len(op)
+        self.skip_ws()
+        if self.pos >= len(self.text):
+            raise self.error(f"expected a value after {field!r}{op}")
+        if self.text[self.pos] == '"':
+            raw = self.quoted()
+            kind: Kind = "glob" if "*" in raw else "text"
+            value: str | float = raw
+        else:
+            m = _BARE_VALUE.match(self.text, self.pos)
+            if not m:
+                raise self.error(f"expected a value after {field!r}{op}")
+            raw = m.group(0)
+            self.pos = m.end()
+            if _NUMBER.match(raw):
+                kind, value = "number", float(raw)
+            else:
+                kind = "glob" if "*" in raw else "text"
+                value = raw
+        if kind == "glob" and op not in ("=", "!="):
+            raise self.error(f"'*' globs work only with = and !=, not {op}")
+        return Condition(field=field, op=op, value=value, kind=kind)

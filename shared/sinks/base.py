@@ -1,0 +1,250 @@
+"""The Sink contract, the registry of sink kinds, and the delivered-events ledger.
+
+A sink receives ``dicomsync.tags.Event`` objects (instance tags, dose summaries,
+per-irradiation-event records) and can answer index queries for conditional
+replication. Kinds: ``splunk_hec`` (Splunk HTTP Event Collector + search API) and
+``sqlite_index`` (the embedded index).
+
+Contract
+--------
+``send(events) -> set[str]``
+    Deliver the events; return the ids that the sink now holds: the ones sent now and
+    the ones it already had (a repeat is free: nothing goes over the wire). Events
+    the sink refuses for good (malformed for Splunk) are not in the result; they are
+    listed in ``sink.rejected`` (id -> reason) and logged. Any other failure raises:
+
+    - ``SinkRetryable``: busy, 5xx, network; try the same events again later;
+    - ``SinkFatal``: bad token, wrong index, bad TLS; stop this sink (keep its events)
+      until the configuration or the environment is fixed.
+
+    Events delivered before the failure are recorded, and available on the exception
+    as ``delivered_before(exc)``. A sink never drops events silently.
+``has(ids) -> set[str]``
+    Which of ``ids`` the sink already holds (the ledger), without sending anything.
+``query(where) -> Iterator[StudyHit]``
+    The studies with at least one event matching ``where`` (an ``IndexQuery``).
+``stats() -> dict``
+    Counters for status pages (never secrets).
+``close()``
+    Release connections and files.
+
+Delivered ledger
+----------------
+``dicomsync index`` and the plugin must not send an event twice. ``sqlite_index``
+is its own ledger (its ``events`` table). ``splunk_hec`` keeps a small SQLite file
+(``Ledger``) of the ids Splunk accepted (or acknowledged, with ``Ack``): option
+``StateFile``, default ``<base_dir>/.dicomsync/sinks/<key>.ledger.sqlite``, where
+``base_dir`` is the config file's folder for the CLI and the plugin's
+``StateDirectory`` inside Orthanc. Ids are stable (``<SOP UID>:instance``,
+``…:dose_report``, ``…:event:<Irradiation Event UID>``), so the same instance read
+from a folder or from Orthanc is recognised.
+
+For the plugin (how to use this API)
+------------------------------------
+::
+
+    sink = config.sink(key)                  # or build_sink(key, section, state_dir)
+    events = events_from_bytes(data, source=f"orthanc:{instance_id}")
+    try:
+        delivered = sink.send(events)
+    except SinkRetryable:  -> queue.retry_later(job)     (delivered_before(exc) are done)
+    except SinkFatal:      -> pause the sink's lane, keep its jobs, report the message
+    done when every event id is in delivered or in sink.rejected
+
+``send`` is thread-safe per sink object. Build one sink per key and reuse it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from dicomsync.errors import ConfigError, SinkError, SinkFatal
+from dicomsync.identity import safe_component
+from dicomsync.index_query import IndexQuery
+from dicomsync.registry import Registry
+from dicomsync.tags import Event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, order=True)
+class StudyHit:
+    """A study an index query matched, with how many of its events matched."""
+
+    study_uid: str
+    events: int = 0
+
+
+def delivered_before(exc: BaseException) -> set[str]:
+    """The ids a failed ``send`` delivered (and recorded) before it raised."""
+    value = getattr(exc, "delivered", None)
+    return set(value) if value else set()
+
+
+def with_delivered(exc: SinkError, delivered: Iterable[str]) -> SinkError:
+    exc.delivered = set(delivered)  # type: ignore[attr-defined]
+    return exc
+
+
+class Sink(ABC):
+    """A destination for events; see the module docstring for the contract."""
+
+    kind: ClassVar[str]
+    label: ClassVar[str]
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.rejected: dict[str, str] = {}
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, key: str, section: Mapping[str, Any], *, base_dir: Path) -> Sink:
+        """Build from a config section; ConfigError when invalid."""
+
+    @abstractmethod
+    def to_config(self) -> dict[str, Any]:
+        """The section that rebuilds this sink (never a secret)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """One line for ``sink list``."""
+
+    @abstractmethod
+    def send(self, events: Sequence[Event]) -> set[str]: ...
+
+    @abstractmethod
+    def has(self, ids: Collection[str]) -> set[str]: ...
+
+    @abstractmethod
+    def query(self, where: IndexQuery) -> Iterator[StudyHit]: ...
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:  # noqa: B027
+        """Release connections and files."""
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.key!r}: {self.describe()}>"
+
+
+SINKS: Registry[Sink] = Registry("sink")
+SINKS.register("splunk_hec", "dicomsync.sinks.splunk_hec:SplunkHec")
+SINKS.register("sqlite_index", "dicomsync.sinks.sqlite_index:SqliteIndex")
+
+
+def build_sink(key: str, section: Mapping[str, Any], base_dir: Path) -> Sink:
+    """Instantiate a sink from its config section through the registry."""
+    kind = section.get("Kind")
+    if not isinstance(kind, str):
+        raise ConfigError(f'sink {key!r} needs a "Kind"')
+    cls = SINKS.get(kind)
+    return cls.from_config(key, section, base_dir=base_dir)
+
+
+def default_state_file(base_dir: Path, key: str) -> Path:
+    return base_dir / ".dicomsync" / "sinks" / f"{safe_component(key)}.ledger.sqlite"
+
+
+def connect(path: Path, what: str) -> sqlite3.Connection:
+    """An SQLite connection in WAL mode, shared by threads behind the caller's lock."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+    except (OSError, sqlite3.Error) as exc:
+        raise SinkFatal(f"{what}: cannot open {path}: {exc}") from None
+
+
+class Ledger:
+    """The ids a sink has delivered, in a small SQLite file (thread-safe)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn = connect(path, "delivered ledger")
+        with self._lock:
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS delivered (id TEXT PRIMARY KEY, at REAL NOT NULL)"
+            )
+
+    def known(self, ids: Collection[str]) -> set[str]:
+        found: set[str] = set()
+        items = list(ids)
+        with self._lock:
+            for start in range(0, len(items), 500):
+                chunk = items[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._conn.execute(
+                    f"SELECT id FROM delivered WHERE id IN ({marks})", chunk
+                ).fetchall()
+                found.update(r[0] for r in rows)
+        return found
+
+    def add(self, ids: Iterable[str]) -> None:
+        now = time.time()
+        rows = [(i, now) for i in ids]
+        if not rows:
+            return
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.executemany(
+                    "INSERT OR IGNORE INTO delivered (id, at) VALUES (?, ?)", rows
+                )
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._conn.execute("ROLLBACK")
+                raise SinkFatal(f"delivered ledger {self.path}: cannot write: {exc}") from None
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM delivered").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def option_str(
+    section: Mapping[str, Any], name: str, key: str, kind: str, default: str | None = None
+) -> str | None:
+    value = section.get(name, default)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{kind} sink {key!r}: option {name!r} must be a non-empty string")
+    return value
+
+
+def option_int(
+    section: Mapping[str, Any], name: str, key: str, kind: str, default: int, minimum: int = 1
+) -> int:
+    value = section.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{kind} sink {key!r}: option {name!r} must be an integer >= {minimum}")
+    return value
+
+
+def option_bool(section: Mapping[str, Any], name: str, key: str, kind: str, default: bool) -> bool:
+    value = section.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{kind} sink {key!r}: option {name!r} must be true or false")
+    return value
