@@ -131,12 +131,16 @@ class WorkerPool:
             or "none",
         )
 
-    def stop(self, timeout: float = 10.0) -> bool:
-        """Stop and join the threads; True when every thread ended within ``timeout``."""
+    def request_stop(self) -> None:
+        """Ask the threads to stop after their current job; from now on errors are not recorded."""
         self._stop.set()
         self.queue.unsubscribe(self.wake)
         for state in self._lanes.values():
             state.event.set()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop and join the threads; True when every thread ended within ``timeout``."""
+        self.request_stop()
         deadline = time.monotonic() + timeout
         clean = True
         threads = [t for s in self._lanes.values() for t in s.threads]

@@ -1,0 +1,677 @@
+"""The plugin's glue: Orthanc callbacks -> queue records, workers, REST endpoints, metrics.
+
+Callbacks stay cheap, because Orthanc runs every OnChange callback on one thread
+and OnStoredInstance on the upload's HTTP thread:
+
+- STABLE_STUDY: read the few index values the route filters need (in-process,
+  no HTTP, no DICOM parsing) and enqueue one job per matching route. Nothing else.
+- ORTHANC_STARTED: take back jobs a crash left ``sending``, start the workers,
+  the metrics thread and the catch-up of changes missed while Orthanc was down.
+- ORTHANC_STOPPED: stop all of that; jobs still in flight stay ``sending`` for
+  this node and are taken back at the next start.
+- OnStoredInstance: runs the cheap per-instance hooks in ``App.instance_hooks``
+  (the tags code adds its enqueue there); there are none by default.
+
+REST (behind Orthanc's HTTP server and its authentication), answers are JSON:
+``GET /dicomsync/status``, ``GET /dicomsync/jobs?state=&destination=&limit=``,
+``GET /dicomsync/jobs/{id}``, ``POST /dicomsync/jobs/{id}/retry``,
+``POST /dicomsync/retry-failed``, ``POST /dicomsync/send``,
+``POST /dicomsync/backfill``, ``GET /dicomsync/places``. Errors are
+``{"Message": …}`` with a 4xx/5xx code; no exception ever reaches Orthanc.
+
+A bad ``DicomSync`` section is logged once (one line), routing stays off,
+Orthanc keeps serving and ``/dicomsync/status`` shows the error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orthanc
+
+import dicomsync
+from dicomsync import routing
+from dicomsync.errors import (
+    ConfigError,
+    DicomSyncError,
+    NotFound,
+    QueryError,
+    QueueError,
+    UnknownPlaceError,
+)
+from dicomsync.identity import StudyIdentity
+from dicomsync.orthanc_client import OrthancClient, Transport
+from dicomsync.places.orthanc import OrthancPlace
+from dicomsync.queue import STATES, DestinationStats, NewJob, Queue, open_queue
+from dicomsync.worker import Handler, Lane, WorkerPool
+
+log = logging.getLogger(__name__)
+
+ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
+PAGE = 1000
+MAX_LIMIT = 10000
+CURSOR_SLACK = 30.0  # seconds after StableAge before a change counts as routed
+
+InstanceHook = Callable[[Any, str], None]
+MetricSink = Callable[[str, float], None]
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    allow: str = ""
+
+
+def camel(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``next_attempt_at`` -> ``NextAttemptAt``: answers look like Orthanc's own."""
+    return {"".join(p.capitalize() for p in k.split("_")): v for k, v in data.items()}
+
+
+class App:
+    """Everything the plugin holds. Built from Orthanc's configuration; no ``orthanc`` calls
+    except through the injected transport and metric sink."""
+
+    def __init__(
+        self,
+        orthanc_config: Mapping[str, Any],
+        config_path: str | None,
+        transport: Transport,
+        metric: MetricSink | None = None,
+    ) -> None:
+        self.transport = transport
+        self.client = OrthancClient(transport)
+        self.metric = metric
+        self.stable_age = float(orthanc_config.get("StableAge", 60))
+        self.config: routing.SyncConfig | None = None
+        self.config_error: str | None = None
+        self.queue: Queue | None = None
+        self.pool: WorkerPool | None = None
+        self.handler: routing.RouteHandler | None = None
+        self.instance_hooks: list[InstanceHook] = []
+        self.extra_lanes: list[Lane] = []  # e.g. sink lanes added by the tags code
+        self.extra_handlers: dict[str, Handler] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._cursor_samples: list[tuple[float, int]] = []
+        self._setup(orthanc_config, config_path)
+
+    # --- configuration ----------------------------------------------------------------
+    def _setup(self, orthanc_config: Mapping[str, Any], config_path: str | None) -> None:
+        try:
+            cfg = routing.load(orthanc_config, config_path)
+        except ConfigError as exc:
+            self.config_error = str(exc)
+            log.error("configuration error, routing is OFF: %s", exc)
+            return
+        if cfg is None:
+            log.info("no %s section in the configuration: nothing to route", routing.SECTION)
+            return
+        if cfg.raw.get("Enabled") is False:
+            log.warning("%s.Enabled is false: routing is OFF", routing.SECTION)
+            return
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
+        os.environ.setdefault("DICOMSYNC_CACHE_DIR", str(cfg.state_dir / "cache"))
+        try:
+            self.queue = open_queue(cfg.state_dir, cfg.retry)
+        except QueueError as exc:
+            self.config_error = str(exc)
+            log.error("cannot open the queue, routing is OFF: %s", exc)
+            return
+        self.config = cfg
+        log.info(
+            "%d route(s) to %s; state in %s",
+            len(cfg.routes),
+            ", ".join(r.destination for r in cfg.routes) or "nowhere",
+            cfg.state_dir,
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.config is not None and self.queue is not None
+
+    def _need(self) -> tuple[routing.SyncConfig, Queue]:
+        if self.config is None or self.queue is None:
+            why = self.config_error or f"no {routing.SECTION} section in Orthanc's configuration"
+            raise HttpError(503, f"dicomsync is not configured: {why}")
+        return self.config, self.queue
+
+    # --- life cycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        if not self.active or self.pool is not None:
+            return
+        cfg, queue = self._need()
+        self._stop.clear()
+        queue.recover(cfg.node_id)
+        self.handler = routing.RouteHandler(
+            lambda: OrthancPlace("local", OrthancClient(self.transport)), cfg.build_place
+        )
+        self.pool = WorkerPool(
+            queue,
+            [*cfg.lanes(), *self.extra_lanes],
+            {"study": self.handler, **self.extra_handlers},
+            owner=cfg.node_id,
+            lease_seconds=cfg.lease_seconds,
+            poll_interval=cfg.poll_interval,
+        )
+        self.pool.start()
+        for target, name in ((self._metrics_loop, "metrics"), (self._catch_up, "catch-up")):
+            t = threading.Thread(target=self._guard(target), name=f"dicomsync-{name}", daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.pool is not None:
+            self.pool.request_stop()
+        self.transport.close()  # in-flight reads of this Orthanc now fail fast
+        if self.pool is not None:
+            self.pool.stop(timeout=10)
+        for t in self._threads:
+            t.join(5)
+        self._threads.clear()
+        if self.handler is not None:
+            self.handler.close()
+        if self.queue is not None:
+            self.queue.close()
+
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except Exception:
+                log.exception("%s stopped on an unexpected error", fn.__name__)
+
+        return run
+
+    # --- callbacks ----------------------------------------------------------------------
+    def on_stable_study(self, study_id: str) -> list[int]:
+        """Enqueue one job per matching route; returns the job ids."""
+        if not self.active:
+            return []
+        cfg, queue = self._need()
+        keys = cfg.filter_keys | {"StudyInstanceUID"}
+        try:
+            facts = routing.study_facts(self.client, study_id, keys)
+        except NotFound:
+            log.info("study %s vanished before routing", study_id)
+            return []
+        uid = next(iter(facts.get("StudyInstanceUID", ())), "")
+        destinations = dict.fromkeys(r.destination for r in cfg.matching_routes(facts))
+        results = queue.enqueue_many(
+            [NewJob("study", study_id, d, study_uid=uid) for d in destinations]
+        )
+        return [r.job_id for r in results]
+
+    def on_stored_instance(self, dicom: Any, instance_id: str) -> None:
+        for hook in self.instance_hooks:
+            hook(dicom, instance_id)
+
+    # --- metrics ------------------------------------------------------------------------
+    def publish_metrics(self) -> None:
+        if self.metric is None:
+            return
+        self.metric("dicomsync_config_error", 1.0 if self.config_error else 0.0)
+        if not self.active:
+            return
+        cfg, queue = self._need()
+        stats = queue.stats()
+        for dest in dict.fromkeys([*cfg.destinations(), *stats]):
+            s = stats.get(dest)
+            escaped = dest.replace("\\", "\\\\").replace('"', '\\"')
+            label = f'{{destination="{escaped}"}}'
+            self.metric(f"dicomsync_queue_depth{label}", float(s.depth if s else 0))
+            self.metric(f"dicomsync_jobs_failed{label}", float(s.failed if s else 0))
+            self.metric(f"dicomsync_delivered_instances{label}", float(s.delivered if s else 0))
+            age = s.oldest_queued_age if s and s.oldest_queued_age is not None else 0.0
+            self.metric(f"dicomsync_oldest_queued_age_seconds{label}", age)
+
+    def _metrics_loop(self) -> None:
+        cfg, _ = self._need()
+        while True:
+            try:
+                self.publish_metrics()
+                self._advance_cursor()
+            except DicomSyncError as exc:
+                log.warning("metrics: %s", exc)
+            if self._stop.wait(cfg.metrics_interval):
+                return
+
+    # --- changes missed while Orthanc was down -----------------------------------------------
+    def _cursor_key(self) -> str:
+        cfg, _ = self._need()
+        return f"changes_cursor:{cfg.node_id}"
+
+    def _catch_up(self) -> None:
+        """Route studies changed since the stored cursor whose STABLE_STUDY a crash or a stop
+        swallowed (Orthanc keeps its "not yet stable" list in memory only). The first run
+        only sets the cursor: studies already stored are for backfill."""
+        _, queue = self._need()
+        last = int(self.client.get_json("/changes?last")["Last"])
+        cursor = queue.get_meta(self._cursor_key())
+        if cursor is None or int(cursor) > last:
+            queue.set_meta(self._cursor_key(), str(last))
+            return
+        seq, studies = int(cursor), set()
+        while seq < last and not self._stop.is_set():
+            page = self.client.get_json(f"/changes?since={seq}&limit={PAGE}")
+            for change in page.get("Changes", []):
+                if change.get("Seq", 0) > last:
+                    break
+                studies.update(self._study_of(change))
+            seq = max(seq + 1, int(page.get("Last", seq + 1)))
+            if page.get("Done"):
+                break
+        routed = 0
+        for study_id in studies:
+            if self._stop.is_set():
+                return
+            fingerprint = self._fingerprint(study_id)
+            if fingerprint is None:
+                continue
+            dests = self._destinations_for(study_id)
+            results = queue.enqueue_many(
+                [NewJob("study", study_id, d, fingerprint=fingerprint) for d in dests]
+            )
+            routed += sum(r.action != "unchanged" for r in results)
+        queue.set_meta(self._cursor_key(), str(last))
+        if routed:
+            log.warning(
+                "caught up %d route job(s) for studies changed while Orthanc was down", routed
+            )
+
+    def _study_of(self, change: Mapping[str, Any]) -> list[str]:
+        kind, rid = change.get("ChangeType"), str(change.get("ID", ""))
+        if kind in ("NewStudy", "StableStudy"):
+            return [rid]
+        if kind in ("NewSeries", "NewInstance"):
+            level = "series" if kind == "NewSeries" else "instances"
+            try:
+                return [str(self.client.get_json(f"/{level}/{rid}/study")["ID"])]
+            except NotFound:
+                return []
+        return []
+
+    def _destinations_for(self, study_id: str) -> list[str]:
+        cfg, _ = self._need()
+        facts = routing.study_facts(self.client, study_id, cfg.filter_keys)
+        return list(dict.fromkeys(r.destination for r in cfg.matching_routes(facts)))
+
+    def _advance_cursor(self) -> None:
+        """Every change older than StableAge + slack has had its STABLE_STUDY enqueued."""
+        _, queue = self._need()
+        now = time.monotonic()
+        last = int(self.client.get_json("/changes?last")["Last"])
+        self._cursor_samples.append((now, last))
+        ripe = [s for s in self._cursor_samples if s[0] <= now - self.stable_age - CURSOR_SLACK]
+        if ripe:
+            stored = int(queue.get_meta(self._cursor_key()) or 0)
+            if ripe[-1][1] > stored:
+                queue.set_meta(self._cursor_key(), str(ripe[-1][1]))
+            self._cursor_samples = [s for s in self._cursor_samples if s not in ripe[:-1]]
+
+    # --- shared helpers -------------------------------------------------------------------
+    def _fingerprint(self, study_id: str) -> str | None:
+        """The SOP UID set digest of a local study (None: the study is gone)."""
+        try:
+            instances = self.client.study_instances(study_id)
+        except NotFound:
+            return None
+        return StudyIdentity(
+            "", frozenset(i["MainDicomTags"]["SOPInstanceUID"] for i in instances)
+        ).fingerprint()
+
+    def _destination(self, value: Any) -> str:
+        cfg, _ = self._need()
+        if not isinstance(value, str) or not value:
+            raise HttpError(400, '"Destination" (a place key) is required')
+        destinations = cfg.destinations()
+        if value not in destinations:
+            known = ", ".join(destinations) or "none"
+            raise HttpError(400, f"unknown destination {value!r} (destinations: {known})")
+        return value
+
+    # --- REST -----------------------------------------------------------------------------
+    def handle(self, method: str, path: str, get: Mapping[str, str], body: bytes | None) -> Reply:
+        """Dispatch ``/dicomsync/<path>``; never raises."""
+        routes: list[tuple[str, str, Callable[..., Any]]] = [
+            ("GET", r"status", self.rest_status),
+            ("GET", r"jobs", self.rest_jobs),
+            ("GET", r"jobs/(\d+)", self.rest_job),
+            ("POST", r"jobs/(\d+)/retry", self.rest_retry),
+            ("POST", r"retry-failed", self.rest_retry_failed),
+            ("POST", r"send", self.rest_send),
+            ("POST", r"backfill", self.rest_backfill),
+            ("GET", r"places", self.rest_places),
+        ]
+        allowed = []
+        for verb, pattern, fn in routes:
+            m = re.fullmatch(pattern, path.strip("/"))
+            if m is None:
+                continue
+            if verb != method:
+                allowed.append(verb)
+                continue
+            try:
+                if verb == "GET":
+                    return Reply(200, fn(*m.groups(), get=get))
+                return Reply(200, fn(*m.groups(), body=self._body(body)))
+            except HttpError as exc:
+                return Reply(exc.status, {"Message": exc.message})
+            except (ConfigError, QueryError, UnknownPlaceError) as exc:
+                return Reply(400, {"Message": str(exc)})
+            except NotFound as exc:
+                return Reply(404, {"Message": str(exc)})
+            except DicomSyncError as exc:
+                return Reply(
+                    503 if exc.retryable or isinstance(exc, QueueError) else 500,
+                    {"Message": str(exc)},
+                )
+            except Exception as exc:
+                log.exception("REST %s /dicomsync/%s failed", method, path)
+                return Reply(500, {"Message": f"internal error: {type(exc).__name__}: {exc}"})
+        if allowed:
+            return Reply(405, {"Message": f"use {' or '.join(allowed)}"}, allow=",".join(allowed))
+        return Reply(404, {"Message": f"no such endpoint: /dicomsync/{path}"})
+
+    @staticmethod
+    def _body(body: bytes | None) -> dict[str, Any]:
+        if not body or not body.strip():
+            return {}
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise HttpError(400, f"malformed JSON body: {exc}") from None
+        if not isinstance(data, dict):
+            raise HttpError(400, "the body must be a JSON object")
+        return data
+
+    def rest_status(self, get: Mapping[str, str]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "Version": dicomsync.__version__,
+            "Configured": self.active,
+            "ConfigError": self.config_error,
+            "Workers": self.pool.state() if self.pool else {"running": False, "lanes": {}},
+        }
+        if not self.active:
+            return out
+        cfg, queue = self._need()
+        stats = queue.stats()
+        out.update(
+            Node=cfg.node_id,
+            StateDirectory=str(cfg.state_dir),
+            Warnings=cfg.warnings,
+            Routes=[r.to_dict() for r in cfg.routes],
+            Destinations={
+                d: camel(stats[d].to_dict()) if d in stats else camel(DestinationStats(d).to_dict())
+                for d in dict.fromkeys([*cfg.destinations(), *stats])
+            },
+        )
+        return out
+
+    def rest_jobs(self, get: Mapping[str, str]) -> dict[str, Any]:
+        _, queue = self._need()
+        state = get.get("state") or None
+        if state is not None and state not in STATES:
+            raise HttpError(400, f"unknown state {state!r} (one of: {', '.join(STATES)})")
+        try:
+            limit = int(get.get("limit") or 100)
+        except ValueError:
+            raise HttpError(400, "limit must be an integer") from None
+        if not 1 <= limit <= MAX_LIMIT:
+            raise HttpError(400, f"limit must be from 1 to {MAX_LIMIT}")
+        now = time.time()
+        jobs = queue.jobs(
+            state, get.get("destination") or None, limit, kind=get.get("kind") or None
+        )
+        return {"Jobs": [camel(j.to_dict(now)) for j in jobs]}
+
+    def rest_job(self, job_id: str, get: Mapping[str, str]) -> dict[str, Any]:
+        _, queue = self._need()
+        job = queue.get(int(job_id))
+        if job is None:
+            raise HttpError(404, f"no job {job_id}")
+        return camel(job.to_dict())
+
+    def rest_retry(self, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        _, queue = self._need()
+        if queue.get(int(job_id)) is None:
+            raise HttpError(404, f"no job {job_id}")
+        queue.requeue([int(job_id)])
+        job = queue.get(int(job_id))
+        assert job is not None
+        return camel(job.to_dict())
+
+    def rest_retry_failed(self, body: dict[str, Any]) -> dict[str, Any]:
+        _, queue = self._need()
+        dest = self._destination(body["Destination"]) if body.get("Destination") else None
+        return {"Requeued": queue.requeue_failed(dest)}
+
+    def rest_send(self, body: dict[str, Any]) -> dict[str, Any]:
+        _, queue = self._need()
+        dest = self._destination(body.get("Destination"))
+        resources = body.get("Resources")
+        if (
+            not isinstance(resources, list)
+            or not resources
+            or not all(isinstance(r, str) and r for r in resources)
+        ):
+            raise HttpError(
+                400, '"Resources" must be a non-empty list of study IDs or StudyInstanceUIDs'
+            )
+        studies: dict[str, str] = {}
+        unknown: list[str] = []
+        for resource in resources:
+            found = self._resolve_study(resource)
+            if not found:
+                unknown.append(resource)
+            for study_id in found:
+                studies.setdefault(study_id, resource)
+        if unknown:
+            raise HttpError(
+                400, f"unknown study (no such Orthanc ID or StudyInstanceUID): {', '.join(unknown)}"
+            )
+        results = queue.enqueue_many([NewJob("study", s, dest) for s in studies])
+        return {
+            "Destination": dest,
+            "Jobs": [
+                {"Resource": res, "Study": sid, "JobId": r.job_id, "Action": r.action}
+                for (sid, res), r in zip(studies.items(), results, strict=True)
+            ],
+        }
+
+    def _resolve_study(self, resource: str) -> list[str]:
+        if ORTHANC_ID.match(resource):
+            try:
+                self.client.study(resource)
+                return [resource]
+            except NotFound:
+                pass
+        try:
+            return self.client.lookup_studies(resource)
+        except NotFound:
+            return []
+
+    def rest_backfill(self, body: dict[str, Any]) -> dict[str, Any]:
+        _, queue = self._need()
+        dest = self._destination(body.get("Destination"))
+        since = parse_since(body.get("Since"))
+        query = body.get("Query")
+        if query is not None and not isinstance(query, dict):
+            raise HttpError(400, '"Query" must be an object of DICOM tag -> value (as /tools/find)')
+        started = time.monotonic()
+        delivered = queue.fingerprints(dest)
+        jobs: list[NewJob] = []
+        already = considered = 0
+        for study in self._studies(query):
+            if since and str(study.get("LastUpdate", "")) < since:
+                continue
+            considered += 1
+            study_id = str(study["ID"])
+            uid = str(study.get("MainDicomTags", {}).get("StudyInstanceUID", ""))
+            fingerprint = None
+            if study_id in delivered:
+                fingerprint = self._fingerprint(study_id)
+                if fingerprint == delivered[study_id]:
+                    already += 1
+                    continue
+            jobs.append(NewJob("study", study_id, dest, study_uid=uid, fingerprint=fingerprint))
+        results = queue.enqueue_many(jobs)
+        actions = [r.action for r in results]
+        return {
+            "Destination": dest,
+            "Studies": considered,
+            "Enqueued": sum(a in ("created", "requeued", "rerun") for a in actions),
+            "AlreadyQueued": actions.count("unchanged"),
+            "AlreadyDelivered": already,
+            "Seconds": round(time.monotonic() - started, 3),
+        }
+
+    def _studies(self, query: Mapping[str, Any] | None) -> Any:
+        """Studies of this Orthanc (expanded), page by page."""
+        offset = 0
+        while True:
+            if query:
+                page = self.client.post_json(
+                    "/tools/find",
+                    {
+                        "Level": "Study",
+                        "Query": dict(query),
+                        "Expand": True,
+                        "Since": offset,
+                        "Limit": PAGE,
+                    },
+                )
+            else:
+                page = self.client.get_json(f"/studies?expand&since={offset}&limit={PAGE}")
+            if not isinstance(page, list):
+                raise HttpError(502, "Orthanc answered a study listing with something else")
+            yield from page
+            if len(page) < PAGE:
+                return
+            offset += PAGE
+
+    def rest_places(self, get: Mapping[str, str]) -> dict[str, Any]:
+        cfg, _ = self._need()
+        routed = {r.destination for r in cfg.routes}
+        destinations = set(cfg.destinations())
+        return {
+            "Places": {
+                key: {**section, "Destination": key in destinations, "Routed": key in routed}
+                for key, section in cfg.places.items()
+            }
+        }
+
+
+def parse_since(value: Any) -> str | None:
+    """``2024-05-01``, ``20240501`` or ``2024-05-01T12:00:00`` -> Orthanc's ``20240501T120000``."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise HttpError(400, '"Since" must be a date such as 2024-05-01 or 20240501T120000')
+    for fmt in ("%Y-%m-%d", "%Y%m%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y%m%dT%H%M%S"):
+        try:
+            return datetime.strptime(value, fmt).strftime("%Y%m%dT%H%M%S")
+        except ValueError:
+            continue
+    raise HttpError(400, f'"Since": cannot read {value!r} as a date (e.g. 2024-05-01)')
+
+
+# --- registration (the only code that talks to the orthanc module directly) ---------------
+
+APP: App | None = None
+
+
+def _set_metric(name: str, value: float) -> None:
+    orthanc.SetMetricsValue(name, float(value), orthanc.MetricsType.DEFAULT)
+
+
+def _on_change(change_type: int, level: int, resource_id: str) -> None:
+    try:
+        app = APP
+        if app is None:
+            return
+        if change_type == orthanc.ChangeType.STABLE_STUDY:
+            app.on_stable_study(resource_id)
+        elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            app.start()
+            app.publish_metrics()
+        elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+            app.stop()
+    except Exception:
+        log.exception("OnChange(%s, %s) failed", change_type, resource_id)
+
+
+def _on_stored_instance(dicom: Any, instance_id: str) -> None:
+    try:
+        if APP is not None and APP.instance_hooks:
+            APP.on_stored_instance(dicom, instance_id)
+    except Exception:
+        log.exception("OnStoredInstance(%s) failed", instance_id)
+
+
+def _rest(output: Any, uri: str, **request: Any) -> None:
+    try:
+        if APP is None:
+            reply = Reply(503, {"Message": "dicomsync failed to start; see Orthanc's log"})
+        else:
+            groups = request.get("groups") or ("",)
+            reply = APP.handle(
+                str(request.get("method", "GET")),
+                groups[0],
+                request.get("get") or {},
+                request.get("body"),
+            )
+        if reply.status == 405:
+            output.SendMethodNotAllowed(reply.allow)
+            return
+        text = json.dumps(reply.body, indent=2, default=str)
+        if reply.status == 200:
+            output.AnswerBuffer(text, "application/json")
+        else:
+            output.SetHttpHeader("Content-Type", "application/json")
+            output.SendHttpStatus(reply.status, text, len(text.encode()))
+    except Exception:
+        log.exception("REST %s failed", uri)
+        try:
+            output.SendHttpStatusCode(500)
+        except Exception:
+            pass
+
+
+def register() -> None:
+    """Called once by entry.py: logging, configuration, callbacks."""
+    global APP
+    from dicomsync.plugin import log as plugin_log
+    from dicomsync.plugin.inprocess import InProcessTransport
+
+    plugin_log.install()
+    try:
+        config = json.loads(orthanc.GetConfiguration())
+        path = orthanc.GetConfigurationPath()
+        APP = App(config, str(path) if path else None, InProcessTransport(), _set_metric)
+    except Exception:
+        log.exception("cannot set up dicomsync; routing is OFF")
+        APP = None
+    orthanc.RegisterOnChangeCallback(_on_change)
+    orthanc.RegisterOnStoredInstanceCallback(_on_stored_instance)
+    orthanc.RegisterRestCallback("/dicomsync/(.*)", _rest)
+    log.info("dicomsync %s plugin loaded from %s", dicomsync.__version__, Path(__file__).parent)

@@ -1,0 +1,471 @@
+"""The ``DicomSync`` section of Orthanc's configuration, route filters, and the route job handler.
+
+::
+
+    "DicomSync": {
+      "Places": {"b": {"Kind": "orthanc", "Url": "http://pacs-b:8042"},
+                 "zips": {"Kind": "zipped_root", "Path": "zips"}},   // or "dicomsync.json"
+      "Routes": [
+        {"Destination": "b", "Filter": {"Modality": ["CT", "PT"], "CallingAet": "SCANNER*"},
+         "Concurrency": 4},
+        {"Destination": "zips"}
+      ],
+      "StateDirectory": "dicomsync-state",      // default: "dicomsync" beside StorageDirectory
+      "Retry": {"BaseDelay": 5, "MaxDelay": 600, "MaxAttempts": 10},
+      "Sinks": {...}                             // passed through to the tags code
+    }
+
+Relative paths are relative to the folder of Orthanc's configuration file, as
+Orthanc itself resolves ``StorageDirectory``.
+
+A route's ``Filter`` maps a key to a glob or a list of globs (only ``*`` is special,
+matching is case-sensitive). A study matches a key when any of its values matches
+any glob; it matches the route when every key matches. Values come from Orthanc's
+index, never from the DICOM files:
+
+- patient and study keys (PatientID, StudyDescription, …): the study's main tags;
+- series keys (Modality, SeriesDescription, …): the values of all its series;
+- instance keys (SOPClassUID, CallingAet/RemoteAet, CalledAet, Origin,
+  TransferSyntax): the metadata of the first instance of each series.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicomsync.config import build_place, load_sections, resolve_path
+from dicomsync.errors import (
+    ConfigError,
+    DicomSyncError,
+    NotFound,
+    TransferError,
+    UnknownPlaceError,
+)
+from dicomsync.orthanc_client import OrthancClient
+from dicomsync.places.base import PLACES, Place
+from dicomsync.query import glob_to_regex
+from dicomsync.queue.base import Job, RetryPolicy
+from dicomsync.worker import Delivered, Lane
+
+log = logging.getLogger(__name__)
+
+SECTION = "DicomSync"
+
+PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "OtherPatientIDs")
+STUDY_KEYS = (
+    "StudyInstanceUID",
+    "StudyDescription",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "InstitutionName",
+    "RequestingPhysician",
+    "RequestedProcedureDescription",
+)
+SERIES_KEYS = (
+    "Modality",
+    "SeriesDescription",
+    "SeriesInstanceUID",
+    "SeriesNumber",
+    "SeriesDate",
+    "BodyPartExamined",
+    "Manufacturer",
+    "StationName",
+    "ProtocolName",
+    "OperatorsName",
+    "PerformedProcedureStepDescription",
+    "SequenceName",
+)
+# filter key -> Orthanc instance metadata name
+INSTANCE_KEYS = {
+    "SOPClassUID": "SopClassUid",
+    "CallingAet": "RemoteAET",
+    "RemoteAet": "RemoteAET",
+    "CalledAet": "CalledAET",
+    "Origin": "Origin",
+    "TransferSyntax": "TransferSyntax",
+}
+FILTER_KEYS = (*PATIENT_KEYS, *STUDY_KEYS, *SERIES_KEYS, *INSTANCE_KEYS)
+KNOWN_OPTIONS = {
+    "Places",
+    "Sinks",
+    "Routes",
+    "StateDirectory",
+    "Retry",
+    "NodeId",
+    "LeaseSeconds",
+    "PollInterval",
+    "MetricsInterval",
+    "Enabled",
+}
+MAX_CONCURRENCY = 64
+DEFAULT_CONCURRENCY = 2
+
+
+@dataclass(frozen=True)
+class Route:
+    destination: str
+    filter: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    concurrency: int = DEFAULT_CONCURRENCY
+
+    def matches(self, facts: Mapping[str, Collection[str]]) -> bool:
+        for key, globs in self.filter.items():
+            values = facts.get(key, ())
+            if not any(glob_to_regex(g).match(v) for g in globs for v in values):
+                return False
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "Destination": self.destination,
+            "Filter": {k: list(v) for k, v in self.filter.items()},
+            "Concurrency": self.concurrency,
+        }
+
+
+@dataclass
+class SyncConfig:
+    """The parsed ``DicomSync`` section."""
+
+    places: dict[str, dict[str, Any]]
+    places_base: Path
+    routes: list[Route]
+    state_dir: Path
+    retry: RetryPolicy
+    sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sinks_base: Path = Path(".")
+    node_id: str = ""
+    lease_seconds: float = 300.0
+    poll_interval: float = 5.0
+    metrics_interval: float = 5.0
+    raw: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def filter_keys(self) -> set[str]:
+        return {k for r in self.routes for k in r.filter}
+
+    def destinations(self) -> list[str]:
+        """Places that can receive: every route destination, then other destination kinds."""
+        out = list(dict.fromkeys(r.destination for r in self.routes))
+        for key, section in self.places.items():
+            if key not in out and _is_destination_kind(section):
+                out.append(key)
+        return out
+
+    def lanes(self) -> list[Lane]:
+        concurrency: dict[str, int] = {}
+        for r in self.routes:
+            concurrency[r.destination] = max(concurrency.get(r.destination, 1), r.concurrency)
+        return [Lane(d, concurrency.get(d, 1), kind="study") for d in self.destinations()]
+
+    def build_place(self, key: str) -> Place:
+        try:
+            section = self.places[key]
+        except KeyError:
+            known = ", ".join(sorted(self.places)) or "none"
+            raise UnknownPlaceError(f"unknown place {key!r} (configured: {known})") from None
+        place: Place = build_place(key, section, self.places_base)
+        return place
+
+    def matching_routes(self, facts: Mapping[str, Collection[str]]) -> list[Route]:
+        return [r for r in self.routes if r.matches(facts)]
+
+
+def _is_destination_kind(section: Mapping[str, Any]) -> bool:
+    try:
+        return bool(PLACES.get(str(section.get("Kind"))).is_destination)
+    except DicomSyncError:
+        return False
+
+
+def config_base_dir(config_path: str | Path | None) -> Path:
+    """The folder relative paths are resolved against (Orthanc's own rule)."""
+    if not config_path:
+        return Path.cwd()
+    path = Path(config_path)
+    return path if path.is_dir() else path.parent
+
+
+def default_state_dir(orthanc_config: Mapping[str, Any], base_dir: Path) -> Path:
+    storage = resolve_path(
+        str(orthanc_config.get("StorageDirectory") or "OrthancStorage"), base_dir
+    )
+    return storage.parent / "dicomsync"
+
+
+def load(
+    orthanc_config: Mapping[str, Any], config_path: str | Path | None = None
+) -> SyncConfig | None:
+    """Parse the ``DicomSync`` section (None when there is none); ConfigError lists every problem."""
+    problems: list[str] = []
+    cfg = _parse(orthanc_config, config_base_dir(config_path), problems)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def validate(orthanc_config: Mapping[str, Any], config_path: str | Path | None = None) -> list[str]:
+    """Every problem of the ``DicomSync`` section, as clear sentences (empty: valid).
+
+    Checks structure, place kinds, route destinations, filters and the retry
+    policy, without building places (no network, no environment variables), so
+    it also runs on configurations meant for other machines (docker-compose).
+    """
+    problems: list[str] = []
+    _parse(orthanc_config, config_base_dir(config_path), problems)
+    return problems
+
+
+def _parse(
+    orthanc_config: Mapping[str, Any], base_dir: Path, problems: list[str]
+) -> SyncConfig | None:
+    section = orthanc_config.get(SECTION)
+    if section is None:
+        return None
+    where = SECTION
+    if not isinstance(section, dict):
+        problems.append(f"{where} must be a JSON object")
+        return None
+    warnings = [
+        f"{where}: unknown option {k!r} ignored (known: {', '.join(sorted(KNOWN_OPTIONS))})"
+        for k in section
+        if k not in KNOWN_OPTIONS
+    ]
+
+    places: dict[str, dict[str, Any]] = {}
+    places_base = base_dir
+    try:
+        places, places_base = load_sections(section.get("Places"), "Places", base_dir, where)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    for key, place in places.items():
+        try:
+            PLACES.get(str(place.get("Kind")))
+        except DicomSyncError as exc:
+            problems.append(f"{where}.Places[{key!r}]: {exc}")
+
+    sinks: dict[str, dict[str, Any]] = {}
+    sinks_base = base_dir
+    try:
+        sinks, sinks_base = load_sections(section.get("Sinks"), "Sinks", base_dir, where)
+    except ConfigError as exc:
+        problems.append(str(exc))
+
+    routes = _parse_routes(section.get("Routes", []), places, problems)
+
+    state = section.get("StateDirectory")
+    if state is not None and (not isinstance(state, str) or not state):
+        problems.append(f"{where}.StateDirectory must be a non-empty string (a folder)")
+        state = None
+    state_dir = (
+        resolve_path(state, base_dir) if state else default_state_dir(orthanc_config, base_dir)
+    )
+
+    retry = RetryPolicy()
+    try:
+        retry = RetryPolicy.from_config(section.get("Retry"))
+    except ConfigError as exc:
+        problems.append(f"{where}.{exc}")
+
+    numbers: dict[str, float] = {}
+    for name, default in (("LeaseSeconds", 300.0), ("PollInterval", 5.0), ("MetricsInterval", 5.0)):
+        value = section.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            problems.append(f"{where}.{name} must be a positive number of seconds")
+            value = default
+        numbers[name] = float(value)
+
+    node_id = section.get("NodeId") or f"{socket.gethostname()}:{state_dir}"
+    return SyncConfig(
+        places=places,
+        places_base=places_base,
+        routes=routes,
+        state_dir=state_dir,
+        retry=retry,
+        sinks=sinks,
+        sinks_base=sinks_base,
+        node_id=str(node_id),
+        lease_seconds=numbers["LeaseSeconds"],
+        poll_interval=numbers["PollInterval"],
+        metrics_interval=numbers["MetricsInterval"],
+        raw=dict(section),
+        warnings=warnings,
+    )
+
+
+def _parse_routes(value: Any, places: Mapping[str, Any], problems: list[str]) -> list[Route]:
+    where = f"{SECTION}.Routes"
+    if not isinstance(value, list):
+        problems.append(f"{where} must be a list of {{Destination, Filter, Concurrency}}")
+        return []
+    routes: list[Route] = []
+    for i, item in enumerate(value):
+        here = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            problems.append(f"{here} must be an object {{Destination, Filter, Concurrency}}")
+            continue
+        unknown = set(item) - {"Destination", "Filter", "Concurrency"}
+        if unknown:
+            problems.append(f"{here}: unknown option(s) {', '.join(sorted(unknown))}")
+        dest = item.get("Destination")
+        if not isinstance(dest, str) or not dest:
+            problems.append(f'{here}: "Destination" (a place key) is required')
+            continue
+        if dest not in places:
+            known = ", ".join(sorted(places)) or "none"
+            problems.append(f"{here}: route to a missing destination {dest!r} (places: {known})")
+            continue
+        if not _is_destination_kind(places[dest]):
+            problems.append(
+                f"{here}: place {dest!r} ({places[dest].get('Kind')}) cannot receive studies"
+            )
+        concurrency = item.get("Concurrency", DEFAULT_CONCURRENCY)
+        if (
+            isinstance(concurrency, bool)
+            or not isinstance(concurrency, int)
+            or not (1 <= concurrency <= MAX_CONCURRENCY)
+        ):
+            problems.append(f"{here}: Concurrency must be an integer from 1 to {MAX_CONCURRENCY}")
+            concurrency = DEFAULT_CONCURRENCY
+        filt = _parse_filter(item.get("Filter", {}), here, problems)
+        routes.append(Route(dest, filt, concurrency))
+    return routes
+
+
+def _parse_filter(value: Any, here: str, problems: list[str]) -> dict[str, tuple[str, ...]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"{here}.Filter must be an object of tag -> glob or list of globs")
+        return {}
+    out: dict[str, tuple[str, ...]] = {}
+    for key, globs in value.items():
+        if key not in FILTER_KEYS:
+            problems.append(f"{here}.Filter: unknown key {key!r} (known: {', '.join(FILTER_KEYS)})")
+            continue
+        if isinstance(globs, str):
+            globs = [globs]
+        if not isinstance(globs, list) or not globs or not all(isinstance(g, str) for g in globs):
+            problems.append(f"{here}.Filter[{key!r}] must be a glob or a non-empty list of globs")
+            continue
+        out[key] = tuple(globs)
+    return out
+
+
+# --- facts about a study, from Orthanc's index --------------------------------------------
+
+
+def study_facts(client: OrthancClient, study_id: str, keys: Collection[str]) -> dict[str, set[str]]:
+    """The values of ``keys`` for one study, with as few REST calls as the keys need.
+
+    Study and patient keys: one call. Series keys: one more. Instance keys: one
+    metadata call per series (its first instance). Raises ``NotFound`` if the
+    study is gone.
+    """
+    facts: dict[str, set[str]] = {}
+    keys = set(keys)
+    if not keys:
+        return facts
+    if keys & set(PATIENT_KEYS + STUDY_KEYS):
+        study = client.study(study_id)
+        tags = {**study.get("PatientMainDicomTags", {}), **study.get("MainDicomTags", {})}
+        for key in keys & set(PATIENT_KEYS + STUDY_KEYS):
+            facts[key] = {str(tags[key])} if key in tags else set()
+    if keys & (set(SERIES_KEYS) | set(INSTANCE_KEYS)):
+        series = client.get_json(f"/studies/{study_id}/series")
+        for key in keys & set(SERIES_KEYS):
+            facts[key] = {
+                str(s["MainDicomTags"][key]) for s in series if key in s.get("MainDicomTags", {})
+            }
+        wanted = keys & set(INSTANCE_KEYS)
+        if wanted:
+            for key in wanted:
+                facts[key] = set()
+            for s in series:
+                if not s.get("Instances"):
+                    continue
+                try:
+                    meta = client.get_json(f"/instances/{s['Instances'][0]}/metadata?expand")
+                except NotFound:
+                    continue
+                for key in wanted:
+                    value = meta.get(INSTANCE_KEYS[key])
+                    if value is not None:
+                        facts[key].add(str(value))
+    return facts
+
+
+# --- the route job handler -----------------------------------------------------------------
+
+
+class RouteHandler:
+    """Handles ``study`` jobs: send Orthanc study ``job.resource`` to place ``job.destination``.
+
+    ``source_factory`` builds the local Orthanc place (in the plugin, an
+    ``OrthancPlace`` over the in-process transport); ``dest_factory`` builds a
+    destination place by key. Each worker thread gets its own place objects.
+    ``send_study`` diffs identities, so only missing instances travel, and verifies
+    that the destination holds every SOP UID before the job counts as done.
+    """
+
+    def __init__(
+        self,
+        source_factory: Callable[[], Any],
+        dest_factory: Callable[[str], Place],
+    ) -> None:
+        self._source_factory = source_factory
+        self._dest_factory = dest_factory
+        self._local = threading.local()
+        self._created: list[Place] = []
+        self._lock = threading.Lock()
+
+    def _places(self) -> dict[str, Place]:
+        places: dict[str, Place] | None = getattr(self._local, "places", None)
+        if places is None:
+            places = self._local.places = {}
+        return places
+
+    def _place(self, key: str, factory: Callable[[], Place]) -> Place:
+        places = self._places()
+        if key not in places:
+            places[key] = factory()
+            with self._lock:
+                self._created.append(places[key])
+        return places[key]
+
+    def source(self) -> Any:
+        return self._place("\0source", self._source_factory)
+
+    def __call__(self, job: Job) -> Delivered:
+        from dicomsync.transfer import send_study
+
+        source = self.source()
+        dest = self._place(job.destination, lambda: self._dest_factory(job.destination))
+        ref = source.ref_by_id(job.resource)
+        outcome = send_study(source, ref, dest)
+        if outcome.status in ("sent", "duplicate", "empty"):
+            fingerprint = outcome.fingerprint or ""
+            return Delivered(fingerprint, outcome.sent)
+        raise TransferError(
+            outcome.error or f"{ref}: send to {job.destination} failed",
+            retryable=outcome.retryable,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            places, self._created = self._created, []
+        for place in places:
+            try:
+                place.close()
+            except Exception as exc:  # closing must never stop a shutdown
+                log.debug("closing %r: %s", place, exc)
+        self._local = threading.local()
