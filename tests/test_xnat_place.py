@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import shutil
@@ -521,3 +522,22 @@ def test_tls_verification_and_ca_bundle(
     assert "REQUESTS_CA_BUNDLE" not in os.environ  # the login-time override is undone
     with xnat_place(tls_server, tmp_path, VerifyTls=False) as place:
         place.prepare([])
+
+
+def test_same_key_twice_gets_told_apart(server: XnatServer, tmp_path: Path, password: str) -> None:
+    a = make_instance(None, patient_id="p", study_uid="1.2.826.0.1.3680043.8.498.501")
+    b = make_instance(None, patient_id="p", study_uid="1.2.826.0.1.3680043.8.498.502")
+    blobs = []
+    for ds in (a, b):
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        blobs.append(buf.getvalue())
+    first = server.inject(PROJECT, [blobs[0]], subject="p", label="s")
+    second = server.inject(PROJECT, [blobs[1]], subject="p", label="s")
+    exp = server.archive(PROJECT, tag=second.tag, label="s")
+    with xnat_place(server, tmp_path) as place:
+        keys = sorted(r.key for r in place.studies())
+        assert keys == ["p/s", f"p/s@{first.timestamp}"]
+        refs = {r.key: r for r in place.studies()}
+        assert place.identity(refs["p/s"]).study_uid == exp.uid  # the archived one
+        assert place.identity(refs[f"p/s@{first.timestamp}"]).study_uid == first.tag

@@ -8,7 +8,14 @@ Config section (the same in ``dicomsync.json`` and in the plugin's ``DicomSync.P
 
 ``PasswordEnv`` (default ``XNAT_PASS``) names the environment variable that holds the
 password. The password is read when the place first connects, and is never stored,
-logged or put into an error message. ``CaBundle`` and ``Timeout`` are optional.
+logged or put into an error message. ``CaBundle`` and ``Timeout`` are optional; xnatpy
+has no CA parameter, so during login ``REQUESTS_CA_BUNDLE`` is pointed at ``CaBundle``
+(under a lock, restored afterwards) and the session's ``verify`` is set to it after.
+
+One xnat session per place, opened on first use (``no_parse_model=True``) and logged out
+by ``close()``. A 401 after login (XNAT forgot the session) logs in again once. A refused
+login (password, project, unset variable) is remembered for ``REFUSED_SECONDS`` so that a
+batch does not try a bad password once per study.
 
 Keys are ``<subject>/<session label>``.
 
@@ -612,7 +619,10 @@ class XnatPreArchive(Place):
                 continue
             patient, study = s.subject or "unknown", s.label or "unknown"
             if f"{patient}/{study}" in seen:
-                study = f"{study}@{s.uri.rsplit('/', 2)[-2]}"  # disambiguate by timestamp/ID
+                # disambiguate by the experiment ID or the prearchive timestamp
+                study = (
+                    f"{study}@{s.uri.rsplit('/', 1)[-1] if s.archived else s.uri.split('/')[-2]}"
+                )
             seen.add(f"{patient}/{study}")
             if query.matches(patient, study):
                 yield StudyRef(self.key, patient, study, handle=s.uri)
