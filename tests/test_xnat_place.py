@@ -411,10 +411,7 @@ def test_as_source_lists_and_reads_prearchive_and_archive(
             assert ident.sop_uids == frozenset(sop_uids(layout[ref.key]))
             got = {i.sop_uid: i.read() for i in place.instances(ref)}
             assert set(got) == ident.sop_uids
-            assert all(
-                pydicom.dcmread(__import__("io").BytesIO(b)).SOPInstanceUID == s
-                for s, b in got.items()
-            )
+            assert all(pydicom.dcmread(io.BytesIO(b)).SOPInstanceUID == s for s, b in got.items())
         ref = next(r for r in refs if r.key == "patient1/study3")
         one = sorted(place.identity(ref).sop_uids)[0]
         assert [i.sop_uid for i in place.instances(ref, only={one})] == [one]
