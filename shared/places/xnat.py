@@ -463,10 +463,12 @@ class XnatPreArchive(Place):
                 )
             return out
 
-        self._listing = self._present = None  # a failed listing leaves no stale answer
+        with self._lock:
+            self._listing = self._present = None  # a failed listing leaves no stale answer
         sessions = self._call("listing", run)
-        self._listing = sessions
-        self._present = {s.tag for s in sessions if s.tag}
+        with self._lock:  # worker lanes may share one place between threads
+            self._listing = sessions
+            self._present = {s.tag for s in sessions if s.tag}
         return sessions
 
     # --- destination -------------------------------------------------------------------------
@@ -474,10 +476,11 @@ class XnatPreArchive(Place):
         self._list_sessions()
 
     def holds(self, key: str, identity: StudyIdentity) -> frozenset[str]:
-        if self._present is None:
+        present = self._present
+        if present is None:
             self._list_sessions()
-        assert self._present is not None
-        if identity.study_uid and identity.study_uid in self._present:
+            present = self._present or set()
+        if identity.study_uid and identity.study_uid in present:
             return identity.sop_uids
         return frozenset()
 
@@ -526,11 +529,12 @@ class XnatPreArchive(Place):
             self._verify(key, uri, count, label, before, identity)
         finally:
             zip_path.unlink(missing_ok=True)
-        if self._present is not None and identity.study_uid:
-            self._present.add(identity.study_uid)
-        if self._listing is not None and uri not in before:
-            # known from now on, so that a later failure in this batch never removes it
-            self._listing.append(_Session(subject, label, identity.study_uid, "READY", uri))
+        with self._lock:
+            if self._present is not None and identity.study_uid:
+                self._present.add(identity.study_uid)
+            if self._listing is not None and uri not in before:
+                # known from now on, so that a later failure in this batch never removes it
+                self._listing.append(_Session(subject, label, identity.study_uid, "READY", uri))
         return Receipt(count, f"{self.server}{uri}")
 
     def _write_zip(self, path: Path, instances: Iterable[Instance]) -> int:
