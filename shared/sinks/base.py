@@ -90,7 +90,7 @@ def delivered_before(exc: BaseException) -> set[str]:
 
 
 def with_delivered(exc: SinkError, delivered: Iterable[str]) -> SinkError:
-    exc.delivered = set(delivered)  # type: ignore[attr-defined]
+    exc.delivered = set(delivered)
     return exc
 
 

@@ -94,7 +94,7 @@ class SqliteIndex(Sink):
 
     # --- writing ---------------------------------------------------------------------------
     def send(self, events: Sequence[Event]) -> set[str]:
-        self.rejected = {}
+        self.rejected: dict[str, str] = {}
         delivered: set[str] = set()
         with self._lock:
             try:

@@ -1,0 +1,369 @@
+"""The splunk_hec sink against the protocol-faithful HEC stand-in (tests/servers/hec.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from test_tags_flatten import dose_files
+
+from dicomsync.errors import ConfigError, SinkFatal, SinkRetryable
+from dicomsync.index_query import IndexQuery
+from dicomsync.sinks.base import build_sink, delivered_before
+from dicomsync.sinks.splunk_hec import SplunkHec
+from dicomsync.sinks.sqlite_index import SqliteIndex
+from dicomsync.tags import Event, events_from_path
+
+from dicomdata import data
+from servers.hec import HecServer, Token
+
+GOOD = "11111111-2222-3333-4444-555555555555"
+ACKED = "aaaaaaaa-2222-3333-4444-555555555555"
+DISABLED = "dddddddd-2222-3333-4444-555555555555"
+ONLY_DICOM = "cccccccc-2222-3333-4444-555555555555"
+CHANNEL = "0b6a1c3e-9f7d-4d8e-b1a2-3c4d5e6f7a8b"
+
+
+@pytest.fixture(scope="module")
+def hec_server() -> Iterator[HecServer]:
+    server = HecServer(
+        tokens=[
+            Token(GOOD),
+            Token(ACKED, use_ack=True),
+            Token(DISABLED, disabled=True),
+            Token(ONLY_DICOM, indexes=("dicom",)),
+        ],
+        users={"admin": "s3cret"},
+    ).start()
+    server.state.search_tokens.add("search-token-1")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hec(hec_server: HecServer) -> HecServer:
+    hec_server.reset()
+    hec_server.state.ack_after_polls = 0
+    return hec_server
+
+
+@pytest.fixture(scope="module")
+def events() -> list[Event]:
+    out: list[Event] = []
+    for path in dose_files():
+        out += events_from_path(path)
+    out += events_from_path(data("images", "CT_small.dcm"))
+    return out
+
+
+def make_sink(hec: HecServer, tmp_path: Path, **options: Any) -> SplunkHec:
+    section = {
+        "Kind": "splunk_hec",
+        "Url": hec.url,
+        "TokenEnv": "TEST_HEC_TOKEN",
+        "BackoffSeconds": 0.001,
+        "MaxBackoffSeconds": 0.005,
+        "BatchEvents": 20,
+        **options,
+    }
+    sink = build_sink("splunk", section, tmp_path)
+    assert isinstance(sink, SplunkHec)
+    return sink
+
+
+def assert_once(hec: HecServer, events: list[Event]) -> None:
+    received = hec.event_ids()
+    assert sorted(received) == sorted(e.id for e in events)  # every event, exactly once
+
+
+def test_batches_every_event_exactly_once(
+    hec: HecServer, tmp_path: Path, events: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_HEC_TOKEN", GOOD)
+    sink = make_sink(hec, tmp_path, Index="main", Host="test-host")
+    assert sink.send(events) == {e.id for e in events}
+    assert_once(hec, events)
+    posts = [s for p, s in hec.state.requests if p == "/services/collector/event"]
+    assert len(posts) >= len(events) // 20  # batched by count
+    first = hec.state.events[0]
+    assert first["sourcetype"] == "dicomsync:instance"
+    assert (
+        first["host"] == "test-host" and first["source"] == "dicomsync" and first["index"] == "main"
+    )
+    assert first["fields"]["time_source"] == events[0].time_source
+    assert first["event"] == events[0].fields
+    assert {e["sourcetype"] for e in hec.state.events} == {
+        "dicomsync:instance",
+        "dicomsync:dose_report",
+        "dicomsync:dose_event",
+    }
+    # a repeat sends nothing: the ledger knows
+    before = len(hec.state.requests)
+    assert sink.send(events) == {e.id for e in events}
+    assert len(hec.state.requests) == before
+    # a new sink object over the same ledger file knows too
+    again = make_sink(hec, tmp_path)
+    assert again.has([e.id for e in events]) == {e.id for e in events}
+    assert again.send(events) == {e.id for e in events}
+    assert len(hec.state.requests) == before
+
+
+def test_batches_by_bytes(
+    hec: HecServer, tmp_path: Path, events: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_HEC_TOKEN", GOOD)
+    sink = make_sink(hec, tmp_path, BatchEvents=10_000, BatchBytes=200_000, Gzip=False)
+    sink.send(events)
+    assert_once(hec, events)
+    total = sum(len(sink.envelope(e)) for e in events)
+    posts = [s for p, s in hec.state.requests if p == "/services/collector/event"]
+    assert len(posts) >= total // 200_000
+
+
+def test_runs_of_503_deliver_exactly_once(
+    hec: HecServer, tmp_path: Path, events: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_HEC_TOKEN", GOOD)
+    sink = make_sink(hec, tmp_path, Retries=4)
+    hec.busy(3)
+    assert sink.send(events[:30]) == {e.id for e in events[:30]}
+    assert [s for _, s in hec.state.requests].count(503) == 3
+    # a run longer than the retries: SinkRetryable, what went through is recorded
+    hec.busy(5)
+    with pytest.raises(SinkRetryable) as info:
+        sink.send(events)
+    assert "503, code 9: Server is busy; gave up after 5 attempts" in str(info.value)
+    assert delivered_before(info.value) >= {e.id for e in events[:30]}
+    # later, the same events again: each reaches Splunk exactly once in total
+    assert sink.send(events) == {e.id for e in events}
+    assert_once(hec, events)
+
+
+def test_5xx_and_network_errors_are_retryable(
+    hec: HecServer, tmp_path: Path, events: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_HEC_TOKEN", GOOD)
+    sink = make_sink(hec, tmp_path)
+    hec.fail(2)
+    sink.send(events[:5])
+    assert_once(hec, events[:5])
+    dead = make_sink(hec, tmp_path / "dead", Url="http://127.0.0.1:9", Retries=1)
+    with pytest.raises(
+        SinkRetryable, match=r"cannot reach http://127.0.0.1:9 .*gave up after 2 attempts"
+    ):
+        dead.send(events[:1])
+
+
+def test_invalid_token_keeps_everything_until_fixed(
+    hec: HecServer, tmp_path: Path, events: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = make_sink(hec, tmp_path)
+    monkeypatch.delenv("TEST_HEC_TOKEN", raising=False)
+    with pytest.raises(SinkFatal) as info:
+        sink.send(events)
+    assert str(info.value) == (
+        "splunk_hec 'splunk': environment variable TEST_HEC_TOKEN is not set "
+        "(it must hold the HEC token); events are kept"
+    )
+    monkeypatch.setenv("TEST_HEC_TOKEN", "not-a-token")
+    with pytest.raises(SinkFatal) as info:
+        sink.send(events)
+    assert str(info.value) == (
+        "splunk_hec 'splunk': HEC refused the token from $TEST_HEC_TOKEN "
+        "(403, code 4: Invalid token); sink stopped, events kept"
+    )
+    assert "not-a-token" not in str(info.value)
+    monkeypatch.setenv("TEST_HEC_TOKEN", DISABLED)
+    with pytest.raises(SinkFatal, match=r"\(403, code 1: Token disabled\)"):
+        sink.send(events)
+    assert hec.event_ids() == []
+    assert sink.has([e.id for e in events]) == set()
+    # the token is fixed and the sink restarted: everything arrives, once
+    monkeypatch.setenv("TEST_HEC_TOKEN", GOOD)
+    restarted = make_sink(hec, tmp_path)
+    assert restarted.send(events) == {e.id for e in events}
+    assert_once(hec, events)
+
+
+def test_partial_batch_resends_after_the_bad_event(
+    hec: HecServer, tmp_path: Path, events: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_HEC_TOKEN", GOOD)
+    bad = {events[7].id, events[8].id, events[25].id}
+    hec.state.reject_when = lambda env: env["fields"]["dicomsync_id"] in bad
+    sink = make_sink(hec, tmp_path)
+    delivered = sink.send(events)
+    assert delivered == {e.id for e in events} - bad
+    assert set(sink.rejected) == bad
+    assert sink.rejected[events[7].id] == "400, code 6: Invalid data format"
+    assert sorted(hec.event_ids()) == sorted(e.id for e in events if e.id not in bad)
+    assert sink.has(bad) == set()
+
+
+def test_indexer_acknowledgement(
+    hec: HecServer, tmp_path: Path, events: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_HEC_TOKEN", ACKED)
+    hec.state.ack_after_polls = 2
+    sink = make_sink(hec, tmp_path, Ack=True)
+    assert sink.send(events) == {e.id for e in events}
+    assert_once(hec, events)
+    acks = [p for p, _ in hec.state.requests if p == "/services/collector/ack"]
+    assert len(acks) >= 3
+    # acks that never come: nothing is recorded as delivered
+    hec.reset()
+    hec.state.ack_after_polls = 10_000
+    slow = make_sink(hec, tmp_path / "slow", Ack=True, AckTimeoutSeconds=0.3)
+    with pytest.raises(SinkRetryable, match="not acknowledged within 0.3s"):
+        slow.send(events[:3])
+    assert slow.has([e.id for e in events[:3]]) == set()
+    # a sink without Ack on a token that needs a channel: one clear fatal line
+    plain = make_sink(hec, tmp_path / "plain")
+    with pytest.raises(
+        SinkFatal, match=r"HEC refused the batch \(400, code 10: Data channel is missing\)"
+    ):
+        plain.send(events[:1])
+
+
+def test_incorrect_index_is_fatal(
+    hec: HecServer, tmp_path: Path, events: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_HEC_TOKEN", ONLY_DICOM)
+    sink = make_sink(hec, tmp_path, Index="other")
+    with pytest.raises(SinkFatal, match=r"\(400, code 7: Incorrect index\)"):
+        sink.send(events[:2])
+    assert hec.event_ids() == []
+
+
+def test_query_through_search_api_matches_sqlite(
+    hec: HecServer, tmp_path: Path, events: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEST_HEC_TOKEN", GOOD)
+    monkeypatch.setenv("SPLUNK_USER", "admin")
+    monkeypatch.setenv("SPLUNK_PASSWORD", "s3cret")
+    sink = make_sink(
+        hec,
+        tmp_path,
+        SearchUrl=hec.url,
+        SearchUserEnv="SPLUNK_USER",
+        SearchPasswordEnv="SPLUNK_PASSWORD",
+    )
+    sink.send(events)
+    index = SqliteIndex("local", tmp_path / "idx.sqlite")
+    index.send(events)
+    for text in (
+        "Modality=SR",
+        "Modality!=SR",
+        '"CT Dose.Mean CTDIvol">5',
+        'Manufacturer=SIEM* AND EventType="CT Acquisition"',
+        '"CT Acquisition Parameters.CT X-Ray Source Parameters{}.KVP"=140',
+        'StudyDescription="Thorax^TAP (Adult)"',
+        "StudyDate<20100101",
+    ):
+        q = IndexQuery.parse(text)
+        from_splunk = list(sink.query(q))
+        assert from_splunk == list(index.query(q)), text
+        assert from_splunk, text
+    assert hec.state.searches[0].startswith('search sourcetype="dicomsync:*" | where')
+    # a search token instead of a login
+    monkeypatch.setenv("SPLUNK_SEARCH_TOKEN", "search-token-1")
+    bearer = make_sink(hec, tmp_path, SearchUrl=hec.url, SearchTokenEnv="SPLUNK_SEARCH_TOKEN")
+    assert list(bearer.query(IndexQuery.parse("Modality=SR")))
+    monkeypatch.setenv("SPLUNK_PASSWORD", "wrong")
+    bad = make_sink(
+        hec,
+        tmp_path,
+        SearchUrl=hec.url,
+        SearchUserEnv="SPLUNK_USER",
+        SearchPasswordEnv="SPLUNK_PASSWORD",
+    )
+    with pytest.raises(SinkFatal, match=r"Splunk search refused our credentials \(401\)"):
+        list(bad.query(IndexQuery.parse("Modality=SR")))
+
+
+def test_config_errors(tmp_path: Path, hec: HecServer) -> None:
+    with pytest.raises(ConfigError, match="option 'Url' is required"):
+        build_sink("s", {"Kind": "splunk_hec"}, tmp_path)
+    with pytest.raises(ConfigError, match="CaBundle .*missing.pem does not exist"):
+        make_sink(hec, tmp_path, CaBundle="missing.pem")
+    with pytest.raises(ConfigError, match="option 'BatchEvents' must be an integer >= 1"):
+        make_sink(hec, tmp_path, BatchEvents=0)
+    sink = make_sink(hec, tmp_path)
+    assert sink.verify is True  # TLS verification is on by default
+    with pytest.raises(ConfigError, match='set "SearchUrl"'):
+        list(sink.query(IndexQuery.parse("Modality=SR")))
+
+
+# --- the stand-in itself speaks the documented protocol --------------------------------------
+def post(
+    hec: HecServer, body: bytes, headers: dict[str, str], path: str = "/services/collector/event"
+) -> Any:
+    r = requests.post(hec.url + path, data=body, headers=headers, timeout=10)
+    return r.status_code, r.json()
+
+
+def test_stand_in_status_codes(hec: HecServer) -> None:
+    ok = {"Authorization": f"Splunk {GOOD}"}
+    ev = b'{"event": {"a": 1}}'
+    assert post(hec, ev, {}) == (401, {"text": "Token is required", "code": 2})
+    assert post(hec, ev, {"Authorization": "Bearer x"}) == (
+        401,
+        {"text": "Invalid authorization", "code": 3},
+    )
+    assert post(hec, ev, {"Authorization": "Splunk nope"}) == (
+        403,
+        {"text": "Invalid token", "code": 4},
+    )
+    assert post(hec, ev, {"Authorization": f"Splunk {DISABLED}"}) == (
+        403,
+        {"text": "Token disabled", "code": 1},
+    )
+    assert post(hec, b"", ok) == (400, {"text": "No data", "code": 5})
+    assert post(hec, b'{"event": 1}{"nope": 2}', ok) == (
+        400,
+        {"text": "Event field is required", "code": 12, "invalid-event-number": 1},
+    )
+    assert post(hec, b'{"event": ""}', ok) == (
+        400,
+        {"text": "Event field cannot be blank", "code": 13, "invalid-event-number": 0},
+    )
+    assert post(hec, b'{"event": 1} {"event": 2} {bad', ok) == (
+        400,
+        {"text": "Invalid data format", "code": 6, "invalid-event-number": 2},
+    )
+    assert post(hec, gzip.compress(ev * 3), {**ok, "Content-Encoding": "gzip"}) == (
+        200,
+        {"text": "Success", "code": 0},
+    )
+    hec.busy(1)
+    assert post(hec, ev, ok) == (503, {"text": "Server is busy", "code": 9})
+    acked = {"Authorization": f"Splunk {ACKED}"}
+    assert post(hec, ev, acked) == (400, {"text": "Data channel is missing", "code": 10})
+    assert post(hec, ev, {**acked, "X-Splunk-Request-Channel": "x"}) == (
+        400,
+        {"text": "Invalid data channel", "code": 11},
+    )
+    assert post(hec, ev, {**acked, "X-Splunk-Request-Channel": CHANNEL}) == (
+        200,
+        {"text": "Success", "code": 0, "ackId": 0},
+    )
+    assert post(hec, ev, {**acked, "X-Splunk-Request-Channel": CHANNEL}) == (
+        200,
+        {"text": "Success", "code": 0, "ackId": 1},
+    )
+    status, answer = post(
+        hec,
+        json.dumps({"acks": [0, 1, 7]}).encode(),
+        {**acked, "X-Splunk-Request-Channel": CHANNEL},
+        path=f"/services/collector/ack?channel={CHANNEL}",
+    )
+    assert (status, answer) == (200, {"acks": {"0": True, "1": True, "7": False}})
+    # 2 from the first batch, 3 gzipped, 2 acked: events before a bad one are indexed
+    assert len(hec.state.events) == 1 + 2 + 3 + 2
+    r = requests.get(hec.url + "/services/collector/health", timeout=10)
+    assert r.json() == {"text": "HEC is healthy", "code": 17}
