@@ -219,7 +219,7 @@ def test_indexer_acknowledgement(
     hec.reset()
     hec.state.ack_after_polls = 10_000
     slow = make_sink(hec, tmp_path / "slow", Ack=True, AckTimeoutSeconds=0.3)
-    with pytest.raises(SinkRetryable, match="not acknowledged within 0.3s"):
+    with pytest.raises(SinkRetryable, match=r"not acknowledged within 0\.3s"):
         slow.send(events[:3])
     assert slow.has([e.id for e in events[:3]]) == set()
     # a sink without Ack on a token that needs a channel: one clear fatal line
@@ -289,7 +289,7 @@ def test_query_through_search_api_matches_sqlite(
 def test_config_errors(tmp_path: Path, hec: HecServer) -> None:
     with pytest.raises(ConfigError, match="option 'Url' is required"):
         build_sink("s", {"Kind": "splunk_hec"}, tmp_path)
-    with pytest.raises(ConfigError, match="CaBundle .*missing.pem does not exist"):
+    with pytest.raises(ConfigError, match=r"CaBundle .*missing\.pem does not exist"):
         make_sink(hec, tmp_path, CaBundle="missing.pem")
     with pytest.raises(ConfigError, match="option 'BatchEvents' must be an integer >= 1"):
         make_sink(hec, tmp_path, BatchEvents=0)

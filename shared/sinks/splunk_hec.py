@@ -239,7 +239,7 @@ class SplunkHec(Sink):
 
     def send(self, events: Sequence[Event]) -> set[str]:
         with self._lock:
-            self.rejected = {}
+            self.rejected: dict[str, str] = {}
             ids = [e.id for e in events]
             delivered = self.ledger.known(ids)
             todo = [e for e in events if e.id not in delivered]
