@@ -340,3 +340,48 @@ def _done_job(a: OrthancProcess, dest: str, study_uid: str) -> dict | None:
         if j["StudyUid"] == study_uid and j["State"] == "done":
             return j
     return None
+
+
+def test_cli_backfill_and_queue_commands(
+    pair: tuple[OrthancProcess, OrthancProcess, Path], ingested: dict[str, set[str]]
+) -> None:
+    from click.testing import CliRunner
+
+    from dicomsync.cli.main import cli
+
+    a, _, _ = pair
+    run = CliRunner()
+    n = len(a.get("/studies"))
+    r = run.invoke(cli, ["backfill", a.url, "zips"])
+    assert r.exit_code == 0, r.output
+    assert f"{n} studies: 0 enqueued" in r.output and f"{n} already delivered" in r.output
+    assert "zips:" in r.output and "0 queued, 0 sending, 0 failed" in r.output
+
+    r = run.invoke(cli, ["backfill", a.url, "ct", "--query", "PatientID=77654033", "--no-wait"])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("2 studies: ")
+
+    r = run.invoke(cli, ["backfill", a.url, "nowhere"])
+    assert r.exit_code == 1 and "unknown destination 'nowhere'" in r.output
+
+    r = run.invoke(cli, ["queue", "status", a.url, "--wait"])
+    assert r.exit_code == 0, r.output
+    assert "workers: running" in r.output and "b: " in r.output and "zips: " in r.output
+
+    r = run.invoke(
+        cli, ["queue", "jobs", a.url, "--state", "done", "--destination", "b", "--limit", "2"]
+    )
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 2
+    job_id = r.output.split()[0]
+    r = run.invoke(cli, ["queue", "retry", a.url, job_id, "--failed"])
+    assert r.exit_code == 0, r.output
+    assert f"job {job_id}: queued" in r.output and "0 failed job(s) requeued" in r.output
+
+    uid = a.get("/studies?expand")[0]["MainDicomTags"]["StudyInstanceUID"]
+    r = run.invoke(cli, ["queue", "send", a.url, "b", uid])
+    assert r.exit_code == 0 and "requeued" in r.output
+
+    r = run.invoke(
+        cli, ["queue", "status", a.url, "--user", "u", "--password-env", "NO_SUCH_VAR_X"]
+    )
+    assert r.exit_code == 1 and "NO_SUCH_VAR_X is not set" in r.output
