@@ -18,10 +18,13 @@ need=()
 [ -f /usr/share/orthanc/plugins/libOrthancPython.so ] || need+=(orthanc-python)
 [ -x "$PY_SYSTEM" ] || need+=(python3.11)
 "$PY_SYSTEM" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3.11-venv)
+command -v dcmdump >/dev/null || need+=(dcmtk)      # tests read reference values with dcmdump
+command -v openssl >/dev/null || need+=(openssl)    # TLS tests make a throw-away certificate
+command -v curl >/dev/null || need+=(curl)          # benchmarks compare against curl
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need[*]}"
   as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${need[@]}" dcmtk >/dev/null
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -128,7 +128,11 @@ def send(
     dry_run: bool = False,
     progress: Callable[[StudyOutcome], None] | None = None,
 ) -> Summary:
-    """Send many studies to ``dest``; identities are read first so the destination can list once."""
+    """Send many studies to ``dest``; identities are read first so the destination can list once.
+
+    A destination that refuses the batch outright (``prepare`` raising a non-retryable
+    error such as a wrong password) raises; per-study failures become outcomes.
+    """
     start = time.monotonic()
     summary = Summary()
     prepared: list[tuple[Place, StudyRef, StudyIdentity | None]] = []
@@ -144,6 +148,8 @@ def send(
     try:
         dest.prepare((ref.key, ident) for _, ref, ident in prepared if ident is not None)
     except DicomSyncError as exc:
+        if not exc.retryable:
+            raise  # wrong password, unknown project, bad config: no study can succeed
         log.warning("%s: batch listing failed (%s); checking study by study", dest.key, exc)
     for source, ref, ident in prepared:
         outcome = send_study(source, ref, dest, dry_run=dry_run, identity=ident)

@@ -340,12 +340,12 @@ def test_wrong_password(
     )
     assert not info.value.retryable
     assert PASSWORD not in caplog.text and "not-the-" not in caplog.text
-    # a refused password is not tried again for every study of the batch
+    # a refused password stops the batch at its one listing, not once per study
     with xnat_place(server, tmp_path) as place:
         build_seed_tree(tmp_path / "root")
-        with root_place(tmp_path / "root") as src:
-            summary = send(items(src), place)
-    assert [o.error for o in summary.outcomes] == [str(info.value)] * 4
+        with root_place(tmp_path / "root") as src, pytest.raises(AuthenticationFailed) as again:
+            send(items(src), place)
+    assert str(again.value) == str(info.value)
     logins = [p for m, p in server.requests if p.startswith("/data/services/auth")]
     assert len(logins) == 2  # one for the first place, one for the batch
 
