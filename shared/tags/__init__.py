@@ -108,8 +108,8 @@ def read_dataset(data: bytes, *, name: str = "") -> Dataset:
             if "SOPInstanceUID" not in ds:
                 raise
             return ds
-    except InvalidDicomError as exc:
-        raise DicomFileError(f"{label}: not a DICOM file ({exc})") from None
+    except InvalidDicomError:
+        raise DicomFileError(f"{label}: not a DICOM file") from None
     except Exception as exc:  # pydicom raises many kinds on corrupt data
         raise DicomFileError(f"{label}: corrupt DICOM ({type(exc).__name__}: {exc})") from None
 
