@@ -49,9 +49,9 @@ def _use_venv() -> bool:
 def _map_repo() -> None:
     """Import ``dicomsync`` straight from the repo folders (no installed distribution)."""
     for name, folder in PACKAGES.items():
-        if name in sys.modules:
-            continue
         path = REPO / folder
+        if name in sys.modules or not (path / "__init__.py").is_file():
+            continue  # e.g. cli/ is not mounted into containers
         spec = importlib.util.spec_from_file_location(
             name, path / "__init__.py", submodule_search_locations=[str(path)]
         )
