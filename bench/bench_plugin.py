@@ -1,0 +1,309 @@
+"""Plugin benchmarks (issue 3), each against the native path in the same run:
+
+(a) replication A->B: the plugin's route worker vs Orthanc's native ``POST /peers/B/store``
+    vs a CopyDICOM-style ``requests`` loop with default headers
+    (targets: >= 0.95x native, >= 5x the loop);
+(b) ingest into A with the plugin and a route on vs plugin off (target >= 0.95x);
+(c) backfill of already-delivered studies, ms per study (target < 5 ms);
+(d) Orthanc's RSS growth over routed instances (target < 100 MB over 10,000).
+
+Data: pydicom-generated instances (``--size`` bytes of pixel data, default 0.5 MB).
+Run: ``.venv/bin/python bench/bench_plugin.py [--quick]`` (or ``make bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from common import OrthancProcess, make_instance, report, workdir
+
+PYTHON_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPython.so"
+COUNTER = Path(__file__).resolve().parent.parent / "tests" / "orthanc_counter.py"
+
+
+def noisy_pixels(n: int) -> bytes:
+    """12-bit noise in 16-bit words, like CT pixels: as hard to gzip as real images, unlike
+    the repeated pattern of make_instance (which would flatter Orthanc's on-the-fly gzip)."""
+    n -= n % 2
+    mask = int.from_bytes(b"\xff\x0f" * (n // 2), "little")
+    return (int.from_bytes(os.urandom(n), "little") & mask).to_bytes(n, "little")
+
+
+def generate(folder: Path, studies: int, per_study: int, size: int, prefix: str) -> list[Path]:
+    from pydicom.uid import generate_uid
+
+    files = []
+    for s in range(studies):
+        study_uid, series_uid = generate_uid(), generate_uid()
+        for i in range(per_study):
+            path = folder / f"{prefix}{s:05d}" / f"im{i:04d}.dcm"
+            ds = make_instance(
+                None,
+                patient_id=f"{prefix}{s:05d}",
+                study_uid=study_uid,
+                series_uid=series_uid,
+                pixel_bytes=size,
+            )
+            if size > 64:
+                ds.PixelData = noisy_pixels(len(ds.PixelData))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+    return files
+
+
+def upload(url: str, files: list[Path], threads: int = 1) -> float:
+    """Keep-alive uploads (identity encoding); returns seconds."""
+
+    def run(chunk: list[Path]) -> None:
+        with requests.Session() as s:
+            s.headers.update({"Accept-Encoding": "identity", "Content-Type": "application/dicom"})
+            for f in chunk:
+                s.post(url + "/instances", data=f.read_bytes(), timeout=120).raise_for_status()
+
+    start = time.perf_counter()
+    chunks = [files[i::threads] for i in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(run, chunks))
+    return time.perf_counter() - start
+
+
+def clear(server: OrthancProcess) -> None:
+    for pid in server.get("/patients"):
+        requests.delete(f"{server.url}/patients/{pid}", timeout=120).raise_for_status()
+
+
+def count(server: OrthancProcess) -> int:
+    return int(server.get("/statistics")["CountInstances"])
+
+
+def drained(server: OrthancProcess, dest: str, done: int) -> bool:
+    d = server.get("/dicomsync/status")["Destinations"].get(dest, {})
+    return d.get("Done", 0) >= done and d.get("Queued", 1) == 0 and d.get("Sending", 1) == 0
+
+
+def wait(cond: Any, timeout: float = 1800, interval: float = 0.05) -> float:
+    start = time.perf_counter()
+    while not cond():
+        if time.perf_counter() - start > timeout:
+            raise RuntimeError("benchmark timed out")
+        time.sleep(interval)
+    return time.perf_counter() - start
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def plugin_config(b: OrthancProcess, routed: bool, concurrency: int, **sync: Any) -> dict[str, Any]:
+    route: dict[str, Any] = {"Destination": "b", "Concurrency": concurrency}
+    if not routed:  # a lane for "b" without automatic routing: only backfill/send enqueue
+        route["Filter"] = {"PatientID": "no-such-patient"}
+    return {
+        "StableAge": 1,
+        "OrthancPeers": {"b": {"Url": b.url}},
+        "DicomSync": {
+            "Places": {"b": {"Kind": "orthanc", "Url": b.url}},
+            "Routes": [route],
+            "PollInterval": 1,
+            "MetricsInterval": 5,
+            **sync,
+        },
+    }
+
+
+def bench_replication(base: Path, files: list[Path], concurrency: int) -> list[tuple[str, str]]:
+    b = OrthancProcess(
+        base / "rep-b", "b", config={"Plugins": [PYTHON_PLUGIN], "PythonScript": str(COUNTER)}
+    ).start()
+    a = OrthancProcess(
+        base / "rep-a", "a", plugin=True, config=plugin_config(b, False, concurrency)
+    ).start()
+    try:
+        upload(a.url, files, threads=4)
+        n = len(files)
+        studies = a.get("/studies")
+        rates: dict[str, float] = {}
+
+        t = time.perf_counter()
+        r = requests.post(
+            f"{a.url}/peers/b/store", json={"Resources": studies, "Synchronous": True}, timeout=3600
+        )
+        r.raise_for_status()
+        rates["native POST /peers/b/store"] = n / (time.perf_counter() - t)
+        assert count(b) == n
+        clear(b)
+
+        t = time.perf_counter()
+        with requests.Session() as src, requests.Session() as dst:  # default headers (gzip)
+            for iid in a.get("/instances"):
+                data = src.get(f"{a.url}/instances/{iid}/file", timeout=120).content
+                dst.post(f"{b.url}/instances", data=data, timeout=120).raise_for_status()
+        rates["CopyDICOM-style requests loop"] = n / (time.perf_counter() - t)
+        assert count(b) == n
+        clear(b)
+
+        posted_before = b.get("/counter")["PostInstances"]
+        t = time.perf_counter()
+        r = requests.post(f"{a.url}/dicomsync/backfill", json={"Destination": "b"}, timeout=600)
+        r.raise_for_status()
+        wait(lambda: drained(a, "b", len(studies)))
+        rates[f"plugin route (Concurrency {concurrency})"] = n / (time.perf_counter() - t)
+        assert count(b) == n and b.get("/counter")["PostInstances"] - posted_before == n
+    finally:
+        a.stop()
+        b.stop()
+    native = rates["native POST /peers/b/store"]
+    loop = rates["CopyDICOM-style requests loop"]
+    plugin = rates[f"plugin route (Concurrency {concurrency})"]
+    rows = [(k, f"{v:7.1f} instances/s") for k, v in rates.items()]
+    rows += [
+        ("plugin / native", f"{plugin / native:.2f}x (target >= 0.95)"),
+        ("plugin / CopyDICOM loop", f"{plugin / loop:.2f}x (target >= 5)"),
+    ]
+    return rows
+
+
+def bench_ingest(base: Path, files: list[Path], rounds: int) -> list[tuple[str, str]]:
+    b = OrthancProcess(base / "ing-b", "b").start()
+    off_rates, on_rates = [], []
+    try:
+        for i in range(rounds):
+            for on in (False, True):
+                config = plugin_config(b, True, 4) if on else {"StableAge": 1}
+                a = OrthancProcess(
+                    base / f"ing-a-{i}-{int(on)}", "a", plugin=on, config=config
+                ).start()
+                try:
+                    rate = len(files) / upload(a.url, files)
+                    (on_rates if on else off_rates).append(rate)
+                    if on:  # let the route finish before the next round
+                        wait(lambda a=a: drained(a, "b", len({f.parent for f in files})))
+                finally:
+                    a.stop()
+                clear(b)
+    finally:
+        b.stop()
+    off, on = statistics.median(off_rates), statistics.median(on_rates)
+    return [
+        ("plugin off", f"{off:7.1f} instances/s (median of {rounds})"),
+        ("plugin on, routing to B", f"{on:7.1f} instances/s (median of {rounds})"),
+        ("on / off", f"{on / off:.2f}x (target >= 0.95)"),
+    ]
+
+
+def bench_backfill(base: Path, studies: int) -> list[tuple[str, str]]:
+    files = generate(base / "bf-data", studies, 1, 64, "BF")
+    b = OrthancProcess(base / "bf-b", "b").start()
+    a = OrthancProcess(base / "bf-a", "a", plugin=True, config=plugin_config(b, True, 8)).start()
+    try:
+        upload(a.url, files, threads=4)
+        wait(lambda: drained(a, "b", studies))
+        timings = []
+        for _ in range(3):
+            r = requests.post(f"{a.url}/dicomsync/backfill", json={"Destination": "b"}, timeout=600)
+            r.raise_for_status()
+            answer = r.json()
+            assert answer["AlreadyDelivered"] == studies, answer
+            timings.append(answer["Seconds"])
+        t = time.perf_counter()
+        requests.post(
+            f"{a.url}/dicomsync/backfill", json={"Destination": "b"}, timeout=600
+        ).raise_for_status()
+        wall = time.perf_counter() - t
+    finally:
+        a.stop()
+        b.stop()
+    best = min(timings)
+    return [
+        (
+            f"backfill of {studies} delivered studies",
+            f"{best * 1000 / studies:.2f} ms/study "
+            f"in the plugin, {wall * 1000 / studies:.2f} ms/study wall (target < 5)",
+        )
+    ]
+
+
+def bench_memory(base: Path, total: int, size: int) -> list[tuple[str, str]]:
+    per_study = 10
+    b = OrthancProcess(base / "mem-b", "b").start()
+    a = OrthancProcess(base / "mem-a", "a", plugin=True, config=plugin_config(b, True, 4)).start()
+    samples = []
+    try:
+        batch_studies = 100
+        batches = max(1, total // (per_study * batch_studies))
+        done = 0
+        for i in range(batches):
+            files = generate(base / f"mem-data-{i}", batch_studies, per_study, size, f"M{i:03d}_")
+            upload(a.url, files, threads=2)
+            done += batch_studies
+            wait(lambda done=done: drained(a, "b", done))
+            assert a.pid is not None
+            samples.append(rss_mb(a.pid))
+            for f in files:
+                f.unlink()
+    finally:
+        a.stop()
+        b.stop()
+    routed = batches * batch_studies * per_study
+    return [
+        (f"RSS after first {batch_studies * per_study} routed", f"{samples[0]:.0f} MB"),
+        (f"RSS after {routed} routed", f"{samples[-1]:.0f} MB (max {max(samples):.0f} MB)"),
+        ("growth", f"{samples[-1] - samples[0]:+.0f} MB (target < 100)"),
+    ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--instances", type=int, default=1000)
+    p.add_argument("--size", type=int, default=500_000, help="pixel bytes per instance")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--backfill-studies", type=int, default=1000)
+    p.add_argument("--memory-instances", type=int, default=10_000)
+    p.add_argument("--ingest-rounds", type=int, default=3)
+    p.add_argument("--only", choices=["a", "b", "c", "d"], action="append")
+    args = p.parse_args()
+    if args.quick:
+        args.instances, args.backfill_studies, args.memory_instances = 100, 100, 1000
+        args.ingest_rounds = 1
+    only = set(args.only or "abcd")
+    base = workdir("plugin")
+    print(f"work folder: {base}", flush=True)
+    files: list[Path] = []
+    if only & {"a", "b"}:
+        files = generate(base / "data", max(1, args.instances // 50), 50, args.size, "R")
+    if "a" in only:
+        report(
+            f"(a) replication A->B, {len(files)} instances of {args.size / 1e6:.1f} MB",
+            bench_replication(base, files, args.concurrency),
+        )
+    if "b" in only:
+        report(
+            f"(b) ingest into A, {len(files)} instances",
+            bench_ingest(base, files, args.ingest_rounds),
+        )
+    if "c" in only:
+        report(
+            "(c) backfill of already-delivered studies", bench_backfill(base, args.backfill_studies)
+        )
+    if "d" in only:
+        report(
+            f"(d) Orthanc RSS over {args.memory_instances} routed instances",
+            bench_memory(base, args.memory_instances, 20_000),
+        )
+
+
+if __name__ == "__main__":
+    main()
