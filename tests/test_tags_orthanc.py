@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import requests
-from orthanc_server import OrthancProcess
 from test_tags_flatten import dose_files
 
 from dicomsync.tags import events_from_bytes, events_from_path
+
+from orthanc_server import OrthancProcess
 
 
 def test_identical_events_from_folder_and_from_orthanc(orthanc: OrthancProcess) -> None:
