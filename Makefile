@@ -25,7 +25,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check shared cli plugin tests bench examples
 
 typecheck: setup
-	$(VENV)/bin/mypy
+	bash scripts/typecheck.sh
 
 check: lint typecheck test
 

@@ -92,7 +92,13 @@ class TransferError(DicomSyncError):
 
 
 class SinkError(DicomSyncError):
-    """A tag sink failed to deliver."""
+    """A tag sink failed to deliver. ``delivered`` holds the event ids it did deliver first."""
+
+    delivered: set[str]
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.delivered = set()
 
 
 class SinkRetryable(SinkError):

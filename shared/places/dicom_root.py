@@ -8,11 +8,13 @@ are ignored. Each file is written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from dicomsync.errors import NotFound, RemoteRejected
 from dicomsync.header_cache import CachedHeader
@@ -50,7 +52,7 @@ class DicomRoot(RootPlace):
                     log.warning("skipping unreadable file %s: %s", full, exc.strerror)
                     continue
                 rel = os.path.relpath(full, folder).replace(os.sep, "/")
-                yield Member(rel, st.st_size, st.st_mtime_ns, lambda p=full: open(p, "rb"))
+                yield Member(rel, st.st_size, st.st_mtime_ns, functools.partial(_open_binary, full))
 
     def _folder(self, ref: StudyRef) -> Path:
         return self.root / ref.patient / ref.study
@@ -104,6 +106,10 @@ class DicomRoot(RootPlace):
         self.cache.store(str(folder), written)
         self._scans.pop(key, None)
         return Receipt(len(written), str(folder))
+
+
+def _open_binary(path: str) -> BinaryIO:
+    return open(path, "rb")  # noqa: SIM115 - the caller closes it
 
 
 def _atomic_write(target: Path, data: bytes) -> None:

@@ -79,7 +79,7 @@ def scan_members(container: str, members: Iterable[Member], cache: HeaderCache) 
             log.debug("skipping unreadable file %s/%s (cached)", container, m.name)
         if entry.sop_uid:
             headers.append(
-                InstanceHeader(entry.sop_uid, entry.study_uid, entry.patient_id or "", "")
+                InstanceHeader(entry.sop_uid, entry.study_uid or "", entry.patient_id or "", "")
             )
             files.setdefault(entry.sop_uid, m.name)
     if fresh:

@@ -14,6 +14,7 @@ The password is read from the environment variable named by ``PasswordEnv``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Collection, Iterable, Iterator, Mapping
@@ -144,9 +145,8 @@ class OrthancPlace(Place):
             sop = inst["MainDicomTags"]["SOPInstanceUID"]
             if only is not None and sop not in only:
                 continue
-            yield Instance(
-                sop, f"{safe_component(sop)}.dcm", lambda i=inst["ID"]: self.client.instance_file(i)
-            )
+            loader = functools.partial(self.client.instance_file, inst["ID"])
+            yield Instance(sop, f"{safe_component(sop)}.dcm", loader)
 
     # --- destination --------------------------------------------------------------------
     def holds(self, key: str, identity: StudyIdentity) -> frozenset[str]:

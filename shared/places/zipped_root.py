@@ -9,6 +9,7 @@ re-read as DICOM). Member names keep the source's relative paths.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -55,7 +56,7 @@ class ZippedRoot(RootPlace):
             return Scan(StudyIdentity("", frozenset()), {})
         with zf:
             members = [
-                Member(i.filename, st.st_size, st.st_mtime_ns, lambda n=i.filename: zf.open(n))
+                Member(i.filename, st.st_size, st.st_mtime_ns, functools.partial(zf.open, i.filename))
                 for i in zf.infolist()
                 if not i.is_dir() and not is_hidden(os.path.basename(i.filename))
             ]
@@ -77,7 +78,7 @@ class ZippedRoot(RootPlace):
             for sop, name in wanted:
                 # Read here, while the zip is open: consumers may load bytes on other threads.
                 data = zf.read(name)
-                yield Instance(sop, name, lambda d=data: d)
+                yield Instance(sop, name, functools.partial(bytes, data))
 
     def receive(self, key: str, instances: Iterable[Instance], identity: StudyIdentity) -> Receipt:
         self._check_root()
