@@ -109,7 +109,7 @@ class DicomRoot(RootPlace):
 
 
 def _open_binary(path: str) -> BinaryIO:
-    return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    return open(path, "rb")  # the caller closes it
 
 
 def _atomic_write(target: Path, data: bytes) -> None:
