@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from dicomsync.cli.common import echo_json, load_config, optional_module
+from dicomsync.cli.common import (
+    echo_json,
+    echo_table,
+    load_config,
+    optional_module,
+    tls_options,
+    tls_section,
+)
 from dicomsync.errors import ConfigError, DicomSyncError
 from dicomsync.query import StudyQuery
 
@@ -63,12 +70,7 @@ def add_zipped_root(ctx: click.Context, key: str, path: Path) -> None:
     metavar="VAR",
     help="Environment variable that holds the password (never stored).",
 )
-@click.option("--no-verify", is_flag=True, help="Do not verify TLS certificates (not recommended).")
-@click.option(
-    "--ca-bundle",
-    type=click.Path(exists=True, dir_okay=False),
-    help="CA bundle to verify the server's certificate with.",
-)
+@tls_options
 @click.pass_context
 def add_orthanc(
     ctx: click.Context,
@@ -85,10 +87,7 @@ def add_orthanc(
         section["User"] = user
     if password_env:
         section["PasswordEnv"] = password_env
-    if no_verify:
-        section["VerifyTls"] = False
-    if ca_bundle:
-        section["CaBundle"] = str(Path(ca_bundle).resolve())
+    section.update(tls_section(no_verify, ca_bundle))
     save_place(ctx, key, section)
 
 
@@ -108,12 +107,7 @@ def list_places(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         echo_json([{"key": k, "place": d, "kind": cfg.places[k]["Kind"]} for k, d in rows])
         return
-    width = max([len("key"), *(len(k) for k, _ in rows)])
-    dwidth = max([len("place"), *(len(d) for _, d in rows)])
-    click.echo(f"{'key':<{width}}  place")
-    click.echo(f"{'-' * width}  {'-' * dwidth}")
-    for k, d in rows:
-        click.echo(f"{k:<{width}}  {d}")
+    echo_table(("key", "place"), rows)
 
 
 @place.command("remove")

@@ -9,7 +9,7 @@ from contextlib import ExitStack
 import click
 from click.termui import progressbar
 
-from dicomsync.cli.common import load_config, places_for, show_progress
+from dicomsync.cli.common import echo_summary, load_config, places_for, show_progress
 from dicomsync.places.base import Place, StudyRef
 from dicomsync.query import StudyQuery
 from dicomsync.transfer import StudyOutcome
@@ -45,9 +45,7 @@ def send(ctx: click.Context, query: str, destination: str, dry_run: bool) -> Non
             click.echo(f"no studies match {q}")
             return
         if show_progress(ctx):
-            with progressbar(
-                length=len(items), label="sending", file=sys.stderr
-            ) as bar:
+            with progressbar(length=len(items), label="sending", file=sys.stderr) as bar:
 
                 def advance(_: StudyOutcome) -> None:
                     bar.update(1)
@@ -55,17 +53,7 @@ def send(ctx: click.Context, query: str, destination: str, dry_run: bool) -> Non
                 summary = send_studies(items, dest, dry_run=dry_run, progress=advance)
         else:
             summary = send_studies(items, dest, dry_run=dry_run)
-    for o in summary.outcomes:
-        if o.status == "would_send":
-            click.echo(f"would send {o.ref} ({o.missing} instances)")
-        elif o.status == "failed":
-            click.echo(f"failed {o.ref}: {o.error}", err=True)
-        elif o.status == "sent":
-            click.echo(f"sent {o.ref} ({o.sent} instances)")
-    click.echo(summary.line())
-    log.info("send finished: %s", summary.line())
-    if not summary.ok:
-        ctx.exit(1)
+    echo_summary(ctx, summary)
 
 
 def register(group: click.Group) -> None:

@@ -22,7 +22,15 @@ from typing import Any
 
 import click
 
-from dicomsync.cli.common import echo_json, load_config, places_for
+from dicomsync.cli.common import (
+    echo_json,
+    echo_summary,
+    echo_table,
+    load_config,
+    places_for,
+    tls_options,
+    tls_section,
+)
 from dicomsync.config import Config
 from dicomsync.errors import ConfigError, DicomFileError, DicomSyncError, UnknownPlaceError
 from dicomsync.index_query import IndexQuery
@@ -217,16 +225,7 @@ def replicate_command(
             click.echo(f"no studies of {src_q} match {where}")
             return
         summary = send_studies(items, dest, dry_run=dry_run)
-    for o in summary.outcomes:
-        if o.status == "would_send":
-            click.echo(f"would send {o.ref} ({o.missing} instances)")
-        elif o.status == "failed":
-            click.echo(f"failed {o.ref}: {o.error}", err=True)
-        elif o.status == "sent":
-            click.echo(f"sent {o.ref} ({o.sent} instances)")
-    click.echo(summary.line())
-    if not summary.ok:
-        ctx.exit(1)
+    echo_summary(ctx, summary)
 
 
 # --- sink ----------------------------------------------------------------------------------
@@ -264,12 +263,7 @@ def _save_sink(ctx: click.Context, key: str, section: dict[str, Any]) -> None:
     help="Environment variable that holds the HEC token (never stored).",
 )
 @click.option("--index", "index", metavar="INDEX", help="Splunk index (default: the token's).")
-@click.option(
-    "--ca-bundle",
-    type=click.Path(exists=True, dir_okay=False),
-    help="CA bundle to verify Splunk's certificate with.",
-)
-@click.option("--no-verify", is_flag=True, help="Do not verify TLS certificates (not recommended).")
+@tls_options
 @click.option("--ack", is_flag=True, help="Use indexer acknowledgement.")
 @click.option(
     "--search-url", metavar="URL", help="Splunk management URL (:8089) for replicate --where."
@@ -292,10 +286,7 @@ def add_splunk_hec(
     section: dict[str, Any] = {"Kind": "splunk_hec", "Url": url, "TokenEnv": token_env}
     if index:
         section["Index"] = index
-    if ca_bundle:
-        section["CaBundle"] = str(Path(ca_bundle).resolve())
-    if no_verify:
-        section["Verify"] = False
+    section.update(tls_section(no_verify, ca_bundle))
     if ack:
         section["Ack"] = True
     if search_url:
@@ -334,10 +325,7 @@ def list_sinks(ctx: click.Context, as_json: bool) -> None:
     if not rows:
         click.echo("no sinks configured")
         return
-    width = max([len("key"), *(len(k) for k, _ in rows)])
-    click.echo(f"{'key':<{width}}  sink")
-    for k, d in rows:
-        click.echo(f"{k:<{width}}  {d}")
+    echo_table(("key", "sink"), rows)
 
 
 @sink_group.command("remove")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
+from dicomsync.cli.common import tls_options, tls_section
 from dicomsync.places.xnat import DEFAULT_PASSWORD_ENV
 
 
@@ -22,12 +22,7 @@ from dicomsync.places.xnat import DEFAULT_PASSWORD_ENV
     show_default=True,
     help="Environment variable that holds the password (the password is never stored).",
 )
-@click.option("--no-verify", is_flag=True, help="Do not verify TLS certificates (not recommended).")
-@click.option(
-    "--ca-bundle",
-    type=click.Path(exists=True, dir_okay=False),
-    help="CA bundle to verify the server's certificate with.",
-)
+@tls_options
 @click.pass_context
 def add_xnat_pre_archive(
     ctx: click.Context,
@@ -54,10 +49,7 @@ def add_xnat_pre_archive(
         "User": user,
         "PasswordEnv": password_env,
     }
-    if no_verify:
-        section["VerifyTls"] = False
-    if ca_bundle:
-        section["CaBundle"] = str(Path(ca_bundle).resolve())
+    section.update(tls_section(no_verify, ca_bundle))
     save_place(ctx, key, section)
 
 

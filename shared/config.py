@@ -174,11 +174,7 @@ def build_place(key: str, section: Mapping[str, Any], base_dir: Path) -> Any:
     """Instantiate a place from its section through the registry."""
     from dicomsync.places.base import PLACES
 
-    kind = section.get("Kind")
-    if not isinstance(kind, str):
-        raise ConfigError(f'place {key!r} needs a "Kind"')
-    cls = PLACES.get(kind)
-    return cls.from_config(key, section, base_dir=base_dir)
+    return PLACES.build(key, section, base_dir)
 
 
 def resolve_path(value: str, base_dir: Path) -> Path:

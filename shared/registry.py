@@ -8,8 +8,10 @@ unavailable, with the reason, instead of breaking every command.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 from dicomsync.errors import ConfigError, PlaceKindUnavailable
 
@@ -56,6 +58,14 @@ class Registry(Generic[T]):
         cls: type[T] = getattr(module, class_name)
         self._loaded[kind] = cls
         return cls
+
+    def build(self, key: str, section: Mapping[str, Any], base_dir: Path) -> T:
+        """Instantiate the ``Kind`` of a config section: ``cls.from_config(key, section, …)``."""
+        kind = section.get("Kind")
+        if not isinstance(kind, str):
+            raise ConfigError(f'{self.what} {key!r} needs a "Kind"')
+        built: T = self.get(kind).from_config(key, section, base_dir=base_dir)  # type: ignore[attr-defined]
+        return built
 
     def availability(self) -> dict[str, str | None]:
         """kind -> None when usable, else the reason it is not."""

@@ -152,7 +152,7 @@ def test_log_file_is_timestamped(tmp_path: Path, cli: Cli) -> None:
     cli("--log-file", str(log), "send", "src:*", "zips")
     text = log.read_text()
     assert "dicomsync.transfer INFO: src:p/s: sending 1 of 1 instances to zips" in text
-    assert "send finished: 1 sent, 0 duplicate, 0 failed" in text
+    assert "dicomsync.cli.common INFO: finished: 1 sent, 0 duplicate, 0 failed" in text
     first = text.splitlines()[0]
     assert first[:4].isdigit() and first[4] == "-"  # 2026-11-22 12:00:00,000 ...
 

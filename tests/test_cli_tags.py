@@ -120,7 +120,8 @@ def test_sink_add_list_remove(cli: Cli, tmp_path: Path, hec_server: HecServer) -
     }
     assert TOKEN not in json.dumps(cfg)  # only the variable name is stored
     listing = cli("sink", "list").output.splitlines()
-    assert listing[1].startswith("local ") and listing[2].startswith("splunk ")
+    assert listing[0].startswith("key ") and listing[1].startswith("------  ")
+    assert listing[2].startswith("local ") and listing[3].startswith("splunk ")
     dup = cli("sink", "add", "sqlite_index", "local", str(tmp_path / "x.sqlite"), ok=False)
     assert dup.output.strip() == "Error: a sink called 'local' already exists"
     bad = cli("sink", "add", "sqlite_index", "a:b", str(tmp_path / "x.sqlite"), ok=False)

@@ -149,15 +149,23 @@ SINKS.register("sqlite_index", "dicomsync.sinks.sqlite_index:SqliteIndex")
 
 def build_sink(key: str, section: Mapping[str, Any], base_dir: Path) -> Sink:
     """Instantiate a sink from its config section through the registry."""
-    kind = section.get("Kind")
-    if not isinstance(kind, str):
-        raise ConfigError(f'sink {key!r} needs a "Kind"')
-    cls = SINKS.get(kind)
-    return cls.from_config(key, section, base_dir=base_dir)
+    return SINKS.build(key, section, base_dir)
 
 
 def default_state_file(base_dir: Path, key: str) -> Path:
     return base_dir / ".dicomsync" / "sinks" / f"{safe_component(key)}.ledger.sqlite"
+
+
+def existing_ids(conn: sqlite3.Connection, table: str, ids: Collection[str]) -> set[str]:
+    """Which of ``ids`` are in ``table``'s ``id`` column (queried in chunks of 500)."""
+    found: set[str] = set()
+    items = list(ids)
+    for start in range(0, len(items), 500):
+        chunk = items[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = conn.execute(f"SELECT id FROM {table} WHERE id IN ({marks})", chunk).fetchall()
+        found.update(r[0] for r in rows)
+    return found
 
 
 def connect(path: Path, what: str) -> sqlite3.Connection:
@@ -186,17 +194,8 @@ class Ledger:
             )
 
     def known(self, ids: Collection[str]) -> set[str]:
-        found: set[str] = set()
-        items = list(ids)
         with self._lock:
-            for start in range(0, len(items), 500):
-                chunk = items[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self._conn.execute(
-                    f"SELECT id FROM delivered WHERE id IN ({marks})", chunk
-                ).fetchall()
-                found.update(r[0] for r in rows)
-        return found
+            return existing_ids(self._conn, "delivered", ids)
 
     def add(self, ids: Iterable[str]) -> None:
         now = time.time()

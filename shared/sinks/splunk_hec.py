@@ -14,7 +14,7 @@ Config (every option but ``Url`` has a default)::
       "AckTimeoutSeconds": 120,
       "Retries": 6, "BackoffSeconds": 0.5, "MaxBackoffSeconds": 30,
       "TimeoutSeconds": 30,
-      "Verify": true, "CaBundle": "/etc/ssl/splunk-ca.pem",
+      "VerifyTls": true, "CaBundle": "/etc/ssl/splunk-ca.pem",
       "StateFile": ".dicomsync/sinks/splunk.ledger.sqlite",
       "SearchUrl": "https://splunk.example.org:8089",   // for replicate --where
       "SearchTokenEnv": "SPLUNK_SEARCH_TOKEN",          // Bearer token, or:
@@ -188,7 +188,7 @@ class SplunkHec(Sink):
             backoff=_option_float(section, "BackoffSeconds", key, 0.5),
             max_backoff=_option_float(section, "MaxBackoffSeconds", key, 30.0),
             timeout=_option_float(section, "TimeoutSeconds", key, 30.0),
-            verify=option_bool(section, "Verify", key, kind, True),
+            verify=option_bool(section, "VerifyTls", key, kind, True),
             ca_bundle=ca,
             search_url=search_url,
             search_token_env=option_str(section, "SearchTokenEnv", key, kind),

@@ -32,7 +32,7 @@ from typing import Any
 from dicomsync.config import resolve_path
 from dicomsync.errors import ConfigError, SinkFatal, SinkRetryable
 from dicomsync.index_query import IndexQuery, flatten_fields, to_number, value_text
-from dicomsync.sinks.base import Sink, StudyHit, connect, with_delivered
+from dicomsync.sinks.base import Sink, StudyHit, connect, existing_ids, with_delivered
 from dicomsync.tags import Event
 
 log = logging.getLogger(__name__)
@@ -153,17 +153,8 @@ class SqliteIndex(Sink):
 
     # --- reading ---------------------------------------------------------------------------
     def has(self, ids: Collection[str]) -> set[str]:
-        found: set[str] = set()
-        items = list(ids)
         with self._lock:
-            for start in range(0, len(items), 500):
-                chunk = items[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = self._conn.execute(
-                    f"SELECT id FROM events WHERE id IN ({marks})", chunk
-                ).fetchall()
-                found.update(r[0] for r in rows)
-        return found
+            return existing_ids(self._conn, "events", ids)
 
     def query(self, where: IndexQuery) -> Iterator[StudyHit]:
         expr, params = where.to_sql()
