@@ -111,6 +111,7 @@ class App:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._cursor_samples: list[tuple[float, int]] = []
+        self.place_errors: dict[str, str] = {}
         self._setup(orthanc_config, config_path)
 
     # --- configuration ----------------------------------------------------------------
@@ -173,7 +174,11 @@ class App:
             poll_interval=cfg.poll_interval,
         )
         self.pool.start()
-        for target, name in ((self._metrics_loop, "metrics"), (self._catch_up, "catch-up")):
+        for target, name in (
+            (self._metrics_loop, "metrics"),
+            (self._check_places, "places"),
+            (self._catch_up, "catch-up"),
+        ):
             t = threading.Thread(target=self._guard(target), name=f"dicomsync-{name}", daemon=True)
             self._threads.append(t)
             t.start()
@@ -254,6 +259,17 @@ class App:
                 log.warning("metrics: %s", exc)
             if self._stop.wait(cfg.metrics_interval):
                 return
+
+    def _check_places(self) -> None:
+        """Build every destination once, off the callback thread, to report bad settings
+        (a missing folder, an unset password variable) at startup, not at the first send."""
+        cfg, _ = self._need()
+        for key in cfg.destinations():
+            try:
+                cfg.build_place(key).close()
+            except DicomSyncError as exc:
+                self.place_errors[key] = str(exc)
+                log.error("destination %r is unusable: %s", key, exc)
 
     # --- changes missed while Orthanc was down -----------------------------------------------
     def _cursor_key(self) -> str:
@@ -420,6 +436,7 @@ class App:
             StateDirectory=str(cfg.state_dir),
             Warnings=cfg.warnings,
             Routes=[r.to_dict() for r in cfg.routes],
+            PlaceErrors=self.place_errors,
             Destinations={
                 d: camel(stats[d].to_dict()) if d in stats else camel(DestinationStats(d).to_dict())
                 for d in dict.fromkeys([*cfg.destinations(), *stats])
