@@ -9,8 +9,10 @@ and OnStoredInstance on the upload's HTTP thread:
   the metrics thread and the catch-up of changes missed while Orthanc was down.
 - ORTHANC_STOPPED: stop all of that; jobs still in flight stay ``sending`` for
   this node and are taken back at the next start.
-- OnStoredInstance: runs the cheap per-instance hooks in ``App.instance_hooks``
-  (the tags code adds its enqueue there); there are none by default.
+- OnStoredInstance: runs the cheap per-instance hooks in ``App.instance_hooks``.
+  Orthanc accepts callbacks only while the plugin loads, so the tags code adds its
+  hook in ``register()`` before the callbacks are registered (see ``INSTANCE_HOOKS``);
+  with no hook, no OnStoredInstance callback is registered at all.
 
 REST (behind Orthanc's HTTP server and its authentication), answers are JSON:
 ``GET /dicomsync/status``, ``GET /dicomsync/jobs?state=&destination=&limit=``,
@@ -52,7 +54,7 @@ from dicomsync.errors import (
 from dicomsync.identity import StudyIdentity
 from dicomsync.orthanc_client import OrthancClient, Transport
 from dicomsync.places.orthanc import OrthancPlace
-from dicomsync.queue import STATES, DestinationStats, NewJob, Queue, open_queue
+from dicomsync.queue import STATES, DestinationStats, Enqueued, NewJob, Queue, open_queue
 from dicomsync.worker import Handler, Lane, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -212,19 +214,27 @@ class App:
         """Enqueue one job per matching route; returns the job ids."""
         if not self.active:
             return []
+        return [r.job_id for r in self.route_study(study_id)]
+
+    def route_study(self, study_id: str, fingerprint: str | None = None) -> list[Enqueued]:
+        """Enqueue ``study_id`` for every route whose filter it matches. A known
+        ``fingerprint`` lets a study delivered unchanged stay done."""
         cfg, queue = self._need()
-        keys = cfg.filter_keys | {"StudyInstanceUID"}
         try:
-            facts = routing.study_facts(self.client, study_id, keys)
+            facts = routing.study_facts(
+                self.client, study_id, cfg.filter_keys | {"StudyInstanceUID"}
+            )
         except NotFound:
             log.info("study %s vanished before routing", study_id)
             return []
         uid = next(iter(facts.get("StudyInstanceUID", ())), "")
         destinations = dict.fromkeys(r.destination for r in cfg.matching_routes(facts))
-        results = queue.enqueue_many(
-            [NewJob("study", study_id, d, study_uid=uid) for d in destinations]
+        return queue.enqueue_many(
+            [
+                NewJob("study", study_id, d, study_uid=uid, fingerprint=fingerprint)
+                for d in destinations
+            ]
         )
-        return [r.job_id for r in results]
 
     def on_stored_instance(self, dicom: Any, instance_id: str) -> None:
         for hook in self.instance_hooks:
@@ -301,13 +311,9 @@ class App:
             if self._stop.is_set():
                 return
             fingerprint = self._fingerprint(study_id)
-            if fingerprint is None:
-                continue
-            dests = self._destinations_for(study_id)
-            results = queue.enqueue_many(
-                [NewJob("study", study_id, d, fingerprint=fingerprint) for d in dests]
-            )
-            routed += sum(r.action != "unchanged" for r in results)
+            if fingerprint is not None:
+                results = self.route_study(study_id, fingerprint)
+                routed += sum(r.action != "unchanged" for r in results)
         queue.set_meta(self._cursor_key(), str(last))
         if routed:
             log.warning(
@@ -325,11 +331,6 @@ class App:
             except NotFound:
                 return []
         return []
-
-    def _destinations_for(self, study_id: str) -> list[str]:
-        cfg, _ = self._need()
-        facts = routing.study_facts(self.client, study_id, cfg.filter_keys)
-        return list(dict.fromkeys(r.destination for r in cfg.matching_routes(facts)))
 
     def _advance_cursor(self) -> None:
         """Every change older than StableAge + slack has had its STABLE_STUDY enqueued."""
@@ -506,7 +507,12 @@ class App:
             raise HttpError(
                 400, f"unknown study (no such Orthanc ID or StudyInstanceUID): {', '.join(unknown)}"
             )
-        results = queue.enqueue_many([NewJob("study", s, dest) for s in studies])
+        results = queue.enqueue_many(
+            [
+                NewJob("study", s, dest, study_uid="" if ORTHANC_ID.match(r) else r)
+                for s, r in studies.items()
+            ]
+        )
         return {
             "Destination": dest,
             "Jobs": [
@@ -615,6 +621,9 @@ def parse_since(value: Any) -> str | None:
 # --- registration (the only code that talks to the orthanc module directly) ---------------
 
 APP: App | None = None
+# Factories of per-instance hooks, called with the App during register(): the extension
+# point for per-instance work (the tags code appends here at import time).
+INSTANCE_HOOKS: list[Callable[[App], InstanceHook | None]] = []
 
 
 def _set_metric(name: str, value: float) -> None:
@@ -685,10 +694,16 @@ def register() -> None:
         config = json.loads(orthanc.GetConfiguration())
         path = orthanc.GetConfigurationPath()
         APP = App(config, str(path) if path else None, InProcessTransport(), _set_metric)
+        for factory in INSTANCE_HOOKS:
+            hook = factory(APP)
+            if hook is not None:
+                APP.instance_hooks.append(hook)
     except Exception:
         log.exception("cannot set up dicomsync; routing is OFF")
         APP = None
     orthanc.RegisterOnChangeCallback(_on_change)
-    orthanc.RegisterOnStoredInstanceCallback(_on_stored_instance)
+    if APP is not None and APP.instance_hooks:
+        # Only then: each call takes the GIL on the upload's HTTP thread.
+        orthanc.RegisterOnStoredInstanceCallback(_on_stored_instance)
     orthanc.RegisterRestCallback("/dicomsync/(.*)", _rest)
     log.info("dicomsync %s plugin loaded from %s", dicomsync.__version__, Path(__file__).parent)

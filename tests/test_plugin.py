@@ -134,12 +134,14 @@ def test_metrics_per_destination(
 ) -> None:
     a, _, _ = pair
     total = sum(len(v) for v in ingested.values())
+    depth_b = 'dicomsync_queue_depth{destination="b"}'
     m = wait_for(
         lambda: (
             (m := metrics(a)).get('dicomsync_delivered_instances{destination="b"}', 0) >= total
+            and m.get(depth_b) == 0
             and m
         ),
-        what="metrics published",
+        what="metrics published after the queue drained",
     )
     assert m["dicomsync_config_error"] == 0
     for dest in ("b", "zips", "ct", "scanner"):
@@ -350,6 +352,10 @@ def test_cli_backfill_and_queue_commands(
     from dicomsync.cli.main import cli
 
     a, _, _ = pair
+    wait_for(
+        lambda: all(d["Sending"] == d["Queued"] == 0 for d in status(a)["Destinations"].values()),
+        what="queue drained",
+    )
     run = CliRunner()
     n = len(a.get("/studies"))
     r = run.invoke(cli, ["backfill", a.url, "zips"])
