@@ -7,6 +7,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+
 from dicomsync.errors import ConfigError, QueueError
 from dicomsync.queue import NewJob, RetryPolicy, open_queue
 from dicomsync.queue.sqlite import SQLiteQueue

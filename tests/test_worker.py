@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from dicomsync.errors import NotFound, Unreachable
 from dicomsync.queue import Job, NewJob, RetryPolicy
 from dicomsync.queue.sqlite import SQLiteQueue
