@@ -59,9 +59,13 @@ def pair(
         {"Destination": "scanner", "Filter": {"CallingAet": "SCANNER*"}},
     ]
     a = plugin_orthanc(root / "a", "a", places, routes).start()
-    yield a, b, root
-    a.stop()
-    b.stop()
+    try:
+        yield a, b, root
+    finally:
+        try:
+            a.stop()
+        finally:
+            b.stop()
 
 
 @pytest.fixture(scope="module")

@@ -79,8 +79,10 @@ def test_destination_down_retries_with_growing_delays_then_delivers(tmp_path: Pa
         assert studies_by_id(b) == studies_by_id(a)
         assert status(a)["Destinations"]["b"]["Failed"] == 0
     finally:
-        a.stop()
-        b.stop()
+        try:
+            a.stop()
+        finally:
+            b.stop()
 
 
 def test_kill_9_while_sending_then_restart_delivers_everything_once(tmp_path: Path) -> None:
@@ -129,8 +131,10 @@ def test_kill_9_while_sending_then_restart_delivers_everything_once(tmp_path: Pa
         for study_id, (patient, study) in keys.items():
             assert zip_sop_uids(zips / patient / f"{study}.zip") == source[study_id]
     finally:
-        a.stop()
-        b.stop()
+        try:
+            a.stop()
+        finally:
+            b.stop()
 
 
 def test_study_stored_just_before_a_crash_is_routed_after_restart(tmp_path: Path) -> None:
@@ -155,5 +159,7 @@ def test_study_stored_just_before_a_crash_is_routed_after_restart(tmp_path: Path
         assert studies_by_id(b) == studies_by_id(a)
         assert "caught up 1 route job(s)" in a.log_text()
     finally:
-        a.stop()
-        b.stop()
+        try:
+            a.stop()
+        finally:
+            b.stop()
