@@ -90,10 +90,11 @@ class HttpTransport(Transport):
         self._verify = verify
         self._timeout = timeout
         self._local = threading.local()
-        self._sessions: list[requests.Session] = []
+        self._sessions: dict[threading.Thread, requests.Session] = {}
         self._lock = threading.Lock()
 
     def _session(self) -> requests.Session:
+        """This thread's keep-alive session; sessions of threads that ended are closed."""
         s: requests.Session | None = getattr(self._local, "session", None)
         if s is None:
             s = requests.Session()
@@ -102,7 +103,9 @@ class HttpTransport(Transport):
             s.headers["Accept-Encoding"] = "identity"
             self._local.session = s
             with self._lock:
-                self._sessions.append(s)
+                for thread in [t for t in self._sessions if not t.is_alive()]:
+                    self._sessions.pop(thread).close()
+                self._sessions[threading.current_thread()] = s
         return s
 
     def _call(self, method: str, path: str, **kw: Any) -> requests.Response:
@@ -135,7 +138,7 @@ class HttpTransport(Transport):
 
     def close(self) -> None:
         with self._lock:
-            for s in self._sessions:
+            for s in self._sessions.values():
                 s.close()
             self._sessions.clear()
         self._local = threading.local()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -229,3 +230,37 @@ def test_orthanc_partial_and_lookup_fallback(tmp_path: Path, orthanc: OrthancPro
     # The same study UID under another PatientID: found through /tools/lookup.
     other = StudyIdentity(src.identity(ref).study_uid, frozenset(uids), patient_id="OTHER")
     assert pacs.holds("x/y", other) == uids
+
+
+def test_partials_of_dead_writers_are_swept(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from dicomsync.places.local import partial_file
+
+    src = DicomRoot("src", tmp_path / "src")
+    make_study(tmp_path / "src" / "p" / "s", 2)
+    zips = ZippedRoot("zips", tmp_path / "zips")
+    (tmp_path / "zips" / "p").mkdir(parents=True)
+    target = tmp_path / "zips" / "p" / "s.zip"
+    # A write interrupted by kill -9: a child process makes a partial file, then dies.
+    code = (
+        "import os, sys; from pathlib import Path; "
+        "from dicomsync.places.local import partial_file; "
+        "fd, p = partial_file(Path(sys.argv[1])); print(p)"
+    )
+    dead = Path(
+        subprocess.run(
+            [sys.executable, "-c", code, str(target)], check=True, capture_output=True, text=True
+        ).stdout.strip()
+    )
+    fd, alive = partial_file(target)  # this process is alive: its partial must stay
+    os.close(fd)
+    assert dead.exists() and dead.name.startswith(".s.zip.")
+    ref = next(src.studies())
+    assert send_study(src, ref, zips).status == "sent"
+    assert not dead.exists()
+    assert Path(alive).exists()
+    assert [
+        p.name for p in (tmp_path / "zips" / "p").iterdir() if not p.name.endswith(".partial")
+    ] == ["s.zip"]

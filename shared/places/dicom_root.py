@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import tempfile
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -20,7 +19,15 @@ from dicomsync.errors import NotFound, RemoteRejected
 from dicomsync.header_cache import CachedHeader
 from dicomsync.identity import StudyIdentity, contained_path, safe_component
 from dicomsync.places.base import Instance, Receipt, StudyRef, split_key
-from dicomsync.places.local import Member, RootPlace, Scan, is_hidden, scan_members
+from dicomsync.places.local import (
+    Member,
+    RootPlace,
+    Scan,
+    is_hidden,
+    partial_file,
+    scan_members,
+    sweep_partials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +86,7 @@ class DicomRoot(RootPlace):
         patient, study = split_key(key)
         folder = contained_path(self.root, safe_component(patient), safe_component(study))
         folder.mkdir(parents=True, exist_ok=True)
+        sweep_partials(folder, recursive=True)
         written: list[CachedHeader] = []
         for inst in instances:
             parts = [safe_component(p) for p in inst.name.split("/") if p not in ("", ".")]
@@ -113,7 +121,7 @@ def _open_binary(path: str) -> BinaryIO:
 
 
 def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    fd, tmp = partial_file(target)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

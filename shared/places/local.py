@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,46 @@ log = logging.getLogger(__name__)
 def is_hidden(name: str) -> bool:
     """Temporary and hidden entries (our own partial writes start with a dot)."""
     return name.startswith(".")
+
+
+# Partial writes are named ``.<target>.<host>~<pid>~<random>.partial``, so a later writer
+# can tell the leftovers of a process that died (kill -9, power loss) from live writes.
+_HOST = socket.gethostname().replace("~", "_")
+_PARTIAL = re.compile(r"^\.(?P<target>.+)\.(?P<host>[^.~]*)~(?P<pid>\d+)~[^.]*\.partial$")
+
+
+def partial_file(target: Path) -> tuple[int, str]:
+    """A new temporary file beside ``target`` (its fd and path); hidden from listings."""
+    return tempfile.mkstemp(
+        prefix=f".{target.name}.{_HOST}~{os.getpid()}~", suffix=".partial", dir=target.parent
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_partials(folder: Path, recursive: bool = False) -> int:
+    """Delete partial writes left in ``folder`` by dead processes of this host."""
+    removed = 0
+    candidates = folder.rglob(".*.partial") if recursive else folder.glob(".*.partial")
+    for path in candidates:
+        m = _PARTIAL.match(path.name)
+        if m is None or m["host"] != _HOST or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            path.unlink()
+            removed += 1
+            log.info("removed %s, left by a write that was interrupted", path)
+        except OSError:
+            pass
+    return removed
 
 
 @dataclass(frozen=True)

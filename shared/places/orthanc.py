@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -56,6 +57,8 @@ class OrthancPlace(Place):
         self.verify = verify
         self.upload_threads = max(1, upload_threads)
         self._meta: dict[str, tuple[str, str]] = {}  # study ID -> (PatientID, StudyInstanceUID)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, key: str, section: Mapping[str, Any], *, base_dir: Path) -> Place:
@@ -167,23 +170,37 @@ class OrthancPlace(Place):
             if answer.get("Status") not in ("Success", "AlreadyStored"):
                 raise RemoteRejected(f"Orthanc refused {inst.name}: {answer.get('Status')}")
 
-        with ThreadPoolExecutor(self.upload_threads, thread_name_prefix="orthanc-up") as pool:
-            try:
-                for inst in instances:
-                    if len(pending) >= limit:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for f in done:
-                            f.result()
-                            written += 1
-                    pending.add(pool.submit(upload, inst))
-                for f in pending:
-                    f.result()
-                    written += 1
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
+        pool = self._upload_pool()
+        try:
+            for inst in instances:
+                if len(pending) >= limit:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+                        written += 1
+                pending.add(pool.submit(upload, inst))
+            for f in pending:
+                f.result()
+                written += 1
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            wait(pending)
+            raise
         return Receipt(written, self.describe())
 
+    def _upload_pool(self) -> ThreadPoolExecutor:
+        """One pool per place, so its threads (and their keep-alive sessions) are reused."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    self.upload_threads, thread_name_prefix="orthanc-up"
+                )
+            return self._pool
+
     def close(self) -> None:
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         self.client.close()

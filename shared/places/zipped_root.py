@@ -13,7 +13,6 @@ import functools
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
@@ -22,7 +21,15 @@ from dicomsync.errors import NotFound, RemoteRejected
 from dicomsync.header_cache import CachedHeader
 from dicomsync.identity import StudyIdentity, contained_path, safe_component
 from dicomsync.places.base import Instance, Receipt, StudyRef, split_key
-from dicomsync.places.local import Member, RootPlace, Scan, is_hidden, scan_members
+from dicomsync.places.local import (
+    Member,
+    RootPlace,
+    Scan,
+    is_hidden,
+    partial_file,
+    scan_members,
+    sweep_partials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,9 @@ class ZippedRoot(RootPlace):
             return Scan(StudyIdentity("", frozenset()), {})
         with zf:
             members = [
-                Member(i.filename, st.st_size, st.st_mtime_ns, functools.partial(zf.open, i.filename))
+                Member(
+                    i.filename, st.st_size, st.st_mtime_ns, functools.partial(zf.open, i.filename)
+                )
                 for i in zf.infolist()
                 if not i.is_dir() and not is_hidden(os.path.basename(i.filename))
             ]
@@ -86,7 +95,8 @@ class ZippedRoot(RootPlace):
         folder = contained_path(self.root, safe_component(patient))
         target = contained_path(folder, safe_component(study) + ".zip")
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=folder)
+        sweep_partials(folder)
+        fd, tmp = partial_file(target)
         os.close(fd)
         names: set[str] = set()
         entries: list[tuple[str, str]] = []  # (member, sop) for the cache
