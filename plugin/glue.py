@@ -10,15 +10,17 @@ and OnStoredInstance on the upload's HTTP thread:
 - ORTHANC_STOPPED: stop all of that; jobs still in flight stay ``sending`` for
   this node and are taken back at the next start.
 - OnStoredInstance: runs the cheap per-instance hooks in ``App.instance_hooks``.
-  Orthanc accepts callbacks only while the plugin loads, so the tags code adds its
+  Orthanc accepts callbacks only while the plugin loads, so an extension adds its
   hook in ``register()`` before the callbacks are registered (see ``INSTANCE_HOOKS``);
-  with no hook, no OnStoredInstance callback is registered at all.
+  with no hook, no OnStoredInstance callback is registered at all. The tag sinks
+  need none: they read Orthanc's change log from a durable cursor (``plugin/sinks.py``).
 
 REST (behind Orthanc's HTTP server and its authentication), answers are JSON:
 ``GET /dicomsync/status``, ``GET /dicomsync/jobs?state=&destination=&limit=``,
 ``GET /dicomsync/jobs/{id}``, ``POST /dicomsync/jobs/{id}/retry``,
 ``POST /dicomsync/retry-failed``, ``POST /dicomsync/send``,
-``POST /dicomsync/backfill``, ``GET /dicomsync/places``. Errors are
+``POST /dicomsync/backfill``, ``GET /dicomsync/places``, ``GET /dicomsync/sinks[/{key}]``,
+``POST /dicomsync/sinks/{key}/restart``. Errors are
 ``{"Message": …}`` with a 4xx/5xx code; no exception ever reaches Orthanc.
 
 A bad ``DicomSync`` section is logged once (one line), routing stays off,
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import orthanc
 
@@ -49,11 +52,13 @@ from dicomsync.errors import (
     NotFound,
     QueryError,
     QueueError,
+    SinkFatal,
     UnknownPlaceError,
 )
 from dicomsync.identity import StudyIdentity
 from dicomsync.orthanc_client import OrthancClient, Transport
 from dicomsync.places.orthanc import OrthancPlace
+from dicomsync.plugin.sinks import TAGS, TagSinks
 from dicomsync.queue import STATES, DestinationStats, Enqueued, NewJob, Queue, open_queue
 from dicomsync.worker import Handler, Lane, WorkerPool
 
@@ -107,6 +112,7 @@ class App:
         self.queue: Queue | None = None
         self.pool: WorkerPool | None = None
         self.handler: routing.RouteHandler | None = None
+        self.sinks: TagSinks | None = None
         self.instance_hooks: list[InstanceHook] = []
         self.extra_lanes: list[Lane] = []  # e.g. sink lanes added by the tags code
         self.extra_handlers: dict[str, Handler] = {}
@@ -140,6 +146,8 @@ class App:
             log.error("cannot open the queue, routing is OFF: %s", exc)
             return
         self.config = cfg
+        if cfg.sinks:
+            self.sinks = TagSinks(cfg, self.queue, self.client)
         log.info(
             "%d route(s) to %s; state in %s",
             len(cfg.routes),
@@ -167,15 +175,23 @@ class App:
         self.handler = routing.RouteHandler(
             lambda: OrthancPlace("local", OrthancClient(self.transport)), cfg.build_place
         )
+        sinks = self.sinks
+        if sinks is not None:
+            sinks.build()
         self.pool = WorkerPool(
             queue,
-            [*cfg.lanes(), *self.extra_lanes],
+            [*cfg.lanes(), *(sinks.lanes() if sinks else []), *self.extra_lanes],
             {"study": self.handler, **self.extra_handlers},
+            batch_handlers={TAGS: sinks.handle} if sinks else {},
             owner=cfg.node_id,
             lease_seconds=cfg.lease_seconds,
             poll_interval=cfg.poll_interval,
+            hold_on=(SinkFatal,),
+            on_pause=sinks.on_pause if sinks else None,
         )
         self.pool.start()
+        if sinks is not None:
+            sinks.start(self.pool)
         for target, name in (
             (self._metrics_loop, "metrics"),
             (self._check_places, "places"),
@@ -192,6 +208,8 @@ class App:
         self.transport.close()  # in-flight reads of this Orthanc now fail fast
         if self.pool is not None:
             self.pool.stop(timeout=10)
+        if self.sinks is not None:
+            self.sinks.stop()
         for t in self._threads:
             t.join(5)
         self._threads.clear()
@@ -248,7 +266,7 @@ class App:
         if not self.active:
             return
         cfg, queue = self._need()
-        stats = queue.stats()
+        stats = queue.stats(kind="study")
         for dest in dict.fromkeys([*cfg.destinations(), *stats]):
             s = stats.get(dest)
             escaped = dest.replace("\\", "\\\\").replace('"', '\\"')
@@ -258,6 +276,8 @@ class App:
             self.metric(f"dicomsync_delivered_instances{label}", float(s.delivered if s else 0))
             age = s.oldest_queued_age if s and s.oldest_queued_age is not None else 0.0
             self.metric(f"dicomsync_oldest_queued_age_seconds{label}", age)
+        if self.sinks is not None:
+            self.sinks.publish(self.metric)
 
     def _metrics_loop(self) -> None:
         cfg, _ = self._need()
@@ -356,15 +376,23 @@ class App:
             "", frozenset(i["MainDicomTags"]["SOPInstanceUID"] for i in instances)
         ).fingerprint()
 
-    def _destination(self, value: Any) -> str:
+    def _destination(self, value: Any, *, sinks: bool = False) -> str:
+        """A destination place key (or, with ``sinks``, also a sink key)."""
         cfg, _ = self._need()
         if not isinstance(value, str) or not value:
             raise HttpError(400, '"Destination" (a place key) is required')
-        destinations = cfg.destinations()
+        destinations = cfg.destinations() + (list(cfg.sinks) if sinks else [])
         if value not in destinations:
             known = ", ".join(destinations) or "none"
             raise HttpError(400, f"unknown destination {value!r} (destinations: {known})")
         return value
+
+    def _sink(self, key: str) -> TagSinks:
+        key = unquote(key)
+        if self.sinks is None or key not in self.sinks.states:
+            known = ", ".join(self.sinks.keys) if self.sinks else "none"
+            raise HttpError(404, f"no sink {key!r} (sinks: {known})")
+        return self.sinks
 
     # --- REST -----------------------------------------------------------------------------
     def handle(self, method: str, path: str, get: Mapping[str, str], body: bytes | None) -> Reply:
@@ -378,6 +406,9 @@ class App:
             ("POST", r"send", self.rest_send),
             ("POST", r"backfill", self.rest_backfill),
             ("GET", r"places", self.rest_places),
+            ("GET", r"sinks", self.rest_sinks),
+            ("GET", r"sinks/([^/]+)", self.rest_sink),
+            ("POST", r"sinks/([^/]+)/restart", self.rest_sink_restart),
         ]
         allowed = []
         for verb, pattern, fn in routes:
@@ -431,7 +462,7 @@ class App:
         if not self.active:
             return out
         cfg, queue = self._need()
-        stats = queue.stats()
+        stats = queue.stats(kind="study")
         out.update(
             Node=cfg.node_id,
             StateDirectory=str(cfg.state_dir),
@@ -442,6 +473,7 @@ class App:
                 d: camel(stats[d].to_dict()) if d in stats else camel(DestinationStats(d).to_dict())
                 for d in dict.fromkeys([*cfg.destinations(), *stats])
             },
+            Sinks=self.sinks.all_status() if self.sinks else {},
         )
         return out
 
@@ -480,7 +512,9 @@ class App:
 
     def rest_retry_failed(self, body: dict[str, Any]) -> dict[str, Any]:
         _, queue = self._need()
-        dest = self._destination(body["Destination"]) if body.get("Destination") else None
+        dest = (
+            self._destination(body["Destination"], sinks=True) if body.get("Destination") else None
+        )
         return {"Requeued": queue.requeue_failed(dest)}
 
     def rest_send(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -602,6 +636,30 @@ class App:
                 for key, section in cfg.places.items()
             }
         }
+
+    def rest_sinks(self, get: Mapping[str, str]) -> dict[str, Any]:
+        self._need()
+        if self.sinks is None:
+            return {"Sinks": {}}
+        return {
+            "Sinks": {
+                key: {**st, "Details": self.sinks.details(key)}
+                for key, st in self.sinks.all_status().items()
+            }
+        }
+
+    def rest_sink(self, key: str, get: Mapping[str, str]) -> dict[str, Any]:
+        self._need()
+        sinks = self._sink(key)
+        key = unquote(key)
+        return {**sinks.status(key), "Details": sinks.details(key)}
+
+    def rest_sink_restart(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
+        self._need()
+        sinks = self._sink(key)
+        if self.pool is None:
+            raise HttpError(503, "the workers are not running yet")
+        return sinks.restart(unquote(key))
 
 
 def parse_since(value: Any) -> str | None:

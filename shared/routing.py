@@ -12,11 +12,14 @@
       ],
       "StateDirectory": "dicomsync-state",      // default: "dicomsync" beside StorageDirectory
       "Retry": {"BaseDelay": 5, "MaxDelay": 600, "MaxAttempts": 10},
-      "Sinks": {...}                             // passed through to the tags code
+      "Sinks": {"local": {"Kind": "sqlite_index", "Path": "index.sqlite"}}   // or a file
     }
 
 Relative paths are relative to the folder of Orthanc's configuration file, as
-Orthanc itself resolves ``StorageDirectory``.
+Orthanc itself resolves ``StorageDirectory``; except in inline ``Sinks``, whose
+paths (the index file, the delivered ledgers, a CA bundle) are relative to
+``StateDirectory``. ``Places`` or ``Sinks`` given as a path to a dicomsync.json
+file are relative to that file's folder.
 
 A route's ``Filter`` maps a key to a glob or a list of globs (only ``*`` is special,
 matching is case-sensitive). A study matches a key when any of its values matches
@@ -97,6 +100,7 @@ FILTER_KEYS = (*PATIENT_KEYS, *STUDY_KEYS, *SERIES_KEYS, *INSTANCE_KEYS)
 KNOWN_OPTIONS = {
     "Places",
     "Sinks",
+    "SinksBackfill",
     "Routes",
     "StateDirectory",
     "Retry",
@@ -253,13 +257,6 @@ def _parse(
         except DicomSyncError as exc:
             problems.append(f"{where}.Places[{key!r}]: {exc}")
 
-    sinks: dict[str, dict[str, Any]] = {}
-    sinks_base = base_dir
-    try:
-        sinks, sinks_base = load_sections(section.get("Sinks"), "Sinks", base_dir, where)
-    except ConfigError as exc:
-        problems.append(str(exc))
-
     routes = _parse_routes(section.get("Routes", []), places, problems)
 
     state = section.get("StateDirectory")
@@ -269,6 +266,17 @@ def _parse(
     state_dir = (
         resolve_path(state, base_dir) if state else default_state_dir(orthanc_config, base_dir)
     )
+
+    # Inline sinks keep their files (the sqlite_index, the ledgers) under StateDirectory;
+    # sinks from a dicomsync.json file are relative to that file, as for the CLI.
+    sinks: dict[str, dict[str, Any]] = {}
+    sinks_value = section.get("Sinks")
+    sinks_base = base_dir if isinstance(sinks_value, str) else state_dir
+    try:
+        sinks, sinks_base = load_sections(sinks_value, "Sinks", sinks_base, where)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    _check_sinks(sinks, places, problems)
 
     retry = RetryPolicy()
     try:
@@ -283,6 +291,9 @@ def _parse(
             problems.append(f"{where}.{name} must be a positive number of seconds")
             value = default
         numbers[name] = float(value)
+
+    if not isinstance(section.get("SinksBackfill", True), bool):
+        problems.append(f"{where}.SinksBackfill must be true or false")
 
     node_id = section.get("NodeId") or f"{socket.gethostname()}:{state_dir}"
     return SyncConfig(
@@ -300,6 +311,23 @@ def _parse(
         raw=dict(section),
         warnings=warnings,
     )
+
+
+def _check_sinks(
+    sinks: Mapping[str, Mapping[str, Any]], places: Mapping[str, Any], problems: list[str]
+) -> None:
+    """Kinds must be known, and a sink may not share its key with a place (both name a
+    queue destination)."""
+    from dicomsync.sinks.base import SINKS
+
+    for key, sink in sinks.items():
+        here = f"{SECTION}.Sinks[{key!r}]"
+        try:
+            SINKS.get(str(sink.get("Kind")))
+        except DicomSyncError as exc:
+            problems.append(f"{here}: {exc}")
+        if key in places:
+            problems.append(f"{here}: a place has the same key; give the sink another name")
 
 
 def _parse_routes(value: Any, places: Mapping[str, Any], problems: list[str]) -> list[Route]:
@@ -414,7 +442,9 @@ class RouteHandler:
     ``OrthancPlace`` over the in-process transport); ``dest_factory`` builds a
     destination place by key. Each worker thread gets its own place objects.
     ``send_study`` diffs identities, so only missing instances travel, and verifies
-    that the destination holds every SOP UID before the job counts as done.
+    that the destination holds every SOP UID before the job counts as done. Each job
+    is its own batch: ``dest.prepare`` runs before every send, so a place that caches
+    a listing per batch (XNAT) never answers from a stale one.
     """
 
     def __init__(
@@ -451,7 +481,11 @@ class RouteHandler:
         source = self.source()
         dest = self._place(job.destination, lambda: self._dest_factory(job.destination))
         ref = source.ref_by_id(job.resource)
-        outcome = send_study(source, ref, dest)
+        identity = source.identity(ref)
+        # A job is a batch of one: places that list once per batch (XNAT) list again now,
+        # instead of answering from a listing an earlier job of this thread made.
+        dest.prepare([(ref.key, identity)])
+        outcome = send_study(source, ref, dest, identity=identity)
         if outcome.status in ("sent", "duplicate", "empty"):
             fingerprint = outcome.fingerprint or ""
             return Delivered(fingerprint, outcome.sent)

@@ -18,6 +18,13 @@ records the outcome:
 While the pool stops, an error is not recorded: the job stays ``sending`` for this
 node and ``recover`` takes it back at the next start, without a backoff delay.
 
+Holding a lane: an error of one of the ``hold_on`` types (the plugin passes
+``SinkFatal``: Splunk refuses the token) says the *destination* refuses us, not that
+the job is bad. The job goes back to ``queued`` without counting the attempt
+(``queue.release``), and the lane is paused: its threads lease nothing until
+``resume(lane_name)`` (the plugin's sink restart). ``on_pause(lane, error)`` is
+called once per pause, to report it.
+
 Threads sleep on a per-lane ``threading.Event`` that the queue sets on enqueue,
 and wake anyway when the next retry is due or after ``poll_interval`` (jobs
 enqueued by another process, leases expired on a dead node). A heartbeat thread
@@ -75,6 +82,7 @@ class _LaneState:
         self.handled = 0
         self.errors = 0
         self.last_error = ""
+        self.paused: str | None = None  # why the lane is on hold (None: running)
 
 
 class WorkerPool:
@@ -88,10 +96,14 @@ class WorkerPool:
         owner: str = "",
         lease_seconds: float = 300.0,
         poll_interval: float = 5.0,
+        hold_on: tuple[type[BaseException], ...] = (),
+        on_pause: Callable[[Lane, BaseException], None] | None = None,
     ) -> None:
         self.queue = queue
         self.handlers = dict(handlers or {})
         self.batch_handlers = dict(batch_handlers or {})
+        self.hold_on = hold_on
+        self.on_pause = on_pause
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
@@ -169,6 +181,27 @@ class WorkerPool:
             if state.lane.destination == destination:
                 state.event.set()
 
+    def pause(self, lane_name: str, reason: str) -> bool:
+        """Hold a lane: its threads lease nothing until ``resume``. True if it was running."""
+        state = self._lanes[lane_name]
+        with self._lock:
+            was_running = state.paused is None
+            state.paused = reason or "paused"
+        return was_running
+
+    def resume(self, lane_name: str) -> bool:
+        """Let a held lane lease again; True if it was paused."""
+        state = self._lanes[lane_name]
+        with self._lock:
+            was_paused = state.paused is not None
+            state.paused = None
+        state.event.set()
+        return was_paused
+
+    def paused(self, lane_name: str) -> str | None:
+        """Why the lane is held, or None."""
+        return self._lanes[lane_name].paused
+
     def state(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -184,6 +217,7 @@ class WorkerPool:
                         "handled": s.handled,
                         "errors": s.errors,
                         "last_error": s.last_error,
+                        "paused": s.paused,
                     }
                     for name, s in self._lanes.items()
                 },
@@ -193,6 +227,10 @@ class WorkerPool:
     def _run(self, state: _LaneState) -> None:
         lane = state.lane
         while not self._stop.is_set():
+            if state.paused is not None:
+                state.event.wait(self.poll_interval)
+                state.event.clear()
+                continue
             try:
                 jobs = self.queue.lease(
                     lane.destination,
@@ -278,6 +316,11 @@ class WorkerPool:
             with self._lock:
                 state.errors += 1
                 state.last_error = str(result)[:500]
+            if self.hold_on and isinstance(result, self.hold_on):
+                self.queue.release(job, str(result))
+                if self.pause(state.lane.name, str(result)):
+                    self._report_pause(state.lane, result)
+                return
             if isinstance(result, DicomSyncError):
                 if result.retryable:
                     log.warning(
@@ -311,6 +354,15 @@ class WorkerPool:
                 self.queue.retry_later(job, f"internal error: {type(result).__name__}: {result}")
         except QueueError as exc:
             log.error("job %d: cannot record its outcome (%s); its lease will expire", job.id, exc)
+
+    def _report_pause(self, lane: Lane, error: BaseException) -> None:
+        try:
+            if self.on_pause is not None:
+                self.on_pause(lane, error)
+                return
+        except Exception:
+            log.exception("on_pause(%s) failed", lane.name)
+        log.error("%s is on hold: %s", lane.name, error)
 
     def _beat(self) -> None:
         interval = max(0.5, self.lease_seconds / 3)

@@ -14,6 +14,10 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from pydicom.uid import generate_uid
+
+from dicomdata import data, make_instance, pcir_study_files
+from orthanc_server import OrthancProcess
 from plugin_helpers import (
     all_files,
     counting_orthanc,
@@ -28,10 +32,6 @@ from plugin_helpers import (
     wait_for,
     zip_sop_uids,
 )
-from pydicom.uid import generate_uid
-
-from dicomdata import data, make_instance, pcir_study_files
-from orthanc_server import OrthancProcess
 
 pytestmark = pytest.mark.orthanc
 

@@ -6,6 +6,9 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pydicom.uid import generate_uid
+
+from dicomdata import make_instance
 from plugin_helpers import (
     all_files,
     counting_orthanc,
@@ -18,9 +21,6 @@ from plugin_helpers import (
     wait_for,
     zip_sop_uids,
 )
-from pydicom.uid import generate_uid
-
-from dicomdata import make_instance
 
 pytestmark = pytest.mark.orthanc
 

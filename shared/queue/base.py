@@ -28,9 +28,21 @@ processes may share one queue, so nothing here relies on in-memory state):
     Apply only while the caller still holds the lease (same token); otherwise they
     return ``False`` and change nothing, so a slow worker whose lease expired cannot
     overwrite the work of the node that took the job over.
+``release(job, error)``
+    Puts a leased record back to ``queued``, due at once, *without* counting the
+    attempt: the destination is on hold (a sink whose token Splunk refuses), the
+    job itself did nothing wrong. Lease rules as for ``done``.
 ``recover(owner)``
     After a restart: this node's ``sending`` records (and any expired lease) go
     back to ``queued``.
+``prune(kind, before)``
+    Deletes old ``done`` records of a kind that needs no memory of them (``tags``:
+    the sink's ledger knows what it holds), folding them into per-destination totals
+    so ``stats()`` stays cumulative while the table stays small.
+``enqueue_many(jobs, meta={...})``
+    Also sets the ``meta`` keys, in the same transaction where the implementation
+    can (SQLite does): a producer that reads a change log stores its cursor together
+    with the jobs the changes produced.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ from __future__ import annotations
 import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -204,8 +216,13 @@ class Queue(ABC):
     @abstractmethod
     def enqueue(self, new: NewJob) -> Enqueued: ...
 
-    def enqueue_many(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
-        return [self.enqueue(j) for j in jobs]
+    def enqueue_many(
+        self, jobs: Sequence[NewJob], *, meta: Mapping[str, str] | None = None
+    ) -> list[Enqueued]:
+        results = [self.enqueue(j) for j in jobs]
+        for key, value in (meta or {}).items():
+            self.set_meta(key, value)
+        return results
 
     # --- consumers ------------------------------------------------------------------
     @abstractmethod
@@ -233,6 +250,10 @@ class Queue(ABC):
     @abstractmethod
     def fail(self, job: Job, error: str) -> bool: ...
 
+    @abstractmethod
+    def release(self, job: Job, error: str) -> bool:
+        """Back to ``queued`` and due now, the attempt not counted (the destination is on hold)."""
+
     # --- operators ------------------------------------------------------------------
     @abstractmethod
     def requeue(self, ids: Iterable[int]) -> int:
@@ -244,6 +265,12 @@ class Queue(ABC):
     @abstractmethod
     def recover(self, owner: str = "") -> int:
         """Take back ``sending`` jobs of ``owner`` (all, if empty) and any expired lease."""
+
+    def prune(self, kind: str, before: float) -> int:
+        """Forget ``done`` jobs of ``kind`` last changed before ``before`` (epoch seconds),
+        keeping their counts in ``stats()``. For kinds whose done records carry nothing the
+        destination does not keep itself (``tags``: the sink's ledger). Returns how many."""
+        return 0
 
     # --- readers --------------------------------------------------------------------
     @abstractmethod
@@ -267,7 +294,8 @@ class Queue(ABC):
     ) -> list[Job]: ...
 
     @abstractmethod
-    def stats(self) -> dict[str, DestinationStats]: ...
+    def stats(self, kind: str | None = None) -> dict[str, DestinationStats]:
+        """Per destination; only jobs of ``kind`` when given."""
 
     @abstractmethod
     def next_due(self, destination: str, kind: str | None = None) -> float | None:

@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from dicomsync.queue.base import (
 log = logging.getLogger(__name__)
 
 FILENAME = "queue.sqlite"
+PRUNED = "pruned:"  # meta key prefix: "pruned:<kind>:<destination>" -> "<done> <delivered>"
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -198,8 +199,10 @@ class SQLiteQueue(Queue):
     def enqueue(self, new: NewJob) -> Enqueued:
         return self.enqueue_many([new])[0]
 
-    def enqueue_many(self, jobs: Sequence[NewJob]) -> list[Enqueued]:
-        if not jobs:
+    def enqueue_many(
+        self, jobs: Sequence[NewJob], *, meta: Mapping[str, str] | None = None
+    ) -> list[Enqueued]:
+        if not jobs and not meta:
             return []
         results: list[Enqueued | None] = [None] * len(jobs)
         todo: list[int] = []
@@ -214,13 +217,15 @@ class SQLiteQueue(Queue):
             else:
                 todo.append(i)
         woken: list[str] = []
-        if todo:
+        if todo or meta:
             now = self.clock()
             with self._write() as db:
                 for i in todo:
                     results[i] = self._enqueue_locked(db, jobs[i], now)
                     if results[i].action in ("created", "requeued"):  # type: ignore[union-attr]
                         woken.append(jobs[i].destination)
+                for key, value in (meta or {}).items():
+                    _set_meta(db, key, value)
         self._notify(woken)
         return [r for r in results if r is not None]
 
@@ -339,6 +344,34 @@ class SQLiteQueue(Queue):
             )
         return _applied(cur.rowcount, job, "fail")
 
+    def release(self, job: Job, error: str) -> bool:
+        now = self.clock()
+        with self._write() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state='queued', attempts=MAX(0, attempts-1), next_attempt_at=?,"
+                " last_error=?, rerun=0, lease_token='', lease_expires_at=NULL, updated_at=?"
+                " WHERE id=? AND state='sending' AND lease_token=?",
+                (now, error[:2000], now, job.id, job.lease_token),
+            )
+        return _applied(cur.rowcount, job, "release")
+
+    def prune(self, kind: str, before: float) -> int:
+        with self._write() as db:
+            rows = db.execute(
+                "SELECT destination, COUNT(*) AS n, SUM(delivered_count) AS delivered FROM jobs"
+                " WHERE kind=? AND state='done' AND updated_at < ? GROUP BY destination",
+                (kind, before),
+            ).fetchall()
+            for r in rows:
+                key = f"{PRUNED}{kind}:{r['destination']}"
+                old = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+                done, delivered = (int(x) for x in (old["value"] if old else "0 0").split())
+                _set_meta(db, key, f"{done + r['n']} {delivered + (r['delivered'] or 0)}")
+            cur = db.execute(
+                "DELETE FROM jobs WHERE kind=? AND state='done' AND updated_at < ?", (kind, before)
+            )
+        return int(cur.rowcount)
+
     # --- operators ----------------------------------------------------------------------
     def requeue(self, ids: Iterable[int]) -> int:
         ids = [int(i) for i in ids]
@@ -437,12 +470,15 @@ class SQLiteQueue(Queue):
         params.append(max(0, int(limit)))
         return [_job(r) for r in self._read(sql, params)]
 
-    def stats(self) -> dict[str, DestinationStats]:
+    def stats(self, kind: str | None = None) -> dict[str, DestinationStats]:
         now = self.clock()
         out: dict[str, DestinationStats] = {}
+        where = " WHERE kind=?" if kind else ""
+        params = [kind] if kind else []
         for r in self._read(
             "SELECT destination, kind, state, COUNT(*) AS n, SUM(delivered_count) AS delivered,"
-            " MIN(queued_at) AS oldest FROM jobs GROUP BY destination, kind, state"
+            f" MIN(queued_at) AS oldest FROM jobs{where} GROUP BY destination, kind, state",
+            params,
         ):
             s = out.setdefault(r["destination"], DestinationStats(r["destination"]))
             setattr(s, r["state"], getattr(s, r["state"]) + r["n"])
@@ -452,9 +488,20 @@ class SQLiteQueue(Queue):
             if r["state"] in ("queued", "sending") and r["oldest"] is not None:
                 age = max(0.0, now - r["oldest"])
                 s.oldest_queued_age = max(s.oldest_queued_age or 0.0, age)
+        for r in self._read("SELECT key, value FROM meta WHERE key LIKE ?", (f"{PRUNED}%",)):
+            pruned_kind, _, destination = r["key"][len(PRUNED) :].partition(":")
+            if kind and pruned_kind != kind:
+                continue
+            done, delivered = (int(x) for x in r["value"].split())
+            s = out.setdefault(destination, DestinationStats(destination))
+            s.done += done
+            s.delivered += delivered
+            if pruned_kind not in s.kinds:
+                s.kinds.append(pruned_kind)
         for r in self._read(
             "SELECT destination, last_error, MAX(updated_at) AS at FROM jobs"
-            " WHERE last_error != '' GROUP BY destination"
+            f" WHERE last_error != ''{' AND kind=?' if kind else ''} GROUP BY destination",
+            params,
         ):
             s = out.setdefault(r["destination"], DestinationStats(r["destination"]))
             s.last_error, s.last_error_at = r["last_error"], r["at"]
@@ -479,11 +526,15 @@ class SQLiteQueue(Queue):
 
     def set_meta(self, key: str, value: str) -> None:
         with self._write() as db:
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?)"
-                " ON CONFLICT (key) DO UPDATE SET value=excluded.value",
-                (key, value),
-            )
+            _set_meta(db, key, value)
+
+
+def _set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+        (key, value),
+    )
 
 
 def _unchanged(row: sqlite3.Row, new: NewJob) -> bool:
