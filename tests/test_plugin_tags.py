@@ -354,3 +354,93 @@ def test_unknown_sink_kind_is_one_clear_error_and_orthanc_keeps_serving(tmp_path
         assert a.get("/system")["Name"] == "badsink"
     finally:
         a.stop()
+
+
+def test_kill_9_loses_nothing_and_a_sink_added_later_indexes_what_orthanc_holds(
+    tmp_path: Path,
+) -> None:
+    hec = HecServer(tokens=[Token(HELD_TOKEN, disabled=True)]).start()
+    state = tmp_path / "state"
+    a = plugin_orthanc(
+        tmp_path / "a",
+        "crash",
+        {},
+        [],
+        sync={
+            "Sinks": {
+                "local": {"Kind": "sqlite_index", "Path": "index.sqlite"},
+                "held": hec_sink(hec.url, "DS_TEST_HELD_TOKEN"),
+            },
+            "StateDirectory": str(state),
+        },
+        env={"DS_TEST_HELD_TOKEN": HELD_TOKEN},
+    ).start()
+    try:
+        first, second = instance_bytes("CRASH1", 5), instance_bytes("CRASH2", 5)
+        for blob in first:
+            a.upload(blob)
+        wait_for(
+            lambda: (
+                sinks_settled(a, {"local": 5}) and status(a)["Sinks"]["held"]["State"] == "stopped"
+            ),
+            what="local indexed, held stopped",
+        )
+        for blob in second:
+            a.upload(blob)
+        a.kill()  # some of the second study may not even be fed yet
+
+        a.config["DicomSync"]["Sinks"]["late"] = {"Kind": "sqlite_index", "Path": "late.sqlite"}
+        hec.state.tokens[HELD_TOKEN].disabled = False
+        a.start()
+        wait_for(
+            lambda: sinks_settled(a, {"local": 10, "held": 10, "late": 10}),
+            what="every sink has all 10 instances after the restart",
+        )
+        expected = {
+            f"{pydicom.dcmread(BytesIO(b)).SOPInstanceUID}:instance" for b in first + second
+        }
+        ids = hec.event_ids()
+        assert len(ids) == len(set(ids)) and set(ids) == expected
+        for name in ("index.sqlite", "late.sqlite"):
+            index = SqliteIndex(name, state / name)
+            try:
+                assert index.has(list(expected)) == expected
+                assert sum(index.stats()["events"].values()) == 10
+            finally:
+                index.close()
+        assert all(j["State"] == "done" for j in jobs(a, kind="tags"))
+    finally:
+        try:
+            a.stop()
+        finally:
+            hec.stop()
+
+
+def test_shipped_orthanc_json_indexes_every_upload_into_var_dicomsync(tmp_path: Path) -> None:
+    """orthanc.json (ports aside) in a folder playing the repo root: the default sink."""
+    from orthanc_server import REPO_ROOT, free_port
+
+    config = json.loads((REPO_ROOT / "orthanc.json").read_text())
+    config["HttpPort"], config["DicomPort"] = free_port(), free_port()
+    config["PythonScript"] = str(REPO_ROOT / config["PythonScript"])
+    assert config["DicomSync"]["Sinks"] == {
+        "index": {"Kind": "sqlite_index", "Path": "index.sqlite"}
+    }
+    server = OrthancProcess(
+        tmp_path, "orthanc", http_port=config["HttpPort"], dicom_port=config["DicomPort"]
+    )
+    server.full_config = lambda: config  # type: ignore[method-assign]
+    (tmp_path / "var" / "zips").mkdir(parents=True)
+    server.start()
+    try:
+        tap = data("rdsr", "CT-RDSR-Siemens_Flash-TAP-SS.dcm")
+        server.upload(tap.read_bytes())
+        expected = {e.id for e in events_from_path(tap)}
+        wait_for(lambda: sinks_settled(server, {"index": 1}), what="the default index filled")
+        index = SqliteIndex("index", tmp_path / "var" / "dicomsync" / "index.sqlite")
+        try:
+            assert index.has(list(expected)) == expected and len(expected) == 6
+        finally:
+            index.close()
+    finally:
+        server.stop()
