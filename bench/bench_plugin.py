@@ -3,7 +3,10 @@
 (a) replication A->B: the plugin's route worker vs Orthanc's native ``POST /peers/B/store``
     vs a CopyDICOM-style ``requests`` loop with default headers
     (targets: >= 0.95x native, >= 5x the loop);
-(b) ingest into A with the plugin and a route on vs plugin off (target >= 0.95x);
+(b) ingest into A with the plugin and a route on vs plugin off (target >= 0.95x); the same
+    with the tag sinks on (an sqlite_index and a splunk_hec to the HEC stand-in, indexing
+    during the upload; issue 4's target >= 0.95x), and, for reference, what a no-op
+    OnStoredInstance callback alone costs;
 (c) backfill of already-delivered studies, ms per study (target < 5 ms);
 (d) Orthanc's RSS growth over routed instances (target < 100 MB over 10,000).
 
@@ -16,6 +19,8 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +32,22 @@ from common import OrthancProcess, make_instance, report, workdir
 
 PYTHON_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPython.so"
 COUNTER = Path(__file__).resolve().parent.parent / "tests" / "orthanc_counter.py"
+HEC_TOKEN = "0b0b0b0b-1111-4222-8333-444444444444"
+HEC_SERVER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from servers.hec import HecServer, Token
+server = HecServer(tokens=[Token({token!r})]).start()
+print(server.url, flush=True)
+while True:
+    time.sleep(3600)
+"""
+STORED_NOOP = """
+import orthanc
+def on_stored(dicom, instance_id):
+    pass
+orthanc.RegisterOnStoredInstanceCallback(on_stored)
+"""
 
 
 def noisy_pixels(n: int) -> bytes:
@@ -175,51 +196,101 @@ def bench_replication(base: Path, files: list[Path], concurrency: int) -> list[t
     return rows
 
 
+def start_hec() -> tuple[subprocess.Popen[str], str]:
+    """The HEC stand-in in its own process (its threads must not share the uploader's GIL)."""
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HEC_SERVER.format(tests=tests, token=HEC_TOKEN)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def sinks_config(hec_url: str) -> dict[str, Any]:
+    return {
+        "index": {"Kind": "sqlite_index", "Path": "index.sqlite"},
+        "splunk": {"Kind": "splunk_hec", "Url": hec_url, "TokenEnv": "BENCH_HEC_TOKEN"},
+    }
+
+
+def sinks_done(server: OrthancProcess, n: int) -> bool:
+    sinks = server.get("/dicomsync/status")["Sinks"]
+    return all(s["Done"] >= n and s["Queued"] == s["Sending"] == 0 for s in sinks.values())
+
+
 def bench_ingest(base: Path, files: list[Path], rounds: int) -> list[tuple[str, str]]:
     """Upload rate into A: plugin off; plugin on with routing deferred past the upload
     (StableAge 60: the callbacks' own cost); plugin on with routing to B during the upload
-    (StableAge 1: A's workers and B's ingest share the machine's CPUs with the upload)."""
-    variants: list[tuple[str, int | None]] = [
-        ("plugin off", None),
-        ("Python plugin with an empty script", 0),
-        ("plugin on, routes fire after the upload", 60),
-        ("plugin on, routing to B during the upload", 1),
+    (StableAge 1: A's workers and B's ingest share the machine's CPUs with the upload);
+    tag sinks indexing during the upload (routes deferred); a bare no-op OnStoredInstance."""
+    empty = base / "empty.py"
+    empty.write_text("")
+    stored_noop = base / "stored_noop.py"
+    stored_noop.write_text(STORED_NOOP)
+    variants: list[tuple[str, str]] = [
+        ("plugin off", "off"),
+        ("Python plugin with an empty script", "empty"),
+        ("Python plugin, a no-op OnStoredInstance only", "stored"),
+        ("plugin on, routes fire after the upload", "deferred"),
+        ("plugin on, routing to B during the upload", "routing"),
+        ("plugin on, tag sinks indexing during the upload", "sinks"),
     ]
     rates: dict[str, list[float]] = {label: [] for label, _ in variants}
+    drain: list[tuple[float, float]] = []  # (fraction indexed when the upload ended, s to drain)
     b = OrthancProcess(base / "ing-b", "b").start()
+    hec, hec_url = start_hec()
     try:
         for i in range(rounds):
             order = variants[i % len(variants) :] + variants[: i % len(variants)]  # no order bias
-            for k, (label, stable_age) in enumerate(order):
-                if stable_age is None:
-                    a = OrthancProcess(base / f"ing-a-{i}-{k}", "a", config={"StableAge": 1})
-                elif stable_age == 0:
-                    empty = base / "empty.py"
-                    empty.write_text("")
-                    config = {
-                        "StableAge": 1,
-                        "Plugins": [PYTHON_PLUGIN],
-                        "PythonScript": str(empty),
-                    }
-                    a = OrthancProcess(base / f"ing-a-{i}-{k}", "a", config=config)
-                else:
-                    config = {**plugin_config(b, True, 4), "StableAge": stable_age}
-                    a = OrthancProcess(base / f"ing-a-{i}-{k}", "a", plugin=True, config=config)
-                a.start()
+            for k, (label, kind) in enumerate(order):
+                folder = base / f"ing-a-{i}-{k}"
+                config: dict[str, Any] = {"StableAge": 1}
+                plugin, env = False, {}
+                if kind in ("empty", "stored"):
+                    script = empty if kind == "empty" else stored_noop
+                    config.update(Plugins=[PYTHON_PLUGIN], PythonScript=str(script))
+                elif kind != "off":
+                    plugin = True
+                    config = plugin_config(b, True, 4)
+                    config["StableAge"] = 1 if kind == "routing" else 60
+                    if kind == "sinks":
+                        config["DicomSync"]["Sinks"] = sinks_config(hec_url)
+                        env = {"BENCH_HEC_TOKEN": HEC_TOKEN}
+                a = OrthancProcess(folder, "a", plugin=plugin, config=config, env=env).start()
                 try:
                     rates[label].append(len(files) / upload(a.url, files))
+                    if kind == "sinks":
+                        st = a.get("/dicomsync/status")["Sinks"]
+                        indexed = min(s["Done"] for s in st.values()) / len(files)
+                        drain.append((indexed, wait(lambda a=a: sinks_done(a, len(files)))))
                 finally:
                     a.stop()
                 clear(b)
     finally:
+        hec.kill()
+        hec.wait()
         b.stop()
     med = {label: statistics.median(v) for label, v in rates.items()}
     off = med["plugin off"]
     rows = [
-        (label, f"{rate:7.1f} instances/s (median of {rounds}), {rate / off:.2f}x off")
+        (
+            label,
+            f"{rate:7.1f} instances/s (median of {rounds}, {min(rates[label]):.0f}-"
+            f"{max(rates[label]):.0f}), {rate / off:.2f}x off",
+        )
         for label, rate in med.items()
     ]
-    rows.append(("target", ">= 0.95x off"))
+    rows.append(("target", ">= 0.95x off (routes: issue 3 (b); tag sinks: issue 4)"))
+    if drain:
+        rows.append(
+            (
+                "tag sinks: indexed when the upload ended",
+                f"{statistics.median(d[0] for d in drain):.0%} of the instances, the rest "
+                f"{statistics.median(d[1] for d in drain):.1f} s later (median)",
+            )
+        )
     return rows
 
 

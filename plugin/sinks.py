@@ -29,7 +29,8 @@ counting an attempt and the sink shows ``stopped`` with the error, until
 ledger makes every repeat free, so nothing reaches a sink twice.
 
 Done ``tags`` jobs are pruned after ``PRUNE_AFTER`` seconds (their counts stay in
-the statistics): the sink's ledger is the record of what it holds.
+the statistics): the sink's ledger is the record of what it holds, and the queue's
+table stays small however many instances pass.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ BATCH = 50  # instances per lease: one sink.send per batch
 FEED_PAGE = 1000  # changes per /changes read
 FEED_INTERVAL = 1.0  # seconds between reads of the change log when it is drained
 MAX_BACKLOG = 20_000  # queued instances per sink before the feed holds back
-PRUNE_AFTER = 600.0
-PRUNE_EVERY = 60.0
+PRUNE_AFTER = 120.0  # seconds a done tags job stays listed (/dicomsync/jobs?kind=tags)
+PRUNE_EVERY = 15.0
+BACKLOG_EVERY = 2.0  # seconds between backlog checks of the feed
 FINGERPRINT = "events"  # what a done tags job records (its instance's events are delivered)
 GONE = "gone"  # the instance was deleted before its events were computed
 
@@ -94,6 +96,8 @@ class TagSinks:
         }
         self.pool: WorkerPool | None = None
         self.cursors: dict[str, int] = {}
+        self._open_keys: list[str] = list(self.states)
+        self._backlog_checked = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -272,13 +276,19 @@ class TagSinks:
                     return
                 log.warning("tags feed: %s; trying again", exc)
                 more = False
+            except Exception:  # a bug must not end the feed for good: log it, go on
+                log.exception("tags feed: unexpected error; trying again")
+                more = False
             if not more:
                 self._stop.wait(interval)
 
     def feed_once(self) -> bool:
         """Enqueue the instances of one page of changes; True when more pages are waiting."""
-        stats = self.queue.stats(kind=TAGS)
-        open_keys = [k for k in self.states if _backlog(stats.get(k)) < MAX_BACKLOG]
+        if time.monotonic() >= self._backlog_checked + BACKLOG_EVERY:
+            stats = self.queue.stats(kind=TAGS)
+            self._open_keys = [k for k in self.states if _backlog(stats.get(k)) < MAX_BACKLOG]
+            self._backlog_checked = time.monotonic()
+        open_keys = self._open_keys
         if not open_keys:
             return False
         since = min(self.cursors[k] for k in open_keys)
