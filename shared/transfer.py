@@ -88,7 +88,11 @@ def send_study(
     dry_run: bool = False,
     identity: StudyIdentity | None = None,
 ) -> StudyOutcome:
-    """Send one study; never raises a ``DicomSyncError`` (it becomes a failed outcome)."""
+    """Send one study; never raises (every error becomes a failed outcome).
+
+    Unexpected exceptions are logged with their traceback and marked retryable, so the
+    plugin tries again and a CLI batch goes on with the next study.
+    """
     try:
         identity = identity or source.identity(ref)
         if not identity.sop_uids:
@@ -119,6 +123,10 @@ def send_study(
         return StudyOutcome(
             ref, "failed", error=str(exc), identity=identity, retryable=exc.retryable
         )
+    except Exception as exc:  # a bug or an untranslated error: fail this study, not the batch
+        log.warning("%s: unexpected error", ref, exc_info=True)
+        error = f"unexpected error: {type(exc).__name__}: {exc}"
+        return StudyOutcome(ref, "failed", error=error, identity=identity, retryable=True)
 
 
 def send(

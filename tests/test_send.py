@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -264,3 +265,93 @@ def test_partials_of_dead_writers_are_swept(tmp_path: Path) -> None:
     assert [
         p.name for p in (tmp_path / "zips" / "p").iterdir() if not p.name.endswith(".partial")
     ] == ["s.zip"]
+
+
+@pytest.mark.parametrize("dest_kind", ["zipped_root", "dicom_root"])
+def test_unsafe_names_are_duplicates_on_the_second_send(
+    tmp_path: Path, cli: Cli, dest_kind: str
+) -> None:
+    import unicodedata
+
+    places(tmp_path, cli, ("dicom_root", "src"), (dest_kind, "dst"))
+    nfd = unicodedata.normalize("NFD", "Müller")
+    make_study(tmp_path / "src" / "pat?1" / "stud:1", 2)
+    make_study(tmp_path / "src" / nfd / "s", 1)
+    first = cli("send", "src:*", "dst").output
+    assert first.splitlines()[-1].startswith("2 sent, 0 duplicate, 0 failed (3 instances"), first
+    second = cli("send", "src:*", "dst").output
+    assert second.splitlines()[-1].startswith("0 sent, 2 duplicate, 0 failed (0 instances"), second
+    stored = sorted(
+        p.relative_to(tmp_path / "dst").as_posix()
+        for p in (tmp_path / "dst").rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    )
+    if dest_kind == "zipped_root":
+        assert stored == ["Müller/s.zip", "pat_1/stud_1.zip"]
+    else:
+        assert stored == ["Müller/s/im0.dcm", "pat_1/stud_1/im0.dcm", "pat_1/stud_1/im1.dcm"]
+
+
+def test_corrupt_destination_zip_is_replaced(tmp_path: Path, cli: Cli) -> None:
+    places(tmp_path, cli, ("dicom_root", "src"), ("zipped_root", "zips"))
+    uids = make_study(tmp_path / "src" / "p" / "s", 2)
+    (tmp_path / "zips" / "p").mkdir()
+    (tmp_path / "zips" / "p" / "s.zip").write_bytes(b"PK\x03\x04 this is not a zip")
+    out = cli("send", "src:*", "zips").output
+    assert out.splitlines()[-1].startswith("1 sent, 0 duplicate, 0 failed (2 instances"), out
+    assert sop_uids_in_zip(tmp_path / "zips" / "p" / "s.zip") == uids
+
+
+def test_source_file_vanishing_mid_send_fails_only_that_study(tmp_path: Path, cli: Cli) -> None:
+    places(tmp_path, cli, ("dicom_root", "src"), ("dicom_root", "dst"))
+    make_study(tmp_path / "src" / "p" / "a", 2)
+    make_study(tmp_path / "src" / "p" / "b", 2)
+    src = DicomRoot("src", tmp_path / "src")
+    dst = DicomRoot("dst", tmp_path / "dst")
+    refs = list(src.studies())
+    idents = [src.identity(r) for r in refs]
+    (tmp_path / "src" / "p" / "a" / "im1.dcm").unlink()  # gone after its header was read
+    outcomes = [send_study(src, r, dst, identity=i) for r, i in zip(refs, idents, strict=True)]
+    assert [o.status for o in outcomes] == ["failed", "sent"]
+    assert outcomes[0].error is not None and "cannot read" in outcomes[0].error
+
+
+def test_concurrent_writers_to_one_zip_keep_both(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    src = DicomRoot("src", tmp_path / "src")
+    uids = make_study(tmp_path / "src" / "p" / "s", 6)
+    (tmp_path / "zips").mkdir()
+    ref = next(src.studies())
+    ident = src.identity(ref)
+    insts = list(src.instances(ref))
+    barrier = threading.Barrier(2)
+
+    def write(part: list[Instance]) -> None:
+        zips = ZippedRoot("zips", tmp_path / "zips")  # separate place objects, like two processes
+
+        def slow() -> Iterator[Instance]:
+            for inst in part:
+                time.sleep(0.05)  # keep both writes in flight at once
+                yield inst
+
+        barrier.wait()
+        zips.receive(ref.key, slow(), ident)
+
+    threads = [threading.Thread(target=write, args=(insts[i::2],)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sop_uids_in_zip(tmp_path / "zips" / "p" / "s.zip") == uids
+
+
+def test_orthanc_url_with_credentials_is_refused(tmp_path: Path) -> None:
+    from dicomsync.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        build_place("pacs", {"Kind": "orthanc", "Url": "http://u:secret@host:8042"}, tmp_path)
+    assert "secret" not in str(err.value)
+    with pytest.raises(ConfigError, match="Timeout must be a positive number"):
+        build_place("pacs", {"Kind": "orthanc", "Url": "http://h", "Timeout": "x"}, tmp_path)

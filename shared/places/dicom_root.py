@@ -18,7 +18,7 @@ from typing import BinaryIO
 from dicomsync.errors import NotFound, RemoteRejected
 from dicomsync.header_cache import CachedHeader
 from dicomsync.identity import StudyIdentity, contained_path, safe_component
-from dicomsync.places.base import Instance, Receipt, StudyRef, split_key
+from dicomsync.places.base import Instance, Receipt, StudyRef
 from dicomsync.places.local import (
     Member,
     RootPlace,
@@ -79,12 +79,12 @@ class DicomRoot(RootPlace):
             if only is not None and sop not in only:
                 continue
             path = folder / rel
-            yield Instance(sop, rel, path.read_bytes, path=path)
+            yield Instance(sop, rel, functools.partial(_read_file, path), path=path)
 
     def receive(self, key: str, instances: Iterable[Instance], identity: StudyIdentity) -> Receipt:
         self._check_root()
-        patient, study = split_key(key)
-        folder = contained_path(self.root, safe_component(patient), safe_component(study))
+        ref = self.dest_ref(key)
+        folder = contained_path(self.root, ref.patient, ref.study)
         folder.mkdir(parents=True, exist_ok=True)
         sweep_partials(folder, recursive=True)
         written: list[CachedHeader] = []
@@ -112,8 +112,15 @@ class DicomRoot(RootPlace):
                 )
             )
         self.cache.store(str(folder), written)
-        self._scans.pop(key, None)
+        self._scans.pop(ref.key, None)
         return Receipt(len(written), str(folder))
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise NotFound(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _open_binary(path: str) -> BinaryIO:

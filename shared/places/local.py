@@ -7,16 +7,24 @@ import os
 import re
 import socket
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from dicomsync.config import resolve_path
-from dicomsync.errors import ConfigError, DicomFileError, NotFound
+from dicomsync.errors import DicomFileError, NotFound
 from dicomsync.header_cache import CachedHeader, HeaderCache, shared_cache
-from dicomsync.identity import InstanceHeader, StudyIdentity, identity_of, read_header
-from dicomsync.places.base import Place, StudyRef, require
+from dicomsync.identity import (
+    InstanceHeader,
+    StudyIdentity,
+    identity_of,
+    read_header,
+    safe_component,
+)
+from dicomsync.places.base import Place, StudyRef, require, split_key
 from dicomsync.query import StudyQuery
 
 log = logging.getLogger(__name__)
@@ -100,22 +108,8 @@ def scan_members(container: str, members: Iterable[Member], cache: HeaderCache) 
         seen.add(m.name)
         entry = cached.get(m.name)
         if entry is None or entry.size != m.size or entry.mtime_ns != m.mtime_ns:
-            try:
-                with m.open() as f:
-                    h = read_header(f)
-                entry = CachedHeader(
-                    m.name, m.size, m.mtime_ns, h.sop_uid, h.study_uid, h.patient_id, None
-                )
-            except DicomFileError as exc:
-                log.warning(
-                    "skipping unreadable file %s/%s: %s",
-                    container,
-                    m.name,
-                    str(exc).split(": ", 1)[-1],
-                )
-                entry = CachedHeader(m.name, m.size, m.mtime_ns, None, None, None, str(exc))
-            except OSError as exc:
-                log.warning("skipping unreadable file %s/%s: %s", container, m.name, exc)
+            entry = _read_member(container, m)
+            if entry is None:
                 continue
             fresh.append(entry)
         elif entry.error:
@@ -131,6 +125,23 @@ def scan_members(container: str, members: Iterable[Member], cache: HeaderCache) 
     if stale:
         cache.forget(container, stale)
     return Scan(identity=identity_of(headers), files=files)
+
+
+def _read_member(container: str, m: Member) -> CachedHeader | None:
+    """A fresh header entry for one member; failures become cached error entries."""
+    try:
+        with m.open() as f:
+            h = read_header(f)
+        return CachedHeader(m.name, m.size, m.mtime_ns, h.sop_uid, h.study_uid, h.patient_id, None)
+    except DicomFileError as exc:
+        reason = str(exc).split(": ", 1)[-1]
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged zip member
+        reason = f"damaged ({exc})"
+    except OSError as exc:  # vanished or unreadable: not cached, tried again next time
+        log.warning("skipping unreadable file %s/%s: %s", container, m.name, exc.strerror or exc)
+        return None
+    log.warning("skipping unreadable file %s/%s: %s", container, m.name, reason)
+    return CachedHeader(m.name, m.size, m.mtime_ns, None, None, None, reason)
 
 
 class RootPlace(Place):
@@ -202,17 +213,20 @@ class RootPlace(Place):
             self._scans[ref.key] = scan
         return scan
 
-    def ref(self, key: str) -> StudyRef:
-        from dicomsync.places.base import split_key
+    def dest_ref(self, key: str) -> StudyRef:
+        """Where a study sent under ``key`` lives here: both parts made safe components.
 
+        ``holds`` and ``receive`` both go through this, so the duplicate check reads
+        exactly what a send wrote, and no key from a remote source escapes the root.
+        """
         patient, study = split_key(key)
-        return StudyRef(self.key, patient, study)
+        return StudyRef(self.key, safe_component(patient), safe_component(study))
 
     def holds(self, key: str, identity: StudyIdentity) -> frozenset[str]:
         self._check_root()
-        ref = self.ref(key)
+        ref = self.dest_ref(key)
         scan = self.scan(ref)
-        self._scans[key] = scan
+        self._scans[ref.key] = scan
         if scan.identity.sop_uids and scan.identity.study_uid != identity.study_uid:
             log.warning(
                 "%s:%s holds a different study (%s) than the one being sent (%s)",
@@ -222,8 +236,3 @@ class RootPlace(Place):
                 identity.study_uid,
             )
         return scan.identity.sop_uids & identity.sop_uids
-
-
-def check_new_root(path: Path, kind: str, key: str) -> None:
-    if not path.is_dir():
-        raise ConfigError(f"{kind} place {key!r}: folder {path} does not exist")

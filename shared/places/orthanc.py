@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import threading
+import urllib.parse
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -32,6 +33,13 @@ from dicomsync.query import StudyQuery
 log = logging.getLogger(__name__)
 
 DEFAULT_UPLOAD_THREADS = 4
+
+
+def number(section: Mapping[str, Any], name: str, default: float, key: str) -> float:
+    value = section.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"orthanc place {key!r}: {name} must be a positive number")
+    return float(value)
 
 
 class OrthancPlace(Place):
@@ -65,6 +73,10 @@ class OrthancPlace(Place):
         url = require(section, "Url", key, "orthanc place")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"orthanc place {key!r}: Url must start with http:// or https://")
+        if "@" in urllib.parse.urlsplit(url).netloc:
+            raise ConfigError(
+                f"orthanc place {key!r}: put no user or password in Url; use User and PasswordEnv"
+            )
         user = section.get("User") or None
         password_env = section.get("PasswordEnv") or None
         password = None
@@ -78,7 +90,7 @@ class OrthancPlace(Place):
         if section.get("CaBundle"):
             verify = str(section["CaBundle"])
         transport = HttpTransport(
-            url, user, password, verify=verify, timeout=float(section.get("Timeout", 60))
+            url, user, password, verify=verify, timeout=number(section, "Timeout", 60.0, key)
         )
         return cls(
             key,
@@ -87,7 +99,7 @@ class OrthancPlace(Place):
             user=user,
             password_env=password_env,
             verify=verify,
-            upload_threads=int(section.get("UploadThreads", DEFAULT_UPLOAD_THREADS)),
+            upload_threads=int(number(section, "UploadThreads", DEFAULT_UPLOAD_THREADS, key)),
         )
 
     def to_config(self) -> dict[str, Any]:

@@ -9,18 +9,21 @@ re-read as DICOM). Member names keep the source's relative paths.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import os
 import shutil
 import zipfile
+import zlib
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from dicomsync.errors import NotFound, RemoteRejected
 from dicomsync.header_cache import CachedHeader
 from dicomsync.identity import StudyIdentity, contained_path, safe_component
-from dicomsync.places.base import Instance, Receipt, StudyRef, split_key
+from dicomsync.places.base import Instance, Receipt, StudyRef
 from dicomsync.places.local import (
     Member,
     RootPlace,
@@ -91,48 +94,16 @@ class ZippedRoot(RootPlace):
 
     def receive(self, key: str, instances: Iterable[Instance], identity: StudyIdentity) -> Receipt:
         self._check_root()
-        patient, study = split_key(key)
-        folder = contained_path(self.root, safe_component(patient))
-        target = contained_path(folder, safe_component(study) + ".zip")
+        ref = self.dest_ref(key)
+        folder = contained_path(self.root, ref.patient)
+        target = contained_path(folder, ref.study + ".zip")
         folder.mkdir(parents=True, exist_ok=True)
-        sweep_partials(folder)
-        fd, tmp = partial_file(target)
-        os.close(fd)
-        names: set[str] = set()
-        entries: list[tuple[str, str]] = []  # (member, sop) for the cache
-        written = 0
-        try:
-            with zipfile.ZipFile(
-                tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1
-            ) as out:
-                if target.exists():
-                    old_scan = self.scan(self.ref(key))
-                    by_name = {n: s for s, n in old_scan.files.items()}
-                    with zipfile.ZipFile(target) as old:
-                        for info in old.infolist():
-                            with old.open(info) as src, out.open(info, "w") as dst:
-                                shutil.copyfileobj(src, dst, 1 << 20)
-                            names.add(info.filename)
-                            if info.filename in by_name:
-                                entries.append((info.filename, by_name[info.filename]))
-                for inst in instances:
-                    name = "/".join(
-                        safe_component(p) for p in inst.name.split("/") if p not in ("", ".")
-                    )
-                    if not name or name in names:
-                        name = safe_component(inst.sop_uid) + ".dcm"
-                    out.writestr(name, inst.read())
-                    names.add(name)
-                    entries.append((name, inst.sop_uid))
-                    written += 1
-            os.replace(tmp, target)
-        except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
-            raise RemoteRejected(f"cannot write {target}: {exc.strerror or exc}") from None
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        st = target.stat()
+        # One writer per zip at a time (a plugin route and a CLI send may meet here):
+        # without the lock, the second rename would drop the first writer's instances.
+        with _locked(folder):
+            sweep_partials(folder)
+            entries, written = self._rewrite(ref, target, instances)
+            st = target.stat()
         self.cache.store(
             str(target),
             [
@@ -149,5 +120,79 @@ class ZippedRoot(RootPlace):
             ],
             replace_all=True,
         )
-        self._scans.pop(key, None)
+        self._scans.pop(ref.key, None)
         return Receipt(written, str(target))
+
+    def _rewrite(
+        self, ref: StudyRef, target: Path, instances: Iterable[Instance]
+    ) -> tuple[list[tuple[str, str]], int]:
+        """Write old members plus ``instances`` to a partial file and rename it over ``target``.
+
+        Returns the (member, SOP UID) pairs now in the zip and the count written. A zip
+        that can't be read is replaced (its members are lost, and re-sent by ``send``).
+        """
+        fd, tmp = partial_file(target)
+        os.close(fd)
+        names: set[str] = set()
+        entries: list[tuple[str, str]] = []
+        written = 0
+        try:
+            with zipfile.ZipFile(
+                tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1
+            ) as out:
+                if target.exists():
+                    self._copy_old(ref, target, out, names, entries)
+                present = {sop for _, sop in entries}  # another writer may have added some
+                for inst in instances:
+                    if inst.sop_uid in present:
+                        continue
+                    name = "/".join(
+                        safe_component(p) for p in inst.name.split("/") if p not in ("", ".")
+                    )
+                    if not name or name in names:
+                        name = safe_component(inst.sop_uid) + ".dcm"
+                    out.writestr(name, inst.read())
+                    names.add(name)
+                    entries.append((name, inst.sop_uid))
+                    written += 1
+            os.replace(tmp, target)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise RemoteRejected(f"cannot write {target}: {exc.strerror or exc}") from None
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return entries, written
+
+    def _copy_old(
+        self,
+        ref: StudyRef,
+        target: Path,
+        out: zipfile.ZipFile,
+        names: set[str],
+        entries: list[tuple[str, str]],
+    ) -> None:
+        by_name = {n: s for s, n in self.scan(ref).files.items()}
+        try:
+            with zipfile.ZipFile(target) as old:
+                for info in old.infolist():
+                    with old.open(info) as src, out.open(info, "w") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                    names.add(info.filename)
+                    if info.filename in by_name:
+                        entries.append((info.filename, by_name[info.filename]))
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            log.warning("replacing unreadable zip %s: %s", target, exc)
+            names.clear()
+            entries.clear()
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the patient folder itself (no lock file is left behind)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -194,13 +194,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        # Logged before answering: a client that has its answer sees its request logged.
+        with self.state.lock:
+            self.state.requests.append((urlsplit(self.path).path, status))
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        with self.state.lock:
-            self.state.requests.append((urlsplit(self.path).path, status))
 
     def _code(self, code: int, **extra: Any) -> None:
         status, text = CODES[code]
