@@ -538,3 +538,23 @@ def test_same_key_twice_gets_told_apart(server: XnatServer, tmp_path: Path, pass
         refs = {r.key: r for r in place.studies()}
         assert place.identity(refs["p/s"]).study_uid == exp.uid  # the archived one
         assert place.identity(refs[f"p/s@{first.timestamp}"]).study_uid == first.tag
+
+
+def test_long_lived_place_lists_again_when_its_listing_is_old(
+    server: XnatServer, tmp_path: Path, password: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin worker keeps its place: a session deleted in XNAT must be sent again."""
+    import dicomsync.places.xnat as xnat_module
+
+    build_seed_tree(tmp_path / "root")
+    with root_place(tmp_path / "root") as src, xnat_place(server, tmp_path) as dest:
+        ref = items(src)[0][1]
+        ident = src.identity(ref)
+        assert send_study(src, ref, dest).status == "sent"
+        assert send_study(src, ref, dest).status == "duplicate"
+        session = next(s for s in server.sessions(PROJECT) if s.name == ref.study)
+        assert server.store.delete_session("/data" + session.url)
+        assert dest.holds(ref.key, ident) == ident.sop_uids  # the listing is still fresh
+        monkeypatch.setattr(xnat_module, "LISTING_MAX_AGE", 0.0)
+        assert dest.holds(ref.key, ident) == frozenset()
+        assert send_study(src, ref, dest).status == "sent"

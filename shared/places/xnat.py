@@ -93,6 +93,7 @@ log = logging.getLogger(__name__)
 client_log = logging.getLogger(__name__ + ".client")
 
 DEFAULT_PASSWORD_ENV = "XNAT_PASS"
+LISTING_MAX_AGE = 300.0  # seconds a project listing answers duplicate checks
 DEFAULT_TIMEOUT = 300.0
 REFUSED_SECONDS = 60.0  # a refused login is not tried again for this long (or until close)
 MAX_LABEL = 64
@@ -193,6 +194,7 @@ class XnatPreArchive(Place):
         self._session: Any = None
         self._lock = threading.RLock()
         self._present: set[str] | None = None  # StudyInstanceUIDs in the project
+        self._listed_at = 0.0  # monotonic time of the listing behind _present
         self._listing: list[_Session] | None = None
         self._downloads: dict[str, _Download] = {}
         self._tmp: Path | None = None
@@ -469,6 +471,7 @@ class XnatPreArchive(Place):
         with self._lock:  # worker lanes may share one place between threads
             self._listing = sessions
             self._present = {s.tag for s in sessions if s.tag}
+            self._listed_at = time.monotonic()
         return sessions
 
     # --- destination -------------------------------------------------------------------------
@@ -477,7 +480,9 @@ class XnatPreArchive(Place):
 
     def holds(self, key: str, identity: StudyIdentity) -> frozenset[str]:
         present = self._present
-        if present is None:
+        # A long-lived place (a plugin worker's) lists again when its listing is old, so a
+        # session deleted in XNAT is sent again; within a batch, prepare() lists once.
+        if present is None or time.monotonic() - self._listed_at > LISTING_MAX_AGE:
             self._list_sessions()
             present = self._present or set()
         if identity.study_uid and identity.study_uid in present:
