@@ -114,7 +114,7 @@ class App:
         self.handler: routing.RouteHandler | None = None
         self.sinks: TagSinks | None = None
         self.instance_hooks: list[InstanceHook] = []
-        self.extra_lanes: list[Lane] = []  # e.g. sink lanes added by the tags code
+        self.extra_lanes: list[Lane] = []  # lanes of an extension (the tag sinks have their own)
         self.extra_handlers: dict[str, Handler] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -298,10 +298,32 @@ class WorkerPool:
                 raise DicomSyncError(f"batch handler answered {len(results)} of {len(jobs)} jobs")
         except Exception as exc:
             results = [exc] * len(jobs)
+        # One log line per distinct error of the batch, not one per job.
+        shared: dict[int, int] = {}
+        for result in results:
+            if isinstance(result, BaseException):
+                shared[id(result)] = shared.get(id(result), 0) + 1
+        logged: set[int] = set()
         for job, result in zip(jobs, results, strict=True):
-            self._record(state, job, result)
+            if isinstance(result, BaseException):
+                first = id(result) not in logged
+                logged.add(id(result))
+                self._record(state, job, result, quiet=not first, others=shared[id(result)] - 1)
+            else:
+                self._record(state, job, result)
 
-    def _record(self, state: _LaneState, job: Job, result: Delivered | BaseException) -> None:
+    def _record(
+        self,
+        state: _LaneState,
+        job: Job,
+        result: Delivered | BaseException,
+        *,
+        quiet: bool = False,
+        others: int = 0,
+    ) -> None:
+        """Apply a job's outcome. ``quiet``: another job of the batch already logged this
+        error; ``others``: how many more jobs of the batch share it (said in the log)."""
+        more = f" (and {others} more job(s) of this batch)" if others else ""
         try:
             if isinstance(result, Delivered):
                 self.queue.done(job, result.fingerprint, result.sent)
@@ -323,34 +345,40 @@ class WorkerPool:
                 return
             if isinstance(result, DicomSyncError):
                 if result.retryable:
-                    log.warning(
-                        "job %d (%s -> %s), attempt %d: %s; will retry",
-                        job.id,
-                        job.resource,
-                        job.destination,
-                        job.attempts,
-                        result,
-                    )
+                    if not quiet:
+                        log.warning(
+                            "job %d (%s -> %s), attempt %d: %s; will retry%s",
+                            job.id,
+                            job.resource,
+                            job.destination,
+                            job.attempts,
+                            result,
+                            more,
+                        )
                     self.queue.retry_later(job, str(result))
                 else:
+                    if not quiet:
+                        log.error(
+                            "job %d (%s -> %s) failed: %s%s",
+                            job.id,
+                            job.resource,
+                            job.destination,
+                            result,
+                            more,
+                        )
+                    self.queue.fail(job, str(result))
+            else:
+                if not quiet:
                     log.error(
-                        "job %d (%s -> %s) failed: %s",
+                        "job %d (%s -> %s): unexpected %s: %s%s",
                         job.id,
                         job.resource,
                         job.destination,
+                        type(result).__name__,
                         result,
+                        more,
+                        exc_info=result,
                     )
-                    self.queue.fail(job, str(result))
-            else:
-                log.error(
-                    "job %d (%s -> %s): unexpected %s: %s",
-                    job.id,
-                    job.resource,
-                    job.destination,
-                    type(result).__name__,
-                    result,
-                    exc_info=result,
-                )
                 self.queue.retry_later(job, f"internal error: {type(result).__name__}: {result}")
         except QueueError as exc:
             log.error("job %d: cannot record its outcome (%s); its lease will expire", job.id, exc)

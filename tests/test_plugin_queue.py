@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomsync.errors import QueueError, SinkFatal
+from dicomsync.errors import QueueError, SinkFatal, SinkRetryable
 from dicomsync.queue import Job, NewJob, RetryPolicy
 from dicomsync.queue.sqlite import SQLiteQueue
 from dicomsync.worker import Delivered, Lane, WorkerPool
@@ -123,3 +123,28 @@ def test_a_held_lane_keeps_its_jobs_queued_until_resumed(q: SQLiteQueue) -> None
         assert pool.paused("tags:splunk") is None and len(paused) == 1
     finally:
         pool.stop()
+
+
+def test_a_batch_sharing_one_error_logs_one_line(
+    q: SQLiteQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    busy = SinkRetryable("HEC busy (503)")
+
+    def batch(jobs: list[Job]) -> list[Delivered | BaseException]:
+        return [busy] * len(jobs)
+
+    q.enqueue_many([NewJob("tags", f"i{i}", "splunk") for i in range(3)])
+    pool = WorkerPool(q, [Lane("splunk", 1, kind="tags", batch=3)], batch_handlers={"tags": batch})
+    with caplog.at_level("WARNING", logger="dicomsync.worker"):
+        pool.start()
+        try:
+            wait_for(
+                lambda: all(
+                    j.state == "queued" and j.attempts == 1 for j in q.jobs(destination="splunk")
+                )
+            )
+        finally:
+            pool.stop()
+    lines = [r.getMessage() for r in caplog.records if "HEC busy" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith("will retry (and 2 more job(s) of this batch)")
+    assert all(j.last_error == "HEC busy (503)" and j.attempts == 1 for j in q.jobs("queued"))
