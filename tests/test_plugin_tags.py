@@ -94,6 +94,7 @@ def tagged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tagged]:
         "splunk": hec_sink(hec.url, "DS_TEST_HEC_TOKEN"),
         "local": {"Kind": "sqlite_index", "Path": "index.sqlite"},  # under StateDirectory
         "held": hec_sink(held.url, "DS_TEST_HELD_TOKEN"),
+        "broken": {"Kind": "sqlite_index", "Path": "/proc/no/such/index.sqlite"},  # unbuildable
     }
     a = plugin_orthanc(
         root / "a",
@@ -176,7 +177,7 @@ def test_sqlite_index_under_state_directory_gets_every_event(tagged: Tagged) -> 
 def test_status_and_metrics_cover_the_sinks(tagged: Tagged) -> None:
     a = tagged.a
     sinks = status(a)["Sinks"]
-    assert set(sinks) == {"splunk", "local", "held"}
+    assert set(sinks) == {"splunk", "local", "held", "broken"}
     for key in ("splunk", "local"):
         s = sinks[key]
         assert s["State"] == "running" and s["Error"] is None, s
@@ -292,6 +293,41 @@ def _studies_in(root: Path) -> set[str]:
     }
 
 
+def test_a_sink_that_cannot_be_built_is_stopped_and_keeps_its_instances(tagged: Tagged) -> None:
+    a = tagged.a
+    s = status(a)["Sinks"]["broken"]
+    assert s["State"] == "stopped" and "cannot open /proc/no/such/index.sqlite" in s["Error"]
+    assert s["Queued"] >= tagged.instances and s["Failed"] == s["Done"] == 0
+    lines = [
+        line for line in a.log_text().splitlines() if line.startswith("E") and "'broken'" in line
+    ]
+    assert len(lines) == 1 and "sink 'broken' is stopped" in lines[0]
+    r = requests.post(a.url + "/dicomsync/sinks/broken/restart", timeout=30)
+    assert r.status_code == 200 and r.json()["State"] == "stopped"  # still cannot be built
+    assert status(a)["Sinks"]["splunk"]["State"] == "running"  # the others carry on
+
+
+def test_sinks_inline_live_under_state_directory_or_beside_their_file(tmp_path: Path) -> None:
+    inline = routing.load(
+        {routing.SECTION: {"Sinks": {"i": {"Kind": "sqlite_index", "Path": "i.sqlite"}}}},
+        tmp_path / "orthanc.json",
+    )
+    assert inline is not None and inline.sinks_base == tmp_path / "dicomsync"  # StateDirectory
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "dicomsync.json").write_text(
+        json.dumps({"Sinks": {"i": {"Kind": "sqlite_index", "Path": "i.sqlite"}}})
+    )
+    from_file = routing.load(
+        {routing.SECTION: {"Sinks": "conf/dicomsync.json", "StateDirectory": "state"}},
+        tmp_path / "orthanc.json",
+    )
+    assert from_file is not None and from_file.sinks_base == tmp_path / "conf"
+    assert from_file.sinks == {"i": {"Kind": "sqlite_index", "Path": "i.sqlite"}}
+    problems = routing.validate({routing.SECTION: {"Sinks": [], "SinksBackfill": "yes"}})
+    assert any("'Sinks' must be an object" in p for p in problems), problems
+    assert any("SinksBackfill must be true or false" in p for p in problems), problems
+
+
 def test_sinks_endpoints_errors(tagged: Tagged) -> None:
     a = tagged.a
     r = requests.post(a.url + "/dicomsync/sinks/nope/restart", timeout=30)
@@ -299,7 +335,7 @@ def test_sinks_endpoints_errors(tagged: Tagged) -> None:
     assert requests.get(a.url + "/dicomsync/sinks/held/restart", timeout=30).status_code == 405
     r = requests.post(a.url + "/dicomsync/retry-failed", json={"Destination": "local"}, timeout=30)
     assert r.status_code == 200 and r.json() == {"Requeued": 0}
-    assert set(a.get("/dicomsync/sinks")["Sinks"]) == {"splunk", "local", "held"}
+    assert set(a.get("/dicomsync/sinks")["Sinks"]) == {"splunk", "local", "held", "broken"}
 
 
 # --- its own Orthanc: the token is fixed in Orthanc's environment ------------------------------
