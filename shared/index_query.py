@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from dicomsync.errors import QueryError
+from dicomsync.query import glob_to_regex
 
 Op = Literal["=", "!=", "<", ">", "<=", ">="]
 Kind = Literal["number", "text", "glob"]
@@ -118,7 +119,7 @@ class Condition:
             }[op]
         text = value_text(value)
         if self.kind == "glob":
-            return glob_regex(str(self.value)).match(text) is not None
+            return glob_to_regex(str(self.value)).match(text) is not None
         target_text = str(self.value)
         return {
             "=": text == target_text,
@@ -132,10 +133,6 @@ class Condition:
         if self.op == "!=":
             return bool(values) and not any(self.matches_value(v) for v in values)
         return any(self.matches_value(v) for v in values)
-
-
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    return re.compile("^" + ".*".join(re.escape(p) for p in pattern.split("*")) + "$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -233,8 +230,7 @@ def _spl_condition(c: Condition) -> str:
     if c.kind == "number":
         expr = f"{field}{op}{_spl_number(float(c.value))}"
     elif c.kind == "glob":
-        regex = "^" + ".*".join(re.escape(p) for p in str(c.value).split("*")) + "$"
-        expr = f"match({field}, {spl_string(regex)})"
+        expr = f"match({field}, {spl_string(glob_to_regex(str(c.value)).pattern)})"
     else:
         expr = f"{field}{op}{spl_string(str(c.value))}"
     if c.op == "!=":
