@@ -36,7 +36,7 @@ from dicomsync.errors import ConfigError, DicomFileError, DicomSyncError, Unknow
 from dicomsync.index_query import IndexQuery
 from dicomsync.places.base import Place, StudyRef
 from dicomsync.query import StudyQuery
-from dicomsync.sinks.base import Sink, build_sink, delivered_before
+from dicomsync.sinks.base import Sink, delivered_before
 from dicomsync.tags import Event, events_from_bytes, events_from_path
 
 log = logging.getLogger(__name__)
@@ -241,15 +241,10 @@ def sink_add() -> None:
 
 def _save_sink(ctx: click.Context, key: str, section: dict[str, Any]) -> None:
     cfg = load_config(ctx)
-    if key in cfg.sinks:
-        raise ConfigError(f"a sink called {key!r} already exists")
-    if not key or any(c in key for c in ":/*"):
-        raise ConfigError(f"invalid sink key {key!r}: no ':', '/' or '*' allowed")
-    with build_sink(key, section, cfg.base_dir) as sink:  # validate before saving
-        description = sink.describe()
-    cfg.sinks[key] = section
+    cfg.add_sink(key, section)
     cfg.save()
-    click.echo(f"added {section['Kind']} sink {key!r}: {description}")
+    with cfg.sink(key) as sink:
+        click.echo(f"added {section['Kind']} sink {key!r}: {sink.describe()}")
 
 
 @sink_add.command("splunk_hec")
@@ -334,8 +329,7 @@ def list_sinks(ctx: click.Context, as_json: bool) -> None:
 def remove_sink(ctx: click.Context, key: str) -> None:
     """Forget a sink (its index file or Splunk data is not touched)."""
     cfg = load_config(ctx)
-    cfg.sink_section(key)
-    del cfg.sinks[key]
+    cfg.remove_sink(key)
     cfg.save()
     click.echo(f"removed sink {key!r}")
 

@@ -132,42 +132,57 @@ class Config:
         data: dict[str, Any] = {"Places": self.places, "Sinks": self.sinks, **self.extra}
         atomic_write_text(self.path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
-    # --- places ---------------------------------------------------------------------------
-    def place_section(self, key: str) -> dict[str, Any]:
+    # --- places and sinks: the same rules for both ------------------------------------------
+    def _table(self, what: str) -> dict[str, dict[str, Any]]:
+        return self.places if what == "place" else self.sinks
+
+    def _section(self, what: str, key: str) -> dict[str, Any]:
+        table = self._table(what)
         try:
-            return self.places[key]
+            return table[key]
         except KeyError:
-            known = ", ".join(sorted(self.places)) or "none"
-            raise UnknownPlaceError(f"unknown place {key!r} (configured: {known})") from None
+            known = ", ".join(sorted(table)) or "none"
+            raise UnknownPlaceError(f"unknown {what} {key!r} (configured: {known})") from None
+
+    def _add(self, what: str, key: str, section: Mapping[str, Any]) -> None:
+        table = self._table(what)
+        if key in table:
+            raise ConfigError(f"a {what} called {key!r} already exists")
+        if not key or any(c in key for c in ":/*"):
+            raise ConfigError(f"invalid {what} key {key!r}: no ':', '/' or '*' allowed")
+        build = build_place if what == "place" else _build_sink
+        built = build(key, section, self.base_dir)
+        built.close()  # built only to validate the section before it is saved
+        table[key] = dict(section)
+
+    def _remove(self, what: str, key: str) -> None:
+        self._section(what, key)
+        del self._table(what)[key]
+
+    def place_section(self, key: str) -> dict[str, Any]:
+        return self._section("place", key)
 
     def place(self, key: str) -> Any:
         """Build the place configured under ``key``."""
         return build_place(key, self.place_section(key), self.base_dir)
 
     def add_place(self, key: str, section: Mapping[str, Any]) -> None:
-        if key in self.places:
-            raise ConfigError(f"a place called {key!r} already exists")
-        if key in ("*",) or ":" in key or "/" in key or "*" in key:
-            raise ConfigError(f"invalid place key {key!r}: no ':', '/' or '*' allowed")
-        build_place(key, section, self.base_dir)  # validate before saving
-        self.places[key] = dict(section)
+        self._add("place", key, section)
 
     def remove_place(self, key: str) -> None:
-        self.place_section(key)
-        del self.places[key]
+        self._remove("place", key)
 
-    # --- sinks ----------------------------------------------------------------------------
     def sink_section(self, key: str) -> dict[str, Any]:
-        try:
-            return self.sinks[key]
-        except KeyError:
-            known = ", ".join(sorted(self.sinks)) or "none"
-            raise UnknownPlaceError(f"unknown sink {key!r} (configured: {known})") from None
+        return self._section("sink", key)
 
     def sink(self, key: str) -> Any:
-        from dicomsync.sinks.base import build_sink
+        return _build_sink(key, self.sink_section(key), self.base_dir)
 
-        return build_sink(key, self.sink_section(key), self.base_dir)
+    def add_sink(self, key: str, section: Mapping[str, Any]) -> None:
+        self._add("sink", key, section)
+
+    def remove_sink(self, key: str) -> None:
+        self._remove("sink", key)
 
 
 def build_place(key: str, section: Mapping[str, Any], base_dir: Path) -> Any:
@@ -175,6 +190,12 @@ def build_place(key: str, section: Mapping[str, Any], base_dir: Path) -> Any:
     from dicomsync.places.base import PLACES
 
     return PLACES.build(key, section, base_dir)
+
+
+def _build_sink(key: str, section: Mapping[str, Any], base_dir: Path) -> Any:
+    from dicomsync.sinks.base import build_sink  # sinks import this module
+
+    return build_sink(key, section, base_dir)
 
 
 def resolve_path(value: str, base_dir: Path) -> Path:
