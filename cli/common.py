@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from dicomsync.config import Config, default_path
-from dicomsync.errors import UnknownPlaceError
+from dicomsync.errors import DicomSyncError, UnknownPlaceError
 from dicomsync.places.base import Place
 from dicomsync.query import StudyQuery
 from dicomsync.transfer import Summary
@@ -84,6 +84,26 @@ def echo_table(heading: tuple[str, str], rows: list[tuple[str, str]]) -> None:
     click.echo(f"{'-' * width}  {'-' * dwidth}")
     for k, d in rows:
         click.echo(f"{k:<{width}}  {d}")
+
+
+def echo_configured(cfg: Config, what: str, as_json: bool) -> None:
+    """``place list`` / ``sink list``: each configured key with its description."""
+    table = cfg.places if what == "place" else cfg.sinks
+    build = cfg.place if what == "place" else cfg.sink
+    rows = []
+    for key in sorted(table):
+        try:
+            with build(key) as built:
+                desc = built.describe()
+        except DicomSyncError as exc:
+            desc = f"(unusable: {exc})"
+        rows.append((key, desc))
+    if as_json:
+        echo_json([{"key": k, what: d, "kind": table[k]["Kind"]} for k, d in rows])
+    elif not rows:
+        click.echo(f"no {what}s configured")
+    else:
+        echo_table(("key", what), rows)
 
 
 def echo_summary(ctx: click.Context, summary: Summary) -> None:

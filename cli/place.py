@@ -8,14 +8,14 @@ from typing import Any
 import click
 
 from dicomsync.cli.common import (
+    echo_configured,
     echo_json,
-    echo_table,
     load_config,
     optional_module,
     tls_options,
     tls_section,
 )
-from dicomsync.errors import ConfigError, DicomSyncError
+from dicomsync.errors import ConfigError
 from dicomsync.query import StudyQuery
 
 
@@ -97,17 +97,7 @@ def add_orthanc(
 def list_places(ctx: click.Context, as_json: bool) -> None:
     """Show the configured places."""
     cfg = load_config(ctx)
-    rows = []
-    for key in sorted(cfg.places):
-        try:
-            desc = cfg.place(key).describe()
-        except DicomSyncError as exc:
-            desc = f"(unusable: {exc})"
-        rows.append((key, desc))
-    if as_json:
-        echo_json([{"key": k, "place": d, "kind": cfg.places[k]["Kind"]} for k, d in rows])
-        return
-    echo_table(("key", "place"), rows)
+    echo_configured(cfg, "place", as_json)
 
 
 @place.command("remove")

@@ -23,9 +23,8 @@ from typing import Any
 import click
 
 from dicomsync.cli.common import (
-    echo_json,
+    echo_configured,
     echo_summary,
-    echo_table,
     load_config,
     places_for,
     tls_options,
@@ -306,21 +305,7 @@ def add_sqlite_index(ctx: click.Context, key: str, path: Path) -> None:
 def list_sinks(ctx: click.Context, as_json: bool) -> None:
     """Show the configured sinks."""
     cfg = load_config(ctx)
-    rows = []
-    for key in sorted(cfg.sinks):
-        try:
-            with cfg.sink(key) as sink:
-                desc = sink.describe()
-        except DicomSyncError as exc:
-            desc = f"(unusable: {exc})"
-        rows.append((key, desc))
-    if as_json:
-        echo_json([{"key": k, "sink": d, "kind": cfg.sinks[k]["Kind"]} for k, d in rows])
-        return
-    if not rows:
-        click.echo("no sinks configured")
-        return
-    echo_table(("key", "sink"), rows)
+    echo_configured(cfg, "sink", as_json)
 
 
 @sink_group.command("remove")
