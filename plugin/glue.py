@@ -58,6 +58,7 @@ from dicomsync.errors import (
 from dicomsync.identity import StudyIdentity
 from dicomsync.orthanc_client import OrthancClient, Transport
 from dicomsync.places.orthanc import OrthancPlace
+from dicomsync.plugin.metrics import label as prom_label
 from dicomsync.plugin.sinks import TAGS, TagSinks
 from dicomsync.queue import STATES, DestinationStats, Enqueued, NewJob, Queue, open_queue
 from dicomsync.worker import Handler, Lane, WorkerPool
@@ -119,6 +120,11 @@ class App:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._cursor_samples: list[tuple[float, int]] = []
+        # studies whose STABLE_STUDY (or catch-up) routing failed -> the error; retried by
+        # the metrics loop, and the change-log cursor does not move while any is left
+        self._unrouted: dict[str, str] = {}
+        self._unrouted_lock = threading.Lock()
+        self._caught_up = False
         self.place_errors: dict[str, str] = {}
         self._setup(orthanc_config, config_path)
 
@@ -145,6 +151,9 @@ class App:
             self.config_error = str(exc)
             log.error("cannot open the queue, routing is OFF: %s", exc)
             return
+        if not cfg.raw.get("NodeId"):
+            # the per-node cursors survive a new hostname (a recreated container)
+            cfg.node_id = routing.stored_node_id(cfg.state_dir, cfg.node_id)
         self.config = cfg
         if cfg.sinks:
             self.sinks = TagSinks(cfg, self.queue, self.client)
@@ -171,6 +180,11 @@ class App:
             return
         cfg, queue = self._need()
         self._stop.clear()
+        reopen = getattr(self.transport, "reopen", None)
+        if reopen is not None:
+            reopen()  # a stop closed it; Orthanc started again in this process
+        self._cursor_samples = []
+        self._caught_up = False
         queue.recover(cfg.node_id)
         self.handler = routing.RouteHandler(
             lambda: OrthancPlace("local", OrthancClient(self.transport)), cfg.build_place
@@ -215,6 +229,12 @@ class App:
         self._threads.clear()
         if self.handler is not None:
             self.handler.close()
+        # back to the state before start(), so a later ORTHANC_STARTED starts again
+        # (the queue reconnects on its next use)
+        self.pool = None
+        self.handler = None
+        self._cursor_samples = []
+        self._caught_up = False
         if self.queue is not None:
             self.queue.close()
 
@@ -232,7 +252,48 @@ class App:
         """Enqueue one job per matching route; returns the job ids."""
         if not self.active:
             return []
-        return [r.job_id for r in self.route_study(study_id)]
+        try:
+            return [r.job_id for r in self.route_study(study_id)]
+        except Exception as exc:  # busy or full queue, Orthanc's index not answering, a bug
+            self._hold(study_id, exc)
+            return []
+
+    def _hold(self, study_id: str, exc: BaseException) -> None:
+        """Remember a study whose routing failed: retried by the metrics loop, and until it
+        succeeds the change-log cursor stays below it (a restart's catch-up routes it)."""
+        with self._unrouted_lock:
+            self._unrouted[study_id] = str(exc) or type(exc).__name__
+        log.warning(
+            "routing study %s failed: %s; retried every few seconds (the change-log cursor "
+            "waits for it)",
+            study_id,
+            exc,
+            exc_info=not isinstance(exc, DicomSyncError),
+        )
+
+    def retry_unrouted(self) -> int:
+        """Route the studies whose routing failed; returns how many are still unrouted."""
+        with self._unrouted_lock:
+            pending = list(self._unrouted)
+        for study_id in pending:
+            if self._stop.is_set():
+                break
+            try:
+                self.route_study(study_id)
+            except Exception as exc:
+                with self._unrouted_lock:
+                    self._unrouted[study_id] = str(exc) or type(exc).__name__
+                log.debug("routing study %s failed again: %s", study_id, exc)
+                continue
+            with self._unrouted_lock:
+                self._unrouted.pop(study_id, None)
+            log.warning("study %s routed after an earlier failure", study_id)
+        with self._unrouted_lock:
+            return len(self._unrouted)
+
+    def unrouted(self) -> dict[str, str]:
+        with self._unrouted_lock:
+            return dict(self._unrouted)
 
     def route_study(self, study_id: str, fingerprint: str | None = None) -> list[Enqueued]:
         """Enqueue ``study_id`` for every route whose filter it matches. A known
@@ -269,8 +330,7 @@ class App:
         stats = queue.stats(kind="study")
         for dest in dict.fromkeys([*cfg.destinations(), *stats]):
             s = stats.get(dest)
-            escaped = dest.replace("\\", "\\\\").replace('"', '\\"')
-            label = f'{{destination="{escaped}"}}'
+            label = prom_label("destination", dest)
             self.metric(f"dicomsync_queue_depth{label}", float(s.depth if s else 0))
             self.metric(f"dicomsync_jobs_failed{label}", float(s.failed if s else 0))
             self.metric(f"dicomsync_delivered_instances{label}", float(s.delivered if s else 0))
@@ -284,6 +344,7 @@ class App:
         while True:
             try:
                 self.publish_metrics()
+                self.retry_unrouted()
                 self._advance_cursor()
             except DicomSyncError as exc:
                 log.warning("metrics: %s", exc)
@@ -307,9 +368,23 @@ class App:
         return f"changes_cursor:{cfg.node_id}"
 
     def _catch_up(self) -> None:
+        """Run ``catch_up_once`` until it succeeds (Orthanc or the queue may be busy at start);
+        the cursor does not move on its timer before that."""
+        cfg, _ = self._need()
+        while not self._stop.is_set():
+            try:
+                self.catch_up_once()
+                self._caught_up = True
+                return
+            except DicomSyncError as exc:
+                log.warning("catch-up of changes missed while down: %s; trying again", exc)
+            self._stop.wait(cfg.metrics_interval)
+
+    def catch_up_once(self) -> None:
         """Route studies changed since the stored cursor whose STABLE_STUDY a crash or a stop
         swallowed (Orthanc keeps its "not yet stable" list in memory only). The first run
-        only sets the cursor: studies already stored are for backfill."""
+        only sets the cursor: studies already stored are for backfill. A study that fails to
+        route is held (``retry_unrouted``) and the cursor stays where it was."""
         _, queue = self._need()
         last = int(self.client.get_json("/changes?last")["Last"])
         cursor = queue.get_meta(self._cursor_key())
@@ -326,15 +401,20 @@ class App:
             seq = max(seq + 1, int(page.get("Last", seq + 1)))
             if page.get("Done"):
                 break
-        routed = 0
+        routed = failed = 0
         for study_id in studies:
             if self._stop.is_set():
                 return
-            fingerprint = self._fingerprint(study_id)
-            if fingerprint is not None:
-                results = self.route_study(study_id, fingerprint)
-                routed += sum(r.action != "unchanged" for r in results)
-        queue.set_meta(self._cursor_key(), str(last))
+            try:
+                fingerprint = self._fingerprint(study_id)
+                if fingerprint is not None:
+                    results = self.route_study(study_id, fingerprint)
+                    routed += sum(r.action != "unchanged" for r in results)
+            except Exception as exc:
+                self._hold(study_id, exc)
+                failed += 1
+        if not failed:
+            queue.set_meta(self._cursor_key(), str(last))
         if routed:
             log.warning(
                 "caught up %d route job(s) for studies changed while Orthanc was down", routed
@@ -353,13 +433,15 @@ class App:
         return []
 
     def _advance_cursor(self) -> None:
-        """Every change older than StableAge + slack has had its STABLE_STUDY enqueued."""
+        """Every change older than StableAge + slack has had its STABLE_STUDY enqueued, unless
+        its routing failed: while a study is unrouted (or the catch-up has not run) the
+        cursor stays put, so a restart's catch-up still sees that study's changes."""
         _, queue = self._need()
         now = time.monotonic()
         last = int(self.client.get_json("/changes?last")["Last"])
         self._cursor_samples.append((now, last))
         ripe = [s for s in self._cursor_samples if s[0] <= now - self.stable_age - CURSOR_SLACK]
-        if ripe:
+        if ripe and self._caught_up and not self.unrouted():
             stored = int(queue.get_meta(self._cursor_key()) or 0)
             if ripe[-1][1] > stored:
                 queue.set_meta(self._cursor_key(), str(ripe[-1][1]))
@@ -474,6 +556,7 @@ class App:
                 for d in dict.fromkeys([*cfg.destinations(), *stats])
             },
             Sinks=self.sinks.all_status() if self.sinks else {},
+            Unrouted=self.unrouted(),
         )
         return out
 

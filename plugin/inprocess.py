@@ -2,8 +2,9 @@
 
 Used by the plugin's workers to read the local Orthanc. ``orthanc.OrthancException``
 (``args[0]`` is Orthanc's error code) is translated into dicomsync errors:
-unknown resource -> ``NotFound``, bad request or file -> ``RemoteRejected``,
-unauthorised -> ``AuthenticationFailed``, anything else -> ``Unreachable``
+unknown resource -> ``NotFound``, bad request or bad/corrupted file ->
+``RemoteRejected``, unauthorised -> ``AuthenticationFailed``, anything else
+(out of memory, database busy, storage full, timeouts) -> ``Unreachable``
 (retryable). Once ``close()`` is called (Orthanc is stopping) every call raises
 ``Unreachable`` instead of reaching into a server that is shutting down.
 """
@@ -24,17 +25,23 @@ from dicomsync.errors import (
 )
 from dicomsync.orthanc_client import Transport
 
-# Orthanc error codes (OrthancPluginErrorCode)
+# Orthanc error codes (orthanc.ErrorCode, OrthancPluginErrorCode). Only errors that say
+# "this request or this file is wrong" are final; everything else (NOT_ENOUGH_MEMORY,
+# DATABASE, TIMEOUT, FULL_STORAGE, DATABASE_UNAVAILABLE, …) may heal: Unreachable.
 _NOT_FOUND = {7, 13, 17}  # INEXISTENT_ITEM, INEXISTENT_FILE, UNKNOWN_RESOURCE
 _REJECTED = {
-    3,
-    4,
-    5,
-    6,
-    8,
-    15,
-}  # PARAMETER_OUT_OF_RANGE, BAD_PARAMETER_TYPE, … BAD_REQUEST, BAD_FILE_FORMAT
-_UNAUTHORIZED = {29}
+    3,  # PARAMETER_OUT_OF_RANGE
+    5,  # BAD_PARAMETER_TYPE
+    6,  # BAD_SEQUENCE_OF_CALLS
+    8,  # BAD_REQUEST
+    12,  # URI_SYNTAX
+    15,  # BAD_FILE_FORMAT
+    20,  # CORRUPTED_FILE
+    21,  # INEXISTENT_TAG
+    28,  # BAD_JSON
+    33,  # EMPTY_REQUEST
+}
+_UNAUTHORIZED = {29}  # UNAUTHORIZED
 
 
 def translate(exc: Exception, what: str) -> DicomSyncError:
@@ -76,3 +83,7 @@ class InProcessTransport(Transport):
 
     def close(self) -> None:
         self.closed = True
+
+    def reopen(self) -> None:
+        """Orthanc started again in the same process: calls reach it again."""
+        self.closed = False

@@ -44,6 +44,7 @@ from typing import Any
 
 from dicomsync.errors import DicomSyncError, NotFound, SinkError, SinkFatal, SinkRetryable
 from dicomsync.orthanc_client import OrthancClient
+from dicomsync.plugin.metrics import label as prom_label
 from dicomsync.queue import DestinationStats, Job, NewJob, Queue
 from dicomsync.routing import SyncConfig
 from dicomsync.sinks.base import Sink, build_sink, delivered_before
@@ -76,7 +77,8 @@ class SinkState:
     error: str | None = None  # set while stopped
     rejected: int = 0
     last_rejected: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards ``sink`` itself
+    send_lock: threading.Lock = field(default_factory=threading.Lock)  # one send at a time
 
 
 def cursor_key(node_id: str, sink: str) -> str:
@@ -207,11 +209,14 @@ class TagSinks:
         rejected: dict[str, str] = {}
         error: SinkError | None = None
         if events:
-            try:
-                delivered = sink.send(events)
-            except SinkError as exc:
-                delivered, error = delivered_before(exc), exc
-            rejected = dict(sink.rejected)
+            # ``sink.rejected`` belongs to the sink's last send: send and read it under one
+            # lock, so a concurrent send cannot swap another batch's rejections in.
+            with state.send_lock:
+                try:
+                    delivered = sink.send(events)
+                except SinkError as exc:
+                    delivered, error = delivered_before(exc), exc
+                rejected = dict(sink.rejected)
             if rejected:
                 state.rejected += len(rejected)
                 bad, reason = next(iter(rejected.items()))
@@ -354,8 +359,7 @@ class TagSinks:
 
     def publish(self, metric: Metric) -> None:
         for key, st in self.all_status().items():
-            escaped = key.replace("\\", "\\\\").replace('"', '\\"')
-            label = f'{{sink="{escaped}"}}'
+            label = prom_label("sink", key)
             metric(f"dicomsync_sink_queue_depth{label}", float(st["Queued"] + st["Sending"]))
             metric(f"dicomsync_sink_jobs_failed{label}", float(st["Failed"]))
             metric(f"dicomsync_sink_delivered_events{label}", float(st["DeliveredEvents"]))

@@ -313,6 +313,32 @@ def _parse(
     )
 
 
+NODE_ID_FILE = "node-id"
+
+
+def stored_node_id(state_dir: Path, default: str) -> str:
+    """The node id kept in ``state_dir/node-id``: written with ``default`` on the first
+    start, read back ever after, so the per-node cursors and leases survive a new hostname
+    (a recreated container). If the file cannot be written, ``default`` is used."""
+    path = Path(state_dir) / NODE_ID_FILE
+    try:
+        stored = path.read_text(encoding="utf-8").strip()
+        if stored:
+            return stored
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot read %s (%s); node id %r", path, exc.strerror, default)
+        return default
+    try:
+        tmp = path.with_name(f".{NODE_ID_FILE}.tmp")
+        tmp.write_text(default + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("cannot write %s (%s); node id %r", path, exc.strerror, default)
+    return default
+
+
 def _check_sinks(
     sinks: Mapping[str, Mapping[str, Any]], places: Mapping[str, Any], problems: list[str]
 ) -> None:

@@ -116,12 +116,27 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._in_flight: dict[int, Job] = {}
         self._heartbeat: threading.Thread | None = None
+        self._lingering: list[threading.Thread] = []  # threads a stop() did not see end
         self.started_at: float | None = None
 
     # --- life cycle ---------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, wait: float = 10.0) -> None:
+        """Start the lane threads. Threads an earlier ``stop`` left running (a send that did
+        not end within its timeout) are waited for up to ``wait`` seconds first; if one is
+        still alive the pool refuses to start (``DicomSyncError``), rather than let it run on
+        beside the new threads."""
         if self.started_at is not None:
             return
+        deadline = time.monotonic() + wait
+        for t in self._lingering:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._lingering = [t for t in self._lingering if t.is_alive()]
+        if self._lingering:
+            raise DicomSyncError(
+                f"{len(self._lingering)} worker thread(s) of the last run are still busy; "
+                "start again once they end",
+                retryable=True,
+            )
         self._stop.clear()
         self.queue.subscribe(self.wake)
         for state in self._lanes.values():
@@ -166,8 +181,10 @@ class WorkerPool:
                 "workers still busy after %.0fs; their jobs are taken back at the next start",
                 timeout,
             )
+        self._lingering += [t for t in threads if t.is_alive()]
         for state in self._lanes.values():
             state.threads.clear()
+        self._heartbeat = None
         self.started_at = None
         return clean
 

@@ -96,6 +96,37 @@ def test_enqueue_while_sending_reruns_after_done(q: SQLiteQueue) -> None:
     assert again.id == job_id and again.attempts == 1
 
 
+def test_enqueue_while_sending_then_failing_for_good_is_queued_again(
+    q: SQLiteQueue, clock: Clock
+) -> None:
+    """A second STABLE_STUDY during a send that then fails is not forgotten."""
+    job_id = q.enqueue(study()).job_id
+    leased = q.lease("b")[0]
+    assert q.enqueue(study()).action == "rerun"
+    clock.now += 5
+    assert q.fail(leased, "refused")
+    job = q.get(job_id)
+    assert job is not None and job.state == "queued" and job.attempts == 0
+    assert job.last_error == "refused" and not job.rerun
+    assert job.next_attempt_at == clock.now and job.queued_at == clock.now
+    # and a plain failure (no rerun) still fails
+    again = q.lease("b")[0]
+    assert q.fail(again, "refused again")
+    assert q.get(job_id).state == "failed"  # type: ignore[union-attr]
+    # the last attempt of retry_later fails through the same rule
+    q.requeue([job_id])
+    for _ in range(q.policy.max_attempts):
+        leased = q.lease("b")[0]
+        if leased.attempts == q.policy.max_attempts:
+            q.enqueue(study())  # rerun during the last attempt
+        q.retry_later(leased, "down", delay=0)
+    assert q.get(job_id).state == "queued"  # type: ignore[union-attr]
+    # a lost lease changes nothing
+    stale = q.lease("b")[0]
+    q.recover()
+    assert not q.fail(stale, "too late") and q.get(job_id).state == "queued"  # type: ignore[union-attr]
+
+
 def test_retry_backoff_grows_with_jitter_up_to_cap_then_fails(q: SQLiteQueue, clock: Clock) -> None:
     job_id = q.enqueue(study()).job_id
     delays = []

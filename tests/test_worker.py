@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomsync.errors import NotFound, Unreachable
+from dicomsync.errors import DicomSyncError, NotFound, Unreachable
 from dicomsync.queue import Job, NewJob, RetryPolicy
 from dicomsync.queue.sqlite import SQLiteQueue
 from dicomsync.worker import Delivered, Lane, WorkerPool
@@ -53,7 +53,9 @@ def test_drains_every_destination_and_a_dead_one_holds_up_nobody(q: SQLiteQueue)
     pool.start()
     try:
         wait_for(lambda: q.stats()["b"].done == 20)
-        # both of dead's threads are stuck in a send, and b drained anyway
+        # both of dead's threads are stuck in a send, and b drained anyway (a thread counts
+        # as busy just after its lease: wait for that, bounded)
+        wait_for(lambda: pool.state()["lanes"]["dead"]["busy"] == 2)
         assert pool.state()["lanes"]["dead"]["busy"] == 2
         assert q.stats()["dead"].sending == 2 and q.stats()["dead"].queued == 2
         assert q.stats()["b"].delivered == 40
@@ -186,3 +188,36 @@ def test_batch_handler_gets_several_jobs(q: SQLiteQueue) -> None:
         pool.stop()
     assert batches == [5, 5]
     assert q.find("tags", "i0", "splunk").state == "queued"  # type: ignore[union-attr]
+
+
+def test_start_after_an_unclean_stop_waits_for_the_old_threads_or_refuses(
+    q: SQLiteQueue,
+) -> None:
+    started = threading.Event()
+    release = threading.Event()
+    runs: list[str] = []
+
+    def handler(job: Job) -> Delivered:
+        runs.append(threading.current_thread().name)
+        started.set()
+        release.wait(30)
+        return Delivered("fp")
+
+    q.enqueue(NewJob("study", "s", "b"))
+    pool = WorkerPool(q, [Lane("b")], {"study": handler}, owner="node", poll_interval=0.05)
+    pool.start()
+    assert started.wait(10)
+    assert not pool.stop(timeout=0.1)  # the send is still running: an unclean stop
+    with pytest.raises(DicomSyncError, match="still busy"):
+        pool.start(wait=0.1)
+    assert not pool.running and pool.state()["lanes"]["b"]["alive"] == 0
+    release.set()
+    q.enqueue(NewJob("study", "t", "b"))
+    pool.start(wait=10)  # the old thread ended: a clean start with one thread per lane
+    try:
+        wait_for(lambda: q.stats()["b"].queued == 0 and q.stats()["b"].sending == 0)
+        assert pool.state()["lanes"]["b"]["alive"] == 1
+        alive = [t for t in threading.enumerate() if t.name == "dicomsync-b-0"]
+        assert len(alive) == 1
+    finally:
+        assert pool.stop()

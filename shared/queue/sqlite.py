@@ -320,40 +320,58 @@ class SQLiteQueue(Queue):
             self._notify([job.destination])
         return True
 
+    def _finish_leased(self, job: Job, assignments: str, params: Sequence[Any], what: str) -> str:
+        """``UPDATE jobs SET <assignments>`` on ``job`` while its lease holds (same token, still
+        ``sending``); clears the lease. Returns the new state, or '' when the lease was lost."""
+        with self._write() as db:
+            row = db.execute(
+                f"UPDATE jobs SET {assignments}, lease_token='', lease_expires_at=NULL,"
+                " updated_at=? WHERE id=? AND state='sending' AND lease_token=? RETURNING state",
+                (*params, self.clock(), job.id, job.lease_token),
+            ).fetchone()
+        if row is None:
+            _applied(0, job, what)
+            return ""
+        return str(row["state"])
+
     def retry_later(self, job: Job, error: str, *, delay: float | None = None) -> bool:
         if job.attempts >= self.policy.max_attempts:
             return self.fail(job, f"{error} (gave up after {job.attempts} attempts)")
-        now = self.clock()
         wait = self.policy.delay(job.attempts) if delay is None else max(0.0, delay)
-        with self._write() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state='queued', next_attempt_at=?, last_error=?, rerun=0,"
-                " lease_token='', lease_expires_at=NULL, updated_at=?"
-                " WHERE id=? AND state='sending' AND lease_token=?",
-                (now + wait, error[:2000], now, job.id, job.lease_token),
-            )
-        return _applied(cur.rowcount, job, "retry")
+        state = self._finish_leased(
+            job,
+            "state='queued', next_attempt_at=?, last_error=?, rerun=0",
+            (self.clock() + wait, error[:2000]),
+            "retry",
+        )
+        return bool(state)
 
     def fail(self, job: Job, error: str) -> bool:
+        # A study enqueued again while this send ran (rerun) is not forgotten: it goes back
+        # to queued with a fresh attempt count instead of failed.
         now = self.clock()
-        with self._write() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state='failed', last_error=?, rerun=0, lease_token='',"
-                " lease_expires_at=NULL, updated_at=? WHERE id=? AND state='sending' AND lease_token=?",
-                (error[:2000], now, job.id, job.lease_token),
-            )
-        return _applied(cur.rowcount, job, "fail")
+        state = self._finish_leased(
+            job,
+            "state=CASE WHEN rerun=1 THEN 'queued' ELSE 'failed' END,"
+            " attempts=CASE WHEN rerun=1 THEN 0 ELSE attempts END,"
+            " next_attempt_at=CASE WHEN rerun=1 THEN ? ELSE next_attempt_at END,"
+            " queued_at=CASE WHEN rerun=1 THEN ? ELSE queued_at END,"
+            " last_error=?, rerun=0",
+            (now, now, error[:2000]),
+            "fail",
+        )
+        if state == "queued":
+            self._notify([job.destination])
+        return bool(state)
 
     def release(self, job: Job, error: str) -> bool:
-        now = self.clock()
-        with self._write() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state='queued', attempts=MAX(0, attempts-1), next_attempt_at=?,"
-                " last_error=?, rerun=0, lease_token='', lease_expires_at=NULL, updated_at=?"
-                " WHERE id=? AND state='sending' AND lease_token=?",
-                (now, error[:2000], now, job.id, job.lease_token),
-            )
-        return _applied(cur.rowcount, job, "release")
+        state = self._finish_leased(
+            job,
+            "state='queued', attempts=MAX(0, attempts-1), next_attempt_at=?, last_error=?, rerun=0",
+            (self.clock(), error[:2000]),
+            "release",
+        )
+        return bool(state)
 
     def prune(self, kind: str, before: float) -> int:
         with self._write() as db:
