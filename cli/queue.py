@@ -57,6 +57,21 @@ def _line(name: str, d: dict[str, Any]) -> str:
     return text
 
 
+def _sink_line(name: str, d: dict[str, Any]) -> str:
+    """One tag sink of the plugin: state, queued, failed, delivered events, last error."""
+    text = (
+        f"sink {name} ({d.get('Kind', '?')}): {d.get('State', '?')}, "
+        f"{d.get('Queued', 0) + d.get('Sending', 0)} queued, {d.get('Failed', 0)} failed, "
+        f"{d.get('DeliveredEvents', 0)} events delivered"
+    )
+    if d.get("RejectedEvents"):
+        text += f", {d['RejectedEvents']} rejected"
+    error = d.get("Error") or d.get("LastError")
+    if error:
+        text += f"\n    last error: {error}"
+    return text
+
+
 def wait_drained(
     client: OrthancClient,
     destinations: list[str] | None,
@@ -188,7 +203,8 @@ def register(group: click.Group) -> None:
         as_json: bool,
         wait: bool,
     ) -> None:
-        """Per destination: done, queued, sending, failed, delivered instances, last error."""
+        """Per destination: done, queued, sending, failed, delivered instances, last error.
+        Per tag sink: state, queued, failed, delivered events, last error."""
         client = _client(orthanc_url, user, password_env, insecure)
         st = (
             wait_drained(client, None, quiet=bool((ctx.find_root().obj or {}).get("quiet")))
@@ -207,6 +223,10 @@ def register(group: click.Group) -> None:
         click.echo(f"workers: {'running' if workers.get('running') else 'stopped'}")
         for name, d in st.get("Destinations", {}).items():
             click.echo(_line(name, d))
+        for name, d in st.get("Sinks", {}).items():
+            click.echo(_sink_line(name, d))
+        for study, error in st.get("Unrouted", {}).items():
+            click.echo(f"study {study}: routing failed, retrying: {error}")
 
     @queue.command("jobs")
     @_connection

@@ -125,6 +125,7 @@ class App:
         self._unrouted: dict[str, str] = {}
         self._unrouted_lock = threading.Lock()
         self._caught_up = False
+        self._started = False  # between start() and stop()
         self.place_errors: dict[str, str] = {}
         self._setup(orthanc_config, config_path)
 
@@ -176,8 +177,9 @@ class App:
 
     # --- life cycle ---------------------------------------------------------------------
     def start(self) -> None:
-        if not self.active or self.pool is not None:
+        if not self.active or self._started:
             return
+        self._started = True
         cfg, queue = self._need()
         self._stop.clear()
         reopen = getattr(self.transport, "reopen", None)
@@ -229,9 +231,9 @@ class App:
         self._threads.clear()
         if self.handler is not None:
             self.handler.close()
-        # back to the state before start(), so a later ORTHANC_STARTED starts again
-        # (the queue reconnects on its next use)
-        self.pool = None
+        # back to the state before start(), so a later ORTHANC_STARTED starts again with a
+        # new pool (the stopped one stays for the status); the queue reconnects on its next use
+        self._started = False
         self.handler = None
         self._cursor_samples = []
         self._caught_up = False

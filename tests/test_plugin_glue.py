@@ -181,7 +181,8 @@ def test_started_again_after_a_stop_routes_again(glue: Glue, orthanc: OrthancPro
     app = glue.register()
     fake.change(fake.ChangeType.ORTHANC_STARTED)
     fake.change(fake.ChangeType.ORTHANC_STOPPED)
-    assert app.pool is None and app.handler is None
+    assert app.pool is not None and not app.pool.running and app.handler is None
+    assert not glue.status()["Workers"]["running"]
     fake.change(fake.ChangeType.ORTHANC_STARTED)  # the same App, the same process
     assert glue.module.APP is app and glue.status()["Workers"]["running"]
     study, _ = upload_study(orthanc, "GLUEAGAIN")
@@ -272,3 +273,23 @@ def test_concurrent_sends_to_one_sink_keep_their_own_rejections(
     finally:
         sinks.stop()
         queue.close()
+
+
+def test_docker_compose_pins_hostnames_and_node_a_indexes_into_its_state_volume() -> None:
+    import json
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    services = yaml.safe_load((repo / "docker-compose.yml").read_text())["services"]
+    for name, service in services.items():
+        assert service.get("hostname") == name, f"{name}: hostname must not change on re-create"
+    cfg = json.loads((repo / "docker" / "orthanc-a.json").read_text())
+    assert routing.validate(cfg, "/etc/orthanc/orthanc-a.json") == []
+    sync = routing.load(cfg, "/etc/orthanc/orthanc-a.json")
+    assert sync is not None and sync.sinks["index"]["Kind"] == "sqlite_index"
+    state_volume = next(
+        v for v in services["orthanc-a"]["volumes"] if v.split(":")[1] == str(sync.state_dir)
+    )
+    assert state_volume.startswith("a-state:")
+    assert sync.sinks_base == sync.state_dir  # index.sqlite lives in the state volume

@@ -203,6 +203,36 @@ def test_status_and_metrics_cover_the_sinks(tagged: Tagged) -> None:
     assert 'dicomsync_sink_oldest_queued_age_seconds{sink="local"}' in m
 
 
+def test_cli_queue_status_shows_the_sinks(tagged: Tagged) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from dicomsync.cli.main import cli
+
+    run = CliRunner()
+    r = run.invoke(cli, ["queue", "status", tagged.a.url])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    local = next(line for line in lines if line.startswith("sink local "))
+    assert local == (
+        f"sink local (sqlite_index): running, 0 queued, 0 failed, "
+        f"{len(tagged.events)} events delivered"
+    )
+    assert any(line.startswith("sink splunk (splunk_hec): running, 0 queued") for line in lines)
+    broken = lines.index(next(line for line in lines if line.startswith("sink broken ")))
+    assert "stopped" in lines[broken] and lines[broken + 1].startswith("    last error: ")
+    held = next(line for line in lines if line.startswith("sink held "))
+    assert "stopped" in held or "running" in held  # its state depends on the test order
+
+    r = run.invoke(cli, ["queue", "status", tagged.a.url, "--json"])
+    assert r.exit_code == 0, r.output
+    sinks = json.loads(r.output)["Sinks"]
+    assert sinks["local"]["State"] == "running"
+    assert sinks["local"]["DeliveredEvents"] == len(tagged.events)
+    assert set(sinks) == {"splunk", "local", "held", "broken"}
+
+
 def test_a_refused_token_keeps_everything_queued_until_fixed_and_restarted(
     tagged: Tagged,
 ) -> None:
