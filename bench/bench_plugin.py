@@ -326,9 +326,12 @@ def bench_backfill(base: Path, studies: int) -> list[tuple[str, str]]:
     ]
 
 
-def bench_memory(base: Path, total: int, size: int) -> list[tuple[str, str]]:
+def bench_memory(
+    base: Path, total: int, size: int, storage_cache: int | None = None
+) -> list[tuple[str, str]]:
     """RSS of A sampled after each batch of 1,000 instances, once with the plugin routing
-    every study to B and once without the plugin (Orthanc's own growth, for reference)."""
+    every study to B and once without the plugin (Orthanc's own growth, for reference).
+    ``storage_cache`` sets Orthanc's MaximumStorageCacheSize (MB; Orthanc's default 128)."""
     per_study, batch_studies = 10, 100
     batches = max(1, total // (per_study * batch_studies))
     rows = []
@@ -336,6 +339,8 @@ def bench_memory(base: Path, total: int, size: int) -> list[tuple[str, str]]:
         tag = "on" if plugin else "off"
         b = OrthancProcess(base / f"mem-b-{tag}", "b").start()
         config = plugin_config(b, True, 4) if plugin else {"StableAge": 1}
+        if storage_cache is not None:
+            config["MaximumStorageCacheSize"] = storage_cache
         a = OrthancProcess(base / f"mem-a-{tag}", "a", plugin=plugin, config=config).start()
         samples = []
         try:
@@ -375,6 +380,9 @@ def main() -> None:
     p.add_argument("--backfill-studies", type=int, default=1000)
     p.add_argument("--memory-instances", type=int, default=10_000)
     p.add_argument("--ingest-rounds", type=int, default=4)
+    p.add_argument(
+        "--storage-cache", type=int, help="Orthanc's MaximumStorageCacheSize (MB) in (d)"
+    )
     p.add_argument("--only", choices=["a", "b", "c", "d"], action="append")
     args = p.parse_args()
     if args.quick:
@@ -403,7 +411,7 @@ def main() -> None:
     if "d" in only:
         report(
             f"(d) Orthanc RSS over {args.memory_instances} routed instances",
-            bench_memory(base, args.memory_instances, 20_000),
+            bench_memory(base, args.memory_instances, 20_000, args.storage_cache),
         )
 
 
