@@ -11,6 +11,9 @@ import pytest
 import requests
 from click.testing import CliRunner, Result
 
+from dicomsync.queue import RetryPolicy
+from dicomsync.queue.sqlite import SQLiteQueue
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dicomdata import data_dir
@@ -54,6 +57,14 @@ def orthanc(orthanc_server: OrthancProcess) -> OrthancProcess:
     """The session Orthanc, emptied before the test."""
     clear_orthanc(orthanc_server)
     return orthanc_server
+
+
+@pytest.fixture
+def q(tmp_path: Path) -> Iterator[SQLiteQueue]:
+    """A fresh SQLite queue (30 s, 60 s, 3 attempts) for worker and queue tests."""
+    queue = SQLiteQueue(tmp_path / "queue.sqlite", RetryPolicy(30, 60, 3))
+    yield queue
+    queue.close()
 
 
 class Cli:

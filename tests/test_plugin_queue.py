@@ -7,30 +7,15 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from dicomsync.errors import QueueError, SinkFatal, SinkRetryable
-from dicomsync.queue import Job, NewJob, RetryPolicy
+from dicomsync.queue import Job, NewJob
 from dicomsync.queue.sqlite import SQLiteQueue
 from dicomsync.worker import Delivered, Lane, WorkerPool
 
-
-def wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def q(tmp_path: Path) -> Iterator[SQLiteQueue]:
-    queue = SQLiteQueue(tmp_path / "queue.sqlite", RetryPolicy(30, 60, 3))
-    yield queue
-    queue.close()
+from plugin_helpers import wait_for
 
 
 def test_release_puts_a_job_back_without_counting_the_attempt(q: SQLiteQueue) -> None:

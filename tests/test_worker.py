@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,20 +13,7 @@ from dicomsync.queue import Job, NewJob, RetryPolicy
 from dicomsync.queue.sqlite import SQLiteQueue
 from dicomsync.worker import Delivered, Lane, WorkerPool
 
-
-def wait_for(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def q(tmp_path: Path) -> Iterator[SQLiteQueue]:
-    queue = SQLiteQueue(tmp_path / "queue.sqlite", RetryPolicy(30, 60, 3))
-    yield queue
-    queue.close()
+from plugin_helpers import wait_for
 
 
 def states(q: SQLiteQueue, dest: str) -> dict[str, str]:
