@@ -3,8 +3,10 @@
 Callbacks stay cheap, because Orthanc runs every OnChange callback on one thread
 and OnStoredInstance on the upload's HTTP thread:
 
-- STABLE_STUDY: read the few index values the route filters need (in-process,
-  no HTTP, no DICOM parsing) and enqueue one job per matching route. Nothing else.
+- STABLE_STUDY: put the study ID on an in-memory hand-over queue. Nothing else: no
+  REST call, since the SDK warns those can deadlock inside change callbacks. The
+  intake thread reads the few index values the route filters need (in-process, no
+  DICOM parsing) and enqueues one job per matching route.
 - ORTHANC_STARTED: take back jobs a crash left ``sending``, start the workers,
   the metrics thread and the catch-up of changes missed while Orthanc was down.
 - ORTHANC_STOPPED: stop all of that; jobs still in flight stay ``sending`` for
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue as queue_module
 import re
 import threading
 import time
@@ -123,6 +126,7 @@ class App:
         # studies whose STABLE_STUDY (or catch-up) routing failed -> the error; retried by
         # the metrics loop, and the change-log cursor does not move while any is left
         self._unrouted: dict[str, str] = {}
+        self._intake: queue_module.Queue[str] = queue_module.Queue()  # STABLE_STUDY hand-over
         self._unrouted_lock = threading.Lock()
         self._caught_up = False
         self._started = False  # between start() and stop()
@@ -209,6 +213,7 @@ class App:
         if sinks is not None:
             sinks.start(self.pool)
         for target, name in (
+            (self._intake_loop, "intake"),
             (self._metrics_loop, "metrics"),
             (self._check_places, "places"),
             (self._catch_up, "catch-up"),
@@ -250,15 +255,31 @@ class App:
         return run
 
     # --- callbacks ----------------------------------------------------------------------
-    def on_stable_study(self, study_id: str) -> list[int]:
-        """Enqueue one job per matching route; returns the job ids."""
-        if not self.active:
-            return []
-        try:
-            return [r.job_id for r in self.route_study(study_id)]
-        except Exception as exc:  # busy or full queue, Orthanc's index not answering, a bug
-            self._hold(study_id, exc)
-            return []
+    def on_stable_study(self, study_id: str) -> None:
+        """The STABLE_STUDY callback: hand the study to the intake thread, nothing else.
+
+        Orthanc's SDK warns that REST calls inside a change callback can deadlock (with
+        other plugins or Lua), and reading the index for the route filters is such a
+        call. So the callback only puts the ID on an in-memory queue; the change-log
+        cursor does not pass a study until the intake has routed it, so a crash before
+        that loses nothing (the next start's catch-up routes it).
+        """
+        if self.active:
+            self._intake.put(study_id)
+
+    def _intake_loop(self) -> None:
+        """Route the studies the STABLE_STUDY callback handed over, one at a time."""
+        while not self._stop.is_set():
+            try:
+                study_id = self._intake.get(timeout=0.5)
+            except queue_module.Empty:
+                continue
+            try:
+                self.route_study(study_id)
+            except Exception as exc:  # busy or full queue, Orthanc's index not answering, a bug
+                self._hold(study_id, exc)
+            finally:
+                self._intake.task_done()
 
     def _hold(self, study_id: str, exc: BaseException) -> None:
         """Remember a study whose routing failed: retried by the metrics loop, and until it
@@ -443,7 +464,8 @@ class App:
         last = int(self.client.get_json("/changes?last")["Last"])
         self._cursor_samples.append((now, last))
         ripe = [s for s in self._cursor_samples if s[0] <= now - self.stable_age - CURSOR_SLACK]
-        if ripe and self._caught_up and not self.unrouted():
+        idle = self._intake.unfinished_tasks == 0  # every handed-over study is routed
+        if ripe and self._caught_up and idle and not self.unrouted():
             stored = int(queue.get_meta(self._cursor_key()) or 0)
             if ripe[-1][1] > stored:
                 queue.set_meta(self._cursor_key(), str(ripe[-1][1]))

@@ -98,6 +98,32 @@ class Glue:
         return calls
 
 
+def test_the_stable_study_callback_makes_no_rest_call(glue: Glue, orthanc: OrthancProcess) -> None:
+    """Orthanc's SDK: REST calls inside a change callback can deadlock. The callback only
+    hands the study over; the intake thread reads the index and enqueues."""
+    fake = glue.fake
+    glue.register()
+    fake.change(fake.ChangeType.ORTHANC_STARTED)
+    study, _ = upload_study(orthanc, "GLUECB")
+    callers: list[str] = []
+    real_get, real_post = fake.RestApiGet, fake.RestApiPost
+
+    def get(path: str) -> bytes:
+        callers.append(threading.current_thread().name)
+        return real_get(path)
+
+    def post(path: str, body: bytes | str) -> bytes:
+        callers.append(threading.current_thread().name)
+        return real_post(path, body)
+
+    fake.RestApiGet, fake.RestApiPost = get, post  # type: ignore[method-assign]
+    here = threading.current_thread().name
+    fake.change(fake.ChangeType.STABLE_STUDY, study)
+    assert here not in callers  # nothing during the callback itself
+    wait_for(lambda: glue.job_state(study) == "done", timeout=15, what="the routed job")
+    assert "dicomsync-intake" in callers
+
+
 @pytest.fixture
 def glue(orthanc: OrthancProcess, tmp_path: Path) -> Iterator[Glue]:
     fake = fake_orthanc.install(orthanc.url, glue_config(tmp_path), str(tmp_path / "orthanc.json"))
@@ -126,6 +152,7 @@ def test_a_failed_routing_is_retried_and_holds_the_changes_cursor(
     failing = {f"/studies/{x}"}
     calls = glue.fail_gets(failing)
     fake.change(fake.ChangeType.STABLE_STUDY, x)
+    wait_for(lambda: x in glue.status()["Unrouted"], timeout=10, what="the study to be held")
     assert "Orthanc error 4" in glue.status()["Unrouted"][x]
     y, _ = upload_study(orthanc, "GLUEY")  # a study routed fine meanwhile
     fake.change(fake.ChangeType.STABLE_STUDY, y)
