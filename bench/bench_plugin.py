@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -267,6 +268,7 @@ def bench_ingest(base: Path, files: list[Path], rounds: int) -> list[tuple[str, 
                         drain.append((indexed, wait(lambda a=a: sinks_done(a, len(files)))))
                 finally:
                     a.stop()
+                    shutil.rmtree(folder, ignore_errors=True)  # 0.5 GB of storage per round
                 clear(b)
     finally:
         hec.kill()

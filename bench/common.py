@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,10 +28,13 @@ def timed(label: str, results: dict[str, float]) -> Iterator[None]:
 
 
 def workdir(name: str) -> Path:
-    base = Path(
-        os.environ.get("DICOMSYNC_BENCH_DIR") or tempfile.mkdtemp(prefix=f"dicomsync-{name}-")
-    )
+    """The benchmark's folder: ``$DICOMSYNC_BENCH_DIR`` (kept), else a temporary one that
+    is removed when the benchmark ends (runs write several GB of Orthanc storage)."""
+    explicit = os.environ.get("DICOMSYNC_BENCH_DIR")
+    base = Path(explicit or tempfile.mkdtemp(prefix=f"dicomsync-{name}-"))
     base.mkdir(parents=True, exist_ok=True)
+    if not explicit:
+        atexit.register(shutil.rmtree, base, True)
     os.environ.setdefault("DICOMSYNC_CACHE_DIR", str(base / "cache"))
     return base
 
