@@ -72,6 +72,7 @@ ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 PAGE = 1000
 MAX_LIMIT = 10000
 CURSOR_SLACK = 30.0  # seconds after StableAge before a change counts as routed
+WORKER_NICE = 10  # workers (and their upload threads) yield the CPU to ingest
 
 InstanceHook = Callable[[Any, str], None]
 MetricSink = Callable[[str, float], None]
@@ -208,6 +209,7 @@ class App:
             poll_interval=cfg.poll_interval,
             hold_on=(SinkFatal,),
             on_pause=sinks.on_pause if sinks else None,
+            nice=WORKER_NICE,
         )
         self.pool.start()
         if sinks is not None:

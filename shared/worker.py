@@ -35,6 +35,7 @@ place kinds: handlers do the work.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -85,6 +86,21 @@ class _LaneState:
         self.paused: str | None = None  # why the lane is on hold (None: running)
 
 
+def lower_thread_priority(increment: int) -> None:
+    """Raise the calling thread's nice value by ``increment`` (Linux schedules threads on
+    their own), so its work, and the threads it starts, yield the CPU to others.
+
+    Inside Orthanc the workers share the machine with ingest; niced, they use the CPU
+    that ingest leaves. Where the platform has no per-thread priority, nothing changes.
+    """
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+    except (OSError, AttributeError):
+        log.debug("cannot lower the priority of %s", threading.current_thread().name)
+
+
 class WorkerPool:
     def __init__(
         self,
@@ -98,8 +114,10 @@ class WorkerPool:
         poll_interval: float = 5.0,
         hold_on: tuple[type[BaseException], ...] = (),
         on_pause: Callable[[Lane, BaseException], None] | None = None,
+        nice: int = 0,
     ) -> None:
         self.queue = queue
+        self.nice = nice
         self.handlers = dict(handlers or {})
         self.batch_handlers = dict(batch_handlers or {})
         self.hold_on = hold_on
@@ -243,6 +261,8 @@ class WorkerPool:
     # --- threads ------------------------------------------------------------------------
     def _run(self, state: _LaneState) -> None:
         lane = state.lane
+        if self.nice:
+            lower_thread_priority(self.nice)
         while not self._stop.is_set():
             if state.paused is not None:
                 state.event.wait(self.poll_interval)

@@ -207,3 +207,31 @@ def test_start_after_an_unclean_stop_waits_for_the_old_threads_or_refuses(
         assert len(alive) == 1
     finally:
         assert pool.stop()
+
+
+def test_niced_workers_and_the_threads_they_start_yield_the_cpu(q: SQLiteQueue) -> None:
+    """Inside Orthanc the plugin's workers run niced, so ingest keeps the CPU."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: list[tuple[int, int]] = []
+
+    def handler(job: Job) -> Delivered:
+        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        with ThreadPoolExecutor(1) as pool:  # e.g. an orthanc place's upload threads
+            child = pool.submit(
+                lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            ).result()
+        seen.append((own, child))
+        return Delivered("fp", sent=1)
+
+    q.enqueue(NewJob("study", "s", "b"))
+    pool = WorkerPool(q, [Lane("b", 1)], {"study": handler}, poll_interval=60, nice=5)
+    pool.start()
+    try:
+        wait_for(lambda: q.stats()["b"].done == 1)
+    finally:
+        pool.stop()
+    assert seen == [(min(19, base + 5), min(19, base + 5))]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
