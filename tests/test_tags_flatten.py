@@ -57,40 +57,35 @@ def dcmdump_lines(path: Path) -> list[str]:
 _LINE = re.compile(r"^(\s*)\(([0-9a-f]{4}),([0-9a-f]{4})\) \w\w \[(.*?)\]\s+#")
 
 
+def _dcmdump_values(path: Path, meaning: str, tag: tuple[str, str], depth: int) -> list[str]:
+    """Values of element ``tag`` in content items whose concept meaning is ``meaning``;
+    ``depth`` is how much deeper than the value dcmdump prints that concept's meaning."""
+    last_meaning_at: dict[int, str] = {}
+    found = []
+    for line in dcmdump_lines(path):
+        m = _LINE.match(line)
+        if not m:
+            continue
+        indent, group, elem, value = len(m.group(1)), m.group(2), m.group(3), m.group(4)
+        if (group, elem) == ("0008", "0104"):
+            last_meaning_at[indent] = value
+        elif (group, elem) == tag and last_meaning_at.get(indent + depth) == meaning:
+            found.append(value)
+    return found
+
+
 def dcmdump_numbers(path: Path, meaning: str) -> list[str]:
     """NumericValue texts of every NUM whose concept meaning is ``meaning``, in file order.
 
     In dcmdump's listing, a NUM's concept CodeMeaning and its NumericValue sit at the
     same indentation (the unit's CodeMeaning is deeper).
     """
-    last_meaning_at: dict[int, str] = {}
-    found = []
-    for line in dcmdump_lines(path):
-        m = _LINE.match(line)
-        if not m:
-            continue
-        indent, group, elem, value = len(m.group(1)), m.group(2), m.group(3), m.group(4)
-        if (group, elem) == ("0008", "0104"):
-            last_meaning_at[indent] = value
-        elif (group, elem) == ("0040", "a30a") and last_meaning_at.get(indent) == meaning:
-            found.append(value)
-    return found
+    return _dcmdump_values(path, meaning, ("0040", "a30a"), 0)
 
 
 def dcmdump_uids(path: Path, meaning: str) -> list[str]:
     """UIDREF values whose concept meaning is ``meaning`` (concept one level deeper)."""
-    last_meaning_at: dict[int, str] = {}
-    found = []
-    for line in dcmdump_lines(path):
-        m = _LINE.match(line)
-        if not m:
-            continue
-        indent, group, elem, value = len(m.group(1)), m.group(2), m.group(3), m.group(4)
-        if (group, elem) == ("0008", "0104"):
-            last_meaning_at[indent] = value
-        elif (group, elem) == ("0040", "a124") and last_meaning_at.get(indent + 4) == meaning:
-            found.append(value)
-    return found
+    return _dcmdump_values(path, meaning, ("0040", "a124"), 4)
 
 
 def by_type(events: list[Event], sourcetype: str) -> list[Event]:
