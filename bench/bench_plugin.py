@@ -221,7 +221,19 @@ def sinks_done(server: OrthancProcess, n: int) -> bool:
     return all(s["Done"] >= n and s["Queued"] == s["Sending"] == 0 for s in sinks.values())
 
 
-def bench_ingest(base: Path, files: list[Path], rounds: int) -> list[tuple[str, str]]:
+INGEST_VARIANTS: list[tuple[str, str]] = [
+    ("plugin off", "off"),
+    ("Python plugin with an empty script", "empty"),
+    ("Python plugin, a no-op OnStoredInstance only", "stored"),
+    ("plugin on, routes fire after the upload", "deferred"),
+    ("plugin on, routing to B during the upload", "routing"),
+    ("plugin on, tag sinks indexing during the upload", "sinks"),
+]
+
+
+def bench_ingest(
+    base: Path, files: list[Path], rounds: int, kinds: set[str] | None = None
+) -> list[tuple[str, str]]:
     """Upload rate into A: plugin off; plugin on with routing deferred past the upload
     (StableAge 60: the callbacks' own cost); plugin on with routing to B during the upload
     (StableAge 1: A's workers and B's ingest share the machine's CPUs with the upload);
@@ -230,14 +242,7 @@ def bench_ingest(base: Path, files: list[Path], rounds: int) -> list[tuple[str, 
     empty.write_text("")
     stored_noop = base / "stored_noop.py"
     stored_noop.write_text(STORED_NOOP)
-    variants: list[tuple[str, str]] = [
-        ("plugin off", "off"),
-        ("Python plugin with an empty script", "empty"),
-        ("Python plugin, a no-op OnStoredInstance only", "stored"),
-        ("plugin on, routes fire after the upload", "deferred"),
-        ("plugin on, routing to B during the upload", "routing"),
-        ("plugin on, tag sinks indexing during the upload", "sinks"),
-    ]
+    variants = [v for v in INGEST_VARIANTS if v[1] == "off" or not kinds or v[1] in kinds]
     rates: dict[str, list[float]] = {label: [] for label, _ in variants}
     drain: list[tuple[float, float]] = []  # (fraction indexed when the upload ended, s to drain)
     b = OrthancProcess(base / "ing-b", "b").start()
@@ -386,6 +391,12 @@ def main() -> None:
         "--storage-cache", type=int, help="Orthanc's MaximumStorageCacheSize (MB) in (d)"
     )
     p.add_argument("--only", choices=["a", "b", "c", "d"], action="append")
+    p.add_argument(
+        "--ingest-variant",
+        choices=[kind for _, kind in INGEST_VARIANTS],
+        action="append",
+        help="run only these variants of (b), and always 'off' (default: all)",
+    )
     args = p.parse_args()
     if args.quick:
         args.instances, args.backfill_studies, args.memory_instances = 100, 100, 1000
@@ -404,7 +415,7 @@ def main() -> None:
     if "b" in only:
         report(
             f"(b) ingest into A, {len(files)} instances",
-            bench_ingest(base, files, args.ingest_rounds),
+            bench_ingest(base, files, args.ingest_rounds, set(args.ingest_variant or ())),
         )
     if "c" in only:
         report(

@@ -11,13 +11,23 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from dicomdata import generate_root, make_instance  # noqa: E402,F401
-from orthanc_server import OrthancProcess  # noqa: E402,F401
+from orthanc_server import OrthancProcess as _TestOrthanc  # noqa: E402
+
+
+@dataclass
+class OrthancProcess(_TestOrthanc):
+    """A test Orthanc that never runs ``--verbose`` (the tests turn it on with the plugin):
+    its per-request log lines cost a few percent of ingest and would bias every
+    plugin-on/plugin-off comparison."""
+
+    verbose: bool | None = False
 
 
 @contextmanager

@@ -41,7 +41,8 @@ class OrthancProcess:
     config: dict[str, Any] = field(default_factory=dict)
     plugin: bool = False
     env: dict[str, str] = field(default_factory=dict)
-    verbose: bool = False
+    # None: --verbose when the plugin is loaded (tests read its info lines)
+    verbose: bool | None = None
     http_port: int = 0
     dicom_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -91,7 +92,7 @@ class OrthancProcess:
         self.write_config()
         env = {**os.environ, **self.env}
         args = [ORTHANC_BIN]
-        if self.verbose or self.plugin:
+        if self.verbose or (self.verbose is None and self.plugin):
             args.append("--verbose")
         args.append(str(self.config_path))
         self._log = open(self.log_path, "ab")
