@@ -20,7 +20,9 @@ the durable record Orthanc keeps. An instance is fed within ``FEED_INTERVAL`` se
 **Workers.** One lane per sink (``Lane(key, 1, kind="tags", batch=BATCH)``) leases
 up to ``BATCH`` instances, reads each file in-process, computes its events with
 ``dicomsync.tags.events_from_bytes`` (the CLI's code path) and sends them in one
-``sink.send``. Per job: every event delivered (or rejected for good by the sink) ->
+``sink.send``. The lanes share an ``EventCache``: with several sinks, each instance is
+read and parsed once, by whichever lane gets to it first (the lanes lease in the
+feed's order, so they run close together). Per job: every event delivered (or rejected for good by the sink) ->
 done; ``SinkRetryable`` -> retried with the queue's backoff; an unreadable file ->
 failed; an instance deleted meanwhile -> done with nothing sent. ``SinkFatal`` (bad
 token, unwritable index) holds the lane: its jobs go back to ``queued`` without
@@ -38,7 +40,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +51,7 @@ from dicomsync.plugin.metrics import label as prom_label
 from dicomsync.queue import DestinationStats, Job, NewJob, Queue
 from dicomsync.routing import SyncConfig
 from dicomsync.sinks.base import Sink, build_sink, delivered_before
-from dicomsync.tags import events_from_bytes
+from dicomsync.tags import Event, events_from_bytes
 from dicomsync.worker import Delivered, Lane, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ FEED_INTERVAL = 1.0  # seconds between reads of the change log when it is draine
 MAX_BACKLOG = 20_000  # queued instances per sink before the feed holds back
 PRUNE_AFTER = 120.0  # seconds a done tags job stays listed (/dicomsync/jobs?kind=tags)
 PRUNE_EVERY = 15.0
+CACHED_INSTANCES = 4 * BATCH  # events kept for the other sinks' lanes, per sink beyond one
 BACKLOG_EVERY = 2.0  # seconds between backlog checks of the feed
 FINGERPRINT = "events"  # what a done tags job records (its instance's events are delivered)
 GONE = "gone"  # the instance was deleted before its events were computed
@@ -81,6 +85,63 @@ class SinkState:
     send_lock: threading.Lock = field(default_factory=threading.Lock)  # one send at a time
 
 
+class EventCache:
+    """The events of recently read instances, shared by the sink lanes.
+
+    ``get(instance, compute)`` returns the cached events or ``compute(instance)`` once: a lane
+    asking for an instance another lane is computing waits for that result instead of
+    reading the file again. Errors are not cached (each lane sees its own). ``forget``
+    drops instances the feed sees stored again (Orthanc's ``OverwriteInstances``), also
+    while they are being computed, so new content never gets old events. Bounded: the
+    oldest entries go first; a lane that falls further behind simply computes again.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+        self._items: OrderedDict[str, list[Event]] = OrderedDict()
+        self._pending: dict[str, threading.Event] = {}
+        self._stale: set[str] = set()  # forgotten while being computed
+
+    def get(self, instance: str, compute: Callable[[str], list[Event]]) -> list[Event]:
+        if self.size <= 0:
+            return compute(instance)
+        while True:
+            with self._lock:
+                events = self._items.get(instance)
+                if events is not None:
+                    self._items.move_to_end(instance)
+                    self.hits += 1
+                    return events
+                waiting = self._pending.get(instance)
+                if waiting is None:
+                    mine = self._pending[instance] = threading.Event()
+                    self.misses += 1
+                    break
+            waiting.wait(60)  # then look again: cached, or computed by us after an error
+        events = None
+        try:
+            events = compute(instance)
+            return events
+        finally:
+            with self._lock:
+                del self._pending[instance]
+                if events is not None and instance not in self._stale:
+                    self._items[instance] = events
+                    while len(self._items) > self.size:
+                        self._items.popitem(last=False)
+                self._stale.discard(instance)
+            mine.set()
+
+    def forget(self, instances: Iterable[str]) -> None:
+        with self._lock:
+            for instance in instances:
+                self._items.pop(instance, None)
+                if instance in self._pending:
+                    self._stale.add(instance)
+
+
 def cursor_key(node_id: str, sink: str) -> str:
     return f"tags_cursor:{node_id}:{sink}"
 
@@ -97,6 +158,7 @@ class TagSinks:
             key: SinkState(key, str(section.get("Kind"))) for key, section in cfg.sinks.items()
         }
         self.pool: WorkerPool | None = None
+        self.events = EventCache(CACHED_INSTANCES * (len(self.states) - 1))
         self.cursors: dict[str, int] = {}
         self._open_keys: list[str] = list(self.states)
         self._backlog_checked = 0.0
@@ -194,8 +256,7 @@ class TagSinks:
         events = []
         for i, job in enumerate(jobs):
             try:
-                data = self.client.instance_file(job.resource)
-                instance_events = events_from_bytes(data, source=f"orthanc:{job.resource}")
+                instance_events = self.events.get(job.resource, self._events)
             except NotFound:
                 log.info("instance %s was deleted before its events were computed", job.resource)
                 results[i] = Delivered(GONE, 0)
@@ -230,6 +291,10 @@ class TagSinks:
                     f"sink {state.key!r} did not confirm {len(missing)} event(s), e.g. {missing[0]}"
                 )
         return [r if r is not None else DicomSyncError("no result") for r in results]
+
+    def _events(self, instance: str) -> list[Event]:
+        data = self.client.instance_file(instance)
+        return events_from_bytes(data, source=f"orthanc:{instance}")
 
     # --- the feed ---------------------------------------------------------------------------
     def _feed_guarded(self) -> None:
@@ -307,6 +372,7 @@ class TagSinks:
                 continue
             seq, instance = int(change["Seq"]), str(change["ID"])
             jobs += [NewJob(TAGS, instance, k) for k in open_keys if seq > self.cursors[k]]
+        self.events.forget(j.resource for j in jobs)  # stored again: its content may differ
         last = max(int(c["Seq"]) for c in changes)
         moved = {k: max(self.cursors[k], last) for k in open_keys}
         self.queue.enqueue_many(

@@ -87,16 +87,20 @@ class _LaneState:
 
 
 def lower_thread_priority(increment: int) -> None:
-    """Raise the calling thread's nice value by ``increment`` (Linux schedules threads on
-    their own), so its work, and the threads it starts, yield the CPU to others.
+    """Give the calling thread the process's nice value plus ``increment`` (Linux schedules
+    threads on their own), so its work, and the threads it starts, yield the CPU to others.
 
     Inside Orthanc the workers share the machine with ingest; niced, they use the CPU
-    that ingest leaves. Where the platform has no per-thread priority, nothing changes.
+    that ingest leaves. The value is relative to the process, not to the calling thread,
+    so a thread started by an already niced thread ends at the same value. A thread
+    already lower than that is left alone. Where the platform has no per-thread
+    priority, nothing changes.
     """
     try:
         tid = threading.get_native_id()
-        current = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
+        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + increment)
+        if os.getpriority(os.PRIO_PROCESS, tid) < target:
+            os.setpriority(os.PRIO_PROCESS, tid, target)
     except (OSError, AttributeError):
         log.debug("cannot lower the priority of %s", threading.current_thread().name)
 

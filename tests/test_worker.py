@@ -235,3 +235,34 @@ def test_niced_workers_and_the_threads_they_start_yield_the_cpu(q: SQLiteQueue) 
         pool.stop()
     assert seen == [(min(19, base + 5), min(19, base + 5))]
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+
+
+def test_workers_started_by_a_niced_thread_get_the_same_nice_value(q: SQLiteQueue) -> None:
+    """Inside Orthanc the pool starts on the (niced) change-callback thread: the workers'
+    nice value is relative to the process, so they do not end at twice the increment."""
+    import os
+
+    from dicomsync.worker import lower_thread_priority
+
+    process = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    seen: list[int] = []
+
+    def handler(job: Job) -> Delivered:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return Delivered("fp", sent=1)
+
+    def starter() -> None:
+        lower_thread_priority(5)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        pool = WorkerPool(q, [Lane("b", 1)], {"study": handler}, poll_interval=60, nice=5)
+        pool.start()
+        try:
+            wait_for(lambda: q.stats()["b"].done == 1)
+        finally:
+            pool.stop()
+
+    q.enqueue(NewJob("study", "s", "b"))
+    t = threading.Thread(target=starter)
+    t.start()
+    t.join()
+    assert seen == [min(19, process + 5)] * 2

@@ -1,0 +1,163 @@
+"""The sink lanes share one EventCache: with several sinks each instance is read and parsed
+once. Unit tests of the cache, then two real sinks over a REAL Orthanc."""
+
+from __future__ import annotations
+
+import threading
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.uid import generate_uid
+
+from dicomsync import routing
+from dicomsync.errors import DicomFileError
+from dicomsync.orthanc_client import HttpTransport, OrthancClient
+from dicomsync.plugin.sinks import FINGERPRINT, EventCache, TagSinks
+from dicomsync.queue import Job, open_queue
+from dicomsync.tags import Event
+from dicomsync.worker import Delivered
+
+from dicomdata import make_instance
+from orthanc_server import OrthancProcess
+
+
+def events(tag: str) -> list[Event]:
+    return [Event(tag, "dicomsync:instance", 0.0, "now", {})]
+
+
+def test_concurrent_lanes_compute_an_instance_once() -> None:
+    cache = EventCache(10)
+    calls: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(instance: str) -> list[Event]:
+        calls.append(instance)
+        inside.set()
+        release.wait(10)
+        return events(instance)
+
+    got: list[list[Event]] = []
+    first = threading.Thread(target=lambda: got.append(cache.get("i1", slow)))
+    first.start()
+    assert inside.wait(10)
+    second = threading.Thread(target=lambda: got.append(cache.get("i1", slow)))
+    second.start()
+    second.join(0.2)
+    assert second.is_alive()  # waits for the first lane's result instead of reading again
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert calls == ["i1"]
+    assert got[0] is got[1]
+    assert (cache.hits, cache.misses) == (1, 1)
+
+
+def test_errors_are_not_cached_and_each_lane_sees_its_own() -> None:
+    cache = EventCache(10)
+    calls: list[str] = []
+
+    def broken(instance: str) -> list[Event]:
+        calls.append(instance)
+        raise DicomFileError(f"{instance}: corrupt")
+
+    for _ in range(2):
+        with pytest.raises(DicomFileError, match="i1: corrupt"):
+            cache.get("i1", broken)
+    assert calls == ["i1", "i1"]
+
+
+def test_an_instance_stored_again_is_computed_again_even_mid_computation() -> None:
+    cache = EventCache(10)
+    version = {"i1": "old"}
+
+    def compute(instance: str) -> list[Event]:
+        if version[instance] == "old":
+            cache.forget(["i1"])  # the feed saw it stored again while this lane read it
+            version[instance] = "new"
+            return events("old")
+        return events("new")
+
+    assert cache.get("i1", compute)[0].id == "old"  # this lane's job had the old content
+    assert cache.get("i1", compute)[0].id == "new"  # the next one is not served the old
+    cache.forget(["i1"])
+    version["i1"] = "old"
+    assert cache.get("i1", compute)[0].id == "old"
+
+
+def test_the_cache_is_bounded_oldest_first() -> None:
+    cache = EventCache(2)
+    calls: list[str] = []
+
+    def compute(instance: str) -> list[Event]:
+        calls.append(instance)
+        return events(instance)
+
+    for instance in ("a", "b", "a", "c", "b", "a"):
+        cache.get(instance, compute)
+    # a, b computed; a hit; c evicts b; b evicts a; a computed again
+    assert calls == ["a", "b", "c", "b", "a"]
+    assert EventCache(0).get("x", compute)[0].id == "x"
+
+
+@pytest.mark.orthanc
+def test_two_sinks_read_each_instance_from_orthanc_once(
+    orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    instances = []
+    for i in range(3):
+        buf = BytesIO()
+        make_instance(
+            None, patient_id=f"CACHE{i}", study_uid=generate_uid(), modality="OT"
+        ).save_as(buf, enforce_file_format=True)
+        instances.append(str(orthanc.upload(buf.getvalue())["ID"]))
+    cfg = routing.load(
+        {
+            routing.SECTION: {
+                "StateDirectory": str(tmp_path / "state"),
+                "Sinks": {
+                    "one": {"Kind": "sqlite_index", "Path": "one.sqlite"},
+                    "two": {"Kind": "sqlite_index", "Path": "two.sqlite"},
+                },
+            }
+        },
+        tmp_path / "orthanc.json",
+    )
+    assert cfg is not None
+    reads: list[str] = []
+
+    class Counting(OrthancClient):
+        def instance_file(self, instance_id: str) -> bytes:
+            reads.append(instance_id)
+            return super().instance_file(instance_id)
+
+    queue = open_queue(cfg.state_dir)
+    sinks = TagSinks(cfg, queue, Counting(HttpTransport(orthanc.url)))
+    sinks.build()
+    results: dict[str, list[Any]] = {}
+    try:
+        lanes = [
+            threading.Thread(
+                target=lambda key=key: results.__setitem__(
+                    key,
+                    sinks.handle([Job(n, "tags", iid, key) for n, iid in enumerate(instances)]),
+                )
+            )
+            for key in ("one", "two")
+        ]
+        for t in lanes:
+            t.start()
+        for t in lanes:
+            t.join(30)
+        for key in ("one", "two"):
+            assert [r.fingerprint for r in results[key] if isinstance(r, Delivered)] == [
+                FINGERPRINT
+            ] * 3, results[key]
+            sink = sinks.states[key].sink
+            assert sink is not None
+            assert sink.stats()["events"] == {"dicomsync:instance": 3}
+        assert sorted(reads) == sorted(instances)  # once each, not once per sink
+    finally:
+        sinks.stop()
+        queue.close()
