@@ -63,6 +63,7 @@ from dicomsync.orthanc_client import OrthancClient, Transport
 from dicomsync.places.orthanc import OrthancPlace
 from dicomsync.plugin.metrics import label as prom_label
 from dicomsync.plugin.sinks import TAGS, TagSinks
+from dicomsync.plugin.storage import storage_folder
 from dicomsync.queue import STATES, DestinationStats, Enqueued, NewJob, Queue, open_queue
 from dicomsync.worker import Handler, Lane, WorkerPool, lower_thread_priority
 
@@ -162,7 +163,10 @@ class App:
             cfg.node_id = routing.stored_node_id(cfg.state_dir, cfg.node_id)
         self.config = cfg
         if cfg.sinks:
-            self.sinks = TagSinks(cfg, self.queue, self.client)
+            storage = routing.storage_dir(orthanc_config, routing.config_base_dir(config_path))
+            self.sinks = TagSinks(
+                cfg, self.queue, self.client, storage_folder(orthanc_config, storage)
+            )
         log.info(
             "%d route(s) to %s; state in %s",
             len(cfg.routes),
@@ -754,7 +758,8 @@ class App:
             "Sinks": {
                 key: {**st, "Details": self.sinks.details(key)}
                 for key, st in self.sinks.all_status().items()
-            }
+            },
+            "Reads": self.sinks.reads(),
         }
 
     def rest_sink(self, key: str, get: Mapping[str, str]) -> dict[str, Any]:

@@ -18,8 +18,9 @@ A feed that reads the change log costs the upload path nothing, and it is alread
 the durable record Orthanc keeps. An instance is fed within ``FEED_INTERVAL`` seconds.
 
 **Workers.** One lane per sink (``Lane(key, 1, kind="tags", batch=BATCH)``) leases
-up to ``BATCH`` instances, reads each file in-process, computes its events with
-``dicomsync.tags.events_from_bytes`` (the CLI's code path) and sends them in one
+up to ``BATCH`` instances, reads each one's headers (from Orthanc's storage folder when
+that is safe, else in-process through the REST API: ``plugin/storage.py``), computes its
+events with ``dicomsync.tags.events_from_bytes`` (the CLI's code path) and sends them in one
 ``sink.send``. The lanes share an ``EventCache``: with several sinks, each instance is
 read and parsed once, by whichever lane gets to it first (the lanes lease in the
 feed's order, so they run close together). Per job: every event delivered (or rejected for good by the sink) ->
@@ -43,15 +44,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dicomsync.errors import DicomSyncError, NotFound, SinkError, SinkFatal, SinkRetryable
 from dicomsync.orthanc_client import OrthancClient
 from dicomsync.plugin.metrics import label as prom_label
+from dicomsync.plugin.storage import InstanceEvents
 from dicomsync.queue import DestinationStats, Job, NewJob, Queue
 from dicomsync.routing import SyncConfig
 from dicomsync.sinks.base import Sink, build_sink, delivered_before
-from dicomsync.tags import Event, events_from_bytes
+from dicomsync.tags import Event
 from dicomsync.worker import Delivered, Lane, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -149,10 +152,13 @@ def cursor_key(node_id: str, sink: str) -> str:
 class TagSinks:
     """The sinks of the ``DicomSync`` section, their feed and their worker lanes."""
 
-    def __init__(self, cfg: SyncConfig, queue: Queue, client: OrthancClient) -> None:
+    def __init__(
+        self, cfg: SyncConfig, queue: Queue, client: OrthancClient, storage: Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.queue = queue
         self.client = client
+        self.read_events = InstanceEvents(client, storage)
         self.backfill = cfg.raw.get("SinksBackfill", True) is not False
         self.states = {
             key: SinkState(key, str(section.get("Kind"))) for key, section in cfg.sinks.items()
@@ -256,7 +262,7 @@ class TagSinks:
         events = []
         for i, job in enumerate(jobs):
             try:
-                instance_events = self.events.get(job.resource, self._events)
+                instance_events = self.events.get(job.resource, self.read_events)
             except NotFound:
                 log.info("instance %s was deleted before its events were computed", job.resource)
                 results[i] = Delivered(GONE, 0)
@@ -291,10 +297,6 @@ class TagSinks:
                     f"sink {state.key!r} did not confirm {len(missing)} event(s), e.g. {missing[0]}"
                 )
         return [r if r is not None else DicomSyncError("no result") for r in results]
-
-    def _events(self, instance: str) -> list[Event]:
-        data = self.client.instance_file(instance)
-        return events_from_bytes(data, source=f"orthanc:{instance}")
 
     # --- the feed ---------------------------------------------------------------------------
     def _feed_guarded(self) -> None:
@@ -412,6 +414,15 @@ class TagSinks:
     def all_status(self) -> dict[str, dict[str, Any]]:
         stats = self.queue.stats(kind=TAGS)
         return {key: self.status(key, stats.get(key)) for key in self.states}
+
+    def reads(self) -> dict[str, int]:
+        """How the lanes got instances' events: from the storage folder, through the REST
+        API, or from another lane's read (the shared cache)."""
+        return {
+            "StorageFolder": self.read_events.direct,
+            "RestApi": self.read_events.through_rest,
+            "Shared": self.events.hits,
+        }
 
     def details(self, key: str) -> dict[str, Any]:
         """The sink's own counters (may scan its index: for the sinks endpoint only)."""

@@ -199,11 +199,13 @@ def config_base_dir(config_path: str | Path | None) -> Path:
     return path if path.is_dir() else path.parent
 
 
+def storage_dir(orthanc_config: Mapping[str, Any], base_dir: Path) -> Path:
+    """Orthanc's ``StorageDirectory``, resolved as Orthanc resolves it."""
+    return resolve_path(str(orthanc_config.get("StorageDirectory") or "OrthancStorage"), base_dir)
+
+
 def default_state_dir(orthanc_config: Mapping[str, Any], base_dir: Path) -> Path:
-    storage = resolve_path(
-        str(orthanc_config.get("StorageDirectory") or "OrthancStorage"), base_dir
-    )
-    return storage.parent / "dicomsync"
+    return storage_dir(orthanc_config, base_dir).parent / "dicomsync"
 
 
 def load(

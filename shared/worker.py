@@ -339,6 +339,22 @@ class WorkerPool:
                 raise DicomSyncError(f"batch handler answered {len(results)} of {len(jobs)} jobs")
         except Exception as exc:
             results = [exc] * len(jobs)
+        delivered = [
+            (job, result)
+            for job, result in zip(jobs, results, strict=True)
+            if isinstance(result, Delivered)
+        ]
+        if delivered:  # one queue transaction for the batch's successes
+            try:
+                answers = self.queue.done_many([(j, r.fingerprint, r.sent) for j, r in delivered])
+                with self._lock:
+                    state.handled += sum(answers)
+            except QueueError as exc:
+                log.error(
+                    "%d job(s): cannot record their outcome (%s); their leases will expire",
+                    len(delivered),
+                    exc,
+                )
         # One log line per distinct error of the batch, not one per job.
         shared: dict[int, int] = {}
         for result in results:
@@ -350,8 +366,6 @@ class WorkerPool:
                 first = id(result) not in logged
                 logged.add(id(result))
                 self._record(state, job, result, quiet=not first, others=shared[id(result)] - 1)
-            else:
-                self._record(state, job, result)
 
     def _record(
         self,

@@ -1,5 +1,7 @@
-"""The sink lanes share one EventCache: with several sinks each instance is read and parsed
-once. Unit tests of the cache, then two real sinks over a REAL Orthanc."""
+"""How the tag sinks read instances inside the plugin: one EventCache shared by the lanes
+(with several sinks each instance is read and parsed once), and headers read straight
+from Orthanc's storage folder when that is safe, else through the REST API, with the
+same events either way. Unit tests of the cache, then REAL Orthanc processes."""
 
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from dicomsync import routing
 from dicomsync.errors import DicomFileError
 from dicomsync.orthanc_client import HttpTransport, OrthancClient
 from dicomsync.plugin.sinks import FINGERPRINT, EventCache, TagSinks
+from dicomsync.plugin.storage import InstanceEvents, storage_folder
 from dicomsync.queue import Job, open_queue
-from dicomsync.tags import Event
+from dicomsync.tags import Event, events_from_bytes
 from dicomsync.worker import Delivered
 
-from dicomdata import make_instance
+from dicomdata import data, make_instance
 from orthanc_server import OrthancProcess
 
 
@@ -161,3 +164,51 @@ def test_two_sinks_read_each_instance_from_orthanc_once(
     finally:
         sinks.stop()
         queue.close()
+
+
+def upload_files(orthanc: OrthancProcess, paths: list[Path]) -> list[str]:
+    return [str(orthanc.upload(p.read_bytes())["ID"]) for p in paths]
+
+
+def sample_files() -> list[Path]:
+    """A vendor dose report (deep SR tree) and images with and without pixel data."""
+    picks = [next(iter(sorted(data("rdsr").glob("*.dcm"))))]
+    picks += sorted(p for p in data("study_petct_siemens").rglob("*") if p.is_file())[:3]
+    return picks
+
+
+@pytest.mark.orthanc
+def test_headers_from_the_storage_folder_give_the_rest_apis_events(
+    orthanc: OrthancProcess,
+) -> None:
+    instances = upload_files(orthanc, sample_files())
+    client = OrthancClient(HttpTransport(orthanc.url))
+    storage = orthanc.workdir / "storage"
+    direct = InstanceEvents(client, storage_folder(orthanc.full_config(), storage))
+    for iid in instances:
+        want = events_from_bytes(client.instance_file(iid), source=f"orthanc:{iid}")
+        assert direct(iid) == want
+    assert (direct.direct, direct.through_rest) == (len(instances), 0)
+    # files elsewhere (a storage plugin): the REST API reads them, same events
+    elsewhere = InstanceEvents(client, orthanc.workdir / "not-the-storage")
+    assert [elsewhere(iid) for iid in instances] == [direct(iid) for iid in instances]
+    assert (elsewhere.direct, elsewhere.through_rest) == (0, len(instances))
+
+
+@pytest.mark.orthanc
+def test_compressed_storage_is_read_through_the_rest_api(tmp_path: Path) -> None:
+    orthanc = OrthancProcess(tmp_path / "z", "z", config={"StorageCompression": True}).start()
+    try:
+        instances = upload_files(orthanc, sample_files()[:2])
+        storage = orthanc.workdir / "storage"
+        assert storage_folder(orthanc.full_config(), storage) is None
+        client = OrthancClient(HttpTransport(orthanc.url))
+        # even when told to look there, the attachment's sizes say it is compressed
+        reader = InstanceEvents(client, storage)
+        for iid in instances:
+            assert reader(iid) == events_from_bytes(
+                client.instance_file(iid), source=f"orthanc:{iid}"
+            )
+        assert (reader.direct, reader.through_rest) == (0, len(instances))
+    finally:
+        orthanc.stop()

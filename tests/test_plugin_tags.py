@@ -172,6 +172,11 @@ def test_sqlite_index_under_state_directory_gets_every_event(tagged: Tagged) -> 
         assert stored["source"].startswith("orthanc:")
     finally:
         index.close()
+    # both lanes got every instance's events; each file was read once, from the storage
+    # folder (the default filesystem storage), and the other sink used the shared copy
+    reads = tagged.a.get("/dicomsync/sinks")["Reads"]
+    assert reads["RestApi"] == 0 and reads["StorageFolder"] >= tagged.instances, reads
+    assert reads["Shared"] > 0, reads
 
 
 def test_status_and_metrics_cover_the_sinks(tagged: Tagged) -> None:

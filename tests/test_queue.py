@@ -84,6 +84,25 @@ def test_reenqueue_of_done_job_depends_on_fingerprint(q: SQLiteQueue) -> None:
     assert q.fingerprints("b") == {"s1": "fp2"}
 
 
+def test_done_many_finishes_a_batch_in_one_call_job_by_job(q: SQLiteQueue, clock: Clock) -> None:
+    ids = [q.enqueue(study(f"s{i}")).job_id for i in range(4)]
+    leased = q.lease("b", 4, 30, owner="node1")
+    assert q.enqueue(study("s1")).action == "rerun"  # s1 was stored again while sending
+    clock.now += 31
+    stolen = q.lease("b", 1, 30, owner="node2")[0]  # s0's lease expired and was taken over
+    assert stolen.id == ids[0]
+    answers = q.done_many([(job, f"fp{job.id}", 2) for job in leased[1:]] + [(leased[0], "x", 9)])
+    assert answers == [True, True, True, False]
+    states = {job_id: q.get(job_id) for job_id in ids}
+    assert [(j.state, j.fingerprint, j.delivered_count) for j in states.values() if j] == [
+        ("sending", "", 0),  # the other node's lease still holds
+        ("queued", f"fp{ids[1]}", 2),  # the rerun: queued again for its new instances
+        ("done", f"fp{ids[2]}", 2),
+        ("done", f"fp{ids[3]}", 2),
+    ]
+    assert q.done_many([]) == []
+
+
 def test_enqueue_while_sending_reruns_after_done(q: SQLiteQueue) -> None:
     job_id = q.enqueue(study()).job_id
     leased = q.lease("b")[0]

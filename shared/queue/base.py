@@ -243,6 +243,11 @@ class Queue(ABC):
     @abstractmethod
     def done(self, job: Job, fingerprint: str, delivered: int = 0) -> bool: ...
 
+    def done_many(self, results: Sequence[tuple[Job, str, int]]) -> list[bool]:
+        """``done(job, fingerprint, delivered)`` for each, in one transaction where the
+        backend can (a batch lane finishes many jobs at once); one answer per job."""
+        return [self.done(job, fingerprint, delivered) for job, fingerprint, delivered in results]
+
     @abstractmethod
     def retry_later(self, job: Job, error: str, *, delay: float | None = None) -> bool:
         """Back to ``queued`` after the policy's delay; ``failed`` after the last attempt."""

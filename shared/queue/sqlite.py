@@ -325,26 +325,39 @@ class SQLiteQueue(Queue):
         return count
 
     def done(self, job: Job, fingerprint: str, delivered: int = 0) -> bool:
+        return self.done_many([(job, fingerprint, delivered)])[0]
+
+    def done_many(self, results: Sequence[tuple[Job, str, int]]) -> list[bool]:
         now = self.clock()
+        answers: list[bool] = []
+        rerun: dict[str, None] = {}
         with self._write() as db:
-            row = db.execute(
-                "UPDATE jobs SET"
-                " state=CASE WHEN rerun=1 THEN 'queued' ELSE 'done' END,"
-                " attempts=CASE WHEN rerun=1 THEN 0 ELSE attempts END,"
-                " queued_at=CASE WHEN rerun=1 THEN ? ELSE queued_at END,"
-                " next_attempt_at=?, rerun=0, fingerprint=?, delivered_count=delivered_count+?,"
-                " last_error='', lease_token='', lease_expires_at=NULL, updated_at=?"
-                " WHERE id=? AND state='sending' AND lease_token=? RETURNING state",
-                (now, now, fingerprint, max(0, delivered), now, job.id, job.lease_token),
-            ).fetchone()
-        if row is None:
-            log.warning(
-                "job %d (%s -> %s): lease lost before done", job.id, job.resource, job.destination
-            )
-            return False
-        if row["state"] == "queued":
-            self._notify([job.destination])
-        return True
+            for job, fingerprint, delivered in results:
+                row = db.execute(
+                    "UPDATE jobs SET"
+                    " state=CASE WHEN rerun=1 THEN 'queued' ELSE 'done' END,"
+                    " attempts=CASE WHEN rerun=1 THEN 0 ELSE attempts END,"
+                    " queued_at=CASE WHEN rerun=1 THEN ? ELSE queued_at END,"
+                    " next_attempt_at=?, rerun=0, fingerprint=?,"
+                    " delivered_count=delivered_count+?, last_error='', lease_token='',"
+                    " lease_expires_at=NULL, updated_at=?"
+                    " WHERE id=? AND state='sending' AND lease_token=? RETURNING state",
+                    (now, now, fingerprint, max(0, delivered), now, job.id, job.lease_token),
+                ).fetchone()
+                answers.append(row is not None)
+                if row is not None and row["state"] == "queued":
+                    rerun[job.destination] = None
+        for (job, _, _), ok in zip(results, answers, strict=True):
+            if not ok:
+                log.warning(
+                    "job %d (%s -> %s): lease lost before done",
+                    job.id,
+                    job.resource,
+                    job.destination,
+                )
+        if rerun:
+            self._notify(rerun)
+        return answers
 
     def _finish_leased(self, job: Job, assignments: str, params: Sequence[Any], what: str) -> str:
         """``UPDATE jobs SET <assignments>`` on ``job`` while its lease holds (same token, still

@@ -43,7 +43,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -96,15 +96,21 @@ class Event:
         }
 
 
-def read_dataset(data: bytes, *, name: str = "") -> Dataset:
-    """Parse instance bytes, headers only; DicomFileError when it is not DICOM."""
-    label = name or f"<{len(data)} bytes>"
+def read_dataset(source: bytes | BinaryIO, *, name: str = "") -> Dataset:
+    """Parse an instance's headers from its bytes or from a binary file open at its start
+    (read only up to the pixel data); DicomFileError when it is not DICOM."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label, stream = name or f"<{len(source)} bytes>", cast(BinaryIO, io.BytesIO(source))
+    else:
+        label, stream = name or "<stream>", source
+    start = stream.tell()
     try:
         try:
-            return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            return pydicom.dcmread(stream, stop_before_pixels=True)
         except InvalidDicomError:
             # Files without preamble/meta: accept only if they parse to a SOP instance.
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            stream.seek(start)
+            ds = pydicom.dcmread(stream, stop_before_pixels=True, force=True)
             if "SOPInstanceUID" not in ds:
                 raise
             return ds
@@ -114,18 +120,21 @@ def read_dataset(data: bytes, *, name: str = "") -> Dataset:
         raise DicomFileError(f"{label}: corrupt DICOM ({type(exc).__name__}: {exc})") from None
 
 
-def events_from_bytes(data: bytes, *, source: str = "", now: float | None = None) -> list[Event]:
-    """All events of one instance given as bytes (see the module docstring)."""
+def events_from_bytes(
+    data: bytes | BinaryIO, *, source: str = "", now: float | None = None
+) -> list[Event]:
+    """All events of one instance, given as bytes or as a binary file open at its start
+    (see the module docstring); a file is read only up to its pixel data."""
     ds = read_dataset(data, name=source)
     return events_from_dataset(ds, source=source, now=now)
 
 
 def events_from_path(path: Path) -> list[Event]:
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            return events_from_bytes(f, source=str(path))
     except OSError as exc:
         raise DicomFileError(f"{path}: cannot read ({exc.strerror})") from None
-    return events_from_bytes(data, source=str(path))
 
 
 def events_from_dataset(ds: Dataset, *, source: str = "", now: float | None = None) -> list[Event]:
