@@ -227,6 +227,7 @@ INGEST_VARIANTS: list[tuple[str, str]] = [
     ("Python plugin, a no-op OnStoredInstance only", "stored"),
     ("plugin on, routes fire after the upload", "deferred"),
     ("plugin on, routing to B during the upload", "routing"),
+    ("plugin off, B receiving the same instances meanwhile", "off-b"),
     ("plugin on, tag sinks indexing during the upload", "sinks"),
 ]
 
@@ -237,7 +238,10 @@ def bench_ingest(
     """Upload rate into A: plugin off; plugin on with routing deferred past the upload
     (StableAge 60: the callbacks' own cost); plugin on with routing to B during the upload
     (StableAge 1: A's workers and B's ingest share the machine's CPUs with the upload);
-    tag sinks indexing during the upload (routes deferred); a bare no-op OnStoredInstance."""
+    tag sinks indexing during the upload (routes deferred); a bare no-op OnStoredInstance;
+    and the control for routing: plugin off while another client uploads the same
+    instances to B (B's ingest then takes the same share of this machine as when A routes
+    to it, so the ratio of the two is the plugin's own cost)."""
     empty = base / "empty.py"
     empty.write_text("")
     stored_noop = base / "stored_noop.py"
@@ -266,7 +270,11 @@ def bench_ingest(
                         env = {"BENCH_HEC_TOKEN": HEC_TOKEN}
                 a = OrthancProcess(folder, "a", plugin=plugin, config=config, env=env).start()
                 try:
-                    rates[label].append(len(files) / upload(a.url, files))
+                    with ThreadPoolExecutor(1) as other:
+                        to_b = other.submit(upload, b.url, files) if kind == "off-b" else None
+                        rates[label].append(len(files) / upload(a.url, files))
+                        if to_b is not None:
+                            to_b.result()
                     if kind == "sinks":
                         st = a.get("/dicomsync/status")["Sinks"]
                         indexed = min(s["Done"] for s in st.values()) / len(files)
@@ -289,6 +297,15 @@ def bench_ingest(
         )
         for label, rate in med.items()
     ]
+    control = "plugin off, B receiving the same instances meanwhile"
+    routing = "plugin on, routing to B during the upload"
+    if control in med and routing in med:
+        rows.append(
+            (
+                "routing to B vs its control (B as busy)",
+                f"{med[routing] / med[control]:.2f}x: the plugin's own cost while routing",
+            )
+        )
     rows.append(("target", ">= 0.95x off (routes: issue 3 (b); tag sinks: issue 4)"))
     if drain:
         rows.append(

@@ -820,7 +820,7 @@ def settle_callback_thread() -> None:
       instead of waking per instance, and never preempts an upload. The callback only
       hands STABLE_STUDY to the intake thread, so waiting for the CPU costs nothing.
 
-    (0.2 s of CPU went to 0.02 s.) Outside CPython or Linux it changes nothing.
+    (0.2 s of CPU went to 0.03 s.) Outside CPython or Linux it changes nothing.
     """
     if getattr(_callback_thread, "settled", False):
         return

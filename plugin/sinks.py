@@ -19,15 +19,17 @@ the durable record Orthanc keeps. An instance is fed within ``FEED_INTERVAL`` se
 
 **Workers.** One lane per sink (``Lane(key, 1, kind="tags", batch=BATCH)``) leases
 up to ``BATCH`` instances, reads each one's headers (from Orthanc's storage folder when
-that is safe, else in-process through the REST API: ``plugin/storage.py``), computes its
-events with ``dicomsync.tags.events_from_bytes`` (the CLI's code path) and sends them in one
-``sink.send``. The lanes share an ``EventCache``: with several sinks, each instance is
-read and parsed once, by whichever lane gets to it first (the lanes lease in the
-feed's order, so they run close together). Per job: every event delivered (or rejected for good by the sink) ->
-done; ``SinkRetryable`` -> retried with the queue's backoff; an unreadable file ->
-failed; an instance deleted meanwhile -> done with nothing sent. ``SinkFatal`` (bad
-token, unwritable index) holds the lane: its jobs go back to ``queued`` without
-counting an attempt and the sink shows ``stopped`` with the error, until
+that is safe, else in-process through the REST API: ``plugin/storage.py``), computes
+its events with ``dicomsync.tags.events_from_bytes`` (the CLI's code path) and sends
+them in one ``sink.send``. The lanes share an ``EventCache``: with several sinks, each
+instance is read and parsed once, by whichever lane gets to it first (the lanes lease
+in the feed's order, so they run close together).
+
+Per job: every event delivered (or rejected for good by the sink) -> done;
+``SinkRetryable`` -> retried with the queue's backoff; an unreadable file -> failed;
+an instance deleted meanwhile -> done with nothing sent. ``SinkFatal`` (bad token,
+unwritable index) holds the lane: its jobs go back to ``queued`` without counting an
+attempt and the sink shows ``stopped`` with the error, until
 ``POST /dicomsync/sinks/{key}/restart`` or an Orthanc restart. The sink's delivered
 ledger makes every repeat free, so nothing reaches a sink twice.
 
