@@ -17,7 +17,9 @@ before, so the events are the same either way:
   elsewhere: the file is not there, and the REST API reads it).
 
 An instance deleted meanwhile answers 404 to the info call (``NotFound``), exactly as
-the REST read would. An open file stays readable if Orthanc deletes it.
+the REST read would. An open file stays readable if Orthanc deletes it. When the first
+``GIVE_UP_AFTER`` instances all had to be read through the REST API (a storage plugin,
+say), the reader stops asking for attachment info and uses the REST API only.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dicomsync.tags import Event, events_from_bytes
 
 log = logging.getLogger(__name__)
 
+GIVE_UP_AFTER = 20
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -70,6 +73,14 @@ class InstanceEvents:
             except OSError as exc:
                 self._rest_because(f"cannot read files under {self.storage} ({exc.strerror})")
         self.through_rest += 1
+        if self.storage is not None and self.direct == 0 and self.through_rest >= GIVE_UP_AFTER:
+            log.info(
+                "tag sinks: none of the first %d instances could be read from %s; "
+                "reading through the REST API from now on",
+                self.through_rest,
+                self.storage,
+            )
+            self.storage = None
         return events_from_bytes(self.client.instance_file(instance), source=source)
 
     def _stored_file(self, instance: str) -> tuple[Path, int] | None:

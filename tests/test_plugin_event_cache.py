@@ -196,6 +196,34 @@ def test_headers_from_the_storage_folder_give_the_rest_apis_events(
 
 
 @pytest.mark.orthanc
+def test_a_storage_folder_that_never_has_the_files_is_no_longer_asked(
+    orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    from dicomsync.plugin import storage
+
+    paths = []
+    for i in range(storage.GIVE_UP_AFTER + 3):
+        path = tmp_path / f"{i}.dcm"
+        make_instance(None, patient_id=f"GIVEUP{i}", study_uid=generate_uid()).save_as(
+            path, enforce_file_format=True
+        )
+        paths.append(path)
+    instances = upload_files(orthanc, paths)
+    asked: list[str] = []
+
+    class Counting(OrthancClient):
+        def get_json(self, path: str) -> Any:
+            asked.append(path)
+            return super().get_json(path)
+
+    reader = InstanceEvents(Counting(HttpTransport(orthanc.url)), tmp_path / "elsewhere")
+    for iid in instances:
+        assert reader(iid)[0].fields["PatientID"].startswith("GIVEUP")
+    assert reader.through_rest == len(instances) and reader.storage is None
+    assert len(asked) == storage.GIVE_UP_AFTER  # no attachment info after giving up
+
+
+@pytest.mark.orthanc
 def test_compressed_storage_is_read_through_the_rest_api(tmp_path: Path) -> None:
     orthanc = OrthancProcess(tmp_path / "z", "z", config={"StorageCompression": True}).start()
     try:
