@@ -22,8 +22,8 @@ up to ``BATCH`` instances, reads each one's headers (from Orthanc's storage fold
 that is safe, else in-process through the REST API: ``plugin/storage.py``), computes
 its events with ``dicomsync.tags.events_from_bytes`` (the CLI's code path) and sends
 them in one ``sink.send``. The lanes share an ``EventCache``: with several sinks, each
-instance is read and parsed once, by whichever lane gets to it first (the lanes lease
-in the feed's order, so they run close together).
+instance is normally read and parsed once, by whichever lane gets to it first (the
+lanes lease in the feed's order, so they run close together).
 
 Per job: every event delivered (or rejected for good by the sink) -> done;
 ``SinkRetryable`` -> retried with the queue's backoff; an unreadable file -> failed;

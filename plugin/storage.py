@@ -17,9 +17,11 @@ before, so the events are the same either way:
   elsewhere: the file is not there, and the REST API reads it).
 
 An instance deleted meanwhile answers 404 to the info call (``NotFound``), exactly as
-the REST read would. An open file stays readable if Orthanc deletes it. When the first
-``GIVE_UP_AFTER`` instances all had to be read through the REST API (a storage plugin,
-say), the reader stops asking for attachment info and uses the REST API only.
+the REST read would. An open file stays readable if Orthanc deletes it. A file that
+cannot be read or parsed there is read again through the REST API, which decides.
+When the files of the first ``GIVE_UP_AFTER`` instances are all missing from the folder
+(a storage plugin, say), the reader stops asking for attachment info and uses the REST
+API only.
 """
 
 from __future__ import annotations
@@ -27,17 +29,19 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dicomsync.errors import DicomFileError
 from dicomsync.orthanc_client import OrthancClient
 from dicomsync.tags import Event, events_from_bytes
 
 log = logging.getLogger(__name__)
 
 GIVE_UP_AFTER = 20
-UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def storage_folder(orthanc_config: Mapping[str, Any], storage: Path) -> Path | None:
@@ -48,58 +52,83 @@ def storage_folder(orthanc_config: Mapping[str, Any], storage: Path) -> Path | N
 
 
 class InstanceEvents:
-    """The events of an Orthanc instance, read from the storage folder or the REST API."""
+    """The events of an Orthanc instance, read from the storage folder or the REST API.
+
+    Called from every sink lane at once: the counters and the give-up rule are under a
+    lock, and each call works on its own snapshot of the folder.
+    """
 
     def __init__(self, client: OrthancClient, storage: Path | None) -> None:
         self.client = client
         self.storage = storage
         self.direct = self.through_rest = 0  # how many instances each way (status, tests)
+        self._missing = 0  # files not found where they should be, before the first success
         self._why_rest = ""
+        self._lock = threading.Lock()
 
     def __call__(self, instance: str) -> list[Event]:
         source = f"orthanc:{instance}"
-        found = self._stored_file(instance)
-        if found is not None:
-            path, size = found
-            try:
-                with open(path, "rb") as f:
-                    if os.fstat(f.fileno()).st_size == size:
-                        events = events_from_bytes(f, source=source)
-                        self.direct += 1
-                        return events
-                self._rest_because(f"files under {self.storage} differ from their attachments")
-            except FileNotFoundError:
-                self._rest_because(f"the instances' files are not under {self.storage}")
-            except OSError as exc:
-                self._rest_because(f"cannot read files under {self.storage} ({exc.strerror})")
-        self.through_rest += 1
-        if self.storage is not None and self.direct == 0 and self.through_rest >= GIVE_UP_AFTER:
-            log.info(
-                "tag sinks: none of the first %d instances could be read from %s; "
-                "reading through the REST API from now on",
-                self.through_rest,
-                self.storage,
-            )
-            self.storage = None
+        storage = self.storage
+        if storage is not None:
+            found = self._stored_file(storage, instance)
+            if found is not None:
+                events = self._read_direct(storage, found, source)
+                if events is not None:
+                    return events
+        with self._lock:
+            self.through_rest += 1
         return events_from_bytes(self.client.instance_file(instance), source=source)
 
-    def _stored_file(self, instance: str) -> tuple[Path, int] | None:
-        if self.storage is None:
+    def _read_direct(
+        self, storage: Path, found: tuple[Path, int], source: str
+    ) -> list[Event] | None:
+        path, size = found
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size != size:
+                    self._rest_because(f"files under {storage} differ from their attachments")
+                    return None
+                events = events_from_bytes(f, source=source)
+        except FileNotFoundError:
+            self._rest_because(f"the instances' files are not under {storage}", missing=True)
             return None
+        except OSError as exc:
+            self._rest_because(f"cannot read files under {storage} ({exc.strerror})")
+            return None
+        except DicomFileError:
+            # the REST API reads the same bytes: it confirms (or not) that they are corrupt
+            self._rest_because(f"a file under {storage} did not parse")
+            return None
+        with self._lock:
+            self.direct += 1
+        return events
+
+    def _stored_file(self, storage: Path, instance: str) -> tuple[Path, int] | None:
         info = self.client.get_json(f"/instances/{instance}/attachments/dicom/info")
         uuid = str(info.get("Uuid", ""))
         size = info.get("UncompressedSize")
-        if not UUID.match(uuid):
-            self._rest_because("an attachment has an unexpected UUID")
+        if not UUID.fullmatch(uuid) or not isinstance(size, int):
+            self._rest_because("an attachment has an unexpected UUID or size")
             return None
         if size != info.get("CompressedSize") or info.get("UncompressedMD5") != info.get(
             "CompressedMD5"
         ):
             self._rest_because("the attachment is stored compressed")
             return None
-        return self.storage / uuid[:2] / uuid[2:4] / uuid, int(size)
+        return storage / uuid[:2] / uuid[2:4] / uuid, size
 
-    def _rest_because(self, why: str) -> None:
-        if why != self._why_rest:  # one line per new reason, not one per instance
-            self._why_rest = why
-            log.info("tag sinks read instances through the REST API: %s", why)
+    def _rest_because(self, why: str, *, missing: bool = False) -> None:
+        with self._lock:
+            if why != self._why_rest:  # one line per new reason, not one per instance
+                self._why_rest = why
+                log.info("tag sinks read instances through the REST API: %s", why)
+            if missing and self.direct == 0 and self.storage is not None:
+                self._missing += 1
+                if self._missing >= GIVE_UP_AFTER:
+                    log.info(
+                        "tag sinks: none of the first %d instances were in %s; reading "
+                        "through the REST API from now on",
+                        self._missing,
+                        self.storage,
+                    )
+                    self.storage = None

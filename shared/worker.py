@@ -339,6 +339,12 @@ class WorkerPool:
                 raise DicomSyncError(f"batch handler answered {len(results)} of {len(jobs)} jobs")
         except Exception as exc:
             results = [exc] * len(jobs)
+        results = [
+            r
+            if isinstance(r, (Delivered, BaseException))
+            else DicomSyncError(f"batch handler answered {type(r).__name__} for a job")
+            for r in results
+        ]
         delivered = [
             (job, result)
             for job, result in zip(jobs, results, strict=True)
@@ -346,9 +352,9 @@ class WorkerPool:
         ]
         if delivered:  # one queue transaction for the batch's successes
             try:
-                answers = self.queue.done_many([(j, r.fingerprint, r.sent) for j, r in delivered])
-                with self._lock:
-                    state.handled += sum(answers)
+                self.queue.done_many([(j, r.fingerprint, r.sent) for j, r in delivered])
+                with self._lock:  # counted as ``_record`` counts a single job's success
+                    state.handled += len(delivered)
             except QueueError as exc:
                 log.error(
                     "%d job(s): cannot record their outcome (%s); their leases will expire",

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
@@ -88,6 +90,9 @@ class FakeOrthanc(types.ModuleType):
         self.ChangeType = ChangeType
         self.MetricsType = MetricsType
         self.HttpMethod = HttpMethod
+        # Like orthanc-python: every change callback runs on one thread of its own
+        self._changes: ThreadPoolExecutor | None = None
+        self.change_thread: int | None = None  # its native thread id, once it ran
 
     # --- REST, forwarded to the real Orthanc ---------------------------------------------
     def _call(self, method: str, path: str, body: bytes | str | None = None) -> bytes:
@@ -139,8 +144,22 @@ class FakeOrthanc(types.ModuleType):
 
     # --- test drivers ----------------------------------------------------------------------
     def change(self, change_type: int, resource_id: str = "") -> None:
-        for fn in self.on_change:
-            fn(change_type, 0, resource_id)
+        """Deliver a change as orthanc-python does: on its own thread, one at a time (here
+        the caller waits for the callbacks to return)."""
+
+        def deliver() -> None:
+            self.change_thread = threading.get_native_id()
+            for fn in self.on_change:
+                fn(change_type, 0, resource_id)
+
+        if self._changes is None:
+            self._changes = ThreadPoolExecutor(1, thread_name_prefix="orthanc-changes")
+        self._changes.submit(deliver).result()
+
+    def close(self) -> None:
+        if self._changes is not None:
+            self._changes.shutdown()
+            self._changes = None
 
     def request(
         self, method: str, path: str, body: bytes | None = None, get: dict[str, str] | None = None
@@ -172,6 +191,8 @@ def install(url: str, configuration: dict[str, Any], config_path: str) -> FakeOr
 
 
 def uninstall() -> None:
-    sys.modules.pop("orthanc", None)
+    fake = sys.modules.pop("orthanc", None)
+    if isinstance(fake, FakeOrthanc):
+        fake.close()
     for name in [n for n in sys.modules if n.startswith("dicomsync.plugin")]:
         del sys.modules[name]

@@ -196,6 +196,25 @@ def test_headers_from_the_storage_folder_give_the_rest_apis_events(
 
 
 @pytest.mark.orthanc
+def test_a_file_that_does_not_parse_in_the_folder_is_read_again_through_the_rest_api(
+    orthanc: OrthancProcess, tmp_path: Path
+) -> None:
+    import shutil
+
+    (instance,) = upload_files(orthanc, sample_files()[:1])
+    mirror = tmp_path / "mirror"
+    shutil.copytree(orthanc.workdir / "storage", mirror)
+    client = OrthancClient(HttpTransport(orthanc.url))
+    uuid = client.get_json(f"/instances/{instance}/attachments/dicom/info")["Uuid"]
+    damaged = mirror / uuid[:2] / uuid[2:4] / uuid
+    damaged.write_bytes(b"\0" * damaged.stat().st_size)  # same size, not DICOM
+    reader = InstanceEvents(client, mirror)
+    want = events_from_bytes(client.instance_file(instance), source=f"orthanc:{instance}")
+    assert reader(instance) == want
+    assert (reader.direct, reader.through_rest) == (0, 1)
+
+
+@pytest.mark.orthanc
 def test_a_storage_folder_that_never_has_the_files_is_no_longer_asked(
     orthanc: OrthancProcess, tmp_path: Path
 ) -> None:

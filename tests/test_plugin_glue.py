@@ -217,6 +217,35 @@ def test_started_again_after_a_stop_routes_again(glue: Glue, orthanc: OrthancPro
     wait_for(lambda: glue.job_state(study) == "done", timeout=30, what="a job after the restart")
 
 
+def test_the_change_callback_thread_is_settled_once_after_started(
+    glue: Glue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """orthanc-python's change thread: its Python state is kept (one PyGILState_Ensure,
+    never released) and it is niced, once, after ORTHANC_STARTED was handled, so the
+    threads App.start() began keep Orthanc's priority."""
+    import ctypes
+    import os
+
+    ensured: list[int] = []
+    monkeypatch.setattr(ctypes.pythonapi, "PyGILState_Ensure", lambda: ensured.append(1) or 1)
+    fake = glue.fake
+    glue.register()
+    process = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    fake.change(fake.ChangeType.ORTHANC_STARTED)
+    for _ in range(3):
+        fake.change(fake.ChangeType.NEW_INSTANCE, "i")
+    assert ensured == [1]
+    assert fake.change_thread is not None
+    niced = min(19, process + glue.module.WORKER_NICE)
+    assert os.getpriority(os.PRIO_PROCESS, fake.change_thread) == niced
+    by_name = {t.name: t for t in threading.enumerate()}
+    intake = by_name["dicomsync-intake"]
+    assert intake.native_id is not None
+    assert os.getpriority(os.PRIO_PROCESS, intake.native_id) == process
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == process
+    fake.change(fake.ChangeType.ORTHANC_STOPPED)
+
+
 def test_orthanc_error_codes_map_to_retryable_or_final(glue: Glue) -> None:
     from dicomsync.plugin.inprocess import translate
 

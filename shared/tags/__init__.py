@@ -98,7 +98,8 @@ class Event:
 
 def read_dataset(source: bytes | BinaryIO, *, name: str = "") -> Dataset:
     """Parse an instance's headers from its bytes or from a binary file open at its start
-    (read only up to the pixel data); DicomFileError when it is not DICOM."""
+    (read only up to the pixel data); DicomFileError when it is not DICOM. A file that
+    cannot be read raises its OSError (the caller knows which file it was)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         label, stream = name or f"<{len(source)} bytes>", cast(BinaryIO, io.BytesIO(source))
     else:
@@ -116,6 +117,10 @@ def read_dataset(source: bytes | BinaryIO, *, name: str = "") -> Dataset:
             return ds
     except InvalidDicomError:
         raise DicomFileError(f"{label}: not a DICOM file") from None
+    except OSError as exc:
+        if stream is source:  # reading the file failed (EIO, a vanished share), not its content
+            raise
+        raise DicomFileError(f"{label}: corrupt DICOM ({type(exc).__name__}: {exc})") from None
     except Exception as exc:  # pydicom raises many kinds on corrupt data
         raise DicomFileError(f"{label}: corrupt DICOM ({type(exc).__name__}: {exc})") from None
 
@@ -134,7 +139,7 @@ def events_from_path(path: Path) -> list[Event]:
         with open(path, "rb") as f:
             return events_from_bytes(f, source=str(path))
     except OSError as exc:
-        raise DicomFileError(f"{path}: cannot read ({exc.strerror})") from None
+        raise DicomFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def events_from_dataset(ds: Dataset, *, source: str = "", now: float | None = None) -> list[Event]:
