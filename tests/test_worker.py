@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -227,19 +228,25 @@ def test_niced_workers_and_the_threads_they_start_yield_the_cpu(q: SQLiteQueue) 
         return Delivered("fp", sent=1)
 
     q.enqueue(NewJob("study", "s", "b"))
+    drain_one_niced(q, handler)
+    assert seen == [(min(19, base + 5), min(19, base + 5))]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
+
+
+def drain_one_niced(q: SQLiteQueue, handler: Callable[[Job], Delivered]) -> None:
+    """Run a pool with nice 5 until the one queued job is done."""
     pool = WorkerPool(q, [Lane("b", 1)], {"study": handler}, poll_interval=60, nice=5)
     pool.start()
     try:
         wait_for(lambda: q.stats()["b"].done == 1)
     finally:
         pool.stop()
-    assert seen == [(min(19, base + 5), min(19, base + 5))]
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
 
 
 def test_workers_started_by_a_niced_thread_get_the_same_nice_value(q: SQLiteQueue) -> None:
-    """Inside Orthanc the pool starts on the (niced) change-callback thread: the workers'
-    nice value is relative to the process, so they do not end at twice the increment."""
+    """The workers' nice value is relative to the process, not to the thread that starts
+    the pool: started from an already niced thread, they do not end at twice the
+    increment."""
     import os
 
     from dicomsync.worker import lower_thread_priority
@@ -254,12 +261,7 @@ def test_workers_started_by_a_niced_thread_get_the_same_nice_value(q: SQLiteQueu
     def starter() -> None:
         lower_thread_priority(5)
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        pool = WorkerPool(q, [Lane("b", 1)], {"study": handler}, poll_interval=60, nice=5)
-        pool.start()
-        try:
-            wait_for(lambda: q.stats()["b"].done == 1)
-        finally:
-            pool.stop()
+        drain_one_niced(q, handler)
 
     q.enqueue(NewJob("study", "s", "b"))
     t = threading.Thread(target=starter)
