@@ -41,13 +41,22 @@ StudyDate, ...), so study-level and dose conditions combine in one query.
 from __future__ import annotations
 
 import math
+import operator
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from dicomsync.errors import QueryError
 from dicomsync.query import glob_to_regex
+
+_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
+    "=": operator.eq,
+    "<": operator.lt,
+    ">": operator.gt,
+    "<=": operator.le,
+    ">=": operator.ge,
+}
 
 Op = Literal["=", "!=", "<", ">", "<=", ">="]
 Kind = Literal["number", "text", "glob"]
@@ -107,27 +116,11 @@ class Condition:
         op = "=" if self.op == "!=" else self.op
         if self.kind == "number":
             number = to_number(value)
-            if number is None:
-                return False
-            target = float(self.value)
-            return {
-                "=": number == target,
-                "<": number < target,
-                ">": number > target,
-                "<=": number <= target,
-                ">=": number >= target,
-            }[op]
+            return number is not None and _COMPARE[op](number, float(self.value))
         text = value_text(value)
         if self.kind == "glob":
             return glob_to_regex(str(self.value)).match(text) is not None
-        target_text = str(self.value)
-        return {
-            "=": text == target_text,
-            "<": text < target_text,
-            ">": text > target_text,
-            "<=": text <= target_text,
-            ">=": text >= target_text,
-        }[op]
+        return _COMPARE[op](text, str(self.value))
 
     def matches(self, values: list[Any]) -> bool:
         if self.op == "!=":

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -66,37 +67,17 @@ CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
-_COLUMNS = (
-    "id, kind, resource, destination, study_uid, state, attempts, next_attempt_at, last_error, "
-    "fingerprint, delivered_count, rerun, lease_owner, lease_token, lease_expires_at, "
-    "queued_at, created_at, updated_at"
-)
+_FIELDS = tuple(f.name for f in fields(Job))  # the jobs table has a column per field
+_COLUMNS = ", ".join(_FIELDS)
 _DUE = (
     "((state = 'queued' AND next_attempt_at <= ?) OR (state = 'sending' AND lease_expires_at < ?))"
 )
 
 
 def _job(row: sqlite3.Row) -> Job:
-    return Job(
-        id=row["id"],
-        kind=row["kind"],
-        resource=row["resource"],
-        destination=row["destination"],
-        study_uid=row["study_uid"],
-        state=row["state"],
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        last_error=row["last_error"],
-        fingerprint=row["fingerprint"],
-        delivered_count=row["delivered_count"],
-        rerun=bool(row["rerun"]),
-        lease_owner=row["lease_owner"],
-        lease_token=row["lease_token"],
-        lease_expires_at=row["lease_expires_at"],
-        queued_at=row["queued_at"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
+    values = {name: row[name] for name in _FIELDS}
+    values["rerun"] = bool(values["rerun"])
+    return Job(**values)
 
 
 class SQLiteQueue(Queue):

@@ -72,6 +72,7 @@ import requests
 from dicomsync.config import resolve_path
 from dicomsync.errors import ConfigError, SinkError, SinkFatal, SinkRetryable
 from dicomsync.index_query import IndexQuery
+from dicomsync.orthanc_client import short_reason
 from dicomsync.sinks.base import (
     Ledger,
     Sink,
@@ -365,10 +366,10 @@ class SplunkHec(Sink):
             )
         except requests.exceptions.SSLError as exc:
             raise SinkFatal(
-                f"splunk_hec {self.key!r}: TLS verification of {self.url} failed ({_short(exc)})"
+                f"splunk_hec {self.key!r}: TLS verification of {self.url} failed ({short_reason(exc)})"
             ) from None
         except requests.RequestException as exc:
-            return None, None, f"cannot reach {self.url} ({_short(exc)})"
+            return None, None, f"cannot reach {self.url} ({short_reason(exc)})"
         try:
             answer = r.json()
         except ValueError:
@@ -420,7 +421,7 @@ class SplunkHec(Sink):
                 verify=self.verify,
             )
         except requests.RequestException as exc:
-            return None, None, f"cannot reach {self.url} ({_short(exc)})"
+            return None, None, f"cannot reach {self.url} ({short_reason(exc)})"
         try:
             return r.status_code, r.json(), None
         except ValueError:
@@ -473,11 +474,11 @@ class SplunkHec(Sink):
             )
         except requests.exceptions.SSLError as exc:
             raise SinkFatal(
-                f"splunk_hec {self.key!r}: TLS verification of {self.search_url} failed ({_short(exc)})"
+                f"splunk_hec {self.key!r}: TLS verification of {self.search_url} failed ({short_reason(exc)})"
             ) from None
         except requests.RequestException as exc:
             raise SinkRetryable(
-                f"splunk_hec {self.key!r}: cannot reach {self.search_url} ({_short(exc)})"
+                f"splunk_hec {self.key!r}: cannot reach {self.search_url} ({short_reason(exc)})"
             ) from None
         if r.status_code in (401, 403):
             raise SinkFatal(
@@ -544,11 +545,3 @@ def _messages(r: requests.Response) -> str:
         return "; ".join(str(m.get("text", "")) for m in msgs)[:200]
     except (ValueError, AttributeError):
         return r.text[:200]
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc)
-    for marker in ("Failed to establish a new connection: ", "Caused by "):
-        if marker in text:
-            text = text.split(marker, 1)[1]
-    return text.rstrip(")'\"")[:200]

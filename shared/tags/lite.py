@@ -29,6 +29,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from dicomsync.tags.simplify import element_text
+
 ITEM = 0xFFFEE000
 ITEM_END = 0xFFFEE00D
 SEQ_END = 0xFFFEE0DD
@@ -174,12 +176,7 @@ class Reader:
             return None
         if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
             return self.decode(elem.value, tag)
-        value = node[tag].value
-        if value is None:
-            return ""
-        if isinstance(value, MultiValue | list | tuple):
-            return "\\".join(str(v) for v in value)
-        return str(value)
+        return element_text(node, tag)
 
     def raw(self, node: Any, tag: int) -> bytes | str | None:
         """Undecoded bytes when available (numbers), else the converted value as text."""

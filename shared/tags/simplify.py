@@ -92,6 +92,11 @@ def fast_text(ds: Dataset, tag: int) -> str | None:
             if vr in STRING_VRS:
                 text = raw.decode("ascii").rstrip(" \x00")
                 return text if vr in _KEEP_LEADING else text.lstrip(" ")
+    return element_text(ds, tag)
+
+
+def element_text(ds: Dataset, tag: int) -> str:
+    """A present element's converted value as text, multiple values joined with ``\\``."""
     value = ds[tag].value
     if value is None:
         return ""
