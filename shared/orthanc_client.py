@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from dicomsync.errors import (
     RemoteRejected,
     Unreachable,
 )
+from dicomsync.http_errors import short_reason
 
 log = logging.getLogger(__name__)
 
@@ -142,21 +142,6 @@ class HttpTransport(Transport):
                 s.close()
             self._sessions.clear()
         self._local = threading.local()
-
-
-_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
-
-
-def short_reason(exc: BaseException) -> str:
-    """The most specific, human part of a requests/urllib3 error, on one line."""
-    text = str(exc)
-    found = _ERRNO.findall(text)
-    if found:
-        return str(found[-1]).strip()
-    if isinstance(exc, requests.Timeout):
-        return "timed out"
-    text = " ".join(text.split())
-    return text[:200] or type(exc).__name__
 
 
 def _detail(r: requests.Response) -> str:

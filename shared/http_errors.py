@@ -1,0 +1,102 @@
+"""HTTP statuses and transport failures, mapped to the error tree in one place.
+
+Every HTTP client of ours (the Orthanc client, the XNAT place, the HEC sink) turns a
+failed request into a ``dicomsync.errors`` type here, so one rule holds everywhere:
+
+=====================================  ===================  ====================
+what happened                          a place raises       a sink raises
+=====================================  ===================  ====================
+TLS/certificate failure                ``Unreachable``,     ``SinkFatal``
+                                       not retryable
+timeout, refused, reset, DNS failure   ``Unreachable``      ``SinkRetryable``
+                                       (retryable)
+401, 403                               ``AuthenticationFailed``  ``SinkFatal``
+404                                    ``NotFound``         ``SinkFatal``
+408, 429, 5xx                          ``Unreachable``      ``SinkRetryable``
+                                       (retryable)
+any other 4xx                          ``RemoteRejected``   ``SinkFatal``
+=====================================  ===================  ====================
+
+A certificate failure is never transient: a wrong CA bundle or a self-signed server
+does not fix itself, so retrying only hides the cause. Timeouts and dropped
+connections are transient. ``what`` names the request without credentials (URLs
+with ``user:pass@`` are refused at config time, see ``dicomsync.urls``).
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+
+import requests
+
+from dicomsync.errors import (
+    AuthenticationFailed,
+    DicomSyncError,
+    NotFound,
+    RemoteRejected,
+    SinkFatal,
+    SinkRetryable,
+    Unreachable,
+)
+
+RETRYABLE_STATUSES = frozenset({408, 429})
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
+
+
+def short_reason(exc: BaseException) -> str:
+    """The most specific, human part of a requests/urllib3 error, on one line."""
+    text = str(exc)
+    found = _ERRNO.findall(text)
+    if found:
+        return str(found[-1]).strip()
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    text = " ".join(text.split())
+    return text[:200] or type(exc).__name__
+
+
+def is_tls_failure(exc: BaseException) -> bool:
+    """True for certificate and TLS handshake failures, at any depth of the cause chain."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, requests.exceptions.SSLError | ssl.SSLError):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    text = str(exc)
+    return "CERTIFICATE_VERIFY_FAILED" in text or "SSLError" in text
+
+
+def transport_error(exc: BaseException, what: str, *, sink: bool = False) -> DicomSyncError:
+    """The error for a request that got no HTTP answer (``exc`` from requests or urllib3)."""
+    if is_tls_failure(exc):
+        message = f"{what}: TLS verification failed ({short_reason(exc)})"
+        return SinkFatal(message) if sink else Unreachable(message, retryable=False)
+    timed_out = isinstance(exc, requests.exceptions.Timeout) or "timed out" in str(exc)
+    reason = "timed out" if timed_out else short_reason(exc)
+    message = f"{what}: no answer ({reason})"
+    return SinkRetryable(message) if sink else Unreachable(message)
+
+
+def status_error(
+    status: int, what: str, detail: str = "", *, sink: bool = False
+) -> DicomSyncError | None:
+    """The error for an HTTP status, or None for 1xx-3xx. ``detail`` is already short."""
+    if status < 400:
+        return None
+    reason = f" ({status}: {detail})" if detail else f" ({status})"
+    if status in (401, 403):
+        message = f"{what}: not authorised{reason}; check the credentials"
+        return SinkFatal(message) if sink else AuthenticationFailed(message)
+    if status == 404:
+        message = f"{what}: not found{reason}"
+        return SinkFatal(message) if sink else NotFound(message)
+    if status >= 500 or status in RETRYABLE_STATUSES:
+        message = f"{what}: server busy or failing{reason}"
+        return SinkRetryable(message) if sink else Unreachable(message)
+    message = f"{what}: rejected{reason}"
+    return SinkFatal(message) if sink else RemoteRejected(message)
