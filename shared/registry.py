@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from dicomsync.errors import ConfigError, PlaceKindUnavailable
+from dicomsync.urls import check_section
 
 T = TypeVar("T")
 
@@ -60,10 +61,15 @@ class Registry(Generic[T]):
         return cls
 
     def build(self, key: str, section: Mapping[str, Any], base_dir: Path) -> T:
-        """Instantiate the ``Kind`` of a config section: ``cls.from_config(key, section, …)``."""
+        """Instantiate the ``Kind`` of a config section: ``cls.from_config(key, section, …)``.
+
+        Every section passes ``dicomsync.urls.check_section`` first, whatever its kind:
+        no option may hold a URL with a user or password in it.
+        """
         kind = section.get("Kind")
         if not isinstance(kind, str):
             raise ConfigError(f'{self.what} {key!r} needs a "Kind"')
+        check_section(self.what, key, section)
         built: T = self.get(kind).from_config(key, section, base_dir=base_dir)  # type: ignore[attr-defined]
         return built
 
