@@ -23,7 +23,15 @@ REST (behind Orthanc's HTTP server and its authentication), answers are JSON:
 ``POST /dicomsync/retry-failed``, ``POST /dicomsync/send``,
 ``POST /dicomsync/backfill``, ``GET /dicomsync/places``, ``GET /dicomsync/sinks[/{key}]``,
 ``POST /dicomsync/sinks/{key}/restart``. Errors are
-``{"Message": …}`` with a 4xx/5xx code; no exception ever reaches Orthanc.
+``{"Message": …}`` with a 4xx/5xx code; no exception ever reaches Orthanc. 405 is the one
+answer without a body: Orthanc's SDK sends it (with ``Allow``) and refuses a body for it.
+
+Request data is hostile until checked, and REST callbacks run on Orthanc's web-server
+threads, whose C stack is far smaller than Python's recursion limit assumes: a body is
+refused above ``MAX_BODY`` bytes (413) or ``MAX_BODY_DEPTH`` levels of nesting (400)
+before it is parsed (``dicomsync.jsonsafe``, no recursion), and no code recurses over
+request data. Values quoted back in an error are cut to ``QUOTE_LIMIT`` characters
+(``quote``), so an error never echoes a large request.
 
 A bad ``DicomSync`` section is logged once (one line), routing stays off,
 Orthanc keeps serving and ``/dicomsync/status`` shows the error.
@@ -33,7 +41,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue as queue_module
 import re
 import threading
@@ -48,13 +55,14 @@ from urllib.parse import unquote
 import orthanc
 
 import dicomsync
-from dicomsync import routing
+from dicomsync import jsonsafe, routing
 from dicomsync.errors import (
     ConfigError,
     DicomSyncError,
     NotFound,
     QueryError,
     QueueError,
+    RemoteRejected,
     SinkFatal,
     UnknownPlaceError,
 )
@@ -74,6 +82,13 @@ PAGE = 1000
 MAX_LIMIT = 10000
 CURSOR_SLACK = 30.0  # seconds after StableAge before a change counts as routed
 WORKER_NICE = 10  # workers (and their upload threads) yield the CPU to ingest
+MAX_BODY = 1 << 20  # bytes of a REST body; ours are a few hundred
+MAX_BODY_DEPTH = 16  # nesting of a REST body; ours need 3
+MAX_JOB_ID = (1 << 63) - 1  # SQLite's INTEGER
+QUOTE_LIMIT = 64  # characters of a request value quoted back in an error
+MAX_MESSAGE = 500  # characters of any error message we answer
+MAX_RESOURCES = 10000  # studies in one POST /dicomsync/send
+MAX_UID = 64  # characters of a DICOM UID
 
 InstanceHook = Callable[[Any, str], None]
 MetricSink = Callable[[str, float], None]
@@ -91,6 +106,23 @@ class Reply:
     status: int
     body: Any
     allow: str = ""
+
+
+def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """``repr`` of a request value for an error message, cut to ``limit`` characters."""
+    if isinstance(value, str):
+        if len(value) > limit:
+            return repr(value[:limit]) + f"… ({len(value)} characters)"
+        return repr(value)
+    if value is None or isinstance(value, bool | int | float):
+        text = repr(value)
+        return text if len(text) <= limit else text[:limit] + "…"
+    return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+
+
+def short_message(text: str, limit: int = MAX_MESSAGE) -> str:
+    """The last guard on any error message: one bounded piece of text."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def camel(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -151,7 +183,6 @@ class App:
             return
         for warning in cfg.warnings:
             log.warning("%s", warning)
-        os.environ.setdefault("DICOMSYNC_CACHE_DIR", str(cfg.state_dir / "cache"))
         try:
             self.queue = open_queue(cfg.state_dir, cfg.retry)
         except QueueError as exc:
@@ -496,19 +527,28 @@ class App:
         destinations = cfg.destinations() + (list(cfg.sinks) if sinks else [])
         if value not in destinations:
             known = ", ".join(destinations) or "none"
-            raise HttpError(400, f"unknown destination {value!r} (destinations: {known})")
+            raise HttpError(400, f"unknown destination {quote(value)} (destinations: {known})")
         return value
 
     def _sink(self, key: str) -> TagSinks:
         key = unquote(key)
         if self.sinks is None or key not in self.sinks.states:
             known = ", ".join(self.sinks.keys) if self.sinks else "none"
-            raise HttpError(404, f"no sink {key!r} (sinks: {known})")
+            raise HttpError(404, f"no sink {quote(key)} (sinks: {known})")
         return self.sinks
 
     # --- REST -----------------------------------------------------------------------------
     def handle(self, method: str, path: str, get: Mapping[str, str], body: bytes | None) -> Reply:
-        """Dispatch ``/dicomsync/<path>``; never raises."""
+        """Dispatch ``/dicomsync/<path>``; never raises. Every error answer is
+        ``{"Message"}`` with one bounded line (``short_message``)."""
+        reply = self._dispatch(method, path, get, body)
+        if reply.status != 200 and isinstance(reply.body, dict) and "Message" in reply.body:
+            reply.body["Message"] = short_message(str(reply.body["Message"]))
+        return reply
+
+    def _dispatch(
+        self, method: str, path: str, get: Mapping[str, str], body: bytes | None
+    ) -> Reply:
         routes: list[tuple[str, str, Callable[..., Any]]] = [
             ("GET", r"status", self.rest_status),
             ("GET", r"jobs", self.rest_jobs),
@@ -546,23 +586,36 @@ class App:
                     {"Message": str(exc)},
                 )
             except Exception as exc:
-                log.exception("REST %s /dicomsync/%s failed", method, path)
+                log.exception("REST %s /dicomsync/%s failed", method, quote(path))
                 return Reply(500, {"Message": f"internal error: {type(exc).__name__}: {exc}"})
         if allowed:
             return Reply(405, {"Message": f"use {' or '.join(allowed)}"}, allow=",".join(allowed))
-        return Reply(404, {"Message": f"no such endpoint: /dicomsync/{path}"})
+        return Reply(404, {"Message": f"no such endpoint: /dicomsync/{quote(path)}"})
 
     @staticmethod
     def _body(body: bytes | None) -> dict[str, Any]:
+        """The JSON object of a POST body: size and depth are checked before parsing, because
+        ``json.loads`` recurses per level on a thread with a small C stack."""
         if not body or not body.strip():
             return {}
+        if len(body) > MAX_BODY:
+            raise HttpError(413, f"request body larger than {MAX_BODY} bytes")
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise HttpError(400, f"malformed JSON body: {exc}") from None
+            data = jsonsafe.loads(body, max_bytes=MAX_BODY, max_depth=MAX_BODY_DEPTH)
+        except ValueError as exc:  # JsonRejected; also an integer of more than 4300 digits
+            reason = str(exc) if isinstance(exc, jsonsafe.JsonRejected) else "number too long"
+            raise HttpError(400, f"bad JSON body: {reason}") from None
         if not isinstance(data, dict):
             raise HttpError(400, "the body must be a JSON object")
         return data
+
+    @staticmethod
+    def _job_id(text: str) -> int:
+        """A job ID from the path; one SQLite cannot hold is simply unknown (404)."""
+        job_id = int(text) if len(text) <= 19 else MAX_JOB_ID + 1
+        if job_id > MAX_JOB_ID:
+            raise HttpError(404, f"no job {quote(text)}")
+        return job_id
 
     def rest_status(self, get: Mapping[str, str]) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -594,7 +647,7 @@ class App:
         _, queue = self._need()
         state = get.get("state") or None
         if state is not None and state not in STATES:
-            raise HttpError(400, f"unknown state {state!r} (one of: {', '.join(STATES)})")
+            raise HttpError(400, f"unknown state {quote(state)} (one of: {', '.join(STATES)})")
         try:
             limit = int(get.get("limit") or 100)
         except ValueError:
@@ -609,17 +662,18 @@ class App:
 
     def rest_job(self, job_id: str, get: Mapping[str, str]) -> dict[str, Any]:
         _, queue = self._need()
-        job = queue.get(int(job_id))
+        job = queue.get(self._job_id(job_id))
         if job is None:
             raise HttpError(404, f"no job {job_id}")
         return camel(job.to_dict())
 
     def rest_retry(self, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
         _, queue = self._need()
-        if queue.get(int(job_id)) is None:
+        number = self._job_id(job_id)
+        if queue.get(number) is None:
             raise HttpError(404, f"no job {job_id}")
-        queue.requeue([int(job_id)])
-        job = queue.get(int(job_id))
+        queue.requeue([number])
+        job = queue.get(number)
         assert job is not None
         return camel(job.to_dict())
 
@@ -637,10 +691,13 @@ class App:
         if (
             not isinstance(resources, list)
             or not resources
+            or len(resources) > MAX_RESOURCES
             or not all(isinstance(r, str) and r for r in resources)
         ):
             raise HttpError(
-                400, '"Resources" must be a non-empty list of study IDs or StudyInstanceUIDs'
+                400,
+                f'"Resources" must be a list of 1 to {MAX_RESOURCES} study IDs or '
+                "StudyInstanceUIDs",
             )
         studies: dict[str, str] = {}
         unknown: list[str] = []
@@ -651,8 +708,10 @@ class App:
             for study_id in found:
                 studies.setdefault(study_id, resource)
         if unknown:
+            listed = ", ".join(quote(u) for u in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise HttpError(
-                400, f"unknown study (no such Orthanc ID or StudyInstanceUID): {', '.join(unknown)}"
+                400, f"unknown study (no such Orthanc ID or StudyInstanceUID): {listed}{more}"
             )
         results = queue.enqueue_many(
             [
@@ -669,6 +728,8 @@ class App:
         }
 
     def _resolve_study(self, resource: str) -> list[str]:
+        if len(resource) > MAX_UID:  # neither an Orthanc ID nor a UID (64 characters)
+            return []
         if ORTHANC_ID.match(resource):
             try:
                 self.client.study(resource)
@@ -684,9 +745,7 @@ class App:
         _, queue = self._need()
         dest = self._destination(body.get("Destination"))
         since = parse_since(body.get("Since"))
-        query = body.get("Query")
-        if query is not None and not isinstance(query, dict):
-            raise HttpError(400, '"Query" must be an object of DICOM tag -> value (as /tools/find)')
+        query = check_query(body.get("Query"))
         started = time.monotonic()
         delivered = queue.fingerprints(dest)
         jobs: list[NewJob] = []
@@ -720,16 +779,19 @@ class App:
         offset = 0
         while True:
             if query:
-                page = self.client.post_json(
-                    "/tools/find",
-                    {
-                        "Level": "Study",
-                        "Query": dict(query),
-                        "Expand": True,
-                        "Since": offset,
-                        "Limit": PAGE,
-                    },
-                )
+                try:
+                    page = self.client.post_json(
+                        "/tools/find",
+                        {
+                            "Level": "Study",
+                            "Query": dict(query),
+                            "Expand": True,
+                            "Since": offset,
+                            "Limit": PAGE,
+                        },
+                    )
+                except (RemoteRejected, NotFound) as exc:  # an unknown tag, a bad value
+                    raise HttpError(400, f'Orthanc refused the "Query": {exc}') from None
             else:
                 page = self.client.get_json(f"/studies?expand&since={offset}&limit={PAGE}")
             if not isinstance(page, list):
@@ -776,6 +838,26 @@ class App:
         return sinks.restart(unquote(key))
 
 
+MAX_QUERY_KEYS = 64
+
+
+def check_query(query: Any) -> dict[str, str | list[str]] | None:
+    """A backfill ``Query``: an object of DICOM tag -> string (or list of strings), as
+    Orthanc's ``/tools/find`` takes it; anything else is our 400, not Orthanc's 500."""
+    if query is None:
+        return None
+    shape = '"Query" must be an object of DICOM tag -> string (as /tools/find)'
+    if not isinstance(query, dict) or len(query) > MAX_QUERY_KEYS:
+        raise HttpError(400, shape)
+    for key, value in query.items():
+        ok = isinstance(value, str) or (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        )
+        if not key or not ok:
+            raise HttpError(400, f"{shape}; {quote(key)} is {quote(value)}")
+    return query
+
+
 def parse_since(value: Any) -> str | None:
     """``2024-05-01``, ``20240501`` or ``2024-05-01T12:00:00`` -> Orthanc's ``20240501T120000``."""
     if value is None or value == "":
@@ -787,7 +869,7 @@ def parse_since(value: Any) -> str | None:
             return datetime.strptime(value, fmt).strftime("%Y%m%dT%H%M%S")
         except ValueError:
             continue
-    raise HttpError(400, f'"Since": cannot read {value!r} as a date (e.g. 2024-05-01)')
+    raise HttpError(400, f'"Since": cannot read {quote(value)} as a date (e.g. 2024-05-01)')
 
 
 # --- registration (the only code that talks to the orthanc module directly) ---------------
@@ -879,6 +961,8 @@ def _rest(output: Any, uri: str, **request: Any) -> None:
                 request.get("body"),
             )
         if reply.status == 405:
+            # Orthanc's SDK refuses a body with 405 (SendHttpStatus raises "use the dedicated
+            # method"), and SendMethodNotAllowed clears other headers: Allow is the answer.
             output.SendMethodNotAllowed(reply.allow)
             return
         text = json.dumps(reply.body, indent=2, default=str)
@@ -888,9 +972,11 @@ def _rest(output: Any, uri: str, **request: Any) -> None:
             output.SetHttpHeader("Content-Type", "application/json")
             output.SendHttpStatus(reply.status, text, len(text.encode()))
     except Exception:
-        log.exception("REST %s failed", uri)
+        log.exception("REST %s failed", uri[:200])
         try:
-            output.SendHttpStatusCode(500)
+            text = json.dumps({"Message": "internal error; see Orthanc's log"})
+            output.SetHttpHeader("Content-Type", "application/json")
+            output.SendHttpStatus(500, text, len(text))
         except Exception:
             pass
 

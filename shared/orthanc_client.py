@@ -7,9 +7,14 @@ Two transports implement ``Transport``:
 - ``dicomsync.plugin.inprocess.InProcessTransport``: ``orthanc.RestApi*`` calls,
   inside the plugin, with no HTTP hop.
 
-Transports raise only ``dicomsync.errors``: ``NotFound`` for 404,
-``AuthenticationFailed`` for 401/403, ``RemoteRejected`` for other 4xx,
-``Unreachable`` (retryable) for network errors and 5xx.
+Transports raise only ``dicomsync.errors``, by the rule of ``dicomsync.http_errors``:
+``NotFound`` for 404, ``AuthenticationFailed`` for 401/403, ``RemoteRejected`` for other
+4xx, ``Unreachable`` (retryable) for network errors, 408, 429 and 5xx, and ``Unreachable``
+*not* retryable for a TLS/certificate failure (a wrong CA bundle does not heal).
+
+Every answer is parsed with ``dicomsync.jsonsafe`` (nesting measured without recursion
+before ``json.loads``): the client runs on Orthanc's REST threads inside the plugin,
+whose C stack is small, and a remote Orthanc's answers are not ours to trust.
 """
 
 from __future__ import annotations
@@ -23,13 +28,11 @@ from typing import Any
 
 import requests
 
-from dicomsync.errors import (
-    AuthenticationFailed,
-    NotFound,
-    RemoteRejected,
-    Unreachable,
-)
-from dicomsync.http_errors import short_reason
+from dicomsync import jsonsafe
+from dicomsync.errors import NotFound, RemoteRejected
+from dicomsync.http_errors import is_tls_failure, short_reason, status_error, transport_error
+
+__all__ = ["HttpTransport", "OrthancClient", "Transport", "raise_for_status", "short_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -57,19 +60,12 @@ class Transport(ABC):
 
 
 def raise_for_status(status: int, what: str, detail: str = "") -> None:
-    """Translate an HTTP status into a dicomsync error (no-op for 2xx)."""
+    """Translate an HTTP status into a dicomsync error (no-op for 2xx), by the one rule of
+    ``dicomsync.http_errors``; a 3xx that was not followed is a rejection."""
     if status < 300:
         return
-    suffix = f": {detail}" if detail else ""
-    if status == 404:
-        raise NotFound(f"{what}: not found (404){suffix}")
-    if status in (401, 403):
-        raise AuthenticationFailed(
-            f"{what}: not authorised ({status}); check the user and password"
-        )
-    if status < 500:
-        raise RemoteRejected(f"{what}: rejected ({status}){suffix}")
-    raise Unreachable(f"{what}: server error ({status}){suffix}")
+    error = status_error(status, what, detail)
+    raise error if error is not None else RemoteRejected(f"{what}: rejected ({status})")
 
 
 class HttpTransport(Transport):
@@ -112,10 +108,10 @@ class HttpTransport(Transport):
         what = f"{method} {self.url}{path}"
         try:
             r = self._session().request(method, self.url + path, timeout=self._timeout, **kw)
-        except requests.exceptions.SSLError as exc:
-            raise Unreachable(f"{what}: TLS verification failed ({short_reason(exc)})") from None
         except requests.RequestException as exc:
-            raise Unreachable(f"cannot reach Orthanc at {self.url}: {short_reason(exc)}") from None
+            # a certificate failure is final (Unreachable, not retryable), the rest transient
+            where = what if is_tls_failure(exc) else f"cannot reach Orthanc at {self.url}"
+            raise transport_error(exc, where) from None
         if r.status_code >= 300:
             raise_for_status(r.status_code, what, _detail(r))
         return r
@@ -145,13 +141,22 @@ class HttpTransport(Transport):
 
 
 def _detail(r: requests.Response) -> str:
+    """Orthanc's own reason in an error answer, short (the body is read with bounded depth)."""
     try:
-        body = r.json()
+        body = jsonsafe.loads(r.content, max_bytes=1 << 20)
         if isinstance(body, dict):
             return str(body.get("Details") or body.get("Message") or "")[:200]
     except ValueError:
         pass
-    return r.text[:200] if r.text else ""
+    return " ".join(r.text[:200].split()) if r.text else ""
+
+
+def _answer(data: bytes, what: str) -> Any:
+    """An Orthanc answer as JSON; depth checked first (no recursion on a small stack)."""
+    try:
+        return jsonsafe.loads(data)
+    except ValueError as exc:  # JsonRejected, or an integer of more than 4300 digits
+        raise RemoteRejected(f"{what}: the answer is not usable JSON ({exc})") from None
 
 
 class OrthancClient:
@@ -161,15 +166,11 @@ class OrthancClient:
         self.transport = transport
 
     def get_json(self, path: str) -> Any:
-        data = self.transport.get(path)
-        try:
-            return json.loads(data)
-        except ValueError:
-            raise RemoteRejected(f"GET {path}: answer is not JSON") from None
+        return _answer(self.transport.get(path), f"GET {path}")
 
     def post_json(self, path: str, payload: Any) -> Any:
         body = self.transport.post(path, json.dumps(payload).encode())
-        return json.loads(body) if body.strip() else None
+        return _answer(body, f"POST {path}") if body.strip() else None
 
     def system(self) -> dict[str, Any]:
         result: dict[str, Any] = self.get_json("/system")
@@ -198,15 +199,18 @@ class OrthancClient:
     def lookup_studies(self, study_uid: str) -> list[str]:
         """Orthanc study IDs whose StudyInstanceUID is ``study_uid``."""
         found = self.transport.post("/tools/lookup", study_uid.encode(), "text/plain")
-        return [r["ID"] for r in json.loads(found) if r.get("Type") == "Study"]
+        answer = _answer(found, "POST /tools/lookup")
+        if not isinstance(answer, list):
+            raise RemoteRejected("POST /tools/lookup: the answer is not a list")
+        return [r["ID"] for r in answer if isinstance(r, dict) and r.get("Type") == "Study"]
 
     def instance_file(self, instance_id: str) -> bytes:
         return self.transport.get(f"/instances/{instance_id}/file")
 
     def store_instance(self, data: bytes) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(
-            self.transport.post("/instances", data, "application/dicom")
-        )
+        result = _answer(self.transport.post("/instances", data, "application/dicom"), "store")
+        if not isinstance(result, dict):
+            raise RemoteRejected("POST /instances: the answer is not a JSON object")
         return result
 
     def close(self) -> None:

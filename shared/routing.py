@@ -35,6 +35,7 @@ index, never from the DICOM files:
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Collection, Mapping
@@ -50,8 +51,10 @@ from dicomsync.errors import (
     TransferError,
     UnknownPlaceError,
 )
+from dicomsync.header_cache import HeaderCache, default_cache_dir
 from dicomsync.orthanc_client import OrthancClient
 from dicomsync.places.base import PLACES, Place
+from dicomsync.places.local import RootPlace
 from dicomsync.query import glob_to_regex
 from dicomsync.queue.base import Job, RetryPolicy
 from dicomsync.worker import Delivered, Lane
@@ -59,6 +62,7 @@ from dicomsync.worker import Delivered, Lane
 log = logging.getLogger(__name__)
 
 SECTION = "DicomSync"
+_CACHE_LOCK = threading.Lock()
 
 PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "OtherPatientIDs")
 STUDY_KEYS = (
@@ -152,6 +156,7 @@ class SyncConfig:
     metrics_interval: float = 5.0
     raw: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    _header_cache: HeaderCache | None = field(default=None, repr=False, compare=False)
 
     @property
     def filter_keys(self) -> set[str]:
@@ -178,7 +183,23 @@ class SyncConfig:
             known = ", ".join(sorted(self.places)) or "none"
             raise UnknownPlaceError(f"unknown place {key!r} (configured: {known})") from None
         place: Place = build_place(key, section, self.places_base)
+        if isinstance(place, RootPlace) and place._cache is None:
+            place._cache = self.header_cache()
         return place
+
+    def header_cache(self) -> HeaderCache:
+        """The header cache of this node's folder places: ``$DICOMSYNC_CACHE_DIR`` when set,
+        else ``StateDirectory/cache``. Passed to each place; the process environment (which
+        the CLI and other plugins share) is never changed."""
+        with _CACHE_LOCK:
+            if self._header_cache is None:
+                folder = (
+                    default_cache_dir()
+                    if os.environ.get("DICOMSYNC_CACHE_DIR")
+                    else self.state_dir / "cache"
+                )
+                self._header_cache = HeaderCache(folder / "headers.sqlite")
+            return self._header_cache
 
     def matching_routes(self, facts: Mapping[str, Collection[str]]) -> list[Route]:
         return [r for r in self.routes if r.matches(facts)]
@@ -468,7 +489,10 @@ class RouteHandler:
 
     ``source_factory`` builds the local Orthanc place (in the plugin, an
     ``OrthancPlace`` over the in-process transport); ``dest_factory`` builds a
-    destination place by key. Each worker thread gets its own place objects.
+    destination place by key. Each worker thread gets its own place objects (their
+    keep-alive sessions and upload threads are reused job after job); those of a thread
+    that ended are closed when another thread first asks, so the handler holds at most
+    (threads alive + 1) x 2 places. Caches inside a place are bounded by the place.
     ``send_study`` diffs identities, so only missing instances travel, and verifies
     that the destination holds every SOP UID before the job counts as done. Each job
     is its own batch: ``dest.prepare`` runs before every send, so a place that caches
@@ -482,23 +506,29 @@ class RouteHandler:
     ) -> None:
         self._source_factory = source_factory
         self._dest_factory = dest_factory
-        self._local = threading.local()
-        self._created: list[Place] = []
+        # thread -> its places; the places of threads that ended are closed and dropped
+        self._by_thread: dict[threading.Thread, dict[str, Place]] = {}
         self._lock = threading.Lock()
 
-    def _places(self) -> dict[str, Place]:
-        places: dict[str, Place] | None = getattr(self._local, "places", None)
-        if places is None:
-            places = self._local.places = {}
-        return places
-
     def _place(self, key: str, factory: Callable[[], Place]) -> Place:
-        places = self._places()
-        if key not in places:
-            places[key] = factory()
-            with self._lock:
-                self._created.append(places[key])
-        return places[key]
+        me = threading.current_thread()
+        with self._lock:
+            places = self._by_thread.get(me)
+            ended: list[Place] = []
+            if places is None:
+                for thread in [t for t in self._by_thread if not t.is_alive()]:
+                    ended.extend(self._by_thread.pop(thread).values())
+                places = self._by_thread[me] = {}
+        _close_all(ended)
+        place = places.get(key)
+        if place is None:
+            place = places[key] = factory()
+        return place
+
+    def held(self) -> int:
+        """How many place objects the handler holds (for the tests of its bound)."""
+        with self._lock:
+            return sum(len(p) for p in self._by_thread.values())
 
     def source(self) -> Any:
         return self._place("\0source", self._source_factory)
@@ -517,17 +547,23 @@ class RouteHandler:
         if outcome.status in ("sent", "duplicate", "empty"):
             fingerprint = outcome.fingerprint or ""
             return Delivered(fingerprint, outcome.sent)
-        raise TransferError(
+        error = TransferError(
             outcome.error or f"{ref}: send to {job.destination} failed",
             retryable=outcome.retryable,
         )
+        error.delivered = outcome.sent  # type: ignore[attr-defined]  # see worker.delivered_by
+        raise error
 
     def close(self) -> None:
         with self._lock:
-            places, self._created = self._created, []
-        for place in places:
-            try:
-                place.close()
-            except Exception as exc:  # closing must never stop a shutdown
-                log.debug("closing %r: %s", place, exc)
-        self._local = threading.local()
+            places = [p for ps in self._by_thread.values() for p in ps.values()]
+            self._by_thread.clear()
+        _close_all(places)
+
+
+def _close_all(places: Collection[Place]) -> None:
+    for place in places:
+        try:
+            place.close()
+        except Exception as exc:  # closing must never stop a shutdown
+            log.debug("closing %r: %s", place, exc)

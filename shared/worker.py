@@ -6,6 +6,8 @@ threads. A thread leases one job (or a batch), calls the injected handler and
 records the outcome:
 
 - the handler returns ``Delivered(fingerprint, sent)``: ``queue.done``;
+- whatever an attempt raises, the instances it still delivered (``delivered_by``) are
+  added to the job's count, so the count is every attempt's, not only the last one's;
 - it raises a ``DicomSyncError`` with ``retryable`` set (network, 5xx, a send the
   destination does not fully hold yet): ``queue.retry_later`` (backoff with jitter,
   failed after the policy's last attempt);
@@ -54,6 +56,15 @@ class Delivered:
 
     fingerprint: str
     sent: int = 0
+
+
+def delivered_by(error: BaseException) -> int:
+    """Instances a failed attempt still delivered: a handler says so with a ``delivered``
+    attribute on the error it raises (an upload that failed after 30 of 50 instances).
+    The queue adds it to the job's count, so ``Delivered`` counts every attempt's work,
+    not only the last one's (which sends only what the earlier ones left missing)."""
+    n = getattr(error, "delivered", 0)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
 
 
 Handler = Callable[[Job], Delivered]
@@ -416,7 +427,7 @@ class WorkerPool:
                             result,
                             more,
                         )
-                    self.queue.retry_later(job, str(result))
+                    self.queue.retry_later(job, str(result), delivered=delivered_by(result))
                 else:
                     if not quiet:
                         log.error(
@@ -427,7 +438,7 @@ class WorkerPool:
                             result,
                             more,
                         )
-                    self.queue.fail(job, str(result))
+                    self.queue.fail(job, str(result), delivered=delivered_by(result))
             else:
                 if not quiet:
                     log.error(
@@ -440,7 +451,11 @@ class WorkerPool:
                         more,
                         exc_info=result,
                     )
-                self.queue.retry_later(job, f"internal error: {type(result).__name__}: {result}")
+                self.queue.retry_later(
+                    job,
+                    f"internal error: {type(result).__name__}: {result}",
+                    delivered=delivered_by(result),
+                )
         except QueueError as exc:
             log.error("job %d: cannot record its outcome (%s); its lease will expire", job.id, exc)
 

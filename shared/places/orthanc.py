@@ -19,12 +19,13 @@ import logging
 import os
 import threading
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from dicomsync.errors import ConfigError, NotFound, RemoteRejected
+from dicomsync.errors import ConfigError, DicomSyncError, NotFound, RemoteRejected
 from dicomsync.identity import StudyIdentity, orthanc_study_id, safe_component
 from dicomsync.orthanc_client import HttpTransport, OrthancClient
 from dicomsync.places.base import Instance, Place, Receipt, StudyRef, require
@@ -33,6 +34,10 @@ from dicomsync.query import StudyQuery
 log = logging.getLogger(__name__)
 
 DEFAULT_UPLOAD_THREADS = 4
+META_CACHE = 4096
+"""Studies whose (PatientID, StudyInstanceUID) a place remembers from listings; the least
+recently used are forgotten (``identity`` then reads the study again), so a plugin that
+routes for months holds no more than this."""
 
 
 def number(section: Mapping[str, Any], name: str, default: float, key: str) -> float:
@@ -64,7 +69,9 @@ class OrthancPlace(Place):
         self.password_env = password_env
         self.verify = verify
         self.upload_threads = max(1, upload_threads)
-        self._meta: dict[str, tuple[str, str]] = {}  # study ID -> (PatientID, StudyInstanceUID)
+        # study ID -> (PatientID, StudyInstanceUID), least recently used first; bounded
+        self._meta: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._meta_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -120,10 +127,24 @@ class OrthancPlace(Place):
         """A StudyRef from one entry of ``/studies?expand`` (or ``/studies/{id}``)."""
         patient_id = str(study.get("PatientMainDicomTags", {}).get("PatientID", ""))
         uid = str(study.get("MainDicomTags", {}).get("StudyInstanceUID", ""))
-        self._meta[study["ID"]] = (patient_id, uid)
+        self._remember(str(study["ID"]), (patient_id, uid))
         return StudyRef(
             self.key, safe_component(patient_id), safe_component(uid), handle=study["ID"]
         )
+
+    def _remember(self, study_id: str, meta: tuple[str, str]) -> None:
+        with self._meta_lock:
+            self._meta[study_id] = meta
+            self._meta.move_to_end(study_id)
+            while len(self._meta) > META_CACHE:
+                self._meta.popitem(last=False)
+
+    def _recall(self, study_id: str) -> tuple[str, str] | None:
+        with self._meta_lock:
+            meta = self._meta.get(study_id)
+            if meta is not None:
+                self._meta.move_to_end(study_id)
+            return meta
 
     def ref_by_id(self, study_id: str) -> StudyRef:
         return self.ref_for(self.client.study(study_id))
@@ -145,9 +166,15 @@ class OrthancPlace(Place):
     def identity(self, ref: StudyRef) -> StudyIdentity:
         study_id = self._study_id(ref)
         instances = self.client.study_instances(study_id)
-        if study_id not in self._meta:
-            self.ref_by_id(study_id)
-        patient_id, study_uid = self._meta[study_id]
+        meta = self._recall(study_id)
+        if meta is None:
+            study = self.client.study(study_id)
+            self.ref_for(study)
+            meta = (
+                str(study.get("PatientMainDicomTags", {}).get("PatientID", "")),
+                str(study.get("MainDicomTags", {}).get("StudyInstanceUID", "")),
+            )
+        patient_id, study_uid = meta
         return StudyIdentity(
             study_uid=study_uid,
             sop_uids=frozenset(i["MainDicomTags"]["SOPInstanceUID"] for i in instances),
@@ -172,15 +199,22 @@ class OrthancPlace(Place):
         return frozenset(held) & identity.sop_uids
 
     def receive(self, key: str, instances: Iterable[Instance], identity: StudyIdentity) -> Receipt:
-        """Upload with a few parallel keep-alive sessions; at most 2 x threads files in memory."""
-        written = 0
+        """Upload with a few parallel keep-alive sessions; at most 2 x threads files in memory.
+
+        Orthanc stores each instance on its own, so a failed upload leaves the ones before
+        it stored: the error raised then carries their number as ``delivered`` (the
+        queue's ``Delivered`` counts them; see ``dicomsync.worker.delivered_by``)."""
         limit = self.upload_threads * 2
         pending: set[Future[Any]] = set()
+        stored = [0]
+        lock = threading.Lock()
 
         def upload(inst: Instance) -> None:
             answer = self.client.store_instance(inst.read())
             if answer.get("Status") not in ("Success", "AlreadyStored"):
                 raise RemoteRejected(f"Orthanc refused {inst.name}: {answer.get('Status')}")
+            with lock:
+                stored[0] += 1
 
         pool = self._upload_pool()
         try:
@@ -189,17 +223,17 @@ class OrthancPlace(Place):
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for f in done:
                         f.result()
-                        written += 1
                 pending.add(pool.submit(upload, inst))
             for f in pending:
                 f.result()
-                written += 1
-        except BaseException:
+        except BaseException as exc:
             for f in pending:
                 f.cancel()
             wait(pending)
+            if isinstance(exc, DicomSyncError):
+                exc.delivered = stored[0]  # type: ignore[attr-defined]
             raise
-        return Receipt(written, self.describe())
+        return Receipt(stored[0], self.describe())
 
     def _upload_pool(self) -> ThreadPoolExecutor:
         """One pool per place, so its threads (and their keep-alive sessions) are reused."""

@@ -249,11 +249,14 @@ class Queue(ABC):
         return [self.done(job, fingerprint, delivered) for job, fingerprint, delivered in results]
 
     @abstractmethod
-    def retry_later(self, job: Job, error: str, *, delay: float | None = None) -> bool:
-        """Back to ``queued`` after the policy's delay; ``failed`` after the last attempt."""
+    def retry_later(
+        self, job: Job, error: str, *, delay: float | None = None, delivered: int = 0
+    ) -> bool:
+        """Back to ``queued`` after the policy's delay; ``failed`` after the last attempt.
+        ``delivered``: instances this failed attempt still wrote (added to the job's count)."""
 
     @abstractmethod
-    def fail(self, job: Job, error: str) -> bool: ...
+    def fail(self, job: Job, error: str, *, delivered: int = 0) -> bool: ...
 
     @abstractmethod
     def release(self, job: Job, error: str) -> bool:

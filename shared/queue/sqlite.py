@@ -354,19 +354,24 @@ class SQLiteQueue(Queue):
             return ""
         return str(row["state"])
 
-    def retry_later(self, job: Job, error: str, *, delay: float | None = None) -> bool:
+    def retry_later(
+        self, job: Job, error: str, *, delay: float | None = None, delivered: int = 0
+    ) -> bool:
         if job.attempts >= self.policy.max_attempts:
-            return self.fail(job, f"{error} (gave up after {job.attempts} attempts)")
+            return self.fail(
+                job, f"{error} (gave up after {job.attempts} attempts)", delivered=delivered
+            )
         wait = self.policy.delay(job.attempts) if delay is None else max(0.0, delay)
         state = self._finish_leased(
             job,
-            "state='queued', next_attempt_at=?, last_error=?, rerun=0",
-            (self.clock() + wait, error[:2000]),
+            "state='queued', next_attempt_at=?, last_error=?, rerun=0,"
+            " delivered_count=delivered_count+?",
+            (self.clock() + wait, error[:2000], max(0, delivered)),
             "retry",
         )
         return bool(state)
 
-    def fail(self, job: Job, error: str) -> bool:
+    def fail(self, job: Job, error: str, *, delivered: int = 0) -> bool:
         # A study enqueued again while this send ran (rerun) is not forgotten: it goes back
         # to queued with a fresh attempt count instead of failed.
         now = self.clock()
@@ -376,8 +381,8 @@ class SQLiteQueue(Queue):
             " attempts=CASE WHEN rerun=1 THEN 0 ELSE attempts END,"
             " next_attempt_at=CASE WHEN rerun=1 THEN ? ELSE next_attempt_at END,"
             " queued_at=CASE WHEN rerun=1 THEN ? ELSE queued_at END,"
-            " last_error=?, rerun=0",
-            (now, now, error[:2000]),
+            " last_error=?, rerun=0, delivered_count=delivered_count+?",
+            (now, now, error[:2000], max(0, delivered)),
             "fail",
         )
         if state == "queued":
