@@ -1,13 +1,33 @@
-"""``dicomsync find`` and ``dicomsync compare``."""
+"""``dicomsync find`` and ``dicomsync compare``.
+
+``compare A B`` is ``send A B --dry-run`` told per study: it runs the same decision
+(``dicomsync.transfer.send`` with ``dry_run``: B's ``holds`` for each study of A), so the
+two never disagree. A study of A is "in both" when ``send`` would skip it as a duplicate,
+"partial" when it would send some of its instances, "only in A" when it would send them
+all; "only in B" lists B's studies whose StudyInstanceUID no study of A has.
+"""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from typing import Any
+
 import click
 
-from dicomsync.cli.common import echo_json, load_config, places_for
-from dicomsync.identity import StudyIdentity
+from dicomsync.cli.common import (
+    echo,
+    echo_json,
+    load_config,
+    places_for,
+    retry_option,
+    retry_policy,
+    source_items,
+)
+from dicomsync.config import Config
+from dicomsync.errors import QueryError
 from dicomsync.places.base import StudyRef
 from dicomsync.query import StudyQuery
+from dicomsync.transfer import send as send_studies
 
 
 @click.command()
@@ -28,70 +48,119 @@ def find(ctx: click.Context, query: str, as_json: bool) -> None:
             [{"place": r.place, "patient": r.patient, "study": r.study, "key": r.key} for r in refs]
         )
         return
-    click.echo(f"found {len(refs)}:")
+    echo(f"found {len(refs)}:")
     for r in refs:
-        click.echo(str(r))
+        echo(r)
 
 
-def _identities(ctx: click.Context, text: str) -> dict[str, tuple[str, StudyIdentity]]:
-    """StudyInstanceUID -> (ref text, identity) for every study matching ``text``."""
-    q = StudyQuery.parse(text if ":" in text else f"{text}:*")
-    cfg = load_config(ctx)
-    out: dict[str, tuple[str, StudyIdentity]] = {}
-    for p in places_for(cfg, q):
-        with p:
-            for ref in p.studies(q):
-                ident = p.identity(ref)
-                if ident.sop_uids:
-                    out[ident.study_uid] = (str(ref), ident)
-    return out
+def _query(text: str) -> StudyQuery:
+    """A place key alone means all of its studies."""
+    return StudyQuery.parse(text if ":" in text else f"{text}:*")
+
+
+def _one_place(cfg: Config, text: str, query: StudyQuery) -> str:
+    keys = [k for k in sorted(cfg.places) if query.matches_place(k)]
+    if len(keys) > 1:
+        raise QueryError(
+            f"{text!r} matches {len(keys)} places ({', '.join(keys)}); "
+            "B of compare is one place, as the destination of send is"
+        )
+    if not keys:
+        list(places_for(cfg, query))  # raises the unknown-place error
+        raise QueryError(f"{text!r} matches no place")
+    return keys[0]
 
 
 @click.command()
 @click.argument("a")
 @click.argument("b")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@retry_option
 @click.pass_context
-def compare(ctx: click.Context, a: str, b: str, as_json: bool) -> None:
-    """Compare two places (or queries) by content: only in A, in both, only in B.
+def compare(ctx: click.Context, a: str, b: str, as_json: bool, retries: int | None) -> None:
+    """Compare A (places or a query) with the place B (or a query of it), study by study.
 
-    A study is "in both" when B holds every SOP instance of it; "partial" when B
-    holds some.
+    The same decision as 'send A B --dry-run': a study of A is "in both" when send would
+    skip it, "partial" when B holds some of its instances, "only in A" when send would
+    send it whole. "Only in B": B's studies whose StudyInstanceUID no study of A has.
+    Exit code 1 if a study could not be compared.
     """
-    left, right = _identities(ctx, a), _identities(ctx, b)
-    rows: dict[str, list[dict[str, object]]] = {
+    qa, qb = _query(a), _query(b)
+    cfg = load_config(ctx)
+    rows: dict[str, list[dict[str, Any]]] = {
         "only_a": [],
         "both": [],
         "partial": [],
+        "empty": [],
+        "failed": [],
         "only_b": [],
     }
-    for uid, (ref, ident) in sorted(left.items(), key=lambda kv: kv[1][0]):
-        other = right.get(uid)
-        if other is None:
-            rows["only_a"].append({"study_uid": uid, "a": ref})
-            continue
-        missing = ident.missing_from(other[1].sop_uids)
-        entry = {"study_uid": uid, "a": ref, "b": other[0], "missing_in_b": len(missing)}
-        rows["partial" if missing else "both"].append(entry)
-    for uid, (ref, _) in sorted(right.items(), key=lambda kv: kv[1][0]):
-        if uid not in left:
-            rows["only_b"].append({"study_uid": uid, "b": ref})
+    with ExitStack() as stack:
+        dest = stack.enter_context(cfg.place(_one_place(cfg, b, qb)))
+        items = source_items(cfg, qa, dest.key, stack)
+        summary = send_studies(items, dest, dry_run=True, retry=retry_policy(cfg, retries))
+        in_b: dict[str, list[StudyRef]] = {}  # StudyInstanceUID -> B's studies holding it
+        for ref in sorted(dest.studies(qb)):
+            ident = dest.identity(ref)
+            if ident.sop_uids:
+                in_b.setdefault(ident.study_uid, []).append(ref)
+    a_uids = {o.identity.study_uid for o in summary.outcomes if o.identity is not None}
+    for o in sorted(summary.outcomes, key=lambda o: str(o.ref)):
+        ident = o.identity
+        entry: dict[str, Any] = {"study_uid": ident.study_uid if ident else None, "a": str(o.ref)}
+        same = in_b.get(ident.study_uid, []) if ident else []
+        if o.status == "failed":
+            rows["failed"].append({**entry, "error": o.error})
+        elif o.status == "empty":
+            rows["empty"].append(entry)
+        elif o.status == "duplicate" or (ident and o.missing < len(ident.sop_uids)):
+            entry["b"] = str(_best(same, o.ref) or dest.key)
+            entry["missing_in_b"] = o.missing if o.status == "would_send" else 0
+            rows["both" if o.status == "duplicate" else "partial"].append(entry)
+        else:
+            if same:  # B has the study, under another key: send would store it again
+                entry["same_uid_in_b"] = [str(r) for r in same]
+            rows["only_a"].append(entry)
+    for uid, refs in sorted(in_b.items(), key=lambda kv: str(kv[1][0])):
+        if uid not in a_uids:
+            rows["only_b"].extend({"study_uid": uid, "b": str(r)} for r in refs)
     if as_json:
         echo_json(rows)
-        return
-    click.echo(f"only in {a}: {len(rows['only_a'])}")
+    else:
+        _print(rows, a, b)
+    if rows["failed"]:
+        ctx.exit(1)
+
+
+def _best(refs: list[StudyRef], ref: StudyRef) -> StudyRef | None:
+    """Of B's studies with A's StudyInstanceUID, the one under A's key, else the first."""
+    return next((r for r in refs if r.key == ref.key), refs[0] if refs else None)
+
+
+def _print(rows: dict[str, list[dict[str, Any]]], a: str, b: str) -> None:
+    echo(f"only in {a}: {len(rows['only_a'])}")
     for r in rows["only_a"]:
-        click.echo(f"  {r['a']}")
-    click.echo(f"in both: {len(rows['both'])}")
+        elsewhere = r.get("same_uid_in_b")
+        note = f" (its StudyInstanceUID is at {', '.join(elsewhere)})" if elsewhere else ""
+        echo(f"  {r['a']}{note}")
+    echo(f"in both: {len(rows['both'])}")
     for r in rows["both"]:
-        click.echo(f"  {r['a']} = {r['b']}")
+        echo(f"  {r['a']} = {r['b']}")
     if rows["partial"]:
-        click.echo(f"partial in {b}: {len(rows['partial'])}")
+        echo(f"partial in {b}: {len(rows['partial'])}")
         for r in rows["partial"]:
-            click.echo(f"  {r['a']} ~ {r['b']} ({r['missing_in_b']} instances missing)")
-    click.echo(f"only in {b}: {len(rows['only_b'])}")
+            echo(f"  {r['a']} ~ {r['b']} ({r['missing_in_b']} instances missing)")
+    if rows["empty"]:
+        echo(f"no readable instances in {a}: {len(rows['empty'])}")
+        for r in rows["empty"]:
+            echo(f"  {r['a']}")
+    if rows["failed"]:
+        echo(f"not compared: {len(rows['failed'])}")
+        for r in rows["failed"]:
+            echo(f"  {r['a']}: {r['error']}")
+    echo(f"only in {b}: {len(rows['only_b'])}")
     for r in rows["only_b"]:
-        click.echo(f"  {r['b']}")
+        echo(f"  {r['b']}")
 
 
 def register(group: click.Group) -> None:

@@ -1,13 +1,18 @@
 """The ``dicomsync`` command group: global options, logging, and one-line errors.
 
-Every ``DicomSyncError`` raised by a command is printed as ``Error: <message>``
-on stderr with exit code 1 and no traceback. Command groups live in their own
+Every error raised by a command is printed as one line, ``Error: <message>``, on
+stderr with exit code 1 and no traceback (an unexpected one's traceback is logged at
+debug level, shown with ``-vv``). Printed and logged text is escaped
+(``dicomsync.printable``), so a name can never add a line. When the reader of our
+output goes away (``dicomsync find … | head -1``) the command ends quietly with exit
+code 141, as a Unix tool killed by SIGPIPE does. Command groups live in their own
 modules and are attached here.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,21 +21,57 @@ import click
 
 from dicomsync import __version__
 from dicomsync.errors import DicomSyncError
+from dicomsync.printable import PrintableFormatter, shown
 
 log = logging.getLogger("dicomsync.cli")
 
+#: The exit code after the reader of our output went away: 128 + SIGPIPE, what a shell
+#: reports for ``yes | head -1``'s ``yes``.
+EXIT_BROKEN_PIPE = 141
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line printed for an error that ends a command."""
+    if isinstance(exc, DicomSyncError):
+        return f"Error: {shown(exc)}"
+    if isinstance(exc, OSError):  # e.g. a --log-file in a missing folder
+        text = f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        return f"Error: {shown(text)}"
+    return f"Error: unexpected error: {type(exc).__name__}: {shown(exc)} (-vv shows the traceback)"
+
+
+def output_closed() -> int:
+    """Our stdout (or stderr) pipe was closed by its reader: write nothing more, anywhere.
+
+    Both descriptors are pointed at /dev/null, so the interpreter's last flush of the
+    buffered output cannot fail again (Python would print "Exception ignored … BrokenPipeError").
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError):  # not a real file (click's test runner), or closed
+            pass
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
 
 class DicomSyncGroup(click.Group):
-    """A click group that turns dicomsync errors into one line and exit code 1."""
+    """A click group that turns every error into one line and exit code 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except DicomSyncError as exc:
-            click.echo(f"Error: {exc}", err=True)
+        except BrokenPipeError:
+            ctx.exit(output_closed())
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except (DicomSyncError, OSError) as exc:
+            click.echo(error_line(exc), err=True)
             ctx.exit(1)
-        except OSError as exc:  # e.g. a --log-file in a missing folder
-            click.echo(f"Error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+        except Exception as exc:  # a bug: still one line; the traceback with -vv
+            log.debug("unexpected error", exc_info=True)
+            click.echo(error_line(exc), err=True)
             ctx.exit(1)
 
 
@@ -48,14 +89,14 @@ def configure_logging(verbose: int, quiet: bool, log_file: Path | None) -> None:
     )
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(level)
-    console.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+    console.setFormatter(PrintableFormatter("%(name)s %(levelname)s: %(message)s"))
     console._dicomsync = True  # type: ignore[attr-defined]
     root.addHandler(console)
     root_level = level
     if log_file is not None:
         fh = logging.FileHandler(log_file, encoding="utf-8")
         fh.setLevel(min(level, logging.INFO))
-        fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        fh.setFormatter(PrintableFormatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
         fh._dicomsync = True  # type: ignore[attr-defined]
         root.addHandler(fh)
         root_level = min(level, logging.INFO)
@@ -108,7 +149,17 @@ _attach()
 
 
 def main() -> None:
-    cli(prog_name="dicomsync")
+    """The ``dicomsync`` console script."""
+    code: Any = 0
+    try:
+        cli.main(prog_name="dicomsync")
+    except SystemExit as exc:
+        code = exc.code
+    try:
+        sys.stdout.flush()  # here, not at interpreter exit, so a closed pipe ends quietly
+    except BrokenPipeError:
+        code = output_closed()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,15 @@ from contextlib import ExitStack
 import click
 from click.termui import progressbar
 
-from dicomsync.cli.common import echo_summary, load_config, places_for, show_progress
-from dicomsync.places.base import Place, StudyRef
+from dicomsync.cli.common import (
+    echo,
+    echo_summary,
+    load_config,
+    retry_option,
+    retry_policy,
+    show_progress,
+    source_items,
+)
 from dicomsync.query import StudyQuery
 from dicomsync.transfer import StudyOutcome
 from dicomsync.transfer import send as send_studies
@@ -22,27 +29,26 @@ log = logging.getLogger(__name__)
 @click.argument("query")
 @click.argument("destination")
 @click.option("--dry-run", is_flag=True, help="Show what would be sent; send nothing.")
+@retry_option
 @click.pass_context
-def send(ctx: click.Context, query: str, destination: str, dry_run: bool) -> None:
+def send(
+    ctx: click.Context, query: str, destination: str, dry_run: bool, retries: int | None
+) -> None:
     """Send every study matching QUERY to the place DESTINATION.
 
     Studies the destination already holds completely are skipped; partial ones get
-    only their missing instances. One study's failure does not stop the others; the
-    exit code is 1 if any study failed.
+    only their missing instances. A transient failure is tried again (--retries). One
+    study's failure does not stop the others; the exit code is 1 if any study failed.
     """
     q = StudyQuery.parse(query)
     cfg = load_config(ctx)
+    policy = retry_policy(cfg, retries)
     with ExitStack() as stack:
         dest = stack.enter_context(cfg.place(destination))
-        items: list[tuple[Place, StudyRef]] = []
-        for p in places_for(cfg, q):
-            if p.key == destination:
-                continue
-            stack.enter_context(p)
-            items.extend((p, ref) for ref in p.studies(q))
+        items = source_items(cfg, q, destination, stack)
         log.info("sending %d studies matching %s to %s", len(items), q, destination)
         if not items:
-            click.echo(f"no studies match {q}")
+            echo(f"no studies match {q}")
             return
         if show_progress(ctx):
             with progressbar(length=len(items), label="sending", file=sys.stderr) as bar:
@@ -50,9 +56,9 @@ def send(ctx: click.Context, query: str, destination: str, dry_run: bool) -> Non
                 def advance(_: StudyOutcome) -> None:
                     bar.update(1)
 
-                summary = send_studies(items, dest, dry_run=dry_run, progress=advance)
+                summary = send_studies(items, dest, dry_run=dry_run, progress=advance, retry=policy)
         else:
-            summary = send_studies(items, dest, dry_run=dry_run)
+            summary = send_studies(items, dest, dry_run=dry_run, retry=policy)
     echo_summary(ctx, summary)
 
 

@@ -1,7 +1,9 @@
 """Forward Python logging to Orthanc's log (``orthanc.LogInfo/LogWarning/LogError``).
 
 Only the plugin's entry point installs this handler. ``LogInfo`` lines appear
-when Orthanc runs with ``--verbose`` (or ``--verbose-plugins``).
+when Orthanc runs with ``--verbose`` (or ``--verbose-plugins``). Messages are escaped
+(``dicomsync.printable.PrintableFormatter``): a study name holding a newline or a
+terminal escape cannot forge a line of Orthanc's log.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import logging
 
 import orthanc
+
+from dicomsync.printable import PrintableFormatter
 
 PREFIX = "dicomsync"
 
@@ -32,7 +36,7 @@ def install(level: int = logging.INFO) -> logging.Logger:
     logger = logging.getLogger(PREFIX)
     if not any(isinstance(h, OrthancLogHandler) for h in logger.handlers):
         handler = OrthancLogHandler()
-        handler.setFormatter(logging.Formatter(f"{PREFIX}: %(message)s"))
+        handler.setFormatter(PrintableFormatter(f"{PREFIX}: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)
     return logger

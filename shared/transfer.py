@@ -7,25 +7,39 @@ For each source study:
 4. the destination is asked again: the study counts as sent only if it now holds
    every SOP UID, else it is failed (``TransferError``).
 
-One study's failure never stops the batch. The destination keeps the source's
-``<patient>/<study>`` key.
+One study's failure never stops the batch, with two exceptions that no study can
+overcome: a destination that refuses the batch in ``prepare`` (after its retries), and
+a configuration error (say, a password variable that is not set). The destination keeps
+the source's ``<patient>/<study>`` key.
+
+Retries (``send(..., retry=policy)``): a retryable failure (``DicomSyncError.retryable``:
+timeouts, connection errors, 408/429/5xx, a full disk) is tried again after
+``policy.delay(attempt)`` seconds (``dicomsync.queue.base.RetryPolicy``, the plugin's
+policy), up to ``policy.max_attempts`` attempts, with one warning line per retry. This
+applies to reading a source identity, to ``prepare`` and to each study's send. A study
+that still fails marks the destination as failing: later studies get one attempt each
+until one of them succeeds, so a destination that stays down costs one study's waits.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
-from dicomsync.errors import DicomSyncError, TransferError
+from dicomsync.errors import ConfigError, DicomSyncError, TransferError
 from dicomsync.identity import StudyIdentity
 from dicomsync.places.base import Place, StudyRef
+from dicomsync.queue.base import RetryPolicy
 
 log = logging.getLogger(__name__)
 
 Status = Literal["sent", "duplicate", "failed", "would_send", "empty"]
+T = TypeVar("T")
+Sleep = Callable[[float], None]
 
 
 @dataclass
@@ -37,6 +51,7 @@ class StudyOutcome:
     error: str | None = None
     identity: StudyIdentity | None = None
     retryable: bool = False
+    exception: DicomSyncError | None = field(default=None, repr=False, compare=False)
 
     @property
     def fingerprint(self) -> str | None:
@@ -120,13 +135,45 @@ def send_study(
         )
     except DicomSyncError as exc:
         log.info("%s: failed: %s", ref, exc)
+        written = getattr(exc, "delivered", 0)  # instances a failed receive still wrote
         return StudyOutcome(
-            ref, "failed", error=str(exc), identity=identity, retryable=exc.retryable
+            ref,
+            "failed",
+            sent=written if isinstance(written, int) else 0,
+            error=str(exc),
+            identity=identity,
+            retryable=exc.retryable,
         )
     except Exception as exc:  # a bug or an untranslated error: fail this study, not the batch
         log.warning("%s: unexpected error", ref, exc_info=True)
         error = f"unexpected error: {type(exc).__name__}: {exc}"
         return StudyOutcome(ref, "failed", error=error, identity=identity, retryable=True)
+
+
+def _retried(call: Callable[[], T], what: str, retry: RetryPolicy | None, sleep: Sleep) -> T:
+    """``call()``, tried again on retryable errors per ``retry``; the last error is raised."""
+    attempt = 1
+    while True:
+        try:
+            return call()
+        except DicomSyncError as exc:
+            if not exc.retryable or retry is None or attempt >= retry.max_attempts:
+                raise
+            _wait(what, str(exc), attempt, retry, sleep)
+            attempt += 1
+
+
+def _wait(what: str, error: str | None, attempt: int, retry: RetryPolicy, sleep: Sleep) -> None:
+    seconds = retry.delay(attempt)
+    log.warning(
+        "%s: attempt %d of %d failed (%s); trying again in %.1fs",
+        what,
+        attempt,
+        retry.max_attempts,
+        error,
+        seconds,
+    )
+    sleep(seconds)
 
 
 def send(
@@ -135,34 +182,59 @@ def send(
     *,
     dry_run: bool = False,
     progress: Callable[[StudyOutcome], None] | None = None,
+    retry: RetryPolicy | None = None,
+    sleep: Sleep = time.sleep,
 ) -> Summary:
     """Send many studies to ``dest``; identities are read first so the destination can list once.
 
-    A destination that refuses the batch outright (``prepare`` raising a non-retryable
-    error such as a wrong password) raises; per-study failures become outcomes.
+    A destination whose ``prepare`` fails (after ``retry``'s attempts when the error is
+    retryable) raises: a wrong password, an unknown project or an unreachable server
+    stops the batch with one error, before any study. A study failing with a
+    ``ConfigError`` raises too. Other per-study failures become outcomes; with ``retry``
+    they are tried again first (see the module docstring). Without ``retry`` every step
+    is tried once.
     """
     start = time.monotonic()
     summary = Summary()
-    prepared: list[tuple[Place, StudyRef, StudyIdentity | None]] = []
-    for source, ref in items:
-        try:
-            prepared.append((source, ref, source.identity(ref)))
-        except DicomSyncError as exc:
-            log.info("%s: failed: %s", ref, exc)
-            outcome = StudyOutcome(ref, "failed", error=str(exc), retryable=exc.retryable)
-            summary.outcomes.append(outcome)
-            if progress:
-                progress(outcome)
-    try:
-        dest.prepare((ref.key, ident) for _, ref, ident in prepared if ident is not None)
-    except DicomSyncError as exc:
-        if not exc.retryable:
-            raise  # wrong password, unknown project, bad config: no study can succeed
-        log.warning("%s: batch listing failed (%s); checking study by study", dest.key, exc)
-    for source, ref, ident in prepared:
-        outcome = send_study(source, ref, dest, dry_run=dry_run, identity=ident)
+
+    def record(outcome: StudyOutcome) -> None:
         summary.outcomes.append(outcome)
         if progress:
             progress(outcome)
+
+    prepared: list[tuple[Place, StudyRef, StudyIdentity]] = []
+    for source, ref in items:
+        try:
+            ident = _retried(functools.partial(source.identity, ref), str(ref), retry, sleep)
+        except DicomSyncError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            log.info("%s: failed: %s", ref, exc)
+            record(StudyOutcome(ref, "failed", error=str(exc), retryable=exc.retryable))
+            continue
+        prepared.append((source, ref, ident))
+    batch = [(ref.key, ident) for _, ref, ident in prepared]
+    # Wrong password, unknown project, bad config, or unreachable after every attempt:
+    # no study can succeed, so the batch stops here with one error.
+    _retried(functools.partial(dest.prepare, batch), dest.key, retry, sleep)
+    failing = False  # a study failed after all its attempts: later ones get one attempt
+    for source, ref, ident in prepared:
+        attempts = 1 if retry is None or failing else retry.max_attempts
+        attempt = 1
+        while True:
+            outcome = send_study(source, ref, dest, dry_run=dry_run, identity=ident)
+            if isinstance(outcome.exception, ConfigError):
+                raise outcome.exception
+            if outcome.status != "failed" or not outcome.retryable or attempt >= attempts:
+                break
+            assert retry is not None
+            _wait(str(ref), outcome.error, attempt, retry, sleep)
+            ident = outcome.identity or ident
+            attempt += 1
+        if outcome.status != "failed":
+            failing = False
+        elif outcome.retryable and retry is not None and retry.max_attempts > 1:
+            failing = True
+        record(outcome)
     summary.seconds = time.monotonic() - start
     return summary

@@ -85,7 +85,7 @@ def test_unreachable_orthanc(tmp_path: Path, cli: Cli) -> None:
     cli("place", "add", "orthanc", "pacs", f"http://127.0.0.1:{port}")
     line = error_line(cli("find", "pacs:*", ok=False))
     assert line.startswith(f"Error: cannot reach Orthanc at http://127.0.0.1:{port}: ")
-    result = cli("send", "src:*", "pacs", ok=False)
+    result = cli("send", "src:*", "pacs", "--retries", "0", ok=False)
     assert result.exit_code == 1
     assert result.stdout.splitlines()[-1].startswith("0 sent, 0 duplicate, 1 failed")
     assert f"failed src:p/s: cannot reach Orthanc at http://127.0.0.1:{port}" in result.stderr

@@ -121,7 +121,14 @@ def test_seed_walkthrough_through_orthanc(
         uids = sop_uids_in_folder(study_dir)
         fresh_sets[study_dir.name] = uids
     assert fresh_sets == source_sets  # hop 2: Orthanc -> folder, keyed PatientID/StudyUID
-    out = cli("compare", "my_studies", "fresh").output
-    assert "only in my_studies: 0" in out and "in both: 4" in out and "only in fresh: 0" in out
+    out = cli("compare", "pacs", "fresh").output
+    assert "only in pacs: 0" in out and "in both: 4" in out and "only in fresh: 0" in out
+    # compare says what send would do: fresh holds these studies under other keys
+    # (PatientID/StudyInstanceUID), so send would store them again, and compare says so
+    out = cli("compare", "my_studies", "fresh").output.splitlines()
+    assert out[0] == "only in my_studies: 4" and out[-2:] == ["in both: 0", "only in fresh: 0"]
+    assert all("(its StudyInstanceUID is at fresh:" in line for line in out[1:5])
+    dry = cli("send", "my_studies:*", "fresh", "--dry-run").output
+    assert dry.splitlines()[-1].startswith("4 would be sent, 0 sent, 0 duplicate, 0 failed")
     out = cli("send", "pacs:*", "fresh").output
     assert out.splitlines()[-1].startswith("0 sent, 4 duplicate, 0 failed")
