@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pydicom
 import pytest
 
 from conftest import Cli
-from dicomdata import build_seed_tree, data
+from dicomdata import build_seed_tree
 from servers.xnat import XnatServer
 
 PASSWORD = "Zebra-Secret-4711"
@@ -108,16 +107,17 @@ def test_receiving_study_is_not_sent_again(
 def test_broken_file_fails_one_study_others_arrive(
     tmp_path: Path, cli: Cli, seed: dict[str, list[Path]], server: XnatServer
 ) -> None:
-    shutil.copyfile(
-        data("broken", "MR_truncated.dcm"),
-        tmp_path / "dicom_root" / "patient2" / "study1" / "file9.dcm",
-    )
+    """A file without SOP Class UID (XNAT's importer refuses it; a truncated Pixel Data it
+    stores as it came)."""
+    ds = pydicom.dcmread(seed["patient2/study1"][0])
+    del ds.SOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.9"
+    ds.save_as(tmp_path / "dicom_root" / "patient2" / "study1" / "file9.dcm")
     result = cli("send", "my_studies:*", "the_xnat_project", ok=False)
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1] == (
-        f"failed my_studies:patient2/study1: XNAT {server.url} refused upload (400): "
-        "Error processing the uploaded archive: unable to parse DICOM object "
-        "000003_file9.dcm: premature end of stream in Pixel Data (8130 of 8192 bytes)"
+        f"failed my_studies:patient2/study1: XNAT {server.url} upload: rejected (400: "
+        "object 000003_file9.dcm contains no SOP Class UID)"
     )
     assert "3 sent, 0 duplicate, 1 failed" in result.stdout
     # the partial patient2/study1 session was removed, patient1's "study1" was not
@@ -203,7 +203,9 @@ def test_unreachable_server_one_line(
     server.stop()
     result = cli("find", "the_xnat_project:*", ok=False)
     assert result.exit_code == 1
-    assert result.stderr == (f"Error: XNAT {server.url} is unreachable (no answer) during login\n")
+    assert result.stderr == (
+        f"Error: XNAT {server.url} is unreachable during login: no answer (Connection refused)\n"
+    )
     _bad(cli, tmp_path, "send", "my_studies:*", "the_xnat_project")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -129,7 +130,7 @@ def test_config_round_trip_holds_no_secret(tmp_path: Path, password: str) -> Non
     [
         ({"Server": None}, "option 'Server' is required"),
         ({"Server": "ftp://x"}, "Server must be an http:// or https:// URL"),
-        ({"Server": "https://u:pw@x.org"}, "Server must not contain a user or password"),
+        ({"Server": "https://u:pw@x.org"}, "user name or password"),
         ({"Project": ""}, "option 'Project' is required"),
         ({"PasswordEnv": "not a name"}, "PasswordEnv must be an environment variable name"),
         ({"VerifyTls": "yes"}, "VerifyTls must be true or false"),
@@ -236,31 +237,49 @@ def test_study_still_receiving_is_not_sent_again(
     assert server.find(PROJECT, label="study3").file_count() == 2  # untouched
 
 
-def test_broken_file_fails_its_study_and_the_others_arrive(
+def test_truncated_pixel_data_is_sent_as_xnat_accepts_it(
+    server: XnatServer, tmp_path: Path, password: str
+) -> None:
+    """MR_truncated.dcm's header is whole and its Pixel Data ends early. XNAT's importer
+    parses only the header attributes it needs and copies the rest unparsed, so the file
+    is stored as it came and the study counts as sent."""
+    build_seed_tree(tmp_path / "root")
+    truncated = tmp_path / "root" / "patient3" / "study1" / "truncated.dcm"
+    truncated.parent.mkdir(parents=True)
+    shutil.copyfile(data("broken", "MR_truncated.dcm"), truncated)
+    with root_place(tmp_path / "root") as src, xnat_place(server, tmp_path) as dest:
+        summary = send(items(src), dest)
+    assert [o.status for o in summary.outcomes] == ["sent"] * 5, summary.outcomes
+    session = server.find(
+        PROJECT, label="study1", tag=str(pydicom.dcmread(truncated).StudyInstanceUID)
+    )
+    (stored,) = [f for scan in session.scans.values() for f in scan.files.values()]
+    assert stored.data == truncated.read_bytes()
+
+
+def test_file_xnat_refuses_fails_its_study_and_the_others_arrive(
     server: XnatServer, tmp_path: Path, password: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """MR_truncated.dcm has a readable header, so the folder place counts it as an instance;
-    its Pixel Data ends early, so XNAT's DICOM-zip import answers 400 after storing the
-    members before it. The study fails with XNAT's message and the partial session is
-    removed; the other studies arrive."""
+    """A file without SOP Class UID has a SOP Instance UID, so the folder place counts it
+    as an instance; XNAT's importer answers 400 after storing the members before it. The
+    study fails with XNAT's message and the partial session is removed; the others arrive."""
     layout = build_seed_tree(tmp_path / "root")
-    shutil.copyfile(
-        data("broken", "MR_truncated.dcm"),
-        tmp_path / "root" / "patient1" / "study3" / "zz_truncated.dcm",
-    )
+    ds = pydicom.dcmread(layout["patient1/study3"][0])
+    del ds.SOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.9"
+    ds.save_as(tmp_path / "root" / "patient1" / "study3" / "zz_no_class.dcm")
     with root_place(tmp_path / "root") as src, xnat_place(server, tmp_path) as dest:
         summary = send(items(src), dest)
     outcome = {o.ref.key: o for o in summary.outcomes}
     failed = outcome["patient1/study3"]
     assert failed.status == "failed" and not failed.retryable
     assert failed.error == (
-        f"XNAT {server.url} refused upload (400): Error processing the uploaded archive: "
-        "unable to parse DICOM object 000008_zz_truncated.dcm: premature end of stream in "
-        "Pixel Data (8130 of 8192 bytes)"
+        f"XNAT {server.url} upload: rejected (400: object 000008_zz_no_class.dcm contains no "
+        "SOP Class UID)"
     )
     assert [o.status for k, o in sorted(outcome.items()) if k != "patient1/study3"] == ["sent"] * 3
     assert server.imports[2].status == 400
-    # the 7 files before the broken one were stored, then removed again
+    # the 7 files before the refused one were stored, then removed again
     assert ("POST", "/data/services/prearchive/delete") in [
         (m, p.split("?")[0]) for m, p in server.requests
     ]
@@ -280,7 +299,7 @@ def test_rejected_upload_is_cleaned_up_and_a_later_send_succeeds(
         failed = {o.ref.key: o for o in summary.outcomes}["patient1/study3"]
         assert failed.status == "failed"
         assert failed.error == (
-            f"XNAT {server.url} refused upload (400): Session is locked by an administrator"
+            f"XNAT {server.url} upload: rejected (400: Session is locked by an administrator)"
         )
     assert "study3" not in {s.name for s in server.sessions(PROJECT)}
     server.clear_rejections()
@@ -369,17 +388,22 @@ def test_unreachable_then_back(server: XnatServer, tmp_path: Path, password: str
     build_seed_tree(tmp_path / "root")
     server.stop()
     with root_place(tmp_path / "root") as src, xnat_place(server, tmp_path) as dest:
-        summary = send(items(src)[:1], dest)
-        (outcome,) = summary.outcomes
-        assert outcome.status == "failed" and outcome.retryable
-        assert outcome.error == f"XNAT {server.url} is unreachable (no answer) during login"
+        with pytest.raises(Unreachable) as info:
+            dest.prepare([])
+        assert info.value.retryable
+        assert str(info.value) == (
+            f"XNAT {server.url} is unreachable during login: no answer (Connection refused)"
+        )
         server.start()
         (outcome,) = send(items(src)[:1], dest).outcomes
         assert outcome.status == "sent"
         # the server goes down after login, and comes back having forgotten our session
         server.stop()
-        (outcome,) = send(items(src)[1:2], dest).outcomes
-        assert outcome.error == f"XNAT {server.url} is unreachable (no answer) during listing"
+        with pytest.raises(Unreachable) as info:
+            dest.prepare([])
+        assert str(info.value) == (
+            f"XNAT {server.url} is unreachable during listing: no answer (Connection refused)"
+        )
         server.forget_logins()
         server.start()
         (outcome,) = send(items(src)[1:2], dest).outcomes
@@ -504,9 +528,12 @@ def test_tls_verification_and_ca_bundle(
     assert tls_server.url.startswith("https://")
     with xnat_place(tls_server, tmp_path) as place, pytest.raises(Unreachable) as info:
         place.prepare([])
-    assert str(info.value) == (
-        f"XNAT {tls_server.url}: TLS certificate verification failed (give the CA in CaBundle)"
-    )
+    assert re.fullmatch(
+        re.escape(f"XNAT {tls_server.url} login: TLS verification failed ([SSL: ")
+        + r"CERTIFICATE_VERIFY_FAILED\] certificate verify failed: self-signed certificate "
+        + r"\(_ssl\.c:\d+\)\); give the CA in CaBundle",
+        str(info.value),
+    ), str(info.value)
     assert not info.value.retryable
     build_seed_tree(tmp_path / "root")
     with (
@@ -516,7 +543,7 @@ def test_tls_verification_and_ca_bundle(
         assert send(items(src)[:2], dest).sent == 2
         (ref,) = [r for r in dest.studies() if r.key == "patient1/study1"]
         assert len(dest.identity(ref)) == 3  # later requests verify with the bundle too
-    assert "REQUESTS_CA_BUNDLE" not in os.environ  # the login-time override is undone
+    assert "REQUESTS_CA_BUNDLE" not in os.environ
     with xnat_place(tls_server, tmp_path, VerifyTls=False) as place:
         place.prepare([])
 

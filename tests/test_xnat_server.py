@@ -161,24 +161,63 @@ def test_resend_merges_into_the_same_session(
     assert len(server.sessions("TESTPROJ")) == 2
 
 
-def test_undecodable_member_gives_400_and_leaves_a_partial_session(
+IMPORT = {
+    "project": "TESTPROJ",
+    "subject": "p",
+    "experiment": "s",
+    "destination": "/prearchive",
+    "import_handler": "DICOM-zip",
+}
+
+
+def without(path: Path, keyword: str) -> bytes:
+    """The file with one dataset attribute removed (its file meta keeps the UIDs)."""
+    ds = pydicom.dcmread(path)
+    delattr(ds, keyword)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_truncated_pixel_data_is_stored_unparsed_as_xnat_does(
     server: XnatServer, session: xnat.session.XNATSession
 ) -> None:
+    """GradualDicomImporter parses only up to its stop tag; Pixel Data that ends early is
+    copied as it came, and the import succeeds."""
+    truncated = data("broken", "MR_truncated.dcm")
     files = first_study()
-    body = zip_of([*files[:2], data("broken", "MR_truncated.dcm"), *files[2:]])
+    result = session.services.import_(data=io.BytesIO(zip_of([*files[:2], truncated])), **IMPORT)
+    assert result.uri.startswith("/data/prearchive/projects/TESTPROJ/")
+    assert server.imports[-1].status == 200
+    stored = {
+        f.sop_uid: f.data
+        for s in server.sessions("TESTPROJ")
+        for scan in s.scans.values()
+        for f in scan.files.values()
+    }
+    sop = str(pydicom.dcmread(truncated, stop_before_pixels=True).SOPInstanceUID)
+    assert stored[sop] == truncated.read_bytes()
+    assert len(stored) == 3
+
+
+@pytest.mark.parametrize(
+    ("keyword", "reason"),
+    [
+        ("SOPClassUID", "contains no SOP Class UID"),
+        ("SOPInstanceUID", "contains no SOP Instance UID"),
+    ],
+)
+def test_member_without_sop_uid_gives_400_and_leaves_a_partial_session(
+    server: XnatServer, session: xnat.session.XNATSession, keyword: str, reason: str
+) -> None:
+    files = first_study()
+    body = zip_of([*files[:2], without(files[2], keyword), *files[3:]])
     with pytest.raises(xnat.exceptions.XNATUploadError) as info:
-        session.services.import_(
-            data=io.BytesIO(body),
-            project="TESTPROJ",
-            subject="p",
-            experiment="s",
-            destination="/prearchive",
-            import_handler="DICOM-zip",
-        )
+        session.services.import_(data=io.BytesIO(body), **IMPORT)
     assert "Status code 400" in str(info.value)
-    assert "002.dcm: premature end of stream in Pixel Data" in str(info.value)
+    assert f"object 002.dcm {reason}" in str(info.value)
     (partial,) = server.sessions("TESTPROJ")
-    assert partial.file_count() == 2
+    assert partial.file_count() == 2  # the members before it stay
     assert server.imports[-1].status == 400
 
 
@@ -186,27 +225,22 @@ def test_not_dicom_member_gives_400_unless_ignored(
     session: xnat.session.XNATSession, server: XnatServer
 ) -> None:
     body = zip_of([b"this is not DICOM", *first_study()])
-    with pytest.raises(xnat.exceptions.XNATUploadError, match="not a DICOM file"):
-        session.services.import_(
-            data=io.BytesIO(body),
-            project="TESTPROJ",
-            subject="p",
-            experiment="s",
-            import_handler="DICOM-zip",
-        )
+    imp = {k: v for k, v in IMPORT.items() if k != "destination"}
+    with pytest.raises(xnat.exceptions.XNATUploadError, match="unable to read DICOM object 000"):
+        session.services.import_(data=io.BytesIO(body), **imp)
     assert server.sessions() == []
-    r = session.post(
-        "/data/services/import",
-        data=body,
-        query={
-            "project": "TESTPROJ",
-            "subject": "p",
-            "session": "s",
-            "import-handler": "DICOM-zip",
-            "Ignore-Unparsable": "true",
-        },
-    )
+    query = {
+        "project": "TESTPROJ",
+        "subject": "p",
+        "session": "s",
+        "import-handler": "DICOM-zip",
+        "Ignore-Unparsable": "true",
+    }
+    r = session.post("/data/services/import", data=body, query=query)
     assert r.text.strip().startswith("/data/prearchive/projects/TESTPROJ/")
+    # ignored members alone: nothing arrives, and the last reason is the answer
+    with pytest.raises(xnat.exceptions.XNATResponseError, match="status 400"):
+        session.post("/data/services/import", data=zip_of([b"not DICOM"]), query=query)
 
 
 def test_import_into_unknown_project_or_bad_label_is_refused(

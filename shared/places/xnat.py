@@ -63,6 +63,7 @@ import logging
 import os
 import re
 import shutil
+import ssl
 import tempfile
 import threading
 import time
@@ -85,22 +86,24 @@ from dicomsync.errors import (
     TransferError,
     Unreachable,
 )
+from dicomsync.http_errors import is_tls_failure, status_error, transport_error
 from dicomsync.identity import StudyIdentity, identity_of, read_header
 from dicomsync.places.base import Instance, Place, Receipt, StudyRef, require, split_key
 from dicomsync.query import StudyQuery
 
 log = logging.getLogger(__name__)
-client_log = logging.getLogger(__name__ + ".client")
 
 DEFAULT_PASSWORD_ENV = "XNAT_PASS"
 LISTING_MAX_AGE = 300.0  # seconds a project listing answers duplicate checks
 DEFAULT_TIMEOUT = 300.0
 REFUSED_SECONDS = 60.0  # a refused login is not tried again for this long (or until close)
+UNREACHABLE_SECONDS = 60.0  # after prepare() found XNAT unreachable, at most this long
+PILOT_TIMEOUT = 12.0  # login requests wait at most this long (xnatpy's pilot_timeout)
+VERBOSE = 15  # xnatpy's log level between DEBUG and INFO
 MAX_LABEL = 64
 T = TypeVar("T")
 
 _LABEL_BAD = re.compile(r"[^A-Za-z0-9_-]")
-_CA_LOCK = threading.Lock()
 
 
 def xnat_label(value: str) -> str:
@@ -122,22 +125,53 @@ def _xnat_message(text: str) -> str:
     if match:
         text = match.group(1)
     text = html.unescape(re.sub(r"<[^>]+>", " ", text))
-    return " ".join(text.split())[:500] or "no message"
+    return " ".join(text.split())[:500]
 
 
-def _status_of(exc: Exception) -> tuple[int | None, str]:
-    """The HTTP status and body behind an xnat exception, when it carries them."""
-    response = getattr(exc, "response", None)
-    if response is not None and getattr(response, "status_code", None) is not None:
-        return int(response.status_code), str(response.text)
-    text = str(exc)
-    match = re.search(r"[Ss]tatus code (\d{3}), response text (.*)", text, re.S)
-    if match:
-        return int(match.group(1)), match.group(2)
-    match = re.search(r"\(status (\d{3})", text)
-    if match:
-        return int(match.group(1)), text
-    return None, text
+def _response_of(exc: BaseException) -> tuple[int | None, str]:
+    """The HTTP status and body an xnatpy or requests exception carries, if it carries one."""
+    status = getattr(exc, "status_code", None)  # xnat.exceptions.XNATResponseError
+    if isinstance(status, int):
+        return status, str(getattr(exc, "text", "") or "")
+    response = getattr(exc, "response", None)  # requests.HTTPError
+    if response is not None and isinstance(getattr(response, "status_code", None), int):
+        return int(response.status_code), str(response.text or "")
+    return None, ""
+
+
+def _ssl_error_in(exc: BaseException) -> BaseException:
+    """The ``ssl`` error inside requests' and urllib3's wrappers (its text says what failed)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        cur = todo.pop(0)
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, ssl.SSLError):
+            return cur
+        inner = (getattr(cur, "reason", None), cur.__cause__, cur.__context__, *cur.args)
+        todo.extend(x for x in inner if isinstance(x, BaseException))
+    return exc
+
+
+def _again(error: DicomSyncError) -> DicomSyncError:
+    """A fresh copy of a remembered error (same type, message and retryability)."""
+    return type(error)(str(error), retryable=error.retryable)
+
+
+class _ClientLog(logging.LoggerAdapter[logging.Logger]):
+    """The logger handed to xnatpy, which logs at its own VERBOSE level through ``.verbose``.
+
+    ``xnat.connect`` adds that method to ``logging.Logger`` for the whole process; the
+    place does not call ``connect``, so it gives xnatpy this adapter instead.
+    """
+
+    def verbose(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self.log(VERBOSE, msg, *args, **kwargs)
+
+
+client_log = _ClientLog(logging.getLogger(__name__ + ".client"), {})
 
 
 @dataclass(frozen=True)
@@ -191,11 +225,14 @@ class XnatPreArchive(Place):
         self.ca_bundle = ca_bundle
         self.timeout = timeout
         self._refused: tuple[float, DicomSyncError] | None = None
+        self._down: tuple[float, DicomSyncError] | None = None  # prepare() found XNAT unreachable
         self._session: Any = None
         self._lock = threading.RLock()
         self._present: set[str] | None = None  # StudyInstanceUIDs in the project
         self._listed_at = 0.0  # monotonic time of the listing behind _present
         self._listing: list[_Session] | None = None
+        self._untagged: set[tuple[str, str]] = set()  # (subject, label) of sessions without UID
+        self._warned_no_uid = False
         self._downloads: dict[str, _Download] = {}
         self._tmp: Path | None = None
 
@@ -267,6 +304,9 @@ class XnatPreArchive(Place):
     def _where(self) -> str:
         return f"XNAT {self.server}"
 
+    def _what(self, action: str) -> str:
+        return f"{self._where} {action}"
+
     def _password(self) -> str:
         password = os.environ.get(self.password_env)
         if not password:
@@ -282,39 +322,69 @@ class XnatPreArchive(Place):
                 return self._session
             if self._refused is not None and time.monotonic() < self._refused[0]:
                 # do not hammer XNAT with a password it refused (accounts get locked)
-                raise self._refused[1]
+                raise _again(self._refused[1])
             try:
                 return self._login()
             except (AuthenticationFailed, NotFound, ConfigError) as exc:
                 self._refused = (time.monotonic() + REFUSED_SECONDS, exc)
                 raise
 
+    def _verify_setting(self) -> bool | str:
+        """What this place's requests session verifies TLS with (only this session's)."""
+        if not self.verify_tls:
+            return False
+        return self.ca_bundle or True
+
     def _login(self) -> Any:
+        """xnatpy's login sequence, on a requests session of our own.
+
+        ``xnat.connect`` builds its requests session inside and has no CA parameter, so the
+        only way to give it a CA bundle would be ``REQUESTS_CA_BUNDLE`` in ``os.environ``,
+        which every other HTTPS client of the process would then use too. Instead the
+        session is made here with ``verify`` set on it, logged in with the requests
+        xnatpy makes (redirect probe, ``PUT /data/services/auth``, ``GET /data/auth``), and
+        handed to xnatpy's ``XNATSession`` (``no_parse_model``: the model is never built).
+        Login requests wait ``min(Timeout, 12 s)`` (xnatpy's own limit is 12 s).
+        """
         with self._lock:
             try:
+                import requests
                 import xnat
+                from xnat.session import XNATSession
+                from xnat.utils import JSessionAuth
             except ImportError as exc:
                 raise PlaceKindUnavailable(
                     f"xnat_pre_archive place {self.key!r} needs the 'xnat' package "
                     f"(pip install xnat): {exc}"
                 ) from None
-            connect = xnat.connect
             password = self._password()
-            verify: bool = self.verify_tls
             log.debug("connecting to %s as %s", self.server, self.user)
-            with self._translate("login"), self._ca_env():
-                session = connect(
-                    self.server,
-                    user=self.user,
-                    password=password,
-                    verify=verify,
-                    no_parse_model=True,
-                    logger=client_log,
-                    default_timeout=self.timeout,
-                )
-            del password
-            if self.ca_bundle and self.verify_tls:
-                session.interface.verify = self.ca_bundle
+            if not self.verify_tls:
+                log.warning("%s: TLS certificates are not verified (VerifyTls: false)", self._where)
+            http = requests.Session()
+            http.verify = self._verify_setting()
+            http.headers["User-Agent"] = (
+                f"dicomsync xnatpy/{xnat.__version__} requests/{requests.__version__}"
+            )
+            http.auth = JSessionAuth()
+            timeout = min(self.timeout, PILOT_TIMEOUT)
+            try:
+                with self._translate("login"):
+                    server, token = self._authenticate(http, password, timeout)
+                    session = XNATSession(
+                        server=server,
+                        logger=client_log,
+                        interface=http,
+                        original_uri=self.server,
+                        logged_in_user=self.user,
+                        default_timeout=self.timeout,
+                        jsession=token,
+                    )
+            except BaseException:
+                http.close()
+                raise
+            finally:
+                del password
             self._session = session
             try:
                 self._check_project()
@@ -323,29 +393,56 @@ class XnatPreArchive(Place):
                 raise
             return session
 
-    @contextlib.contextmanager
-    def _ca_env(self) -> Iterator[None]:
-        """During login, point requests at CaBundle (xnatpy has no parameter for it)."""
-        if not (self.ca_bundle and self.verify_tls):
-            yield
-            return
-        with _CA_LOCK:
-            old = os.environ.get("REQUESTS_CA_BUNDLE")
-            os.environ["REQUESTS_CA_BUNDLE"] = self.ca_bundle
-            try:
-                yield
-            finally:
-                if old is None:
-                    os.environ.pop("REQUESTS_CA_BUNDLE", None)
-                else:
-                    os.environ["REQUESTS_CA_BUNDLE"] = old
+    def _authenticate(self, http: Any, password: str, timeout: float) -> tuple[str, str]:
+        """Log ``http`` in; the server URL to use (after redirects) and the JSESSIONID."""
+        import xnat
+        from xnat.utils import JSessionAuth
+
+        probe = http.get(self.server, timeout=timeout)  # xnatpy's redirect probe
+        server = str(xnat.detect_redirection(probe, self.server, client_log)).rstrip("/")
+        answer = http.put(
+            f"{server}/data/services/auth",
+            data={"username": self.user, "password": password},
+            timeout=timeout,
+        )
+        if answer.status_code in (401, 403):
+            raise self._refused_login()
+        self._raise_for(answer, "login")
+        token = answer.text.strip()
+        http.auth = JSessionAuth(token)
+        if not http.cookies.get("JSESSIONID"):
+            http.cookies.set("JSESSIONID", token)
+        check = http.get(f"{server}/data/auth", timeout=timeout)
+        if check.status_code == 401 or "Login attempt failed" in check.text:
+            raise self._refused_login()
+        self._raise_for(check, "login")
+        if not re.search(r"User '[^']+' is logged in|Logged in as", check.text):
+            raise RemoteRejected(
+                f"{self._what('login')}: /data/auth did not confirm the login; "
+                "is Server the address of an XNAT?"
+            )
+        return server, token
+
+    def _refused_login(self) -> AuthenticationFailed:
+        return AuthenticationFailed(
+            f"{self._where} refused the login of user {self.user!r} "
+            f"(check the password in {self.password_env})"
+        )
+
+    def _raise_for(self, response: Any, action: str) -> None:
+        error = self._status_error(int(response.status_code), str(response.text or ""), action)
+        if error is not None:
+            raise error
 
     def _check_project(self) -> None:
-        self._call("project", lambda s: s.get(f"/data/projects/{self.project}", format="json"))
+        self._call(
+            "project check", lambda s: s.get(f"/data/projects/{self.project}", format="json")
+        )
 
     def close(self) -> None:
         with self._lock:
             self._refused = None
+            self._down = None
             session, self._session = self._session, None
             if session is not None:
                 try:
@@ -359,6 +456,11 @@ class XnatPreArchive(Place):
 
     def _call(self, what: str, fn: Callable[[Any], T]) -> T:
         """Run ``fn(session)``; one re-login if XNAT forgot our session (401)."""
+        with self._lock:
+            down = self._down
+        if down is not None and time.monotonic() < down[0]:
+            # prepare() found XNAT unreachable: the batch's other calls fail at once
+            raise _again(down[1])
         session = self._open()
         state: dict[str, int] = {}
         try:
@@ -378,58 +480,64 @@ class XnatPreArchive(Place):
             return fn(session)
 
     @contextlib.contextmanager
-    def _translate(self, what: str, state: dict[str, int] | None = None) -> Iterator[None]:
+    def _translate(self, action: str, state: dict[str, int] | None = None) -> Iterator[None]:
         """Turn xnat/requests exceptions into dicomsync errors (one line, no secret)."""
-        import requests
-        import xnat.exceptions as xe
-
         try:
             yield
         except DicomSyncError:
             raise
-        except requests.exceptions.SSLError:
-            raise Unreachable(
-                f"{self._where}: TLS certificate verification failed (give the CA in CaBundle)",
-                retryable=False,
-            ) from None
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-            kind = "timed out" if isinstance(exc, requests.exceptions.Timeout) else "no answer"
-            raise Unreachable(f"{self._where} is unreachable ({kind}) during {what}") from None
         except Exception as exc:
-            status, text = _status_of(exc)
+            error, status = self._from_xnat(exc, action)
             if state is not None and status is not None:
                 state["status"] = status
-            raise self._from_xnat(exc, status, text, what, xe) from None
+            raise error from None
 
-    def _from_xnat(
-        self, exc: Exception, status: int | None, text: str, what: str, xe: Any
-    ) -> DicomSyncError:
-        if isinstance(exc, xe.XNATSSLError):
-            return Unreachable(f"{self._where}: TLS error during {what}", retryable=False)
+    def _from_xnat(self, exc: Exception, action: str) -> tuple[DicomSyncError, int | None]:
+        """The one mapping of xnatpy's and requests' exceptions, with the HTTP status if any.
+
+        Statuses and transport failures go through ``dicomsync.http_errors``, so XNAT
+        follows the rule every HTTP client of ours follows (TLS failures not retryable,
+        timeouts, resets and 5xx retryable).
+        """
+        import requests
+        import xnat.exceptions as xe
+
         if isinstance(exc, xe.XNATAuthError):
-            return AuthenticationFailed(
-                f"{self._where} refused the login of user {self.user!r} "
-                f"(check the password in {self.password_env})"
-            )
-        if isinstance(exc, xe.XNATConnectionError):
-            return Unreachable(f"{self._where} is unreachable during {what}")
-        message = _xnat_message(text)
-        if status == 401:
-            return AuthenticationFailed(f"{self._where} refused user {self.user!r} during {what}")
-        if what == "project" and status in (403, 404):
+            return self._refused_login(), None
+        status, text = _response_of(exc)
+        if status is not None:
+            error = self._status_error(status, text, action)
+            if error is None:  # xnatpy refused a 2xx/3xx answer (unexpected content)
+                error = RemoteRejected(
+                    f"{self._what(action)}: unexpected answer ({status}: {_xnat_message(text)})"
+                )
+            return error, status
+        if isinstance(exc, requests.exceptions.InvalidJSONError):
+            return RemoteRejected(f"{self._what(action)}: the answer is not JSON"), None
+        if isinstance(
+            exc, requests.RequestException | xe.XNATConnectionError | xe.XNATSSLError | OSError
+        ):
+            return self._transport_error(exc, action), None
+        message = _xnat_message(str(exc))
+        return RemoteRejected(f"{self._what(action)}: {type(exc).__name__}: {message}"), None
+
+    def _status_error(self, status: int, text: str, action: str) -> DicomSyncError | None:
+        if action == "project check" and status in (403, 404):
             extra = "" if status == 404 else f" or user {self.user!r} may not access it"
             return NotFound(f"{self._where} has no project {self.project!r}{extra}")
-        if status == 403:
-            return AuthenticationFailed(
-                f"{self._where}: user {self.user!r} may not {what} in project {self.project!r}"
-            )
-        if status == 404:
-            return NotFound(f"{self._where}: not found during {what}: {message}")
-        if status is not None and status >= 500:
-            return Unreachable(f"{self._where} answered {status} during {what}: {message}")
-        if status is not None:
-            return RemoteRejected(f"{self._where} refused {what} ({status}): {message}")
-        return RemoteRejected(f"{self._where}: {what} failed: {type(exc).__name__}: {message}")
+        return status_error(status, self._what(action), _xnat_message(text))
+
+    def _transport_error(self, exc: BaseException, action: str) -> DicomSyncError:
+        import requests
+        import xnat.exceptions as xe
+
+        if isinstance(exc, xe.XNATError) and isinstance(exc.__context__, requests.RequestException):
+            exc = exc.__context__  # xnatpy re-raises requests' error with a generic text
+        if is_tls_failure(exc):
+            error = transport_error(_ssl_error_in(exc), self._what(action))
+            hint = "; give the CA in CaBundle" if self.verify_tls and not self.ca_bundle else ""
+            return Unreachable(f"{error}{hint}", retryable=False)
+        return transport_error(exc, f"{self._where} is unreachable during {action}")
 
     # --- listings ---------------------------------------------------------------------------
     def _list_sessions(self) -> list[_Session]:
@@ -453,7 +561,17 @@ class XnatPreArchive(Place):
                         uri=url if url.startswith("/data/") else f"/data{url}",
                     )
                 )
-            for row in exp["ResultSet"]["Result"]:
+            rows = exp["ResultSet"]["Result"]
+            if rows and not all("UID" in row for row in rows) and not self._warned_no_uid:
+                self._warned_no_uid = True
+                log.warning(
+                    "%s: the experiment listing of project %r has no UID column; archived "
+                    "sessions are matched by subject and session label instead of "
+                    "StudyInstanceUID",
+                    self._where,
+                    self.project,
+                )
+            for row in rows:
                 out.append(
                     _Session(
                         subject=str(row.get("subject_label", "") or ""),
@@ -469,14 +587,33 @@ class XnatPreArchive(Place):
             self._listing = self._present = None  # a failed listing leaves no stale answer
         sessions = self._call("listing", run)
         with self._lock:  # worker lanes may share one place between threads
-            self._listing = sessions
-            self._present = {s.tag for s in sessions if s.tag}
+            self._set_listing(sessions)
             self._listed_at = time.monotonic()
         return sessions
 
+    def _set_listing(self, sessions: list[_Session]) -> None:
+        """The sessions, and what counts as present: their StudyInstanceUIDs, and the
+        (subject, label) of sessions listed without one (XNAT did not say it)."""
+        self._listing = sessions
+        self._present = {s.tag for s in sessions if s.tag}
+        self._untagged = {(s.subject, s.label) for s in sessions if not s.tag}
+
     # --- destination -------------------------------------------------------------------------
     def prepare(self, identities: Iterable[tuple[str, StudyIdentity]]) -> None:
-        self._list_sessions()
+        """List the project once for the batch; an unreachable XNAT is remembered.
+
+        Every prepare() tries again (a retry of the batch, the next plugin job). When it
+        finds XNAT unreachable, the batch's ``holds``/``receive`` calls answer with the
+        same error at once, instead of each logging in and waiting ``Timeout`` again.
+        """
+        with self._lock:
+            self._down = None
+        try:
+            self._list_sessions()
+        except Unreachable as exc:
+            with self._lock:
+                self._down = (time.monotonic() + UNREACHABLE_SECONDS, exc)
+            raise
 
     def holds(self, key: str, identity: StudyIdentity) -> frozenset[str]:
         present = self._present
@@ -486,6 +623,9 @@ class XnatPreArchive(Place):
             self._list_sessions()
             present = self._present or set()
         if identity.study_uid and identity.study_uid in present:
+            return identity.sop_uids
+        patient, study = split_key(key)
+        if (xnat_label(patient), xnat_label(study)) in self._untagged:
             return identity.sop_uids
         return frozenset()
 
@@ -514,29 +654,37 @@ class XnatPreArchive(Place):
             )
 
             def upload(s: Any) -> Any:
+                # what xnatpy's services.import_ sends, as one POST whose failure keeps
+                # its status (import_ turns it into text), with Timeout applied
                 with open(zip_path, "rb") as fh:
-                    return s.services.import_(
+                    return s.post(
+                        "/data/services/import",
                         data=fh,
-                        project=self.project,
-                        subject=subject,
-                        experiment=label,
-                        destination="/prearchive",
-                        import_handler="DICOM-zip",
-                        content_type="application/zip",
+                        query={
+                            "dest": "/prearchive",
+                            "project": self.project,
+                            "subject": subject,
+                            "session": label,
+                            "import-handler": "DICOM-zip",
+                        },
+                        headers={"Content-Type": "application/zip"},
+                        timeout=self.timeout,
                     )
 
             try:
-                result = self._call("upload", upload)
+                response = self._call("upload", upload)
             except RemoteRejected:
                 self._remove_new_sessions(subject, label, before)
                 raise
-            uri = (str(getattr(result, "uri", "") or "").split() or [""])[0]
+            uri = (str(response.text or "").split() or [""])[0]
             self._verify(key, uri, count, label, before, identity)
         finally:
             zip_path.unlink(missing_ok=True)
         with self._lock:
             if self._present is not None and identity.study_uid:
                 self._present.add(identity.study_uid)
+            elif not identity.study_uid:
+                self._untagged.add((subject, label))
             if self._listing is not None and uri not in before:
                 # known from now on, so that a later failure in this batch never removes it
                 self._listing.append(_Session(subject, label, identity.study_uid, "READY", uri))
@@ -603,8 +751,8 @@ class XnatPreArchive(Place):
         }
         for uri in sorted(removed):
             self._remove(uri)
-        self._listing = [s for s in sessions if s.uri not in removed]
-        self._present = {s.tag for s in self._listing if s.tag}
+        with self._lock:
+            self._set_listing([s for s in sessions if s.uri not in removed])
 
     def _remove(self, uri: str) -> None:
         src = uri.removeprefix("/data")

@@ -66,6 +66,7 @@ import re
 import secrets
 import socket
 import ssl
+import struct
 import tempfile
 import threading
 import zipfile
@@ -78,6 +79,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
 
 XNAT_VERSION = "1.8.10"
 JSON = "application/json"
@@ -205,6 +207,15 @@ class ImportRecord:
     answer: str
 
 
+@dataclass
+class ImportFault:
+    """What the next import request suffers: an error status, or a dropped connection."""
+
+    status: int = 503  # answered with this status (ignored when ``reset``)
+    reset: bool = False  # close the connection without an answer
+    after_storing: bool = False  # the import happens first; only the answer is lost
+
+
 class ImportFailed(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -224,35 +235,41 @@ def _label_ok(value: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9_-]+", value) is not None
 
 
-def _expected_pixel_bytes(ds: pydicom.Dataset) -> int | None:
-    """The length native Pixel Data must have, or None when it cannot be told."""
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        bits = int(ds.BitsAllocated)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
-        return None
-    total = rows * cols * samples * frames * bits
-    return (total + 7) // 8
+# GradualDicomImporter reads each object only up to a stop tag: one past the last tag its
+# DicomObjectIdentifier needs, and at least past SeriesDescription. XNAT's default
+# (classic) identifier reads up to StudyComments (0032,4000). Everything after the stop
+# tag, Pixel Data included, is copied into the stored file unparsed.
+STOP_TAG = 0x00324001
+
+
+class UnreadableMember(ValueError):
+    """A member XNAT's importer refuses: the message is the ClientException's text."""
 
 
 def parse_member(name: str, data: bytes) -> pydicom.Dataset:
-    """Parse one zip member as strictly as XNAT's dcm4che does; ValueError when it cannot."""
+    """Read one zip member as XNAT's GradualDicomImporter does; UnreadableMember if it can't.
+
+    Only the attributes before ``STOP_TAG`` are parsed (pydicom's ``read_partial`` with a
+    stop condition, as dcm4che's ``StopTagInputHandler``), so damage after them, such as
+    Pixel Data that ends early, is not noticed: XNAT stores such a file as it came. The
+    importer's 400s are for input it cannot read as DICOM, and for objects without a SOP
+    Class UID or a SOP Instance UID (``object <name> contains no SOP Class UID``).
+    """
+
+    def stop(tag: Any, vr: Any, length: int) -> bool:
+        return int(tag) >= STOP_TAG
+
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=False)
-    except InvalidDicomError as exc:
-        raise ValueError(f"{name} is not a DICOM file ({exc})") from exc
-    except Exception as exc:  # pydicom raises many kinds on corrupt data
-        raise ValueError(f"{name}: {type(exc).__name__}: {exc}") from exc
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if "PixelData" in ds and ts is not None and not ts.is_compressed:
-        expected = _expected_pixel_bytes(ds)
-        present = len(ds.PixelData)
-        if expected is not None and present < expected:
-            raise ValueError(
-                f"{name}: premature end of stream in Pixel Data ({present} of {expected} bytes)"
-            )
+        ds = read_partial(io.BytesIO(data), stop_when=stop, force=False)
+        ds.get("SOPInstanceUID")  # values are decoded lazily: decode the ones XNAT reads
+        for keyword in ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            ds.get(keyword)
+    except Exception as exc:  # InvalidDicomError, EOFError, struct errors... on non-DICOM
+        raise UnreadableMember(f"unable to read DICOM object {name}") from exc
+    if not str(ds.get("SOPClassUID", "") or "").strip():
+        raise UnreadableMember(f"object {name} contains no SOP Class UID")
+    if not str(ds.get("SOPInstanceUID", "") or "").strip():
+        raise UnreadableMember(f"object {name} contains no SOP Instance UID")
     return ds
 
 
@@ -270,6 +287,8 @@ class XnatStore:
         self.imports: list[ImportRecord] = []
         self.requests: list[tuple[str, str]] = []
         self.rejections: dict[str, tuple[str, int]] = {}  # session label -> (message, keep)
+        self.import_faults: list[ImportFault] = []  # for the next import requests, in order
+        self.uid_column = True  # False: experiment listings lack the UID column
         self._counter = 0
         self._last_ts = ""
 
@@ -390,6 +409,7 @@ class XnatStore:
         with archive:
             members = [m for m in archive.infolist() if not m.is_dir()]
             rejected = self.rejections.get(label or "")
+            ignored: UnreadableMember | None = None
             for i, member in enumerate(members):
                 if rejected is not None and i >= rejected[1]:
                     self._finish(touched)
@@ -397,22 +417,19 @@ class XnatStore:
                 data = archive.read(member)
                 try:
                     ds = parse_member(member.filename, data)
-                except ValueError as exc:
-                    if ignore:
+                except UnreadableMember as exc:
+                    if ignore:  # Ignore-Unparsable: skip it, unless nothing else arrives
+                        ignored = exc
                         continue
                     self._finish(touched)
-                    raise ImportFailed(
-                        400,
-                        f"Error processing the uploaded archive: unable to parse DICOM "
-                        f"object {exc}",
-                    ) from exc
-                if not ds.get("StudyInstanceUID") or not ds.get("SOPInstanceUID"):
-                    continue  # DICOMDIR and the like
+                    raise ImportFailed(400, str(exc)) from exc
                 with self.lock:
                     session = self.add_instance(project, subject, label, ds, data)
                     if session not in touched:
                         touched.append(session)
             self._finish(touched)
+        if not touched and ignored is not None:
+            raise ImportFailed(400, str(ignored))
         return touched
 
     def _finish(self, sessions: Iterable[PrearcSession]) -> None:
@@ -740,7 +757,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             with store.lock:
                 rows = [e.row() for e in store.experiments.values() if e.project == m.group(1)]
-            self._result_set(_columns(rows, query.get("columns")))
+            if not store.uid_column:
+                rows = [{k: v for k, v in r.items() if k != "UID"} for r in rows]
+            self._result_set(_columns(rows, query.get("columns"), keep_missing=False))
         elif m := re.fullmatch(r"/data(?:/archive)?/experiments/([^/]+)(/.*)?", path):
             exp = store.experiments.get(m.group(1))
             if exp is None or not store.can_access(user, exp.project):
@@ -762,6 +781,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _import(self, query: dict[str, str], user: str) -> None:
         body = self._read_body()
+        with self.store.lock:
+            fault = self.store.import_faults.pop(0) if self.store.import_faults else None
+        if fault is not None and not fault.after_storing:
+            body.close()
+            self._fault(fault, user, query)
+            return
         try:
             sessions = self.store.import_zip(user, query, body)
         except ImportFailed as exc:
@@ -774,8 +799,29 @@ class _Handler(BaseHTTPRequestHandler):
         answer = "".join(f"/data{s.url}\r\n" for s in sessions)
         with self.store.lock:
             count = sum(s.file_count() for s in sessions)
-            self.store.imports.append(ImportRecord(user, query, count, 200, answer))
+            self.store.imports.append(
+                ImportRecord(user, query, count, 200 if fault is None else -1, answer)
+            )
+        if fault is not None:
+            self._fault(fault, user, query)
+            return
         self._send(200, answer, TEXT)
+
+    def _fault(self, fault: ImportFault, user: str, query: dict[str, str]) -> None:
+        """Answer an import as ``fault`` says (status -1 in ``imports``: stored, answer lost)."""
+        if not fault.after_storing:
+            with self.store.lock:
+                status = 0 if fault.reset else fault.status
+                self.store.imports.append(ImportRecord(user, query, 0, status, "fault"))
+        if fault.reset:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self._error(fault.status, "The server is temporarily unable to service your request")
 
     def _archive(self, query: dict[str, str], user: str) -> None:
         m = re.fullmatch(
@@ -942,7 +988,9 @@ class _Handler(BaseHTTPRequestHandler):
         )
 
 
-def _columns(rows: list[dict[str, Any]], columns: str | None) -> list[dict[str, Any]]:
+def _columns(
+    rows: list[dict[str, Any]], columns: str | None, *, keep_missing: bool = True
+) -> list[dict[str, Any]]:
     if not columns:
         default = (
             "ID",
@@ -956,7 +1004,7 @@ def _columns(rows: list[dict[str, Any]], columns: str | None) -> list[dict[str, 
         )
         return [{k: r[k] for k in default} for r in rows]
     wanted = [c for c in columns.split(",") if c]
-    return [{k: r.get(k, "") for k in [*wanted, "URI"]} for r in rows]
+    return [{k: r.get(k, "") for k in [*wanted, "URI"] if keep_missing or k in r} for r in rows]
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -1108,6 +1156,21 @@ class XnatServer:
         """Imports for session ``label`` store ``keep`` members, then answer 400 ``message``."""
         with self.store.lock:
             self.store.rejections[label] = (message, keep)
+
+    def fail_imports(
+        self, count: int = 1, *, status: int = 503, reset: bool = False, after_storing: bool = False
+    ) -> None:
+        """The next ``count`` imports answer ``status`` (or lose the connection with ``reset``);
+        with ``after_storing`` the files are stored first and only the answer is lost."""
+        with self.store.lock:
+            self.store.import_faults.extend(
+                ImportFault(status, reset, after_storing) for _ in range(count)
+            )
+
+    def omit_uid_column(self, omit: bool = True) -> None:
+        """Experiment listings come without the ``UID`` column (as some XNATs answer)."""
+        with self.store.lock:
+            self.store.uid_column = not omit
 
     def clear_rejections(self) -> None:
         with self.store.lock:
