@@ -38,6 +38,7 @@ _REJECTED = {
     15,  # BAD_FILE_FORMAT
     20,  # CORRUPTED_FILE
     21,  # INEXISTENT_TAG
+    27,  # UNKNOWN_DICOM_TAG (a /tools/find query naming no tag)
     28,  # BAD_JSON
     33,  # EMPTY_REQUEST
 }
