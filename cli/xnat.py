@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from dicomsync.cli.common import tls_options, tls_section
-from dicomsync.places.xnat import DEFAULT_PASSWORD_ENV
+from dicomsync.places.xnat import DEFAULT_PASSWORD_ENV, DEFAULT_TIMEOUT
 
 
 @click.command("xnat_pre_archive")
@@ -22,6 +22,12 @@ from dicomsync.places.xnat import DEFAULT_PASSWORD_ENV
     show_default=True,
     help="Environment variable that holds the password (the password is never stored).",
 )
+@click.option(
+    "--timeout",
+    metavar="SECONDS",
+    type=click.FloatRange(min=0, min_open=True, max=86400),
+    help=f"Seconds to wait for one XNAT request, uploads included [default: {DEFAULT_TIMEOUT:g}].",
+)
 @tls_options
 @click.pass_context
 def add_xnat_pre_archive(
@@ -31,6 +37,7 @@ def add_xnat_pre_archive(
     project: str,
     user: str,
     password_env: str,
+    timeout: float | None,
     no_verify: bool,
     ca_bundle: str | None,
 ) -> None:
@@ -49,6 +56,8 @@ def add_xnat_pre_archive(
         "User": user,
         "PasswordEnv": password_env,
     }
+    if timeout is not None:
+        section["Timeout"] = timeout
     section.update(tls_section(no_verify, ca_bundle))
     save_place(ctx, key, section)
 

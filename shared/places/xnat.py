@@ -8,14 +8,26 @@ Config section (the same in ``dicomsync.json`` and in the plugin's ``DicomSync.P
 
 ``PasswordEnv`` (default ``XNAT_PASS``) names the environment variable that holds the
 password. The password is read when the place first connects, and is never stored,
-logged or put into an error message. ``CaBundle`` and ``Timeout`` are optional; xnatpy
-has no CA parameter, so during login ``REQUESTS_CA_BUNDLE`` is pointed at ``CaBundle``
-(under a lock, restored afterwards) and the session's ``verify`` is set to it after.
+logged or put into an error message. ``CaBundle`` and ``Timeout`` are optional.
 
-One xnat session per place, opened on first use (``no_parse_model=True``) and logged out
-by ``close()``. A 401 after login (XNAT forgot the session) logs in again once. A refused
-login (password, project, unset variable) is remembered for ``REFUSED_SECONDS`` so that a
-batch does not try a bad password once per study.
+One xnat session per place, opened on first use and logged out by ``close()``. The place
+makes the requests session itself, with ``verify`` (``CaBundle``, or false) set on that
+session only, logs it in with xnatpy's login requests and hands it to xnatpy's
+``XNATSession`` (``xnat.connect`` has no CA parameter and would read the process-wide
+``REQUESTS_CA_BUNDLE``). Nothing process-wide is changed: no environment variable, no
+warning filter, no ``logging.Logger`` method. Login requests wait ``min(Timeout, 12 s)``,
+the others ``Timeout``. A 401 after login (XNAT forgot the session) logs in again once.
+A refused login (password, project, unset variable) is remembered for
+``REFUSED_SECONDS`` so that a batch does not try a bad password once per study; an
+unreachable XNAT found by ``prepare`` is remembered until the next ``prepare`` (at most
+``UNREACHABLE_SECONDS``), so the batch's other calls fail at once instead of waiting
+again.
+
+Errors: every HTTP status and transport failure goes through ``dicomsync.http_errors``
+(``_from_xnat`` is the one mapping of xnatpy's and requests' exceptions): a certificate
+failure is ``Unreachable`` and not retryable; timeouts, refused or reset connections,
+408, 429 and 5xx are ``Unreachable`` and retryable; 401/403 ``AuthenticationFailed``;
+404 ``NotFound`` (an unknown project: ``has no project``); other 4xx ``RemoteRejected``.
 
 Keys are ``<subject>/<session label>``.
 
@@ -29,18 +41,23 @@ As a destination
     RECEIVING therefore also counts: an upload in progress is not duplicated.
 
     ``receive`` writes the instances one by one into a temporary zip file (never the whole
-    study in memory) and uploads it with ``services.import_(…, destination='/prearchive',
-    import_handler='DICOM-zip')``, the subject and session labels mapped from the key by
-    ``xnat_label``. Then it checks that the session exists and that its scans hold at
-    least the number of files sent. XNAT groups what it receives into sessions by
+    study in memory) and uploads it with the request xnatpy's ``services.import_`` makes
+    (``POST /data/services/import?dest=/prearchive&import-handler=DICOM-zip``, with
+    ``Timeout``), the subject and session labels mapped from the key by ``xnat_label``.
+    Then it checks that the session exists and that its scans hold at least the number
+    of files sent. XNAT groups what it receives into sessions by
     (project, StudyInstanceUID, label), so a re-send merges into the same session.
 
-    A ``400`` from DICOM-zip may have left a partial session in the prearchive. Because a
-    session's existence counts as "present", ``receive`` deletes a session that this very
-    upload created before it raises ``RemoteRejected`` with XNAT's message. The error is
-    not retryable: XNAT refuses the content, and sending it again gives the same answer.
-    Network errors and 5xx are ``Unreachable`` (retryable); 401/403 are
-    ``AuthenticationFailed``.
+    XNAT's importer parses each file only up to a stop tag and copies the rest (Pixel Data
+    included) unparsed; it answers ``400`` for a member that is not DICOM or has no SOP
+    Class or SOP Instance UID, after storing the members before it. Because a session's
+    existence counts as "present", ``receive`` deletes a session that this very upload
+    created before it raises ``RemoteRejected`` with XNAT's message. The error is not
+    retryable: XNAT refuses the content, and sending it again gives the same answer. A
+    retried receive (after a 503 or a lost answer) merges into the same session.
+
+    When the experiment listing has no ``UID`` column (XNAT did not give it), archived
+    sessions are matched by (subject, session label) instead, with one warning.
 
 As a source
     ``studies`` lists prearchive sessions (not those still RECEIVING, whose content is
@@ -60,6 +77,7 @@ import contextlib
 import hashlib
 import html
 import logging
+import math
 import os
 import re
 import shutil
@@ -265,10 +283,15 @@ class XnatPreArchive(Place):
                 raise ConfigError(f"{what} {key!r}: CaBundle must be a path")
             ca_path = Path(ca_bundle).expanduser()
             ca_bundle = str(ca_path if ca_path.is_absolute() else base_dir / ca_path)
-        try:
-            timeout = float(section.get("Timeout", DEFAULT_TIMEOUT))
-        except (TypeError, ValueError):
-            raise ConfigError(f"{what} {key!r}: Timeout must be a number of seconds") from None
+        timeout = section.get("Timeout", DEFAULT_TIMEOUT)
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            raise ConfigError(f"{what} {key!r}: Timeout must be a number of seconds above 0")
+        timeout = float(timeout)
         return cls(
             key,
             server,
