@@ -16,6 +16,8 @@ through Orthanc's log. Messages never contain secrets.
     │   ├── PlaceKindUnavailable    the kind exists but cannot be used here (missing dependency)
     │   ├── NotFound                the study or path does not exist
     │   ├── Unreachable             network error, timeout, 5xx           (retryable)
+    │   ├── StorageError            a local write that may pass later:    (retryable)
+    │   │                           disk full, quota, read-only, I/O error, permission
     │   ├── AuthenticationFailed    401/403, wrong password
     │   └── RemoteRejected          the remote refused the data (4xx other than auth)
     ├── TransferError               the destination does not hold what was sent
@@ -73,6 +75,15 @@ class NotFound(PlaceError):
 
 class Unreachable(PlaceError):
     """The remote did not answer, or answered with a server error."""
+
+    retryable = True
+
+
+class StorageError(PlaceError):
+    """A folder place could not write, for a reason that may pass: ENOSPC, EDQUOT, EROFS,
+    EIO, EACCES/EPERM (an operator fixes those without changing the configuration).
+    Errors that retrying cannot fix (a name too long, a file where a folder must be)
+    are ``RemoteRejected``."""
 
     retryable = True
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,6 +35,16 @@ class StudyIdentity:
     study_uid: str
     sop_uids: frozenset[str]
     patient_id: str = field(default="", compare=False)
+    # Every StudyInstanceUID its instances name, when a folder mixes studies (the most
+    # common one is ``study_uid``); empty when only ``study_uid`` is known.
+    study_uids: frozenset[str] = field(default=frozenset(), compare=False)
+
+    @property
+    def all_study_uids(self) -> frozenset[str]:
+        """``study_uids``, or just ``study_uid`` (when known) if that is all there is."""
+        if self.study_uids:
+            return self.study_uids
+        return frozenset({self.study_uid}) if self.study_uid else frozenset()
 
     def fingerprint(self) -> str:
         """A short, stable digest of the SOP UID set (for logs and the queue)."""
@@ -115,36 +124,97 @@ def identity_of(headers: Iterable[InstanceHeader]) -> StudyIdentity:
         study_uid=study_uid,
         sop_uids=frozenset(h.sop_uid for h in headers),
         patient_id=patient_id,
+        study_uids=frozenset(counts),
     )
 
 
 # --- safe path components -------------------------------------------------------------
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]")
-_MAX_COMPONENT = 120
+# Replaced by ``_``: what file systems or shells treat specially, and every character of the
+# Unicode categories that change how a name is displayed or cannot be encoded: controls
+# (Cc, including U+0085), format characters (Cf, including U+202E right-to-left override
+# and U+200B…U+200F), line and paragraph separators (Zl, Zp) and lone surrogates (Cs, what
+# undecodable bytes become in ``os.fsdecode``).
+_UNSAFE_CHARS = frozenset('/\\:*?"<>|')
+_REPLACED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+# One component is at most 255 bytes on Linux file systems; the rest is room for a ``.zip``
+# or ``.dcm`` suffix.
+MAX_COMPONENT_BYTES = 255 - len(".zip")
+HASH_CHARS = 8
 
 
-def safe_component(value: str, *, empty: str = "unknown") -> str:
-    """Map a DICOM value (PatientID, a label) to one safe path component.
+def name_bytes(text: str) -> int:
+    """The length of ``text`` in bytes in the file-system encoding."""
+    try:
+        return len(os.fsencode(text))
+    except UnicodeError:
+        return len(text.encode("utf-8", "surrogatepass"))
+
+
+def cut_to_bytes(text: str, limit: int) -> str:
+    """The longest prefix of ``text`` (whole characters) that is at most ``limit`` bytes."""
+    if name_bytes(text) <= limit:
+        return text
+    total = 0
+    for i, ch in enumerate(text):
+        total += name_bytes(ch)
+        if total > limit:
+            return text[:i]
+    return text
+
+
+def _replace_unsafe(text: str) -> str:
+    return "".join(
+        "_" if ch in _UNSAFE_CHARS or unicodedata.category(ch) in _REPLACED_CATEGORIES else ch
+        for ch in text
+    )
+
+
+def safe_component(
+    value: str, *, empty: str = "unknown", max_bytes: int = MAX_COMPONENT_BYTES
+) -> str:
+    """Map a DICOM value (PatientID, a label, a member name) to one safe path component.
 
     The mapping, documented in the README:
+
     - Unicode is normalised to NFC; leading and trailing white space is stripped.
-    - ``/ \\ : * ? " < > |``, NUL and other control characters become ``_``.
-    - A value made only of dots (``.``, ``..``) gets a leading ``_``.
-    - An empty value becomes ``unknown``.
-    - Values longer than 120 characters are cut and get an 8-character hash suffix.
+    - ``/ \\ : * ? " < > |`` and every character of the Unicode categories Cc (controls,
+      NUL, U+0085), Cf (format: U+202E right-to-left override, zero-width characters),
+      Zl, Zp (U+2028, U+2029) and Cs (lone surrogates) become ``_``.
+    - A leading ``.`` becomes ``_`` (so nothing is hidden, and ``.``/``..`` are no paths).
+    - The result is at most ``max_bytes`` (251) bytes in the file-system encoding, so that
+      a ``.zip`` or ``.dcm`` suffix still fits in a 255-byte file name.
+    - **The hash rule: the mapping is injective.** A value that any rule above changed
+      gets ``~`` and the first 8 hex digits of the SHA-1 of the *original* value (UTF-8)
+      appended, after being cut to fit. So ``pat:1``, ``pat_1`` and ``pat*1`` become
+      ``pat_1~20544540``, ``pat_1`` and ``pat_1~be28b37e``: three names for three
+      values. A value that needs no change is kept exactly as it is, so the same value
+      always maps to the same name, names stored before stay valid, and a name made
+      here maps to itself (``safe_component(safe_component(v)) == safe_component(v)``),
+      so a study keeps its name folder→zip→folder.
+    - The empty value becomes ``empty`` (``unknown``); it is never a part of a study key
+      (``split_key`` refuses empty parts).
+
+    Two values can meet only if one of them already ends like a hashed name, with the
+    very hash of the other (a value chosen to imitate it), or if two 32-bit hashes
+    collide. The folder places then refuse to add a study to a destination that holds
+    another StudyInstanceUID, so such a meeting fails the study rather than merging two.
     Everything else, including spaces, brackets and non-ASCII letters, is kept.
     """
-    text = unicodedata.normalize("NFC", str(value)).strip()
-    text = _UNSAFE.sub("_", text)
-    if not text:
+    original = str(value)
+    if not original:
         return empty
-    if set(text) == {"."}:
-        text = "_" + text
-    if len(text) > _MAX_COMPONENT:
-        digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:8]
-        text = text[: _MAX_COMPONENT - 9] + "_" + digest
-    return text
+    text = unicodedata.normalize("NFC", original).strip()
+    text = _replace_unsafe(text)
+    if not text:
+        text = empty
+    elif text.startswith("."):
+        text = "_" + text[1:]
+    if text == original and name_bytes(text) <= max_bytes:
+        return text
+    digest = hashlib.sha1(original.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
+    suffix = "~" + digest
+    return cut_to_bytes(text, max_bytes - name_bytes(suffix)) + suffix
 
 
 def contained_path(root: Path, *components: str) -> Path:

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import unicodedata
 
 import pytest
 
 from dicomsync.errors import DicomFileError
 from dicomsync.identity import (
+    MAX_COMPONENT_BYTES,
     StudyIdentity,
     contained_path,
     orthanc_study_id,
@@ -14,29 +17,106 @@ from dicomsync.identity import (
 )
 
 
+def _h(value: str) -> str:
+    """The hash suffix safe_component appends to a value it had to change."""
+    return "~" + hashlib.sha1(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
+        # names that need no change stay exactly as they are
         ("patient1", "patient1"),
-        ("../../etc", ".._.._etc"),
-        ("..", "_.."),
-        (".", "_."),
-        ("", "unknown"),
-        ("  ", "unknown"),
-        ("a/b\\c", "a_b_c"),
-        ("nul\x00ctl\x1fend", "nul_ctl_end"),
         ("study [1]", "study [1]"),
         ("Müller^Hans", "Müller^Hans"),
-        ("a:b*c?d", "a_b_c_d"),
+        ("1.2.840.113619.2.55", "1.2.840.113619.2.55"),
+        ("a b", "a b"),
+        ("pat_1", "pat_1"),
+        ("a~b", "a~b"),
+        ("x~0123abc", "x~0123abc"),  # 7 hex digits: not hash-like
+        ("", "unknown"),
+        # changed names keep a hash of the original
+        ("../../etc", "_._.._etc" + _h("../../etc")),
+        ("..", "_." + _h("..")),
+        (".", "_" + _h(".")),
+        (".hidden", "_hidden" + _h(".hidden")),
+        ("  ", "unknown" + _h("  ")),
+        (" a ", "a" + _h(" a ")),
+        ("a/b\\c", "a_b_c" + _h("a/b\\c")),
+        ("nul\x00ctl\x1fend", "nul_ctl_end" + _h("nul\x00ctl\x1fend")),
+        ("a:b*c?d", "a_b_c_d" + _h("a:b*c?d")),
+        ("abc\u202egpj.exe", "abc_gpj.exe" + _h("abc\u202egpj.exe")),
+        ("a\u0085b\u2028c\u2029d", "a_b_c_d" + _h("a\u0085b\u2028c\u2029d")),
+        ("zero\u200bwidth\ufeff", "zero_width_" + _h("zero\u200bwidth\ufeff")),
+        ("bad\udcffbyte", "bad_byte" + _h("bad\udcffbyte")),
+        ("pat_1~0123abcd", "pat_1~0123abcd"),  # a name made here maps to itself
     ],
 )
 def test_safe_component(value: str, expected: str) -> None:
     assert safe_component(value) == expected
 
 
-def test_safe_component_long_values_are_cut_with_hash() -> None:
-    out = safe_component("x" * 500)
-    assert len(out) == 120 and out != safe_component("x" * 499)
+def test_nfd_is_normalised_and_kept_apart_from_nfc() -> None:
+    nfc = unicodedata.normalize("NFC", "Müller")
+    nfd = unicodedata.normalize("NFD", "Müller")
+    assert safe_component(nfc) == nfc
+    assert safe_component(nfd) == nfc + _h(nfd)
+
+
+# Every character a study key might hold that the mapping must not let through.
+_HOSTILE = [chr(c) for c in range(0x20)] + [
+    *'/\\:*?"<>|',
+    "\x7f",
+    "\x85",
+    "\u200b",
+    "\u200e",
+    "\u200f",
+    "\u202a",
+    "\u202e",
+    "\u2066",
+    "\u2069",
+    "\u2028",
+    "\u2029",
+    "\ufeff",
+    "\udc80",
+]
+
+
+def test_safe_component_is_injective_over_a_class_of_inputs() -> None:
+    """Values that map to the same visible text stay apart: 1,000+ values, 1,000+ names."""
+    values = {"pat_1", "pat_1 ", " pat_1", ".pat_1", "_pat_1", "pat_1~"}
+    for ch in _HOSTILE:
+        values |= {f"pat{ch}1", f"{ch}pat1", f"pat1{ch}", ch, ch * 2}
+    for a in "._ ~":
+        for b in "._ ~":
+            values.add(a + b)
+    names = {v: safe_component(v) for v in values if v}
+    assert len(set(names.values())) == len(names)
+    for v, name in names.items():
+        assert "/" not in name and "\\" not in name and not name.startswith(".")
+        assert name not in (".", "..")
+        assert all(unicodedata.category(ch) not in {"Cc", "Cf", "Zl", "Zp", "Cs"} for ch in name), (
+            v,
+            name,
+        )
+        assert safe_component(v) == name  # deterministic
+        assert safe_component(name) == name  # and a name made here maps to itself
+
+
+@pytest.mark.parametrize("char", ["x", "é", "\u20ac", "\U0001f600", "\u6f22"])
+def test_names_are_limited_in_bytes(char: str) -> None:
+    """Each component fits 255 bytes with a .zip suffix, whatever the width of its characters."""
+    for n in (60, 63, 64, 65, 120, 300):
+        value = char * n
+        name = safe_component(value)
+        assert len(os.fsencode(name + ".zip")) <= 255, (char, n)
+        if len(os.fsencode(value)) <= MAX_COMPONENT_BYTES:
+            assert name == value
+        else:
+            assert name.endswith(_h(value))
+    assert safe_component(char * 300) != safe_component(char * 299)
+    # A legal 64-character PatientID of 4-byte characters is 256 bytes: it is cut.
+    assert len(os.fsencode(safe_component("\U0001f600" * 64))) <= MAX_COMPONENT_BYTES
 
 
 def test_contained_path_refuses_escape(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -1,32 +1,55 @@
 """``dicom_root``: DICOM files under ``root/<patient>/<study>/**``.
 
-A study is every file below its study folder, at any depth. Files keep their
+A study is every regular file below its study folder, at any depth. Files keep their
 relative paths when a study is sent folder→folder, so no subfolder is dropped.
-Hidden files and our partial writes (names starting with ``.``) and ``DICOMDIR``
-are ignored. Each file is written to a temporary name and renamed into place.
+Hidden files and our partial writes (names starting with ``.``), ``DICOMDIR`` and
+anything that is not a regular file (FIFOs, devices, sockets: skipped with one
+warning, never opened) are ignored.
+
+A study is received the way a zip is: whole or not at all. Under an exclusive lock on
+the patient folder, a hidden staging folder ``.<study>.<host>~<pid>~<random>.partial``
+is filled beside the study folder, then renamed to it. When the study folder already
+exists (late instances), the staging folder gets hard links to every file it has plus
+the new instances, and the two folders are exchanged atomically
+(``renameat2(RENAME_EXCHANGE)``). Where the file system cannot exchange, the old folder
+is first renamed aside to ``.<study>.<host>~<pid>~<tag>.retired``; a writer killed
+between the two renames leaves no study folder, and the next write there renames the
+retired folder back (it holds everything the study had) before it starts. So a
+partial study never looks complete and ``holds`` never counts a partial batch.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import logging
 import os
-from collections.abc import Collection, Iterable, Iterator
+import shutil
+import stat
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
-from dicomsync.errors import NotFound, RemoteRejected
+from dicomsync.errors import NotFound
 from dicomsync.header_cache import CachedHeader
 from dicomsync.identity import StudyIdentity, contained_path, safe_component
 from dicomsync.places.base import Instance, Receipt, StudyRef
 from dicomsync.places.local import (
+    EMPTY_SCAN,
     Member,
+    NotRegularFile,
     RootPlace,
     Scan,
     is_hidden,
-    partial_file,
+    locked,
+    open_regular,
+    parse_partial,
+    partial_dir,
+    retired_name,
     scan_members,
+    storage_errors,
     sweep_partials,
+    writer_dead,
 )
 
 log = logging.getLogger(__name__)
@@ -42,12 +65,18 @@ class DicomRoot(RootPlace):
         return f"Root folder at '{self.root}'"
 
     def _study_name(self, entry: os.DirEntry[str]) -> str | None:
-        if is_hidden(entry.name) or not entry.is_dir():
+        try:
+            if is_hidden(entry.name) or not entry.is_dir():
+                return None
+        except OSError:
             return None
         return entry.name
 
     def _members(self, folder: Path) -> Iterator[Member]:
-        for dirpath, dirnames, filenames in os.walk(folder):
+        def unlisted(exc: OSError) -> None:
+            log.warning("cannot list %s: %s", exc.filename, exc.strerror or exc)
+
+        for dirpath, dirnames, filenames in os.walk(folder, onerror=unlisted):
             dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
             for name in sorted(filenames):
                 if is_hidden(name) or name in SKIP_NAMES:
@@ -56,10 +85,17 @@ class DicomRoot(RootPlace):
                 try:
                     st = os.stat(full)
                 except OSError as exc:
-                    log.warning("skipping unreadable file %s: %s", full, exc.strerror)
+                    self.warn(("stat", full), "skipping unreadable file %s: %s", full, exc.strerror)
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    self.warn(
+                        ("special", full, st.st_mode),
+                        "skipping %s: not a regular file",
+                        full,
+                    )
                     continue
                 rel = os.path.relpath(full, folder).replace(os.sep, "/")
-                yield Member(rel, st.st_size, st.st_mtime_ns, functools.partial(_open_binary, full))
+                yield Member(rel, st.st_size, st.st_mtime_ns, functools.partial(open_regular, full))
 
     def _folder(self, ref: StudyRef) -> Path:
         return self.root / ref.patient / ref.study
@@ -67,8 +103,8 @@ class DicomRoot(RootPlace):
     def scan(self, ref: StudyRef) -> Scan:
         folder = self._folder(ref)
         if not folder.is_dir():
-            return Scan(StudyIdentity("", frozenset()), {})
-        return scan_members(str(folder), self._members(folder), self.cache)
+            return EMPTY_SCAN
+        return scan_members(str(folder), self._members(folder), self.cache, self.warn)
 
     def instances(self, ref: StudyRef, only: Collection[str] | None = None) -> Iterator[Instance]:
         folder = self._folder(ref)
@@ -84,58 +120,208 @@ class DicomRoot(RootPlace):
     def receive(self, key: str, instances: Iterable[Instance], identity: StudyIdentity) -> Receipt:
         self._check_root()
         ref = self.dest_ref(key)
-        folder = contained_path(self.root, ref.patient, ref.study)
-        folder.mkdir(parents=True, exist_ok=True)
-        sweep_partials(folder, recursive=True)
-        written: list[CachedHeader] = []
-        for inst in instances:
-            parts = [safe_component(p) for p in inst.name.split("/") if p not in ("", ".")]
-            if not parts or parts[-1] in SKIP_NAMES:
-                parts = [safe_component(inst.sop_uid) + ".dcm"]
-            target = contained_path(folder, *parts)
-            if target.exists():  # a different instance already has this name
-                target = folder / (safe_component(inst.sop_uid) + ".dcm")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            data = inst.read()
-            _atomic_write(target, data)
-            st = target.stat()
-            rel = target.relative_to(folder).as_posix()
-            written.append(
-                CachedHeader(
-                    rel,
-                    st.st_size,
-                    st.st_mtime_ns,
-                    inst.sop_uid,
-                    identity.study_uid,
-                    identity.patient_id,
-                    None,
-                )
-            )
-        self.cache.store(str(folder), written)
+        with storage_errors(f"{self.root / ref.patient / ref.study}"):
+            patient = contained_path(self.root, ref.patient)
+            folder = contained_path(patient, ref.study)
+            patient.mkdir(parents=True, exist_ok=True)
+            # One writer per patient folder at a time (a plugin route and a CLI send may
+            # meet here): the exchange below would otherwise drop the other's instances.
+            with locked(patient):
+                written = self._stage_and_swap(key, ref, patient, folder, instances, identity)
+        if written:
+            self.cache.store(str(folder), written)
         self._scans.pop(ref.key, None)
         return Receipt(len(written), str(folder))
+
+    def _stage_and_swap(
+        self,
+        key: str,
+        ref: StudyRef,
+        patient: Path,
+        folder: Path,
+        instances: Iterable[Instance],
+        identity: StudyIdentity,
+    ) -> list[CachedHeader]:
+        _restore_retired(folder)
+        sweep_partials(patient)
+        exists = folder.is_dir()
+        if exists:
+            sweep_partials(folder, recursive=True)  # per-file partials of older versions
+        elif os.path.lexists(folder):
+            raise NotRegularFile(errno.ENOTDIR, "exists and is not a folder", str(folder))
+        old = self.scan(ref) if exists else EMPTY_SCAN
+        self.check_same_study(key, old, identity)
+        present = set(old.files)
+        staging = partial_dir(folder)
+        try:
+            if exists:
+                _link_tree(folder, staging)
+            written: list[CachedHeader] = []
+            for inst in instances:
+                if inst.sop_uid in present:  # another writer added it since holds()
+                    continue
+                target = _free_name(staging, inst)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _write_new(target, inst.read())
+                st = target.stat()
+                present.add(inst.sop_uid)
+                written.append(
+                    CachedHeader(
+                        target.relative_to(staging).as_posix(),
+                        st.st_size,
+                        st.st_mtime_ns,
+                        inst.sop_uid,
+                        identity.study_uid,
+                        identity.patient_id,
+                        None,
+                    )
+                )
+            if not written:
+                shutil.rmtree(staging, ignore_errors=True)
+                return written
+            if exists:
+                _swap(staging, folder)
+                shutil.rmtree(staging, ignore_errors=True)  # now the old folder
+            else:
+                os.rename(staging, folder)
+        except BaseException:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return written
+
+
+def _free_name(staging: Path, inst: Instance) -> Path:
+    """The path in ``staging`` for ``inst``: its own relative path, made safe, unless taken
+    (or a skipped name), then ``<SOP UID>.dcm``, then ``<SOP UID>~<n>.dcm``."""
+    parts = [safe_component(p) for p in inst.name.split("/") if p not in ("", ".")]
+    if parts and parts[-1] not in SKIP_NAMES:
+        target = contained_path(staging, *parts)
+        if not os.path.lexists(target) and not _under_file(staging, parts):
+            return target
+    base = safe_component(inst.sop_uid)
+    target = staging / f"{base}.dcm"
+    n = 1
+    while os.path.lexists(target):
+        target = staging / f"{base}~{n}.dcm"
+        n += 1
+    return target
+
+
+def _under_file(staging: Path, parts: list[str]) -> bool:
+    """Whether a parent of ``parts`` in ``staging`` exists and is not a folder."""
+    here = staging
+    for p in parts[:-1]:
+        here = here / p
+        if os.path.lexists(here) and not here.is_dir():
+            return True
+    return False
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Fill ``dst`` with hard links to everything below ``src`` (copies where a link fails).
+
+    Links keep size and mtime, so the header cache stays valid for every old file."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = os.path.relpath(dirpath, src)
+        here = dst if rel == "." else dst / rel
+        for d in dirnames:
+            if not os.path.islink(os.path.join(dirpath, d)):
+                (here / d).mkdir(exist_ok=True)
+        entries = filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for name in entries:
+            m = parse_partial(name)
+            if m is not None and writer_dead(m):
+                continue
+            s, t = os.path.join(dirpath, name), here / name
+            try:
+                os.link(s, t, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+                    raise
+                if os.path.islink(s):
+                    os.symlink(os.readlink(s), t)
+                elif stat.S_ISREG(os.lstat(s).st_mode):
+                    shutil.copy2(s, t)
+                else:
+                    log.warning("not keeping %s: not a regular file", s)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    try:
+        fn: Callable[..., int] = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc ≥ 2.28
+        return None
+    return fn
+
+
+_renameat2 = _load_renameat2()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths; False where the system or file system cannot."""
+    if _renameat2 is None:
+        return False
+    rc = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap(staging: Path, folder: Path) -> None:
+    """Put ``staging`` at ``folder``, and the old ``folder`` at ``staging``."""
+    if _exchange(staging, folder):
+        return
+    retired = retired_name(folder)
+    os.rename(folder, retired)
+    try:
+        os.rename(staging, folder)
+    except BaseException:
+        os.rename(retired, folder)
+        raise
+    os.rename(retired, staging)
+
+
+def _restore_retired(folder: Path) -> None:
+    """Undo a swap that a dead writer left half done: its retired folder holds the study."""
+    if os.path.lexists(folder):
+        return
+    mine = parse_partial(retired_name(folder).name)
+    assert mine is not None
+    for path in folder.parent.glob(".*.retired"):
+        m = parse_partial(path.name)
+        if (
+            m is not None
+            and m["rand"] == mine["rand"]
+            and folder.name.startswith(m["target"])
+            and writer_dead(m)
+        ):
+            os.rename(path, folder)
+            log.info("restored %s from %s, left by a write that was interrupted", folder, path)
+            return
+
+
+def _write_new(target: Path, data: bytes) -> None:
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    finally:
+        os.close(fd)
 
 
 def _read_file(path: Path) -> bytes:
     try:
-        return path.read_bytes()
+        with open_regular(path) as f:
+            return f.read()
     except OSError as exc:
         raise NotFound(f"cannot read {path}: {exc.strerror or exc}") from None
-
-
-def _open_binary(path: str) -> BinaryIO:
-    return open(path, "rb")  # the caller closes it
-
-
-def _atomic_write(target: Path, data: bytes) -> None:
-    fd, tmp = partial_file(target)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise RemoteRejected(f"cannot write {target}: {exc.strerror}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -1,26 +1,56 @@
-"""What the two folder-based places share: a root folder, listing, and cached headers."""
+"""What the two folder-based places share: a root folder, listing, and cached headers.
+
+Also the rules both follow on disk:
+
+- **Keys**: ``dest_ref`` maps a study key to ``<safe patient>/<safe study>`` with
+  ``safe_component``, which is injective; a destination study that holds another
+  StudyInstanceUID than the one being sent is refused (``RemoteRejected``), never merged.
+- **Only regular files are opened** (``open_regular``): FIFOs, devices and sockets are
+  skipped with one warning, so nothing blocks on them.
+- **Writes are staged** under hidden names (``partial_file``, ``partial_dir``) and
+  renamed into place; leftovers of dead writers are swept (``sweep_partials``).
+- **Every OSError of a write is translated** (``storage_errors``): disk full, quota,
+  read-only, I/O and permission errors become the retryable ``StorageError``; the rest
+  (a name too long, a file where a folder must be) ``RemoteRejected``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import logging
 import os
 import re
+import shutil
 import socket
+import stat
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from dicomsync.config import resolve_path
-from dicomsync.errors import DicomFileError, NotFound
+from dicomsync.errors import (
+    ConfigError,
+    DicomFileError,
+    NotFound,
+    PlaceError,
+    RemoteRejected,
+    StorageError,
+)
 from dicomsync.header_cache import CachedHeader, HeaderCache, shared_cache
 from dicomsync.identity import (
     InstanceHeader,
     StudyIdentity,
+    cut_to_bytes,
     identity_of,
+    name_bytes,
     read_header,
     safe_component,
 )
@@ -37,15 +67,54 @@ def is_hidden(name: str) -> bool:
 
 # Partial writes are named ``.<target>.<host>~<pid>~<random>.partial``, so a later writer
 # can tell the leftovers of a process that died (kill -9, power loss) from live writes.
-_HOST = socket.gethostname().replace("~", "_")
-_PARTIAL = re.compile(r"^\.(?P<target>.+)\.(?P<host>[^.~]*)~(?P<pid>\d+)~[^.]*\.partial$")
+# The host part has no ``.`` or ``~`` (so the name parses back), and the target part is cut
+# so that the whole name stays within 255 bytes.
+def host_tag(hostname: str) -> str:
+    """The host part of a partial name: no ``.``, ``~``, ``/`` or space, at most 64 bytes."""
+    return cut_to_bytes(re.sub(r"[.~/\s]", "_", hostname), 64) or "_"
+
+
+_HOST = host_tag(socket.gethostname())
+_PARTIAL = re.compile(
+    r"^\.(?P<target>.*)\.(?P<host>[^.~]*)~(?P<pid>\d+)~(?P<rand>[^.]*)\.(?P<kind>partial|retired)$",
+    re.DOTALL,
+)
+_NAME_MAX = 255
+_RAND_BYTES = 8  # what tempfile adds
+
+
+def _partial_prefix(target: Path, rand_bytes: int = _RAND_BYTES, kind: str = "partial") -> str:
+    fixed = f"..{_HOST}~{os.getpid()}~"
+    room = _NAME_MAX - name_bytes(fixed) - rand_bytes - len("." + kind)
+    return f".{cut_to_bytes(target.name, room)}.{_HOST}~{os.getpid()}~"
 
 
 def partial_file(target: Path) -> tuple[int, str]:
     """A new temporary file beside ``target`` (its fd and path); hidden from listings."""
-    return tempfile.mkstemp(
-        prefix=f".{target.name}.{_HOST}~{os.getpid()}~", suffix=".partial", dir=target.parent
+    return tempfile.mkstemp(prefix=_partial_prefix(target), suffix=".partial", dir=target.parent)
+
+
+def partial_dir(target: Path) -> Path:
+    """A new temporary folder beside ``target``; hidden from listings, swept like files."""
+    return Path(
+        tempfile.mkdtemp(prefix=_partial_prefix(target), suffix=".partial", dir=target.parent)
     )
+
+
+def retired_name(target: Path) -> Path:
+    """Where a folder is put aside while its replacement is renamed in (without an atomic
+    exchange): ``.<target>.<host>~<pid>~<hash of target>.retired``, found again by name."""
+    tag = hashlib.sha1(os.fsencode(target.name)).hexdigest()[:_RAND_BYTES]
+    return target.parent / f"{_partial_prefix(target, kind='retired')}{tag}.retired"
+
+
+def parse_partial(name: str) -> re.Match[str] | None:
+    return _PARTIAL.match(name)
+
+
+def writer_dead(m: re.Match[str]) -> bool:
+    """Whether the writer that named a partial is a dead process of this host."""
+    return m["host"] == _HOST and not _pid_alive(int(m["pid"]))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -59,20 +128,136 @@ def _pid_alive(pid: int) -> bool:
 
 
 def sweep_partials(folder: Path, recursive: bool = False) -> int:
-    """Delete partial writes left in ``folder`` by dead processes of this host."""
+    """Delete partial writes (files or staging folders) left in ``folder`` by dead processes
+    of this host. ``.retired`` folders are swept too: call ``restore_retired`` first."""
     removed = 0
-    candidates = folder.rglob(".*.partial") if recursive else folder.glob(".*.partial")
+    candidates = (
+        [*folder.rglob(".*.partial"), *folder.rglob(".*.retired")]
+        if recursive
+        else [
+            *folder.glob(".*.partial"),
+            *folder.glob(".*.retired"),
+        ]
+    )
     for path in candidates:
         m = _PARTIAL.match(path.name)
-        if m is None or m["host"] != _HOST or _pid_alive(int(m["pid"])):
+        if m is None or not writer_dead(m):
             continue
         try:
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed += 1
             log.info("removed %s, left by a write that was interrupted", path)
         except OSError:
             pass
     return removed
+
+
+# --- OSError translation ---------------------------------------------------------------
+
+# Conditions of the storage that may pass without a change to dicomsync's configuration:
+# a full disk or quota, a read-only or failing file system, a permission an operator
+# fixes, a stale NFS handle, too many open files. EACCES and EPERM are here on purpose:
+# retrying is bounded (the queue's Retry policy), and fixing ownership then needs no rerun.
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ENOSPC",
+        "EDQUOT",
+        "EROFS",
+        "EIO",
+        "EACCES",
+        "EPERM",
+        "EAGAIN",
+        "EBUSY",
+        "EINTR",
+        "ESTALE",
+        "ENOLCK",
+        "EMFILE",
+        "ENFILE",
+        "ENOMEM",
+        "ETIMEDOUT",
+    )
+    if hasattr(errno, name)
+)
+
+
+def storage_error(exc: OSError, what: str) -> PlaceError:
+    """The dicomsync error for an OSError met while writing ``what`` (one line)."""
+    reason = exc.strerror or str(exc)
+    where = exc.filename if exc.filename is not None else what
+    message = f"cannot write {os.fsdecode(where) if isinstance(where, bytes) else where}: {reason}"
+    if exc.errno in TRANSIENT_ERRNOS:
+        return StorageError(message)
+    return RemoteRejected(message)
+
+
+@contextlib.contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Translate every ``OSError`` inside into ``StorageError`` or ``RemoteRejected``."""
+    try:
+        yield
+    except OSError as exc:
+        raise storage_error(exc, what) from None
+
+
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``folder`` itself (no lock file is left behind)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+# --- regular files only ----------------------------------------------------------------
+
+
+class NotRegularFile(OSError):
+    """A path that is a FIFO, device, socket or folder where a file was expected."""
+
+
+def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file (symlinks to one are fine).
+
+    Opened non-blocking, checked with ``fstat``, then set back to blocking: a FIFO put
+    there after a ``stat`` cannot make the open (or a read) wait forever.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class WarnOnce:
+    """Keys already warned about, bounded (oldest forgotten first): one line per file a run."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._seen: OrderedDict[Hashable, None] = OrderedDict()
+
+    def __call__(self, key: Hashable, msg: str, *args: object) -> None:
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            log.debug(msg, *args)
+            return
+        self._seen[key] = None
+        if len(self._seen) > self.size:
+            self._seen.popitem(last=False)
+        log.warning(msg, *args)
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 @dataclass(frozen=True)
@@ -87,18 +272,36 @@ class Member:
 
 @dataclass
 class Scan:
-    """The readable instances of a study (SOP UID -> member name) and its identity."""
+    """The readable instances of a study (SOP UID -> member name) and its identity.
+
+    ``study_uids`` is every StudyInstanceUID its instances name (usually one);
+    ``readable`` is False for a container (a zip) that could not be opened at all."""
 
     identity: StudyIdentity
     files: dict[str, str]
+    study_uids: frozenset[str] = field(default_factory=frozenset)
+    readable: bool = True
 
 
-def scan_members(container: str, members: Iterable[Member], cache: HeaderCache) -> Scan:
+EMPTY_SCAN = Scan(StudyIdentity("", frozenset()), {})
+UNREADABLE_SCAN = Scan(StudyIdentity("", frozenset()), {}, readable=False)
+
+
+def scan_members(
+    container: str,
+    members: Iterable[Member],
+    cache: HeaderCache,
+    warn: WarnOnce | None = None,
+) -> Scan:
     """Headers of every member, from the cache when the signature is unchanged.
 
-    Each unreadable file is skipped with one warning that names it (cached
-    failures are warned about again at debug level only).
+    Each unreadable file is skipped with one warning that names it, on every run: a
+    failure is cached (so the file is not parsed again) with its reason, and the
+    warning is given from the cache too. ``warn`` keeps it to one line per file within
+    one place's life (a second scan of the same study in one run says nothing new).
     """
+    if warn is None:
+        warn = WarnOnce()
     cached = cache.load(container)
     headers: list[InstanceHeader] = []
     files: dict[str, str] = {}
@@ -108,12 +311,18 @@ def scan_members(container: str, members: Iterable[Member], cache: HeaderCache) 
         seen.add(m.name)
         entry = cached.get(m.name)
         if entry is None or entry.size != m.size or entry.mtime_ns != m.mtime_ns:
-            entry = _read_member(container, m)
+            entry = _read_member(container, m, warn)
             if entry is None:
                 continue
             fresh.append(entry)
-        elif entry.error:
-            log.debug("skipping unreadable file %s/%s (cached)", container, m.name)
+        if entry.error:
+            warn(
+                ("unreadable", container, m.name, m.size, m.mtime_ns),
+                "skipping unreadable file %s/%s: %s",
+                container,
+                m.name,
+                entry.error,
+            )
         if entry.sop_uid:
             headers.append(
                 InstanceHeader(entry.sop_uid, entry.study_uid or "", entry.patient_id or "", "")
@@ -124,10 +333,14 @@ def scan_members(container: str, members: Iterable[Member], cache: HeaderCache) 
     stale = set(cached) - seen
     if stale:
         cache.forget(container, stale)
-    return Scan(identity=identity_of(headers), files=files)
+    return Scan(
+        identity=identity_of(headers),
+        files=files,
+        study_uids=frozenset(h.study_uid for h in headers if h.study_uid),
+    )
 
 
-def _read_member(container: str, m: Member) -> CachedHeader | None:
+def _read_member(container: str, m: Member, warn: WarnOnce) -> CachedHeader | None:
     """A fresh header entry for one member; failures become cached error entries."""
     try:
         with m.open() as f:
@@ -137,10 +350,17 @@ def _read_member(container: str, m: Member) -> CachedHeader | None:
         reason = str(exc).split(": ", 1)[-1]
     except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged zip member
         reason = f"damaged ({exc})"
+    except (RuntimeError, NotImplementedError) as exc:  # encrypted, unknown compression
+        reason = f"cannot be unpacked ({exc})"
     except OSError as exc:  # vanished or unreadable: not cached, tried again next time
-        log.warning("skipping unreadable file %s/%s: %s", container, m.name, exc.strerror or exc)
+        warn(
+            ("unreadable", container, m.name, m.size, m.mtime_ns),
+            "skipping unreadable file %s/%s: %s",
+            container,
+            m.name,
+            exc.strerror or exc,
+        )
         return None
-    log.warning("skipping unreadable file %s/%s: %s", container, m.name, reason)
     return CachedHeader(m.name, m.size, m.mtime_ns, None, None, None, reason)
 
 
@@ -148,12 +368,17 @@ class RootPlace(Place):
     """A place stored under ``root/<patient>/<study…>``."""
 
     suffix: str = ""  # ".zip" for zipped roots
+    # Scans kept between ``identity`` and ``instances`` of one study: a few are enough
+    # (a worker handles one study at a time; the CLI reads a batch's identities first and
+    # re-scans, from the header cache, past this many).
+    max_scans = 32
 
     def __init__(self, key: str, root: Path, cache: HeaderCache | None = None) -> None:
         super().__init__(key)
         self.root = root
         self._cache = cache
-        self._scans: dict[str, Scan] = {}
+        self._scans: OrderedDict[str, Scan] = OrderedDict()
+        self.warn = WarnOnce()
 
     @property
     def cache(self) -> HeaderCache:
@@ -162,6 +387,10 @@ class RootPlace(Place):
     @classmethod
     def from_config(cls, key: str, section: Mapping[str, Any], *, base_dir: Path) -> Place:
         path = resolve_path(require(section, "Path", key, f"{cls.kind} place"), base_dir)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(
+                f"{cls.kind} place {key!r}: Path {str(path)!r} exists but is not a folder"
+            )
         return cls(key, path)
 
     def to_config(self) -> dict[str, Any]:
@@ -169,9 +398,8 @@ class RootPlace(Place):
 
     def _check_root(self) -> None:
         if not self.root.is_dir():
-            raise NotFound(
-                f"{self.kind} place {self.key!r}: root folder {self.root} does not exist"
-            )
+            what = "is not a folder" if self.root.exists() else "does not exist"
+            raise NotFound(f"{self.kind} place {self.key!r}: root folder {self.root} {what}")
 
     def studies(self, query: StudyQuery | None = None) -> Iterator[StudyRef]:
         self._check_root()
@@ -183,7 +411,7 @@ class RootPlace(Place):
                 f"{self.kind} place {self.key!r}: cannot list {self.root}: {exc.strerror}"
             ) from None
         for p in patients:
-            if is_hidden(p.name) or not p.is_dir():
+            if is_hidden(p.name) or not _is_dir(p):
                 continue
             try:
                 entries = sorted(os.scandir(p.path), key=lambda e: e.name)
@@ -201,16 +429,21 @@ class RootPlace(Place):
     def scan(self, ref: StudyRef) -> Scan:
         raise NotImplementedError
 
+    def _remember(self, key: str, scan: Scan) -> None:
+        self._scans[key] = scan
+        self._scans.move_to_end(key)
+        while len(self._scans) > self.max_scans:
+            self._scans.popitem(last=False)
+
     def identity(self, ref: StudyRef) -> StudyIdentity:
         scan = self.scan(ref)
-        self._scans[ref.key] = scan
+        self._remember(ref.key, scan)
         return scan.identity
 
     def _scan_for(self, ref: StudyRef) -> Scan:
-        scan = self._scans.get(ref.key)
+        scan = self._scans.pop(ref.key, None)  # used once: instances follow identity
         if scan is None:
             scan = self.scan(ref)
-            self._scans[ref.key] = scan
         return scan
 
     def dest_ref(self, key: str) -> StudyRef:
@@ -218,21 +451,33 @@ class RootPlace(Place):
 
         ``holds`` and ``receive`` both go through this, so the duplicate check reads
         exactly what a send wrote, and no key from a remote source escapes the root.
+        ``safe_component`` is injective, so two keys never share a destination study.
         """
         patient, study = split_key(key)
         return StudyRef(self.key, safe_component(patient), safe_component(study))
 
-    def holds(self, key: str, identity: StudyIdentity) -> frozenset[str]:
-        self._check_root()
-        ref = self.dest_ref(key)
-        scan = self.scan(ref)
-        self._scans[ref.key] = scan
-        if scan.identity.sop_uids and scan.identity.study_uid != identity.study_uid:
-            log.warning(
-                "%s:%s holds a different study (%s) than the one being sent (%s)",
-                self.key,
-                key,
-                scan.identity.study_uid,
-                identity.study_uid,
+    def check_same_study(self, key: str, scan: Scan, identity: StudyIdentity) -> None:
+        """Refuse to add ``identity`` to a destination study that holds another study."""
+        wanted = identity.all_study_uids
+        others = scan.study_uids - wanted
+        if wanted and others:
+            raise RemoteRejected(
+                f"{self.key}:{key} holds another study (StudyInstanceUID "
+                f"{', '.join(sorted(others))}), not {identity.study_uid}; "
+                "refusing to put two studies under one key"
             )
+
+    def holds(self, key: str, identity: StudyIdentity) -> frozenset[str]:
+        """The SOP UIDs of ``identity`` stored under ``key``; ``RemoteRejected`` if another
+        study (another StudyInstanceUID) is stored there."""
+        self._check_root()
+        scan = self.scan(self.dest_ref(key))
+        self.check_same_study(key, scan, identity)
         return scan.identity.sop_uids & identity.sop_uids
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False

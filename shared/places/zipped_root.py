@@ -4,33 +4,41 @@ A zip is always written whole to a temporary file beside it (``.<study>.zip.…p
 and renamed into place, so an interrupted send never leaves a zip that counts as
 sent. A partial destination is completed by rewriting the zip with the members it
 had plus the missing instances (the old members are copied compressed, not
-re-read as DICOM). Member names keep the source's relative paths.
+re-read as DICOM). Member names keep the source's relative paths, each part made a
+safe component. A ``<study>.zip`` that is not a regular file (a FIFO, a device) is
+skipped with one warning and never opened; a send there fails that study.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import errno
 import functools
 import logging
 import os
 import shutil
+import stat
 import zipfile
 import zlib
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
-from dicomsync.errors import NotFound, RemoteRejected
+from dicomsync.errors import NotFound
 from dicomsync.header_cache import CachedHeader
 from dicomsync.identity import StudyIdentity, contained_path, safe_component
 from dicomsync.places.base import Instance, Receipt, StudyRef
 from dicomsync.places.local import (
+    EMPTY_SCAN,
+    UNREADABLE_SCAN,
     Member,
+    NotRegularFile,
     RootPlace,
     Scan,
     is_hidden,
+    locked,
+    open_regular,
     partial_file,
     scan_members,
+    storage_errors,
     sweep_partials,
 )
 
@@ -46,7 +54,18 @@ class ZippedRoot(RootPlace):
         return f"Zipped DICOM Root folder at '{self.root}'"
 
     def _study_name(self, entry: os.DirEntry[str]) -> str | None:
-        if is_hidden(entry.name) or not entry.name.endswith(".zip") or not entry.is_file():
+        if is_hidden(entry.name) or not entry.name.endswith(".zip"):
+            return None
+        try:
+            st = entry.stat()
+        except OSError:
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            self.warn(
+                ("special", entry.path, st.st_mode), "skipping %s: not a regular file", entry.path
+            )
             return None
         return entry.name[: -len(".zip")]
 
@@ -57,22 +76,39 @@ class ZippedRoot(RootPlace):
         path = self._zip_path(ref)
         try:
             st = path.stat()
-        except FileNotFoundError:
-            return Scan(StudyIdentity("", frozenset()), {})
-        try:
-            zf = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as exc:
-            log.warning("skipping unreadable zip %s: %s", path, exc)
-            return Scan(StudyIdentity("", frozenset()), {})
-        with zf:
-            members = [
-                Member(
-                    i.filename, st.st_size, st.st_mtime_ns, functools.partial(zf.open, i.filename)
+        except (FileNotFoundError, NotADirectoryError):
+            return EMPTY_SCAN
+        except OSError as exc:
+            self.warn(("zip", str(path)), "skipping unreadable zip %s: %s", path, exc.strerror)
+            return UNREADABLE_SCAN
+        if not stat.S_ISREG(st.st_mode):
+            if not stat.S_ISDIR(st.st_mode):
+                self.warn(
+                    ("special", str(path), st.st_mode), "skipping %s: not a regular file", path
                 )
-                for i in zf.infolist()
-                if not i.is_dir() and not is_hidden(os.path.basename(i.filename))
-            ]
-            return scan_members(str(path), members, self.cache)
+            return EMPTY_SCAN
+        try:
+            with open_regular(path) as f, zipfile.ZipFile(f) as zf:
+                members = [
+                    Member(
+                        i.filename,
+                        st.st_size,
+                        st.st_mtime_ns,
+                        functools.partial(zf.open, i.filename),
+                    )
+                    for i in zf.infolist()
+                    if not i.is_dir() and not is_hidden(os.path.basename(i.filename))
+                ]
+                return scan_members(str(path), members, self.cache, self.warn)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            self.warn(
+                ("zip", str(path), st.st_size, st.st_mtime_ns),
+                "skipping unreadable zip %s: %s",
+                path,
+                reason,
+            )
+            return UNREADABLE_SCAN
 
     def instances(self, ref: StudyRef, only: Collection[str] | None = None) -> Iterator[Instance]:
         path = self._zip_path(ref)
@@ -86,24 +122,34 @@ class ZippedRoot(RootPlace):
         ]
         if not wanted:
             return
-        with zipfile.ZipFile(path) as zf:
-            for sop, name in wanted:
-                # Read here, while the zip is open: consumers may load bytes on other threads.
-                data = zf.read(name)
-                yield Instance(sop, name, functools.partial(bytes, data))
+        try:
+            with open_regular(path) as f, zipfile.ZipFile(f) as zf:
+                for sop, name in wanted:
+                    # Read here, while the zip is open: consumers may load bytes on other
+                    # threads.
+                    data = zf.read(name)
+                    yield Instance(sop, name, functools.partial(bytes, data))
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, RuntimeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise NotFound(f"cannot read {path}: {reason}") from None
 
     def receive(self, key: str, instances: Iterable[Instance], identity: StudyIdentity) -> Receipt:
         self._check_root()
         ref = self.dest_ref(key)
-        folder = contained_path(self.root, ref.patient)
-        target = contained_path(folder, ref.study + ".zip")
-        folder.mkdir(parents=True, exist_ok=True)
-        # One writer per zip at a time (a plugin route and a CLI send may meet here):
-        # without the lock, the second rename would drop the first writer's instances.
-        with _locked(folder):
-            sweep_partials(folder)
-            entries, written = self._rewrite(ref, target, instances)
-            st = target.stat()
+        with storage_errors(str(self._zip_path(ref))):
+            folder = contained_path(self.root, ref.patient)
+            target = contained_path(folder, ref.study + ".zip")
+            folder.mkdir(parents=True, exist_ok=True)
+            # One writer per zip at a time (a plugin route and a CLI send may meet here):
+            # without the lock, the second rename would drop the first writer's instances.
+            with locked(folder):
+                sweep_partials(folder)
+                if os.path.lexists(target) and not target.is_file():
+                    raise NotRegularFile(
+                        errno.EISDIR, "exists and is not a regular file", str(target)
+                    )
+                entries, written = self._rewrite(key, ref, target, instances, identity)
+                st = target.stat()
         self.cache.store(
             str(target),
             [
@@ -124,13 +170,23 @@ class ZippedRoot(RootPlace):
         return Receipt(written, str(target))
 
     def _rewrite(
-        self, ref: StudyRef, target: Path, instances: Iterable[Instance]
+        self,
+        key: str,
+        ref: StudyRef,
+        target: Path,
+        instances: Iterable[Instance],
+        identity: StudyIdentity,
     ) -> tuple[list[tuple[str, str]], int]:
         """Write old members plus ``instances`` to a partial file and rename it over ``target``.
 
         Returns the (member, SOP UID) pairs now in the zip and the count written. A zip
         that can't be read is replaced (its members are lost, and re-sent by ``send``).
+        A zip that holds another study refuses (``RemoteRejected``).
         """
+        old = self.scan(ref) if target.exists() else EMPTY_SCAN
+        if not old.readable:
+            open_regular(target).close()  # can't be opened (EACCES, EIO): raise, don't replace
+        self.check_same_study(key, old, identity)
         fd, tmp = partial_file(target)
         os.close(fd)
         names: set[str] = set()
@@ -140,8 +196,8 @@ class ZippedRoot(RootPlace):
             with zipfile.ZipFile(
                 tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1
             ) as out:
-                if target.exists():
-                    self._copy_old(ref, target, out, names, entries)
+                if old.readable and target.exists():
+                    self._copy_old(old, target, out, names, entries)
                 present = {sop for _, sop in entries}  # another writer may have added some
                 for inst in instances:
                     if inst.sop_uid in present:
@@ -151,14 +207,16 @@ class ZippedRoot(RootPlace):
                     )
                     if not name or name in names:
                         name = safe_component(inst.sop_uid) + ".dcm"
+                    n = 1
+                    while name in names:
+                        name = f"{safe_component(inst.sop_uid)}~{n}.dcm"
+                        n += 1
                     out.writestr(name, inst.read())
                     names.add(name)
+                    present.add(inst.sop_uid)
                     entries.append((name, inst.sop_uid))
                     written += 1
             os.replace(tmp, target)
-        except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
-            raise RemoteRejected(f"cannot write {target}: {exc.strerror or exc}") from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -166,33 +224,24 @@ class ZippedRoot(RootPlace):
 
     def _copy_old(
         self,
-        ref: StudyRef,
+        old: Scan,
         target: Path,
         out: zipfile.ZipFile,
         names: set[str],
         entries: list[tuple[str, str]],
     ) -> None:
-        by_name = {n: s for s, n in self.scan(ref).files.items()}
+        """Copy every member of the old zip (``old`` is its scan, read under the lock)."""
+        by_name = {n: s for s, n in old.files.items()}
         try:
-            with zipfile.ZipFile(target) as old:
-                for info in old.infolist():
-                    with old.open(info) as src, out.open(info, "w") as dst:
+            with open_regular(target) as f, zipfile.ZipFile(f) as zf:
+                for info in zf.infolist():
+                    with zf.open(info) as src, out.open(info, "w") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
                     names.add(info.filename)
                     if info.filename in by_name:
                         entries.append((info.filename, by_name[info.filename]))
-        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-            log.warning("replacing unreadable zip %s: %s", target, exc)
+        except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as exc:
+            # Its scan found members, so this is damage deeper in: said once, here.
+            log.warning("replacing damaged zip %s: %s", target, exc)
             names.clear()
             entries.clear()
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on the patient folder itself (no lock file is left behind)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
