@@ -8,7 +8,10 @@
     during the upload; issue 4's target >= 0.95x), and, for reference, what a no-op
     OnStoredInstance callback alone costs;
 (c) backfill of already-delivered studies, ms per study (target < 5 ms);
-(d) Orthanc's RSS growth over routed instances (target < 100 MB over 10,000).
+(d) Orthanc's RSS growth over routed instances (target < 100 MB over 10,000);
+(e) Orthanc's RSS over many small routed studies, one tiny instance each, with Orthanc's
+    storage cache off (issue 9: flat within 50 MB over 100,000 studies), against
+    Orthanc alone ingesting the same studies.
 
 Data: pydicom-generated instances (``--size`` bytes of pixel data, default 0.5 MB).
 Run: ``.venv/bin/python bench/bench_plugin.py [--quick]`` (or ``make bench``).
@@ -23,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -395,6 +399,86 @@ def bench_memory(
     return rows
 
 
+def tiny_studies(start: int, n: int, prefix: str) -> Iterator[bytes]:
+    """``n`` studies of one 64-byte-pixel instance each, made in memory with pydicom."""
+    from io import BytesIO
+
+    from pydicom.uid import generate_uid
+
+    for s in range(start, start + n):
+        buf = BytesIO()
+        make_instance(
+            None, patient_id=f"{prefix}{s:06d}", study_uid=generate_uid(), pixel_bytes=64
+        ).save_as(buf, enforce_file_format=True)
+        yield buf.getvalue()
+
+
+def upload_bytes(url: str, items: Iterator[bytes], threads: int = 2) -> None:
+    import threading
+
+    lock = threading.Lock()
+
+    def run() -> None:
+        with requests.Session() as s:
+            s.headers.update({"Accept-Encoding": "identity", "Content-Type": "application/dicom"})
+            while True:
+                with lock:
+                    data = next(items, None)
+                if data is None:
+                    return
+                s.post(url + "/instances", data=data, timeout=120).raise_for_status()
+
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(run) for _ in range(threads)]:
+            f.result()
+
+
+def bench_studies(base: Path, total: int, batch: int = 1000) -> list[tuple[str, str]]:
+    """RSS of A after each ``batch`` of one-instance studies: plugin routing every study to
+    B, then Orthanc alone (no plugin) ingesting as many, as the control. Orthanc's storage
+    cache is off (``MaximumStorageCacheSize`` 0) so that only the process itself grows."""
+    batches = max(1, total // batch)
+    rows = []
+    for plugin in (True, False):
+        tag = "on" if plugin else "off"
+        b = OrthancProcess(base / f"many-b-{tag}", "b").start() if plugin else None
+        config = plugin_config(b, True, 4) if b is not None else {"StableAge": 1}
+        config["MaximumStorageCacheSize"] = 0
+        a = OrthancProcess(base / f"many-a-{tag}", "a", plugin=plugin, config=config).start()
+        samples: list[tuple[int, float]] = []
+        started = time.perf_counter()
+        try:
+            for i in range(batches):
+                upload_bytes(a.url, tiny_studies(i * batch, batch, f"S{tag}"))
+                if plugin:
+                    wait(lambda a=a, i=i: drained(a, "b", (i + 1) * batch), interval=0.2)
+                assert a.pid is not None
+                samples.append(((i + 1) * batch, rss_mb(a.pid)))
+                if i % 10 == 9 or i == batches - 1:
+                    print(
+                        f"  {tag}: {(i + 1) * batch} studies, RSS {samples[-1][1]:.0f} MB, "
+                        f"{time.perf_counter() - started:.0f} s",
+                        flush=True,
+                    )
+        finally:
+            a.stop()
+            if b is not None:
+                b.stop()
+        first, last = samples[0][1], samples[-1][1]
+        peak = max(r for _, r in samples)
+        label = "plugin routing to B" if plugin else "plugin off (Orthanc alone)"
+        rows.append(
+            (
+                label,
+                f"{first:.0f} MB after {samples[0][0]}, {last:.0f} MB after {samples[-1][0]} "
+                f"(peak {peak:.0f}): {last - first:+.0f} MB, "
+                f"{time.perf_counter() - started:.0f} s",
+            )
+        )
+    rows.append(("target", "growth within 50 MB with the plugin over 100,000 studies"))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -407,7 +491,10 @@ def main() -> None:
     p.add_argument(
         "--storage-cache", type=int, help="Orthanc's MaximumStorageCacheSize (MB) in (d)"
     )
-    p.add_argument("--only", choices=["a", "b", "c", "d"], action="append")
+    p.add_argument(
+        "--memory-studies", type=int, default=100_000, help="one-instance studies in (e)"
+    )
+    p.add_argument("--only", choices=["a", "b", "c", "d", "e"], action="append")
     p.add_argument(
         "--ingest-variant",
         choices=[kind for _, kind in INGEST_VARIANTS],
@@ -417,8 +504,9 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.instances, args.backfill_studies, args.memory_instances = 100, 100, 1000
+        args.memory_studies = 2000
         args.ingest_rounds = 1
-    only = set(args.only or "abcd")
+    only = set(args.only or "abcde")
     base = workdir("plugin")
     print(f"work folder: {base}", flush=True)
     files: list[Path] = []
@@ -442,6 +530,12 @@ def main() -> None:
         report(
             f"(d) Orthanc RSS over {args.memory_instances} routed instances",
             bench_memory(base, args.memory_instances, 20_000, args.storage_cache),
+        )
+    if "e" in only:
+        report(
+            f"(e) Orthanc RSS over {args.memory_studies} routed one-instance studies, "
+            "storage cache off",
+            bench_studies(base, args.memory_studies),
         )
 
 
