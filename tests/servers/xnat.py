@@ -18,14 +18,19 @@ Login (what ``xnat.connect(server, user=, password=)`` does)
 
 Import
     ``POST /data/services/import?import-handler=DICOM-zip&dest=/prearchive&project=&subject=
-    &session=`` with a zip body. Members are parsed with pydicom in order and grouped into
-    prearchive sessions by (project, StudyInstanceUID as ``tag``, session label). A re-sent
-    instance (same SOP Instance UID) replaces the file of the same name, so re-sending merges.
-    The answer is the session URI(s) as ``text/plain``, one per line, like XNAT. An
-    undecodable member (not DICOM, or a value that runs past the end of the file, as dcm4che
-    would find) gives ``400`` with a message naming the member; the members before it stay in
-    the prearchive, so the session is partial - exactly the behaviour XNAT documents.
-    ``Ignore-Unparsable=true`` skips such members instead.
+    &session=`` with a zip body. As XNAT's ``DicomZipImporter`` hands each member to
+    ``GradualDicomImporter``, each member is read only up to a stop tag (``STOP_TAG``, one
+    past StudyComments (0032,4000), the last attribute XNAT's default identifier reads);
+    the rest, Pixel Data included, is stored unparsed, so a truncated Pixel Data is
+    accepted as it came. Members are grouped into prearchive sessions by (project,
+    StudyInstanceUID as ``tag``, session label). A re-sent instance (same SOP Instance UID)
+    replaces the file of the same name, so re-sending merges. The answer is the session
+    URI(s) as ``text/plain``, one per line, like XNAT. ``400`` is for what the importer
+    refuses: a member it cannot read as DICOM (``unable to read DICOM object <name>``), or
+    one without a SOP Class UID or SOP Instance UID (``object <name> contains no SOP Class
+    UID``); the members before it stay in the prearchive, so the session is partial.
+    ``Ignore-Unparsable=true`` skips such members (and answers the last reason when
+    nothing else arrived).
 
 Prearchive
     ``GET /data/prearchive/projects[/P]``      ResultSet with XNAT's columns (project,
@@ -47,11 +52,15 @@ Archive
         ``.../scans/ALL/files?format=zip``
 
 Not implemented (answers 404): the XNAT data model/schemas (use ``no_parse_model=True``),
-search, pipelines, anonymisation, XAR/gradual-DICOM/SI handlers, ``dest=/archive``.
+search, pipelines, anonymisation, XAR/gradual-DICOM/SI handlers, ``dest=/archive``. Not
+reproduced: dcm4che reads a raw dataset without preamble and file meta; the stand-in
+(pydicom with ``force=False``) refuses it as not DICOM.
 
 Hooks for tests: ``set_status``, ``reject``, ``inject``, ``archive``, ``stop``/``start``
 on the same port (``forget_logins`` drops server-side sessions like a Tomcat restart),
-``imports`` (every import request) and ``requests`` (every request line).
+``fail_imports`` (the next imports answer 503 or lose the connection, before or after
+storing), ``omit_uid_column`` (experiment listings without ``UID``), ``imports`` (every
+import request) and ``requests`` (every request line).
 """
 
 from __future__ import annotations
