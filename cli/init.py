@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from dicomsync import __version__
-from dicomsync.cli.common import config_path, echo_json, load_config
+from dicomsync.cli.common import config_path, echo, echo_json, load_config
 from dicomsync.config import Config
 from dicomsync.errors import DicomSyncError
 from dicomsync.places.base import PLACES
@@ -16,7 +16,7 @@ from dicomsync.places.base import PLACES
 def init(ctx: click.Context) -> None:
     """Create an empty dicomsync.json here (never overwrites one)."""
     cfg = Config.init(config_path(ctx))
-    click.echo(f"created {cfg.path}")
+    echo(f"created {cfg.path}")
 
 
 @click.command()
@@ -46,16 +46,16 @@ def status(ctx: click.Context, as_json: bool) -> None:
             }
         )
         return
-    click.echo(f"dicomsync {__version__}, config {cfg.path}")
-    click.echo(f"places: {len(places)}")
+    echo(f"dicomsync {__version__}, config {cfg.path}")
+    echo(f"places: {len(places)}")
     for p in places:
-        click.echo(f"  {p['key']:<16} {p.get('description') or 'error: ' + str(p.get('error'))}")
-    click.echo(f"sinks: {len(sinks)}")
+        echo(f"  {p['key']:<16} {p.get('description') or 'error: ' + str(p.get('error'))}")
+    echo(f"sinks: {len(sinks)}")
     for s in sinks:
-        click.echo(f"  {s['key']:<16} {s['kind']}")
+        echo(f"  {s['key']:<16} {s['kind']}")
     for kind, why in kinds.items():
         if why:
-            click.echo(f"place kind {kind} unavailable: {why}")
+            echo(f"place kind {kind} unavailable: {why}")
 
 
 def register(group: click.Group) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from dicomsync.cli.common import (
+    echo,
     echo_configured,
     echo_json,
     load_config,
@@ -34,7 +35,7 @@ def save_place(ctx: click.Context, key: str, section: dict[str, Any]) -> None:
     cfg = load_config(ctx)
     cfg.add_place(key, section)
     cfg.save()
-    click.echo(f"added {section['Kind']} place {key!r}: {cfg.place(key).describe()}")
+    echo(f"added {section['Kind']} place {key!r}: {cfg.place(key).describe()}")
 
 
 @add.command("dicom_root")
@@ -108,7 +109,7 @@ def remove_place(ctx: click.Context, key: str) -> None:
     cfg = load_config(ctx)
     cfg.remove_place(key)
     cfg.save()
-    click.echo(f"removed place {key!r}")
+    echo(f"removed place {key!r}")
 
 
 @place.command("ls")
@@ -128,9 +129,9 @@ def ls_place(ctx: click.Context, key: str, as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
-    click.echo(f"{len(rows)} studies in {key}:")
+    echo(f"{len(rows)} studies in {key}:")
     for r in rows:
-        click.echo(f"{r['key']}  {r['study_uid']}  {r['instances']} instances")
+        echo(f"{r['key']}  {r['study_uid']}  {r['instances']} instances")
 
 
 def register(group: click.Group) -> None:

@@ -15,8 +15,10 @@ from typing import Any
 
 import click
 
+from dicomsync.cli.common import echo, echo_json
 from dicomsync.errors import ConfigError, DicomSyncError
 from dicomsync.orthanc_client import HttpTransport, OrthancClient
+from dicomsync.printable import shown
 
 
 def _client(url: str, user: str | None, password_env: str | None, insecure: bool) -> OrthancClient:
@@ -37,15 +39,9 @@ def _connection(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.argument("orthanc_url")(fn)
 
 
-def _echo_json(data: Any) -> None:
-    import json
-
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
-
-
 def _line(name: str, d: dict[str, Any]) -> str:
     age = d.get("OldestQueuedAge")
-    text = (
+    text = shown(
         f"{name}: {d.get('Done', 0)} done, {d.get('Queued', 0)} queued, "
         f"{d.get('Sending', 0)} sending, {d.get('Failed', 0)} failed, "
         f"{d.get('Delivered', 0)} instances delivered"
@@ -53,22 +49,22 @@ def _line(name: str, d: dict[str, Any]) -> str:
     if age:
         text += f", oldest waiting {age:.0f}s"
     if d.get("LastError"):
-        text += f"\n    last error: {d['LastError']}"
+        text += f"\n    last error: {shown(d['LastError'])}"
     return text
 
 
 def _sink_line(name: str, d: dict[str, Any]) -> str:
     """One tag sink of the plugin: state, queued, failed, delivered events, last error."""
-    text = (
+    text = shown(
         f"sink {name} ({d.get('Kind', '?')}): {d.get('State', '?')}, "
         f"{d.get('Queued', 0) + d.get('Sending', 0)} queued, {d.get('Failed', 0)} failed, "
         f"{d.get('DeliveredEvents', 0)} events delivered"
     )
     if d.get("RejectedEvents"):
-        text += f", {d['RejectedEvents']} rejected"
+        text += shown(f", {d['RejectedEvents']} rejected")
     error = d.get("Error") or d.get("LastError")
     if error:
-        text += f"\n    last error: {error}"
+        text += f"\n    last error: {shown(error)}"
     return text
 
 
@@ -94,7 +90,7 @@ def wait_drained(
                 f"/{v.get('Failed', 0)} failed"
                 for k, v in watched.items()
             )
-            click.echo(("\r" if tty else "") + summary + ("" if tty else "\n"), nl=False, err=True)
+            click.echo(("\r" if tty else "") + shown(summary), nl=not tty, err=True)
         if pending == 0:
             if not quiet and tty:
                 click.echo("", err=True)
@@ -169,7 +165,7 @@ def register(group: click.Group) -> None:
         if parsed:
             body["Query"] = parsed
         answer = client.post_json("/dicomsync/backfill", body)
-        click.echo(
+        echo(
             f"{answer['Studies']} studies: {answer['Enqueued']} enqueued, "
             f"{answer['AlreadyQueued']} already queued, "
             f"{answer['AlreadyDelivered']} already delivered ({answer['Seconds']:.2f}s)"
@@ -212,21 +208,21 @@ def register(group: click.Group) -> None:
             else client.get_json("/dicomsync/status")
         )
         if as_json:
-            _echo_json(st)
+            echo_json(st)
             return
         if st.get("ConfigError"):
-            click.echo(f"configuration error: {st['ConfigError']}")
+            echo(f"configuration error: {st['ConfigError']}")
         if not st.get("Configured"):
-            click.echo("routing is off")
+            echo("routing is off")
             return
         workers = st.get("Workers", {})
-        click.echo(f"workers: {'running' if workers.get('running') else 'stopped'}")
+        echo(f"workers: {'running' if workers.get('running') else 'stopped'}")
         for name, d in st.get("Destinations", {}).items():
             click.echo(_line(name, d))
         for name, d in st.get("Sinks", {}).items():
             click.echo(_sink_line(name, d))
         for study, error in st.get("Unrouted", {}).items():
-            click.echo(f"study {study}: routing failed, retrying: {error}")
+            echo(f"study {study}: routing failed, retrying: {error}")
 
     @queue.command("jobs")
     @_connection
@@ -255,12 +251,12 @@ def register(group: click.Group) -> None:
         }
         answer = client.get_json(f"/dicomsync/jobs?{urlencode(params)}")
         if as_json:
-            _echo_json(answer)
+            echo_json(answer)
             return
         for j in answer["Jobs"]:
             extra = f" retry in {j['DueIn']:.0f}s" if j.get("DueIn") else ""
             error = f"  {j['LastError']}" if j.get("LastError") else ""
-            click.echo(
+            echo(
                 f"{j['Id']:>6} {j['State']:<8} {j['Destination']:<12} "
                 f"{j['StudyUid'] or j['Resource']} attempts={j['Attempts']}{extra}{error}"
             )
@@ -285,11 +281,11 @@ def register(group: click.Group) -> None:
         client = _client(orthanc_url, user, password_env, insecure)
         for job_id in job_ids:
             job = client.post_json(f"/dicomsync/jobs/{job_id}/retry", {})
-            click.echo(f"job {job_id}: {job['State']}")
+            echo(f"job {job_id}: {job['State']}")
         if all_failed:
             body = {"Destination": destination} if destination else {}
             n = client.post_json("/dicomsync/retry-failed", body)["Requeued"]
-            click.echo(f"{n} failed job(s) requeued")
+            echo(f"{n} failed job(s) requeued")
 
     @queue.command("send")
     @_connection
@@ -309,4 +305,4 @@ def register(group: click.Group) -> None:
             "/dicomsync/send", {"Destination": destination, "Resources": list(resources)}
         )
         for j in answer["Jobs"]:
-            click.echo(f"job {j['JobId']}: {j['Resource']} ({j['Study']}) {j['Action']}")
+            echo(f"job {j['JobId']}: {j['Resource']} ({j['Study']}) {j['Action']}")

@@ -5,6 +5,10 @@ Each entry is keyed by a container (a study folder or a zip file), a member name
 whose signature is unchanged is not parsed again. Unreadable files are cached too,
 with their error, so they are reported once and not re-parsed.
 
+Names are stored as text, or, when they hold lone surrogates (the ``os.fsdecode`` of
+a name that is not UTF-8), as the BLOB of their ``surrogatepass`` encoding: SQLite
+refuses such text, and a BLOB never equals a TEXT, so no two names share an entry.
+
 The cache lives in ``$DICOMSYNC_CACHE_DIR`` or ``$XDG_CACHE_HOME/dicomsync`` (default
 ``~/.cache/dicomsync``) as ``headers.sqlite``. Deleting it is always safe.
 """
@@ -45,6 +49,24 @@ class CachedHeader:
     study_uid: str | None
     patient_id: str | None
     error: str | None
+
+
+def _db_name(name: str) -> str | bytes:
+    """``name`` as SQLite can store it (see the module docstring)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogatepass")
+    return name
+
+
+def _py_name(value: str | bytes) -> str:
+    return value.decode("utf-8", "surrogatepass") if isinstance(value, bytes) else value
+
+
+def _db_text(text: str | None) -> str | None:
+    """An error message, storable (it is shown, never matched)."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def default_cache_dir() -> Path:
@@ -89,12 +111,12 @@ class HeaderCache:
             rows = conn.execute(
                 "SELECT member, size, mtime_ns, sop_uid, study_uid, patient_id, error "
                 "FROM headers WHERE container = ?",
-                (container,),
+                (_db_name(container),),
             ).fetchall()
         except sqlite3.Error as exc:
             log.warning("header cache read failed: %s", exc)
             return {}
-        return {r[0]: CachedHeader(*r) for r in rows}
+        return {_py_name(r[0]): CachedHeader(_py_name(r[0]), *r[1:]) for r in rows}
 
     def store(
         self, container: str, entries: Iterable[CachedHeader], *, replace_all: bool = False
@@ -106,19 +128,19 @@ class HeaderCache:
             with conn:
                 conn.execute("BEGIN")
                 if replace_all:
-                    conn.execute("DELETE FROM headers WHERE container = ?", (container,))
+                    conn.execute("DELETE FROM headers WHERE container = ?", (_db_name(container),))
                 conn.executemany(
                     "INSERT OR REPLACE INTO headers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (
-                            container,
-                            e.member,
+                            _db_name(container),
+                            _db_name(e.member),
                             e.size,
                             e.mtime_ns,
-                            e.sop_uid,
-                            e.study_uid,
-                            e.patient_id,
-                            e.error,
+                            _db_text(e.sop_uid),
+                            _db_text(e.study_uid),
+                            _db_text(e.patient_id),
+                            _db_text(e.error),
                         )
                         for e in entries
                     ],
@@ -134,7 +156,7 @@ class HeaderCache:
             with conn:
                 conn.executemany(
                     "DELETE FROM headers WHERE container = ? AND member = ?",
-                    [(container, m) for m in members],
+                    [(_db_name(container), _db_name(m)) for m in members],
                 )
         except sqlite3.Error as exc:
             log.warning("header cache write failed: %s", exc)

@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import requests
@@ -75,14 +75,15 @@ class HttpTransport(Transport):
         self,
         url: str,
         user: str | None = None,
-        password: str | None = None,
+        password: str | Callable[[], str] | None = None,
         *,
         verify: bool | str = True,
         timeout: float = 60.0,
     ) -> None:
         self.url = url.rstrip("/")
         self.description = self.url
-        self._auth = (user, password or "") if user else None
+        self._user = user
+        self._password = password  # a callable is asked at the first connection
         self._verify = verify
         self._timeout = timeout
         self._local = threading.local()
@@ -93,8 +94,9 @@ class HttpTransport(Transport):
         """This thread's keep-alive session; sessions of threads that ended are closed."""
         s: requests.Session | None = getattr(self._local, "session", None)
         if s is None:
+            auth = self._credentials()
             s = requests.Session()
-            s.auth = self._auth
+            s.auth = auth
             s.verify = self._verify
             s.headers["Accept-Encoding"] = "identity"
             self._local.session = s
@@ -103,6 +105,12 @@ class HttpTransport(Transport):
                     self._sessions.pop(thread).close()
                 self._sessions[threading.current_thread()] = s
         return s
+
+    def _credentials(self) -> tuple[str, str] | None:
+        if not self._user:
+            return None
+        password = self._password() if callable(self._password) else self._password
+        return (self._user, password or "")
 
     def _call(self, method: str, path: str, **kw: Any) -> requests.Response:
         what = f"{method} {self.url}{path}"

@@ -143,6 +143,7 @@ def send_study(
             error=str(exc),
             identity=identity,
             retryable=exc.retryable,
+            exception=exc,
         )
     except Exception as exc:  # a bug or an untranslated error: fail this study, not the batch
         log.warning("%s: unexpected error", ref, exc_info=True)

@@ -9,7 +9,9 @@ Keys are ``<PatientID>/<StudyInstanceUID>``, each made a safe path component.
   StudyInstanceUID, then ``GET /studies/{id}/instances``; when that study is absent
   (the PatientID differs), ``POST /tools/lookup`` finds it by UID.
 
-The password is read from the environment variable named by ``PasswordEnv``.
+The password is read from the environment variable named by ``PasswordEnv`` when the
+first connection is made (so ``place add`` needs no secret; a run without it fails with
+one line).
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ def number(section: Mapping[str, Any], name: str, default: float, key: str) -> f
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ConfigError(f"orthanc place {key!r}: {name} must be a positive number")
     return float(value)
+
+
+def password_from_env(key: str, variable: str) -> str:
+    """The password in ``$variable``; asked when the first connection is made."""
+    password = os.environ.get(variable)
+    if password is None:
+        raise ConfigError(f"orthanc place {key!r}: environment variable {variable} is not set")
+    return password
 
 
 class OrthancPlace(Place):
@@ -86,13 +96,8 @@ class OrthancPlace(Place):
             )
         user = section.get("User") or None
         password_env = section.get("PasswordEnv") or None
-        password = None
-        if password_env:
-            password = os.environ.get(password_env)
-            if password is None:
-                raise ConfigError(
-                    f"orthanc place {key!r}: environment variable {password_env} is not set"
-                )
+        # read at the first connection: ``place add`` validates without the secret
+        password = functools.partial(password_from_env, key, password_env) if password_env else None
         verify: bool | str = bool(section.get("VerifyTls", True))
         if section.get("CaBundle"):
             verify = str(section["CaBundle"])
