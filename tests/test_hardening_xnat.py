@@ -399,3 +399,27 @@ def test_rejected_member_message_is_xnats(
     assert server.sessions(PROJECT) == []  # the partial session was removed
     with xnat_place(server, tmp_path) as dest, pytest.raises(RemoteRejected):
         dest.receive("a/b", [], StudyIdentity("1.2", frozenset()))
+
+
+def test_logout_from_a_hanging_server_waits_like_a_login(
+    server: XnatServer, tmp_path: Path, password: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close() logs out with the login requests' limit, not an upload's Timeout."""
+    import dicomsync.places.xnat as xnat_module
+
+    from servers import xnat as standin
+
+    monkeypatch.setattr(xnat_module, "PILOT_TIMEOUT", 0.5)
+    place = xnat_place(server, tmp_path, Timeout=5)
+    place.prepare([])
+    hang = threading.Event()
+
+    def hanging_delete(self: Any) -> None:
+        hang.wait(6)
+
+    monkeypatch.setattr(standin._Handler, "do_DELETE", hanging_delete)
+    start = time.monotonic()
+    place.close()
+    took = time.monotonic() - start
+    hang.set()
+    assert took < 2.5, took

@@ -173,6 +173,12 @@ def _ssl_error_in(exc: BaseException) -> BaseException:
     return exc
 
 
+def _log_out(session: Any, timeout: float) -> None:
+    """``disconnect`` (``DELETE /data/JSESSION``), waiting as long as a login request may."""
+    session.request_timeout = timeout
+    session.disconnect()
+
+
 def _again(error: DicomSyncError) -> DicomSyncError:
     """A fresh copy of a remembered error (same type, message and retryability)."""
     return type(error)(str(error), retryable=error.retryable)
@@ -469,7 +475,7 @@ class XnatPreArchive(Place):
             session, self._session = self._session, None
             if session is not None:
                 try:
-                    session.disconnect()
+                    _log_out(session, min(self.timeout, PILOT_TIMEOUT))
                 except Exception as exc:  # logging out of a server that is gone
                     log.debug("closing the XNAT session failed: %s", type(exc).__name__)
             if self._tmp is not None:
@@ -497,7 +503,7 @@ class XnatPreArchive(Place):
             old, self._session = self._session, None
         if old is not None:
             with contextlib.suppress(Exception):
-                old.disconnect()
+                _log_out(old, min(self.timeout, PILOT_TIMEOUT))
         session = self._open()
         with self._translate(what):
             return fn(session)
