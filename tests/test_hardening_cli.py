@@ -541,3 +541,56 @@ def test_password_variable_is_needed_at_run_time_only(
     assert cli("find", "pacs:*", ok=False).stderr == message
     result = cli("send", "src:*", "pacs", ok=False)
     assert result.exit_code == 1 and result.stderr == message and result.stdout == ""
+
+
+# --- CI runs what `make check` runs -----------------------------------------------------------
+
+
+def run_ci(tmp_path: Path, make_fails: str | None, have_make: bool = True) -> tuple[int, list]:
+    """.ci/run in a copy of the repository's layout, with stub make (and apt-get) on PATH."""
+    from orthanc_server import REPO_ROOT
+
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(REPO_ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    make = f'#!/bin/bash\necho "make $*" >> {calls}\n[ "$1" != "{make_fails}" ]\n'
+    for tool in ("dirname", "cat", "chmod"):
+        os.symlink(shutil.which(tool), bin_dir / tool)  # type: ignore[arg-type]
+    if have_make:
+        (bin_dir / "make").write_text(make)
+        (bin_dir / "make").chmod(0o755)
+    (bin_dir / "apt-get").write_text(
+        f'#!/bin/bash\necho "apt-get $*" >> {calls}\n'
+        f'if [ "$1" = install ]; then cat > {bin_dir}/make <<"X"\n{make}X\n'
+        f"chmod +x {bin_dir}/make; fi\n"
+    )
+    (bin_dir / "apt-get").chmod(0o755)
+    done = subprocess.run(
+        ["/bin/bash", str(tmp_path / ".ci" / "run")],
+        env={"PATH": str(bin_dir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_ci_runs_lint_typecheck_and_the_readme_test_command(tmp_path: Path) -> None:
+    assert run_ci(tmp_path, None) == (0, ["make lint", "make typecheck", "make test"])
+
+
+@pytest.mark.parametrize("failing", ["lint", "typecheck", "test"])
+def test_ci_fails_when_any_check_fails(tmp_path: Path, failing: str) -> None:
+    code, calls = run_ci(tmp_path, failing)
+    assert code == 1
+    assert calls == ["make lint", "make typecheck", "make test"]  # every check still runs
+
+
+def test_ci_installs_make_on_a_bare_machine(tmp_path: Path) -> None:
+    code, calls = run_ci(tmp_path, None, have_make=False)
+    assert code == 0
+    assert calls[0] == "apt-get update -qq"
+    assert calls[1].startswith("apt-get install -y -qq --no-install-recommends make")
+    assert calls[2:] == ["make lint", "make typecheck", "make test"]
