@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -186,7 +187,8 @@ def safe_component(
       a ``.zip`` or ``.dcm`` suffix still fits in a 255-byte file name.
     - **The hash rule: the mapping is injective.** A value that any rule above changed
       gets ``~`` and the first 8 hex digits of the SHA-1 of the *original* value (UTF-8)
-      appended, after being cut to fit. So ``pat:1``, ``pat_1`` and ``pat*1`` become
+      appended, after being cut to fit (before a short extension such as ``.dcm``:
+      ``a:b.dcm`` becomes ``a_b~<hash>.dcm``). So ``pat:1``, ``pat_1`` and ``pat*1`` become
       ``pat_1~20544540``, ``pat_1`` and ``pat_1~be28b37e``: three names for three
       values. A value that needs no change is kept exactly as it is, so the same value
       always maps to the same name, names stored before stay valid, and a name made
@@ -213,8 +215,21 @@ def safe_component(
     if text == original and name_bytes(text) <= max_bytes:
         return text
     digest = hashlib.sha1(original.encode("utf-8", "surrogatepass")).hexdigest()[:HASH_CHARS]
-    suffix = "~" + digest
-    return cut_to_bytes(text, max_bytes - name_bytes(suffix)) + suffix
+    stem, ext = _split_extension(text)
+    suffix = "~" + digest + ext
+    return cut_to_bytes(stem, max_bytes - name_bytes(suffix)) + suffix
+
+
+_EXTENSION = re.compile(r"(?a)\.(?=[0-9]*[A-Za-z])[A-Za-z0-9]{1,4}\Z")
+
+
+def _split_extension(text: str) -> tuple[str, str]:
+    """``("im0", ".dcm")``: a short extension (1-4 ASCII letters or digits, one letter at
+    least, so not the last part of a UID) stays last when the hash is added."""
+    m = _EXTENSION.search(text)
+    if m is None or m.start() == 0:
+        return text, ""
+    return text[: m.start()], m.group()
 
 
 def contained_path(root: Path, *components: str) -> Path:

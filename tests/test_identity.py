@@ -45,7 +45,10 @@ def _h(value: str) -> str:
         ("a/b\\c", "a_b_c" + _h("a/b\\c")),
         ("nul\x00ctl\x1fend", "nul_ctl_end" + _h("nul\x00ctl\x1fend")),
         ("a:b*c?d", "a_b_c_d" + _h("a:b*c?d")),
-        ("abc\u202egpj.exe", "abc_gpj.exe" + _h("abc\u202egpj.exe")),
+        ("abc\u202egpj.exe", "abc_gpj" + _h("abc\u202egpj.exe") + ".exe"),
+        # the hash goes before a short extension, not into it or after it
+        ("a:b.dcm", "a_b" + _h("a:b.dcm") + ".dcm"),
+        ("1.2.3:4", "1.2.3_4" + _h("1.2.3:4")),  # the last part of a UID is no extension
         ("a\u0085b\u2028c\u2029d", "a_b_c_d" + _h("a\u0085b\u2028c\u2029d")),
         ("zero\u200bwidth\ufeff", "zero_width_" + _h("zero\u200bwidth\ufeff")),
         ("bad\udcffbyte", "bad_byte" + _h("bad\udcffbyte")),
