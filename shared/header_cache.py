@@ -3,7 +3,8 @@
 Each entry is keyed by a container (a study folder or a zip file), a member name
 (a relative path, or a zip member) and a signature (size and mtime in ns). A file
 whose signature is unchanged is not parsed again. Unreadable files are cached too,
-with their error, so they are reported once and not re-parsed.
+with their error, so they are not re-parsed; the places still name each of them once
+on every run, from the cached reason (``places.local.scan_members``).
 
 Names are stored as text, or, when they hold lone surrogates (the ``os.fsdecode`` of
 a name that is not UTF-8), as the BLOB of their ``surrogatepass`` encoding: SQLite
