@@ -7,6 +7,7 @@ a timeout), so a regression fails instead of hanging the suite.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -668,3 +669,81 @@ def test_a_bad_source_zip_is_warned_about_once(
     cli("send", "zips:*", "dst", ok=False)
     lines = [r.getMessage() for r in caplog.records if "s.zip" in r.getMessage()]
     assert len(lines) == 1, lines
+
+
+# --- 8 again, on real file systems: a full tmpfs and a read-only bind mount ---------------
+
+
+@contextlib.contextmanager
+def mounted(*commands: list[str], at: Path) -> Iterator[Path]:
+    """Run mount ``commands`` (skipping the test where mounting is not allowed), then unmount."""
+    at.mkdir(parents=True, exist_ok=True)
+    done = 0
+    try:
+        for cmd in commands:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+            if r.returncode != 0:
+                pytest.skip(f"cannot mount here ({' '.join(cmd)}: {r.stderr.strip()})")
+            done += 1
+        yield at
+    finally:
+        if done:
+            r = subprocess.run(["umount", str(at)], capture_output=True, timeout=30)
+            if r.returncode != 0:
+                subprocess.run(["umount", "-l", str(at)], capture_output=True, timeout=30)
+
+
+def big_study(folder: Path, n: int, size: int) -> set[str]:
+    """``n`` instances of about ``size`` bytes of random (incompressible) pixel data."""
+    study_uid = generate_uid()
+    uids = set()
+    for i in range(n):
+        path = folder / f"im{i}.dcm"
+        ds = make_instance(path, patient_id="P", study_uid=study_uid, pixel_bytes=size)
+        ds.PixelData = os.urandom(len(ds.PixelData))
+        ds.save_as(path)
+        uids.add(str(ds.SOPInstanceUID))
+    return uids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux mounts")
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_really_full_disk(tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    uids = big_study(tmp_path / "src" / "p" / "s", 14, 16 * 1024)
+    src = DicomRoot("src", tmp_path / "src")
+    ref = next(src.studies())
+    disk = tmp_path / "disk"
+    with mounted(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], at=disk):
+        dest = dest_place(kind, disk)
+        outcome = send_study(src, ref, dest)
+        assert outcome.status == "failed" and outcome.retryable, outcome
+        assert outcome.error and "No space left on device" in outcome.error
+        assert visible_files(disk) == [] and hidden_entries(disk) == []
+        assert dest.holds(ref.key, src.identity(ref)) == frozenset()
+    assert not [r for r in caplog.records if r.exc_info]
+    del uids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux mounts")
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_really_read_only_folder(
+    tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_study(tmp_path / "src" / "p" / "s", 3)
+    src = DicomRoot("src", tmp_path / "src")
+    ref = next(src.studies())
+    backing = tmp_path / "backing"
+    (backing / "p").mkdir(parents=True)  # the patient folder exists, as after a first send
+    ro = tmp_path / "ro"
+    with mounted(
+        ["mount", "--bind", str(backing), str(ro)],
+        ["mount", "-o", "remount,bind,ro", str(ro)],
+        at=ro,
+    ):
+        dest = dest_place(kind, ro)
+        for _ in range(3):
+            outcome = send_study(src, ref, dest)
+            assert outcome.status == "failed" and outcome.retryable, outcome
+            assert outcome.error and "Read-only file system" in outcome.error
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert list(backing.rglob("*")) == [backing / "p"]
