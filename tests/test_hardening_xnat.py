@@ -423,3 +423,33 @@ def test_logout_from_a_hanging_server_waits_like_a_login(
     took = time.monotonic() - start
     hang.set()
     assert took < 2.5, took
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("", "(502)"),
+        ("   \n", "(502)"),
+        ("<html><body><h3></h3><p>Bad Gateway</p></body></html>", "(502)"),
+        (
+            "<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1>"
+            "<p>The proxy server received an invalid response</p></body></html>",
+            "(502: Bad Gateway)",
+        ),
+        (
+            "<html><head><title>Error 502</title></head><body>nothing</body></html>",
+            "(502: Error 502)",
+        ),
+        ("plain\ntext  answer", "(502: plain text answer)"),
+    ],
+)
+def test_error_pages_give_one_short_reason(tmp_path: Path, body: str, reason: str) -> None:
+    place = build_place(
+        "x",
+        {"Kind": "xnat_pre_archive", "Server": "https://x.org", "Project": "P", "User": "u"},
+        tmp_path,
+    )
+    assert isinstance(place, XnatPreArchive)
+    error = place._status_error(502, body, "listing")
+    assert isinstance(error, Unreachable) and error.retryable
+    assert str(error) == f"XNAT https://x.org listing: server busy or failing {reason}"

@@ -138,12 +138,16 @@ def xnat_label(value: str) -> str:
 
 
 def _xnat_message(text: str) -> str:
-    """XNAT's error text as one line: the ``<h3>`` of a status page, or the plain body."""
-    match = re.search(r"<h3>(.*?)</h3>", text, re.S)
-    if match:
-        text = match.group(1)
+    """XNAT's error text as one line: the ``<h3>`` of XNAT's (Restlet's) status page, else
+    the ``<h1>`` or ``<title>`` of another HTML page (Tomcat, a proxy), else the plain
+    body; empty when there is none (``status_error`` then shows the status alone)."""
+    for tag in ("h3", "h1", "title"):
+        match = re.search(rf"<{tag}[^>]*>(.*?)</{tag}>", text, re.S | re.I)
+        if match:
+            text = match.group(1)
+            break
     text = html.unescape(re.sub(r"<[^>]+>", " ", text))
-    return " ".join(text.split())[:500]
+    return " ".join(text.split())[:300]
 
 
 def _response_of(exc: BaseException) -> tuple[int | None, str]:
