@@ -453,3 +453,22 @@ def test_error_pages_give_one_short_reason(tmp_path: Path, body: str, reason: st
     error = place._status_error(502, body, "listing")
     assert isinstance(error, Unreachable) and error.retryable
     assert str(error) == f"XNAT https://x.org listing: server busy or failing {reason}"
+
+
+def test_cli_send_retries_a_dropped_upload_and_sends_each_study_once(
+    tmp_path: Path, cli: Cli, server: XnatServer, password: str
+) -> None:
+    layout = build_seed_tree(tmp_path / "root")
+    cli("init")
+    config = json.loads((tmp_path / "dicomsync.json").read_text())
+    config["Retry"] = {"BaseDelay": 0.01, "MaxDelay": 0.02, "MaxAttempts": 3}
+    (tmp_path / "dicomsync.json").write_text(json.dumps(config))
+    cli("place", "add", "dicom_root", "my_studies", str(tmp_path / "root"))
+    cli("place", "add", "xnat_pre_archive", "x", server.url, PROJECT, "tester")
+    server.fail_imports(1, reset=True, after_storing=True)  # stored, but the answer is lost
+    server.fail_imports(1, status=503)
+    result = cli("send", "my_studies:*", "x")
+    assert "4 sent, 0 duplicate, 0 failed" in result.stdout
+    assert [i.status for i in server.imports] == [-1, 503, 200, 200, 200, 200]
+    sessions = {(s.subject, s.name): s.file_count() for s in server.sessions(PROJECT)}
+    assert sessions == {tuple(k.split("/")): len(v) for k, v in layout.items()}
