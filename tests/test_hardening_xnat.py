@@ -472,3 +472,50 @@ def test_cli_send_retries_a_dropped_upload_and_sends_each_study_once(
     assert [i.status for i in server.imports] == [-1, 503, 200, 200, 200, 200]
     sessions = {(s.subject, s.name): s.file_count() for s in server.sessions(PROJECT)}
     assert sessions == {tuple(k.split("/")): len(v) for k, v in layout.items()}
+
+
+@pytest.mark.parametrize(
+    ("page", "kind", "message"),
+    [
+        (
+            '<html><form name="form1" method="post" action="/xnat/login"></form></html>',
+            "AuthenticationFailed",
+            "{url} refused the login of user 'tester' (check the password in XNAT_PASS)",
+        ),
+        (
+            "<html>Your password has expired. Please try again</html>",
+            "AuthenticationFailed",
+            "{url}: the password of user 'tester' has expired; renew it in XNAT",
+        ),
+        (
+            "<html>Welcome to nginx!</html>",
+            "RemoteRejected",
+            "{url} login: /data/auth did not confirm the login; is Server the address of an XNAT?",
+        ),
+    ],
+)
+def test_login_check_reads_what_xnatpy_reads(
+    server: XnatServer,
+    tmp_path: Path,
+    password: str,
+    monkeypatch: pytest.MonkeyPatch,
+    page: str,
+    kind: str,
+    message: str,
+) -> None:
+    from servers import xnat as standin
+
+    route = standin._Handler._route
+
+    def answer(self: Any, method: str, path: str, *args: Any) -> None:
+        if path == "/data/auth":
+            self._send(200, page, standin.HTML)
+            return
+        route(self, method, path, *args)
+
+    monkeypatch.setattr(standin._Handler, "_route", answer)
+    with xnat_place(server, tmp_path) as place, pytest.raises(Exception) as info:
+        place.prepare([])
+    assert type(info.value).__name__ == kind
+    assert str(info.value) == "XNAT " + message.format(url=server.url)
+    assert not info.value.retryable  # type: ignore[attr-defined]

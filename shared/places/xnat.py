@@ -122,6 +122,9 @@ MAX_LABEL = 64
 T = TypeVar("T")
 
 _LABEL_BAD = re.compile(r"[^A-Za-z0-9_-]")
+_LOGIN_PAGE = re.compile(
+    r'Login attempt failed|<form name="form1" method="post" action="[^"]*login"'
+)
 
 
 def xnat_label(value: str) -> str:
@@ -446,8 +449,13 @@ class XnatPreArchive(Place):
         if not http.cookies.get("JSESSIONID"):
             http.cookies.set("JSESSIONID", token)
         check = http.get(f"{server}/data/auth", timeout=timeout)
-        if check.status_code == 401 or "Login attempt failed" in check.text:
+        # what xnatpy's check_auth reads as a refused login: 401, or a login page
+        if check.status_code == 401 or re.search(_LOGIN_PAGE, check.text):
             raise self._refused_login()
+        if "Your password has expired" in check.text:
+            raise AuthenticationFailed(
+                f"{self._where}: the password of user {self.user!r} has expired; renew it in XNAT"
+            )
         self._raise_for(check, "login")
         if not re.search(r"User '[^']+' is logged in|Logged in as", check.text):
             raise RemoteRejected(
