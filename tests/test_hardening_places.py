@@ -551,6 +551,44 @@ def test_swap_without_exchange(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert hidden_entries(tmp_path / "dst") == []
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_concurrent_writers_to_one_study_keep_both(tmp_path: Path, kind: str) -> None:
+    """Two writers (separate place objects, as two processes) add halves of one study."""
+    import time
+
+    src = DicomRoot("src", tmp_path / "src")
+    uids = make_study(tmp_path / "src" / "p" / "s", 8, subfolders=True)
+    (tmp_path / "dst").mkdir()
+    ref = next(src.studies())
+    ident = src.identity(ref)
+    insts = list(src.instances(ref))
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def write(part: list[Instance]) -> None:
+        dest = dest_place(kind, tmp_path / "dst")
+
+        def slow() -> Iterator[Instance]:
+            for inst in part:
+                time.sleep(0.03)  # keep both writes in flight at once
+                yield inst
+
+        barrier.wait()
+        try:
+            dest.receive(ref.key, slow(), ident)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(insts[i::2],)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert stored_uids(kind, tmp_path / "dst", "p", "s") == uids
+    assert hidden_entries(tmp_path / "dst") == []
+
+
 # --- 10: a Path that is a file ------------------------------------------------------------
 
 
@@ -633,6 +671,26 @@ def test_scans_stay_bounded_over_many_studies(tmp_path: Path) -> None:
         assert len(dest._scans) <= dest.max_scans
     assert len(dest._scans) <= dest.max_scans
     assert len(dest.warn) <= dest.warn.size
+
+
+def test_scans_stay_bounded_over_100000_studies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a long-running plugin worker does per routed study, 100,000 times (no disk)."""
+    dest = DicomRoot("dst", tmp_path)
+    scans = [
+        local.Scan(
+            StudyIdentity(f"1.2.{i}", frozenset({f"1.2.{i}.1"})), {f"1.2.{i}.1": "a"}, frozenset()
+        )
+        for i in range(50)
+    ]
+    monkeypatch.setattr(dest, "scan", lambda ref: scans[hash(ref.key) % 50])
+    for i in range(100_000):
+        ref = StudyRef("dst", "p", f"s{i}")
+        ident = dest.identity(ref)
+        dest.holds(ref.key, ident)
+        dest.holds(ref.key, ident)
+    assert len(dest._scans) <= dest.max_scans
 
 
 def test_warn_once_is_bounded() -> None:
