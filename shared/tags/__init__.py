@@ -35,6 +35,15 @@ same ids, so sinks can deduplicate on them.
 
 Errors: ``DicomFileError`` when the bytes are not DICOM or lack a SOPInstanceUID.
 A bad SR content item never fails the instance (see ``dicomsync.tags.sr``).
+
+Nesting: a hostile file may nest sequences thousands of levels deep. Our walks stop
+at ``simplify.MAX_DEPTH`` / ``sr.MAX_DEPTH`` levels with an ``@invalid`` placeholder
+(the other instances, and the rest of this one, are indexed as usual). pydicom itself
+parses *undefined-length* sequences recursively while reading: past about 200 levels
+it raises ``RecursionError``, which becomes ``DicomFileError("…: corrupt DICOM
+(sequences nested too deep)")``. (With Python's default recursion limit that takes
+about 100 KB of C stack; threads get 8 MB by default. A thread with less than 128 KB
+of stack could crash in pydicom before Python's limit is reached.)
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ SOURCETYPE_DOSE_REPORT = "dicomsync:dose_report"
 SOURCETYPE_DOSE_EVENT = "dicomsync:dose_event"
 SOURCETYPES = (SOURCETYPE_INSTANCE, SOURCETYPE_DOSE_REPORT, SOURCETYPE_DOSE_EVENT)
 _CONTENT_SEQUENCE = frozenset({0x0040A730})
+TOO_DEEP = "corrupt DICOM (sequences nested too deep)"
 
 
 @dataclass
@@ -117,6 +127,8 @@ def read_dataset(source: bytes | BinaryIO, *, name: str = "") -> Dataset:
             return ds
     except InvalidDicomError:
         raise DicomFileError(f"{label}: not a DICOM file") from None
+    except RecursionError:  # pydicom recurses per level of an undefined-length sequence
+        raise DicomFileError(f"{label}: {TOO_DEEP}") from None
     except OSError as exc:
         if stream is source:  # reading the file failed (EIO, a vanished share), not its content
             raise
@@ -144,6 +156,14 @@ def events_from_path(path: Path) -> list[Event]:
 
 def events_from_dataset(ds: Dataset, *, source: str = "", now: float | None = None) -> list[Event]:
     """All events of one parsed instance (headers are enough)."""
+    try:
+        return _events(ds, source, now)
+    except RecursionError:  # a last guard: every walk of ours is depth-bounded
+        label = source or str(ds.get("SOPInstanceUID", "") or "instance")
+        raise DicomFileError(f"{label}: {TOO_DEEP}") from None
+
+
+def _events(ds: Dataset, source: str, now: float | None) -> list[Event]:
     sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
     if not sop_uid:
         raise DicomFileError(f"{source or 'instance'}: no SOPInstanceUID")

@@ -42,6 +42,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dicomsync.tags.sr import (
+    MAX_DEPTH,
     T_CODE_MEANING,
     T_CONCEPT_NAME,
     T_CONTENT,
@@ -232,16 +233,29 @@ def _event_type(item: Any, fl: Flattener) -> str | None:
     return EVENT_MEANINGS.get(meaning)
 
 
-def _event_containers(items: Any, fl: Flattener) -> Iterator[tuple[str, Any]]:
-    for item in items:
+def _event_containers(items: Any, fl: Flattener) -> Iterator[tuple[str, Any, int]]:
+    """(kind, container, level) of every event container, in document order.
+
+    A flat walk with its own stack (no recursion), down to ``sr.MAX_DEPTH`` levels, as
+    deep as the flattener goes: a hostile file may nest thousands of levels.
+    """
+    stack: list[Iterator[Any]] = [iter(items)]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+            continue
         try:
             kind = _event_type(item, fl)
         except Exception:
             kind = None
         if kind is not None:
-            yield kind, item
-            continue
-        yield from _event_containers(_safe_seq(fl, item, T_CONTENT), fl)
+            yield kind, item, len(stack)
+        elif len(stack) < MAX_DEPTH:
+            stack.append(iter(_safe_seq(fl, item, T_CONTENT)))
+
+
+_END = object()
 
 
 def irradiation_events(
@@ -250,7 +264,7 @@ def irradiation_events(
     """Per-event records: (fields, start epoch or None, offset_known)."""
     default_offset = parse_offset(str(ds.get("TimezoneOffsetFromUTC", "") or ""))
     content = _safe_seq(flattener, ds, T_CONTENT)
-    for index, (kind, container) in enumerate(_event_containers(content, flattener)):
+    for index, (kind, container, level) in enumerate(_event_containers(content, flattener)):
         children = _safe_seq(flattener, container, T_CONTENT)
         fields: dict[str, Any] = dict(context)
         fields["EventType"] = kind
@@ -258,7 +272,7 @@ def irradiation_events(
         fields["Irradiation Event UID"] = _find_value(
             children, CODE_IRRADIATION_EVENT_UID, flattener
         )
-        fields.update(flattener.container(children))
+        fields.update(flattener.container(children, level + 1))
         started = _find_value(children, CODE_DATETIME_STARTED, flattener)
         parsed = parse_datetime(started, default_offset) if started else None
         if parsed is None:

@@ -13,7 +13,10 @@ value bytes into plain dicts: ``{tag (int): bytes | list[item]}``.
 - ``Node`` wraps either a lite dict or a pydicom ``Dataset`` so the flattener works
   on both (pydicom already parses undefined-length sequences while reading).
 
-Anything unexpected raises ``LiteError``; callers fall back to pydicom.
+Anything unexpected raises ``LiteError``; callers fall back to pydicom. So does a
+sequence nested deeper than ``MAX_DEPTH`` levels: the parser recurses once per level
+and a hostile file may nest thousands. pydicom then reads one level at a time, and
+the flattener stops at its own, smaller, depth limit (``dicomsync.tags.sr.MAX_DEPTH``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ _TEXT_DELIMS = {0x0D, 0x0A, 0x09, 0x0C}
 _PN_DELIMS = {0x5C, 0x3D, 0x5E}
 _MULTI_DELIMS = {0x5C}
 
+MAX_DEPTH = 64
+"""Deepest sequence nesting parsed here (real reports nest fewer than 10 levels)."""
+
 LiteItem = dict[int, Any]
 LITTLE = -1  # key in every lite item: True when its binary values are little endian
 
@@ -61,14 +67,17 @@ def _is_sq(tag: int) -> bool:
 
 
 def parse_sequence(data: bytes, *, implicit: bool, little: bool) -> list[LiteItem]:
-    items, _ = _sequence(memoryview(data), 0, len(data), implicit, little)
+    items, _ = _sequence(memoryview(data), 0, len(data), implicit, little, 1)
     return items
 
 
 def _sequence(
-    buf: memoryview, pos: int, end: int, implicit: bool, little: bool
+    buf: memoryview, pos: int, end: int, implicit: bool, little: bool, depth: int
 ) -> tuple[list[LiteItem], int]:
-    """Items of a sequence value in buf[pos:end] (end may be the buffer end for undefined)."""
+    """Items of a sequence value in buf[pos:end] (end may be the buffer end for undefined);
+    ``depth`` is this sequence's nesting level (1 for the sequence being parsed)."""
+    if depth > MAX_DEPTH:
+        raise LiteError(f"sequences nested deeper than {MAX_DEPTH} levels")
     fmt = "<HHI" if little else ">HHI"
     items: list[LiteItem] = []
     while pos + 8 <= end:
@@ -80,18 +89,27 @@ def _sequence(
         if tag != ITEM:
             raise LiteError(f"expected an item tag, got {tag:08x}")
         if length == UNDEFINED:
-            item, pos = _dataset(buf, pos, len(buf), implicit, little, until_item_end=True)
+            item, pos = _dataset(buf, pos, len(buf), implicit, little, depth, until_item_end=True)
         else:
             if pos + length > len(buf):
                 raise LiteError("item runs past the end of the data")
-            item, _ = _dataset(buf, pos, pos + length, implicit, little, until_item_end=False)
+            item, _ = _dataset(
+                buf, pos, pos + length, implicit, little, depth, until_item_end=False
+            )
             pos += length
         items.append(item)
     return items, pos
 
 
 def _dataset(
-    buf: memoryview, pos: int, end: int, implicit: bool, little: bool, *, until_item_end: bool
+    buf: memoryview,
+    pos: int,
+    end: int,
+    implicit: bool,
+    little: bool,
+    depth: int,
+    *,
+    until_item_end: bool,
 ) -> tuple[LiteItem, int]:
     tag_fmt = "<HH" if little else ">HH"
     u32 = "<I" if little else ">I"
@@ -120,14 +138,14 @@ def _dataset(
                 # undefined-length UN is an implicit-VR little-endian sequence (PS3.5 6.2.2)
                 inner_implicit = implicit or vr == b"UN"
                 inner_little = little or vr == b"UN"
-                value, pos = _sequence(buf, pos, len(buf), inner_implicit, inner_little)
+                value, pos = _sequence(buf, pos, len(buf), inner_implicit, inner_little, depth + 1)
                 out[tag] = value
                 continue
             raise LiteError(f"undefined length for non-sequence {tag:08x}")
         if pos + length > end:
             raise LiteError(f"element {tag:08x} runs past its item")
         if sq:
-            value, _ = _sequence(buf, pos, pos + length, implicit, little)
+            value, _ = _sequence(buf, pos, pos + length, implicit, little, depth + 1)
             out[tag] = value
         else:
             out[tag] = bytes(buf[pos : pos + length])

@@ -7,7 +7,10 @@
 - every value is a string, as in Orthanc: numbers keep their DICOM text (``"5.0"``),
   multi-valued elements are joined with ``\\``, PN/DA/TM/DT are their DICOM strings,
   an empty element is ``""``;
-- sequences are lists of objects, recursively;
+- sequences are lists of objects, recursively, down to ``MAX_DEPTH`` levels: a
+  sequence nested deeper becomes the placeholder ``{"@invalid": "sequence nested
+  deeper than 24 levels"}`` (a hostile file may nest thousands of levels, and the
+  walk recurses once per level);
 - binary elements (OB, OW, OF, OD, OL, OV, UN, and PixelData) are left out;
 - the file meta group (0002) is not part of the dataset, so it is not included;
 - a value that cannot be decoded becomes ``null`` instead of failing the instance.
@@ -61,6 +64,10 @@ STRING_VRS = frozenset(
 )
 _KEEP_LEADING = frozenset({"LT", "ST", "UT", "UR"})
 _ABSENT = object()
+
+MAX_DEPTH = 24
+"""Deepest sequence simplified (a top-level sequence is level 1); real files nest 6.
+Each level is a list and an object, so an event stays within ``jsonsafe.MAX_DEPTH``."""
 
 
 def _raw_vr(elem: RawDataElement) -> str | None:
@@ -163,9 +170,14 @@ def element_value(elem: DataElement, repair: bool) -> str | None:
 
 
 def simplify(
-    ds: Dataset, *, repair: bool | None = None, skip: frozenset[int] = frozenset()
+    ds: Dataset,
+    *,
+    repair: bool | None = None,
+    skip: frozenset[int] = frozenset(),
+    depth: int = 0,
 ) -> dict[str, Any]:
-    """The simplified tags of ``ds`` (see the module docstring); ``skip``: top-level tags to omit."""
+    """The simplified tags of ``ds`` (see the module docstring); ``skip``: top-level tags to
+    omit; ``depth``: how many sequences ``ds`` is nested in (0 for an instance)."""
     if repair is None:
         repair = utf8_repair_enabled(ds)
     out: dict[str, Any] = {}
@@ -199,8 +211,10 @@ def simplify(
             continue
         key = element_key(elem)
         try:
-            if vr == "SQ":
-                out[key] = [simplify(item, repair=repair) for item in elem.value]
+            if vr == "SQ" and depth >= MAX_DEPTH:
+                out[key] = {"@invalid": f"sequence nested deeper than {MAX_DEPTH} levels"}
+            elif vr == "SQ":
+                out[key] = [simplify(item, repair=repair, depth=depth + 1) for item in elem.value]
             else:
                 out[key] = element_value(elem, repair)
         except Exception as exc:

@@ -49,6 +49,10 @@ Lossless rules:
   kept. An item without a concept name is keyed ``"@unnamed <VALUETYPE>"``; a
   by-reference item is keyed ``"@reference"`` with the referenced item path
   (``"1.3.2"``).
+- a content tree nested deeper than ``MAX_DEPTH`` levels: the first item too deep
+  becomes ``{"@invalid": "content nested deeper than 24 levels"}`` and its children
+  are not read (a hostile file may nest thousands of levels; the walk recurses once
+  per level, so it stops there);
 - relationship types (CONTAINS, HAS PROPERTIES, ...) are not represented.
 
 Concept meanings are used verbatim (vendor misspellings included); use ``@concept``
@@ -67,6 +71,11 @@ from pydicom.multival import MultiValue
 
 from dicomsync.tags.lite import Reader, reader_for
 from dicomsync.tags.simplify import fix_text, utf8_repair_enabled
+
+MAX_DEPTH = 24
+"""Deepest content item flattened (the root's children are level 1). Real dose reports
+nest 5 levels; 24 keeps every event within ``dicomsync.jsonsafe.MAX_DEPTH`` when parsed
+back (each level is at most a list and an object)."""
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -165,11 +174,12 @@ class Flattener:
         return (self.text(meaning) if meaning is not None else None), self.code_string(code)
 
     # --- containers ----------------------------------------------------------------------
-    def container(self, items: Iterable[Dataset]) -> dict[str, Any]:
-        """Flatten a ContentSequence into one object (see the module docstring)."""
+    def container(self, items: Iterable[Dataset], depth: int = 1) -> dict[str, Any]:
+        """Flatten a ContentSequence into one object (see the module docstring);
+        ``depth`` is the level of its items (1: the root's children)."""
         entries: dict[str, list[tuple[Any, dict[str, Any]]]] = {}
         for index, item in enumerate(items):
-            key, value, siblings = self.item(item, index)
+            key, value, siblings = self.item(item, index, depth)
             entries.setdefault(key, []).append((value, siblings))
         out: dict[str, Any] = {}
         for key, occurrences in entries.items():
@@ -189,11 +199,15 @@ class Flattener:
                 out[key + suffix] = [siblings.get(suffix) for _, siblings in occurrences]
         return out
 
-    def item(self, item: Dataset, index: int) -> tuple[str, Any, dict[str, Any]]:
-        """(key, value, siblings) of one content item; never raises."""
+    def item(self, item: Dataset, index: int, depth: int = 1) -> tuple[str, Any, dict[str, Any]]:
+        """(key, value, siblings) of one content item at level ``depth``; never raises."""
         key = f"@invalid item {index + 1}"
         try:
             meaning, concept_code = self.concept(item)
+            if depth > MAX_DEPTH:
+                if meaning is not None:
+                    key = meaning
+                raise _Invalid(f"content nested deeper than {MAX_DEPTH} levels")
             value_type = (self.fast_text(item, T_VALUE_TYPE) or "").strip().upper()
             if meaning is not None:
                 key = meaning
@@ -204,19 +218,21 @@ class Flattener:
             siblings: dict[str, Any] = {}
             if concept_code is not None:
                 siblings["@concept"] = concept_code
-            value = self.value(item, value_type, siblings)
+            value = self.value(item, value_type, siblings, depth)
             if value_type != "CONTAINER":
                 children = self.seq(item, T_CONTENT)
                 if children:
-                    siblings["@children"] = self.container(children)
+                    siblings["@children"] = self.container(children, depth + 1)
             return key, value, siblings
         except Exception as exc:
             return key, {"@invalid": _reason(exc)}, {}
 
     # --- values --------------------------------------------------------------------------
-    def value(self, item: Dataset, value_type: str, siblings: dict[str, Any]) -> Any:
+    def value(
+        self, item: Dataset, value_type: str, siblings: dict[str, Any], depth: int = 1
+    ) -> Any:
         if value_type == "CONTAINER":
-            return self.container(self.seq(item, T_CONTENT) or [])
+            return self.container(self.seq(item, T_CONTENT) or [], depth + 1)
         if value_type == "NUM":
             return self.num(item, siblings)
         if value_type == "CODE":
