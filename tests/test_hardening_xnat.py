@@ -519,3 +519,37 @@ def test_login_check_reads_what_xnatpy_reads(
     assert type(info.value).__name__ == kind
     assert str(info.value) == "XNAT " + message.format(url=server.url)
     assert not info.value.retryable  # type: ignore[attr-defined]
+
+
+def test_full_disk_for_temporary_zips_is_a_retryable_storage_error(
+    server: XnatServer, tmp_path: Path, password: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import zipfile
+
+    import xnat.session
+
+    from dicomsync.errors import StorageError
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    build_seed_tree(tmp_path / "root")
+    with root_place(tmp_path / "root") as src, xnat_place(server, tmp_path) as dest:
+        source, ref = items(src)[0]
+        identity = source.identity(ref)
+        assert send(items(src)[:1], dest).sent == 1
+        with monkeypatch.context() as m:
+            m.setattr(zipfile.ZipFile, "writestr", full)
+            with pytest.raises(StorageError) as info:
+                dest.receive(ref.key, source.instances(ref), identity)
+        assert info.value.retryable
+        assert str(info.value).endswith(".zip: No space left on device")
+        (xref,) = [r for r in dest.studies() if r.key == ref.key]
+        monkeypatch.setattr(xnat.session.BaseXNATSession, "download_stream", full)
+        with pytest.raises(StorageError) as info:
+            dest.identity(xref)
+        assert info.value.retryable
+        assert str(info.value) == (
+            "cannot write a temporary file (download): No space left on device"
+        )

@@ -107,6 +107,7 @@ from dicomsync.errors import (
 from dicomsync.http_errors import is_tls_failure, status_error, transport_error
 from dicomsync.identity import StudyIdentity, identity_of, read_header
 from dicomsync.places.base import Instance, Place, Receipt, StudyRef, require, split_key
+from dicomsync.places.local import storage_error, storage_errors
 from dicomsync.query import StudyQuery
 
 log = logging.getLogger(__name__)
@@ -541,6 +542,7 @@ class XnatPreArchive(Place):
         timeouts, resets and 5xx retryable).
         """
         import requests
+        import urllib3
         import xnat.exceptions as xe
 
         if isinstance(exc, xe.XNATAuthError):
@@ -556,9 +558,17 @@ class XnatPreArchive(Place):
         if isinstance(exc, requests.exceptions.InvalidJSONError):
             return RemoteRejected(f"{self._what(action)}: the answer is not JSON"), None
         if isinstance(
-            exc, requests.RequestException | xe.XNATConnectionError | xe.XNATSSLError | OSError
+            exc,
+            requests.RequestException
+            | urllib3.exceptions.HTTPError
+            | xe.XNATConnectionError
+            | xe.XNATSSLError
+            | ConnectionError
+            | TimeoutError,
         ):
             return self._transport_error(exc, action), None
+        if isinstance(exc, OSError):  # our temporary files: a full or read-only disk
+            return storage_error(exc, f"a temporary file ({action})"), None
         message = _xnat_message(str(exc))
         return RemoteRejected(f"{self._what(action)}: {type(exc).__name__}: {message}"), None
 
@@ -676,12 +686,13 @@ class XnatPreArchive(Place):
         if self._listing is None:
             self._list_sessions()
         before = {s.uri for s in (self._listing or [])}
-        tmpdir = self._tmpdir()
-        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".zip", dir=tmpdir)
-        os.close(fd)
+        with storage_errors("a temporary upload zip"):
+            fd, name = tempfile.mkstemp(prefix="upload-", suffix=".zip", dir=self._tmpdir())
+            os.close(fd)
         zip_path = Path(name)
         try:
-            count = self._write_zip(zip_path, instances)
+            with storage_errors(str(zip_path)):
+                count = self._write_zip(zip_path, instances)
             if count == 0:
                 raise RemoteRejected(f"{key}: nothing to send")
             log.info(
@@ -848,7 +859,8 @@ class XnatPreArchive(Place):
         cached = self._downloads.get(session.uri)
         if cached is not None:
             return cached
-        fd, name = tempfile.mkstemp(prefix="session-", suffix=".zip", dir=self._tmpdir())
+        with storage_errors("a temporary download zip"):
+            fd, name = tempfile.mkstemp(prefix="session-", suffix=".zip", dir=self._tmpdir())
         path = Path(name)
 
         def fetch(s: Any) -> None:
