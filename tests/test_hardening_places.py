@@ -651,6 +651,20 @@ def test_unreadable_files_are_named_on_every_run(
         assert len(lines) == 1, (run, lines)
 
 
+def test_unreadable_files_are_named_on_every_send(
+    tmp_path: Path, cli: Cli, caplog: pytest.LogCaptureFixture
+) -> None:
+    places(tmp_path, cli, ("dicom_root", "src"), ("zipped_root", "dst"))
+    make_study(tmp_path / "src" / "p" / "s", 1)
+    (tmp_path / "src" / "p" / "s" / "junk.dcm").write_bytes(b"junk")
+    caplog.set_level(logging.WARNING)
+    for run in range(2):
+        caplog.clear()
+        cli("send", "src:*", "dst")
+        lines = [r.getMessage() for r in caplog.records if "junk.dcm" in r.getMessage()]
+        assert len(lines) == 1, (run, lines)
+
+
 # --- 17: bounded memory ------------------------------------------------------------------
 
 
