@@ -567,7 +567,8 @@ class XnatPreArchive(Place):
             | TimeoutError,
         ):
             return self._transport_error(exc, action), None
-        if isinstance(exc, OSError):  # our temporary files: a full or read-only disk
+        if isinstance(exc, OSError) and not isinstance(exc, xe.XNATError):
+            # our temporary files: a full or read-only disk
             return storage_error(exc, f"a temporary file ({action})"), None
         message = _xnat_message(str(exc))
         return RemoteRejected(f"{self._what(action)}: {type(exc).__name__}: {message}"), None
