@@ -181,6 +181,16 @@ def test_formatter_leaves_the_record_alone() -> None:
     assert record.getMessage() == "a b\nc" and record.msg == "a %s"
 
 
+def test_queue_status_lines_escape_what_the_remote_says() -> None:
+    from dicomsync.cli.queue import _line, _sink_line
+
+    first, second = _line("b\nx", {"Done": 1, "LastError": "boom\r\x1b[2KINFO ok"}).split("\n")
+    assert first.startswith("b\\x0ax: 1 done, ")
+    assert second == "    last error: boom\\x0d\\x1b[2KINFO ok"
+    first, second = _sink_line("s", {"Kind": "k\u202e", "Error": "x\ny"}).split("\n")
+    assert first.startswith("sink s (k\\u202e): ") and second == "    last error: x\\x0ay"
+
+
 # --- compare = send --dry-run ----------------------------------------------------------------
 
 KINDS = ["dicom_root", "zipped_root", "orthanc"]
