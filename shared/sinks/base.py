@@ -19,6 +19,13 @@ Contract
 
     Events delivered before the failure are recorded, and available on the exception
     as ``delivered_before(exc)``. A sink never drops events silently.
+``submit(events) -> set[str]`` and ``flush() -> set[str]``
+    The pipelined form of ``send``, for long backfills (``dicomsync index``):
+    ``submit`` starts delivering and may return before the sink has confirmed the
+    events (Splunk with indexer acknowledgement keeps batches in flight); ``flush``
+    waits for everything submitted. Each returns the ids confirmed during that call
+    (by it or by earlier submits), and raises as ``send`` does. By default ``submit``
+    is ``send`` and ``flush`` has nothing to wait for.
 ``has(ids) -> set[str]``
     Which of ``ids`` the sink already holds (the ledger), without sending anything.
 ``query(where) -> Iterator[StudyHit]``
@@ -50,6 +57,10 @@ For the plugin (how to use this API)
     except SinkRetryable:  -> queue.retry_later(job)     (delivered_before(exc) are done)
     except SinkFatal:      -> pause the sink's lane, keep its jobs, report the message
     done when every event id is in delivered or in sink.rejected
+
+A sink never retries by itself: ``SinkRetryable`` goes straight to the caller, which
+retries in one layer with ``dicomsync.queue.base.RetryPolicy`` (the plugin's queue,
+or ``dicomsync index``).
 
 ``send`` is thread-safe per sink object. Build one sink per key and reuse it.
 """
@@ -119,6 +130,14 @@ class Sink(ABC):
 
     @abstractmethod
     def send(self, events: Sequence[Event]) -> set[str]: ...
+
+    def submit(self, events: Sequence[Event]) -> set[str]:
+        """Start delivering; may return before the events are confirmed (see above)."""
+        return self.send(events)
+
+    def flush(self) -> set[str]:
+        """Wait for every submitted event; the ids confirmed by this wait."""
+        return set()
 
     @abstractmethod
     def has(self, ids: Collection[str]) -> set[str]: ...

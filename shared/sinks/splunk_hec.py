@@ -4,15 +4,15 @@ Config (every option but ``Url`` has a default)::
 
     "splunk": {
       "Kind": "splunk_hec",
-      "Url": "https://splunk.example.org:8088",   // HEC base URL
+      "Url": "https://splunk.example.org:8088",   // HEC base URL (no user:pass@, see dicomsync.urls)
       "TokenEnv": "SPLUNK_HEC_TOKEN",             // env var holding the HEC token
       "Index": "dicom",                           // omitted: the token's default index
-      "Source": "dicomsync", "Host": "<this host's name>",
+      "Source": "...",                            // omitted: each instance's origin (below)
+      "Host": "<this host's name>",
       "Gzip": true,                               // Content-Encoding: gzip
       "BatchEvents": 500, "BatchBytes": 1000000,  // a batch ends at whichever comes first
       "Ack": false,                               // indexer acknowledgement
-      "AckTimeoutSeconds": 120,
-      "Retries": 6, "BackoffSeconds": 0.5, "MaxBackoffSeconds": 30,
+      "AckTimeoutSeconds": 120, "AckPollSeconds": 0.5, "AckInFlight": 64,
       "TimeoutSeconds": 30,
       "VerifyTls": true, "CaBundle": "/etc/ssl/splunk-ca.pem",
       "StateFile": ".dicomsync/sinks/splunk.ledger.sqlite",
@@ -21,25 +21,47 @@ Config (every option but ``Url`` has a default)::
       "SearchUserEnv": "SPLUNK_USER", "SearchPasswordEnv": "SPLUNK_PASSWORD"
     }
 
+``Retries``, ``BackoffSeconds`` and ``MaxBackoffSeconds`` are accepted and ignored
+(deprecated, with one warning): the sink does not retry. A transient failure raises
+``SinkRetryable`` at once and the caller retries in one layer with
+``dicomsync.queue.base.RetryPolicy`` (the plugin's queue; ``dicomsync index``).
+
 Sending: events become HEC JSON envelopes ``{"time", "host", "source", "sourcetype",
 "index", "event", "fields": {"dicomsync_id", "time_source"}}`` (sourcetypes
 ``dicomsync:instance``, ``dicomsync:dose_report``, ``dicomsync:dose_event``),
 concatenated into batches and POSTed to ``/services/collector/event`` with
 ``Authorization: Splunk <token>``. The token is read from the environment at each
-send and never stored or logged.
+send and never stored or logged. ``source`` is the instance's origin as the event
+carries it (``orthanc:<instance id>`` in the plugin, the file's path for ``dicomsync
+index`` of a folder), unless ``Source`` sets one value for all.
 
-Answers:
+Answers (every HTTP failure goes through ``dicomsync.http_errors`` with ``sink=True``):
 
-- 200 code 0: the batch is delivered (with ``Ack``: once ``/services/collector/ack``
-  reports its ``ackId`` true; the channel is a GUID made per sink object and sent as
+- 200 code 0: the batch is delivered. With ``Ack``, the answer's ``ackId`` is put "in
+  flight" instead, and the batch is delivered once ``/services/collector/ack`` reports
+  it true (the channel is a GUID made per sink object and sent as
   ``X-Splunk-Request-Channel``);
-- 503 (code 9 "Server is busy"), other 5xx, network errors and timeouts: retried
-  with exponential backoff and jitter; after ``Retries`` attempts ``SinkRetryable``;
+- 200 *without* ``ackId`` while ``Ack`` is on: the token has indexer acknowledgement
+  off. HEC accepted the batch, so it is recorded as delivered (a rerun does not send
+  it again), and ``SinkFatal`` stops the sink with one line before anything else is
+  sent. ``/services/collector/ack`` answering 400 code 14 ("ACK is disabled") is the
+  same case for batches already in flight;
+- 503 (code 9 "Server is busy"), 408, 429, other 5xx, timeouts, refused or reset
+  connections: ``SinkRetryable`` at once, events kept;
+- a TLS or certificate failure: ``SinkFatal`` (it does not fix itself);
 - 400 with ``invalid-event-number`` n and code 6/12/13: Splunk indexed the n events
   before it; they count as delivered, event n is reported in ``sink.rejected`` and
   logged, and the rest of the batch is resent;
-- 401/403 (codes 1-4) and 400 code 7 (index), 10/11 (channel), 14 (ack disabled):
-  ``SinkFatal`` with one clear line; undelivered events stay pending.
+- 401/403 (codes 1-4), 400 code 7 (index), 10/11 (channel), other 4xx: ``SinkFatal``
+  with one clear line; undelivered events stay pending.
+
+Acknowledgements are pipelined: up to ``AckInFlight`` batches wait for their ack on
+the channel at once, and one ``/services/collector/ack`` request (every ``AckPollSeconds``)
+asks for all of them. ``send`` posts its batches and then waits until every batch in
+flight is acknowledged. ``submit`` (used by ``dicomsync index``) returns as soon as its
+batches are posted, so the next study's batches go out while earlier ones wait for
+their acks; ``flush`` waits for the rest. A batch not acknowledged within
+``AckTimeoutSeconds`` raises ``SinkRetryable`` and is posted again by the next call.
 
 Delivered ids go to the ledger (``dicomsync.sinks.base.Ledger``), so a repeat sends
 nothing. With ``Ack`` off, an event whose 200 answer was lost in transit can reach
@@ -57,22 +79,30 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import os
-import random
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from dicomsync import jsonsafe
 from dicomsync.config import resolve_path
-from dicomsync.errors import ConfigError, SinkError, SinkFatal, SinkRetryable
+from dicomsync.errors import (
+    ConfigError,
+    DicomSyncError,
+    SinkError,
+    SinkFatal,
+    SinkRetryable,
+)
+from dicomsync.http_errors import status_error, transport_error
 from dicomsync.index_query import IndexQuery
-from dicomsync.orthanc_client import short_reason
 from dicomsync.sinks.base import (
     Ledger,
     Sink,
@@ -87,8 +117,29 @@ from dicomsync.tags import Event
 
 log = logging.getLogger(__name__)
 
+EVENT_PATH = "/services/collector/event"
+ACK_PATH = "/services/collector/ack"
 REJECT_CODES = {6, 12, 13}  # the event itself is bad: report it, resend the rest
-FATAL_400_CODES = {7, 10, 11, 14}
+ACK_DISABLED = 14
+MAX_ANSWER_BYTES = 1_000_000  # a HEC answer is a few dozen bytes; anything larger is not HEC
+DEPRECATED = ("Retries", "BackoffSeconds", "MaxBackoffSeconds")
+
+
+@dataclass
+class _Flight:
+    """A batch HEC accepted with an ackId, waiting for its acknowledgement."""
+
+    ack_id: int
+    ids: list[str]
+    body: bytes  # as POSTed (gzip-compressed when Gzip is on)
+    ends: list[int]  # end offset of each envelope in the uncompressed body
+    compressed: bool
+    posted: float  # time.monotonic() of the answer
+
+    def items(self) -> list[tuple[str, bytes]]:
+        raw = gzip.decompress(self.body) if self.compressed else self.body
+        starts = [0, *self.ends[:-1]]
+        return [(i, raw[a:b]) for i, a, b in zip(self.ids, starts, self.ends, strict=True)]
 
 
 class SplunkHec(Sink):
@@ -103,16 +154,15 @@ class SplunkHec(Sink):
         state_file: Path,
         token_env: str = "SPLUNK_HEC_TOKEN",
         index: str | None = None,
-        source: str = "dicomsync",
+        source: str | None = None,
         host: str | None = None,
         use_gzip: bool = True,
         batch_events: int = 500,
         batch_bytes: int = 1_000_000,
         ack: bool = False,
         ack_timeout: float = 120.0,
-        retries: int = 6,
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
+        ack_poll: float = 0.5,
+        ack_in_flight: int = 64,
         timeout: float = 30.0,
         verify: bool = True,
         ca_bundle: str | None = None,
@@ -133,9 +183,8 @@ class SplunkHec(Sink):
         self.batch_bytes = batch_bytes
         self.ack = ack
         self.ack_timeout = ack_timeout
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
+        self.ack_poll = ack_poll
+        self.ack_in_flight = ack_in_flight
         self.timeout = timeout
         self.verify: bool | str = ca_bundle if (verify and ca_bundle) else verify
         self.search_url = search_url.rstrip("/") if search_url else None
@@ -148,7 +197,10 @@ class SplunkHec(Sink):
         self._lock = threading.Lock()
         self._session = requests.Session()
         self._session_key: str | None = None
-        self.counters = {"sent": 0, "retries": 0, "rejected": 0, "requests": 0}
+        self._flights: dict[int, _Flight] = {}  # ackId -> batch waiting for its ack
+        self._resend: list[_Flight] = []  # batches whose ack timed out: posted again next call
+        self._next_poll = 0.0
+        self.counters = {"sent": 0, "rejected": 0, "requests": 0, "ack_polls": 0}
 
     # --- configuration ---------------------------------------------------------------------
     @classmethod
@@ -169,6 +221,14 @@ class SplunkHec(Sink):
         search_url = option_str(section, "SearchUrl", key, kind)
         if search_url is not None and not search_url.startswith(("http://", "https://")):
             raise ConfigError(f"splunk_hec sink {key!r}: option 'SearchUrl' must be an http(s) URL")
+        ignored = [name for name in DEPRECATED if name in section]
+        if ignored:
+            log.warning(
+                "splunk_hec sink %r: %s ignored (deprecated): the sink no longer retries "
+                "by itself; failed sends are retried with the Retry policy",
+                key,
+                ", ".join(ignored),
+            )
         return cls(
             key,
             url,
@@ -178,16 +238,15 @@ class SplunkHec(Sink):
             token_env=option_str(section, "TokenEnv", key, kind, "SPLUNK_HEC_TOKEN")
             or "SPLUNK_HEC_TOKEN",
             index=option_str(section, "Index", key, kind),
-            source=option_str(section, "Source", key, kind, "dicomsync") or "dicomsync",
+            source=option_str(section, "Source", key, kind),
             host=option_str(section, "Host", key, kind),
             use_gzip=option_bool(section, "Gzip", key, kind, True),
             batch_events=option_int(section, "BatchEvents", key, kind, 500),
             batch_bytes=option_int(section, "BatchBytes", key, kind, 1_000_000, minimum=1024),
             ack=option_bool(section, "Ack", key, kind, False),
             ack_timeout=_option_float(section, "AckTimeoutSeconds", key, 120.0),
-            retries=option_int(section, "Retries", key, kind, 6, minimum=0),
-            backoff=_option_float(section, "BackoffSeconds", key, 0.5),
-            max_backoff=_option_float(section, "MaxBackoffSeconds", key, 30.0),
+            ack_poll=_option_float(section, "AckPollSeconds", key, 0.5),
+            ack_in_flight=option_int(section, "AckInFlight", key, kind, 64),
             timeout=_option_float(section, "TimeoutSeconds", key, 30.0),
             verify=option_bool(section, "VerifyTls", key, kind, True),
             ca_bundle=ca,
@@ -226,7 +285,7 @@ class SplunkHec(Sink):
         env: dict[str, Any] = {
             "time": round(event.time, 3),
             "host": self.host,
-            "source": self.source,
+            "source": self.source or event.source or "dicomsync",
             "sourcetype": event.sourcetype,
             "event": event.fields,
             "fields": {"dicomsync_id": event.id, "time_source": event.time_source},
@@ -239,34 +298,63 @@ class SplunkHec(Sink):
         return self.ledger.known(ids)
 
     def send(self, events: Sequence[Event]) -> set[str]:
+        """Deliver ``events`` and wait for every acknowledgement (see ``Sink.send``)."""
+        return self._deliver(events, wait=True)
+
+    def submit(self, events: Sequence[Event]) -> set[str]:
+        """Post ``events`` and return without waiting for their acks (see ``Sink.submit``)."""
+        return self._deliver(events, wait=False)
+
+    def flush(self) -> set[str]:
+        """Wait for every batch still in flight (see ``Sink.flush``)."""
+        return self._deliver([], wait=True)
+
+    def _deliver(self, events: Sequence[Event], *, wait: bool) -> set[str]:
         with self._lock:
             self.rejected: dict[str, str] = {}
             ids = [e.id for e in events]
-            delivered = self.ledger.known(ids)
-            todo = [e for e in events if e.id not in delivered]
-            if not todo:
+            delivered = self.ledger.known(ids) if ids else set()
+            pending = self._pending_ids()
+            todo = [e for e in events if e.id not in delivered and e.id not in pending]
+            if not todo and not self._resend and not (wait and self._flights):
                 return delivered
             token = self._token()
-            pending_acks: dict[int, list[str]] = {}
-            batch: list[tuple[str, bytes]] = []
-            size = 0
             try:
-                for event in todo:
-                    data = self.envelope(event)
-                    if batch and (
-                        len(batch) >= self.batch_events or size + len(data) > self.batch_bytes
-                    ):
-                        self._post_batch(batch, token, delivered, pending_acks)
-                        batch, size = [], 0
-                    batch.append((event.id, data))
-                    size += len(data)
-                if batch:
-                    self._post_batch(batch, token, delivered, pending_acks)
-                if pending_acks:
-                    self._wait_acks(pending_acks, token, delivered)
+                while self._resend:
+                    flight = self._resend[0]
+                    known = self.ledger.known(flight.ids)
+                    again = [(i, d) for i, d in flight.items() if i not in known]
+                    if again:
+                        self._post_batch(again, token, delivered)
+                    self._resend.pop(0)
+                    self._after_post(token, delivered)
+                for batch in self._batches(todo):
+                    self._post_batch(batch, token, delivered)
+                    self._after_post(token, delivered)
+                if wait:
+                    self._wait_acks(token, delivered, keep=0)
             except SinkError as exc:
                 raise with_delivered(exc, delivered) from None
             return delivered
+
+    def _pending_ids(self) -> set[str]:
+        out: set[str] = set()
+        for flight in [*self._flights.values(), *self._resend]:
+            out.update(flight.ids)
+        return out
+
+    def _batches(self, events: Sequence[Event]) -> Iterator[list[tuple[str, bytes]]]:
+        batch: list[tuple[str, bytes]] = []
+        size = 0
+        for event in events:
+            data = self.envelope(event)
+            if batch and (len(batch) >= self.batch_events or size + len(data) > self.batch_bytes):
+                yield batch
+                batch, size = [], 0
+            batch.append((event.id, data))
+            size += len(data)
+        if batch:
+            yield batch
 
     def _record(self, ids: list[str], delivered: set[str]) -> None:
         self.ledger.add(ids)
@@ -281,151 +369,162 @@ class SplunkHec(Sink):
             headers["Content-Encoding"] = "gzip"
         return headers
 
-    def _sleep(self, attempt: int) -> None:
-        delay = min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))
-        time.sleep(delay * (0.5 + random.random() / 2))
+    def _what(self, path: str) -> str:
+        return f"splunk_hec {self.key!r}: HEC {self.url}{path} (token from ${self.token_env})"
 
-    def _post_batch(
-        self,
-        batch: list[tuple[str, bytes]],
-        token: str,
-        delivered: set[str],
-        pending_acks: dict[int, list[str]],
-    ) -> None:
+    def _request(self, path: str, body: bytes, token: str, *, gz: bool) -> tuple[int, Any]:
+        """POST to HEC: (status, parsed JSON answer or None); no answer -> the mapped error."""
+        self.counters["requests"] += 1
+        headers = self._headers(token)
+        if not gz:
+            headers.pop("Content-Encoding", None)
+        url = self.url + path + (f"?channel={self.channel}" if path == ACK_PATH else "")
+        try:
+            r = self._session.post(
+                url, data=body, headers=headers, timeout=self.timeout, verify=self.verify
+            )
+        except requests.RequestException as exc:
+            raise _kept(transport_error(exc, self._what(path), sink=True)) from None
+        try:
+            answer = jsonsafe.loads(r.content, max_bytes=MAX_ANSWER_BYTES)
+        except ValueError:
+            answer = None
+        return r.status_code, answer
+
+    def _failure(self, path: str, status: int, answer: Any) -> SinkError:
+        """The error for an HEC answer that is not a success (``http_errors.status_error``)."""
+        code = answer.get("code") if isinstance(answer, dict) else None
+        detail = ""
+        if code is not None:
+            text = " ".join(str(answer.get("text", "")).split())[:200]
+            detail = f"code {code}, {text}" if text else f"code {code}"
+        err = status_error(status, self._what(path), detail, sink=True)
+        if err is None:  # 1xx-3xx, or a 200 that is not HEC's answer
+            err = SinkFatal(
+                f"{self._what(path)}: unexpected answer (HTTP {status}"
+                + (f", {detail})" if detail else ")")
+                + "; is Url the HEC port (usually 8088)?"
+            )
+        return _kept(err)
+
+    def _post_batch(self, batch: list[tuple[str, bytes]], token: str, delivered: set[str]) -> None:
         pos = 0
-        attempt = 0
         while pos < len(batch):
             rest = batch[pos:]
-            body = b"".join(data for _, data in rest)
-            if self.use_gzip:
-                body = gzip.compress(body, compresslevel=5)
-            status, answer, problem = self._post("/services/collector/event", body, token)
+            raw = b"".join(data for _, data in rest)
+            body = gzip.compress(raw, compresslevel=5) if self.use_gzip else raw
+            status, answer = self._request(EVENT_PATH, body, token, gz=self.use_gzip)
             code = answer.get("code") if isinstance(answer, dict) else None
-            if status == 200 and code in (0, None):
-                ids = [i for i, _ in rest]
-                if self.ack:
-                    ack_id = answer.get("ackId") if isinstance(answer, dict) else None
-                    if not isinstance(ack_id, int):
-                        raise SinkFatal(
-                            f"splunk_hec {self.key!r}: Ack is on but HEC returned no ackId; "
-                            'enable indexer acknowledgement on the token or set "Ack": false'
-                        )
-                    pending_acks[ack_id] = ids
-                else:
+            ids = [i for i, _ in rest]
+            if status == 200 and code == 0:
+                if not self.ack:
                     self._record(ids, delivered)
+                    return
+                ack_id = answer.get("ackId")
+                if isinstance(ack_id, bool) or not isinstance(ack_id, int):
+                    # HEC accepted the batch (as it would with Ack off): record it, so a
+                    # rerun does not send it twice, and stop before sending more.
+                    self._record(ids, delivered)
+                    raise self._ack_disabled(delivered)
+                self._fly(ack_id, rest, body)
                 return
-            if status is None or status >= 500:
-                attempt += 1
-                self.counters["retries"] += 1
-                what = problem or _describe(status, answer)
-                if attempt > self.retries:
-                    raise SinkRetryable(
-                        f"splunk_hec {self.key!r}: {what}; gave up after {attempt} attempts, "
-                        "events kept for a later retry"
-                    )
-                log.info("splunk_hec %r: %s; retry %d of %d", self.key, what, attempt, self.retries)
-                self._sleep(attempt)
-                continue
-            if status in (401, 403):
-                raise SinkFatal(
-                    f"splunk_hec {self.key!r}: HEC refused the token from ${self.token_env} "
-                    f"({_describe(status, answer)}); sink stopped, events kept"
-                )
             bad = answer.get("invalid-event-number") if isinstance(answer, dict) else None
             if (
                 status == 400
                 and code in REJECT_CODES
                 and isinstance(bad, int)
+                and not isinstance(bad, bool)
                 and 0 <= bad < len(rest)
             ):
-                indexed = [i for i, _ in rest[:bad]]
-                if indexed:
+                if bad:
                     # Splunk indexed the events before the bad one (no ackId for them).
-                    self._record(indexed, delivered)
-                bad_id = rest[bad][0]
+                    self._record(ids[:bad], delivered)
                 reason = _describe(status, answer)
-                self.rejected[bad_id] = reason
+                self.rejected[ids[bad]] = reason
                 self.counters["rejected"] += 1
-                log.warning("splunk_hec %r: event %s rejected by HEC: %s", self.key, bad_id, reason)
+                log.warning(
+                    "splunk_hec %r: event %s rejected by HEC: %s", self.key, ids[bad], reason
+                )
                 pos += bad + 1
-                attempt = 0
                 continue
-            raise SinkFatal(
-                f"splunk_hec {self.key!r}: HEC refused the batch ({_describe(status, answer)})"
-            )
+            raise self._failure(EVENT_PATH, status, answer)
 
-    def _post(self, path: str, body: bytes, token: str) -> tuple[int | None, Any, str | None]:
-        self.counters["requests"] += 1
-        try:
-            r = self._session.post(
-                self.url + path,
-                data=body,
-                headers=self._headers(token),
-                timeout=self.timeout,
-                verify=self.verify,
-            )
-        except requests.exceptions.SSLError as exc:
-            raise SinkFatal(
-                f"splunk_hec {self.key!r}: TLS verification of {self.url} failed ({short_reason(exc)})"
-            ) from None
-        except requests.RequestException as exc:
-            return None, None, f"cannot reach {self.url} ({short_reason(exc)})"
-        try:
-            answer = r.json()
-        except ValueError:
-            answer = {"text": r.text[:200]}
-        return r.status_code, answer, None
+    def _fly(self, ack_id: int, rest: list[tuple[str, bytes]], body: bytes) -> None:
+        ends, offset = [], 0
+        for _, data in rest:
+            offset += len(data)
+            ends.append(offset)
+        now = time.monotonic()
+        if not self._flights:
+            self._next_poll = now + self.ack_poll
+        old = self._flights.pop(ack_id, None)
+        if old is not None:  # HEC reused an ackId (its channel was reset): send it again
+            self._resend.append(old)
+        self._flights[ack_id] = _Flight(
+            ack_id, [i for i, _ in rest], body, ends, self.use_gzip, now
+        )
 
-    def _wait_acks(self, pending: dict[int, list[str]], token: str, delivered: set[str]) -> None:
-        deadline = time.monotonic() + self.ack_timeout
-        delay = 0.05
-        while pending:
-            body = json.dumps({"acks": sorted(pending)}).encode()
-            status, answer, problem = self._post_ack(body, token)
-            if status == 200 and isinstance(answer, dict) and isinstance(answer.get("acks"), dict):
-                for ack_id, done in answer["acks"].items():
-                    if done and int(ack_id) in pending:
-                        self._record(pending.pop(int(ack_id)), delivered)
-            elif status in (401, 403):
-                raise SinkFatal(
-                    f"splunk_hec {self.key!r}: HEC refused the token from ${self.token_env} "
-                    f"while polling acks ({_describe(status, answer)}); sink stopped, events kept"
-                )
-            elif status is not None and 400 <= status < 500:
-                raise SinkFatal(
-                    f"splunk_hec {self.key!r}: ack polling refused ({_describe(status, answer)})"
-                )
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                waiting = sum(len(v) for v in pending.values())
-                raise SinkRetryable(
-                    f"splunk_hec {self.key!r}: {waiting} events not acknowledged within "
-                    f"{self.ack_timeout:g}s ({problem or 'indexer busy'}); they will be resent"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    def _ack_disabled(self, delivered: set[str]) -> SinkFatal:
+        return SinkFatal(
+            f'splunk_hec {self.key!r}: "Ack" is on, but HEC {self.url} has indexer '
+            f"acknowledgement off for the token from ${self.token_env} (no ackId); enable "
+            'indexer acknowledgement on the token in Splunk, or set "Ack": false. Sink '
+            f"stopped; the {len(delivered)} events HEC accepted are recorded, the rest are kept"
+        )
 
-    def _post_ack(self, body: bytes, token: str) -> tuple[int | None, Any, str | None]:
-        headers = {
-            "Authorization": f"Splunk {token}",
-            "X-Splunk-Request-Channel": self.channel,
-            "Content-Type": "application/json",
-        }
-        try:
-            r = self._session.post(
-                f"{self.url}/services/collector/ack?channel={self.channel}",
-                data=body,
-                headers=headers,
-                timeout=self.timeout,
-                verify=self.verify,
+    def _after_post(self, token: str, delivered: set[str]) -> None:
+        """Keep at most ``AckInFlight`` batches waiting; poll when a poll is due."""
+        if not self._flights:
+            return
+        if len(self._flights) >= self.ack_in_flight:
+            self._wait_acks(token, delivered, keep=self.ack_in_flight - 1)
+        elif time.monotonic() >= self._next_poll:
+            self._poll_acks(token, delivered)
+
+    def _wait_acks(self, token: str, delivered: set[str], *, keep: int) -> None:
+        """Poll every ``AckPollSeconds`` until at most ``keep`` batches are in flight."""
+        while len(self._flights) > keep:
+            pause = self._next_poll - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            self._poll_acks(token, delivered)
+
+    def _poll_acks(self, token: str, delivered: set[str]) -> None:
+        """One ``/services/collector/ack`` request for every batch in flight."""
+        self._next_poll = time.monotonic() + self.ack_poll
+        self.counters["ack_polls"] += 1
+        body = json.dumps({"acks": sorted(self._flights)}).encode()
+        status, answer = self._request(ACK_PATH, body, token, gz=False)
+        acks = answer.get("acks") if isinstance(answer, dict) else None
+        if status == 200 and isinstance(acks, dict):
+            for key, done in acks.items():
+                try:
+                    ack_id = int(key)
+                except (TypeError, ValueError):
+                    continue
+                if done is True and ack_id in self._flights:
+                    self._record(self._flights.pop(ack_id).ids, delivered)
+        elif status == 400 and isinstance(answer, dict) and answer.get("code") == ACK_DISABLED:
+            # HEC accepted these batches with an ackId, then the token lost its ack:
+            # they count as delivered, as they would with Ack off.
+            for flight in [*self._flights.values(), *self._resend]:
+                self._record(flight.ids, delivered)
+            self._flights.clear()
+            self._resend.clear()
+            raise self._ack_disabled(delivered)
+        else:
+            raise self._failure(ACK_PATH, status, answer)
+        now = time.monotonic()
+        late = [f for f in self._flights.values() if now - f.posted > self.ack_timeout]
+        if late:
+            for flight in late:
+                del self._flights[flight.ack_id]
+            self._resend.extend(late)
+            waiting = sum(len(f.ids) for f in late)
+            raise SinkRetryable(
+                f"splunk_hec {self.key!r}: {waiting} events not acknowledged within "
+                f"{self.ack_timeout:g}s (indexer busy?); they will be sent again"
             )
-        except requests.RequestException as exc:
-            return None, None, f"cannot reach {self.url} ({short_reason(exc)})"
-        try:
-            return r.status_code, r.json(), None
-        except ValueError:
-            return r.status_code, {"text": r.text[:200]}, None
 
     # --- querying --------------------------------------------------------------------------
     def _search_auth(self) -> dict[str, str]:
@@ -464,6 +563,7 @@ class SplunkHec(Sink):
 
     def _search_call(self, path: str, form: dict[str, str], headers: dict[str, str]) -> Any:
         assert self.search_url is not None
+        what = f"splunk_hec {self.key!r}: Splunk search {self.search_url}{path}"
         try:
             r = self._session.post(
                 self.search_url + path,
@@ -472,30 +572,18 @@ class SplunkHec(Sink):
                 timeout=max(self.timeout, 120.0),
                 verify=self.verify,
             )
-        except requests.exceptions.SSLError as exc:
-            raise SinkFatal(
-                f"splunk_hec {self.key!r}: TLS verification of {self.search_url} failed ({short_reason(exc)})"
-            ) from None
         except requests.RequestException as exc:
-            raise SinkRetryable(
-                f"splunk_hec {self.key!r}: cannot reach {self.search_url} ({short_reason(exc)})"
-            ) from None
-        if r.status_code in (401, 403):
-            raise SinkFatal(
-                f"splunk_hec {self.key!r}: Splunk search refused our credentials ({r.status_code})"
-            )
-        if r.status_code >= 500:
-            raise SinkRetryable(f"splunk_hec {self.key!r}: Splunk search failed ({r.status_code})")
-        if r.status_code >= 400:
-            raise SinkFatal(
-                f"splunk_hec {self.key!r}: Splunk search rejected the query ({r.status_code}: {_messages(r)})"
-            )
+            raise transport_error(exc, what, sink=True) from None
         try:
-            return r.json()
+            answer = jsonsafe.loads(r.content)
         except ValueError:
-            raise SinkRetryable(
-                f"splunk_hec {self.key!r}: Splunk search answered non-JSON"
-            ) from None
+            answer = None
+        err = status_error(r.status_code, what, _messages(answer), sink=True)
+        if err is not None:
+            raise err
+        if answer is None:
+            raise SinkRetryable(f"{what}: answered something that is not JSON")
+        return answer
 
     def query(self, where: IndexQuery) -> Iterator[StudyHit]:
         if not self.search_url:
@@ -528,20 +616,34 @@ class SplunkHec(Sink):
 
 def _option_float(section: Mapping[str, Any], name: str, key: str, default: float) -> float:
     value = section.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"splunk_hec sink {key!r}: option {name!r} must be a number >= 0")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigError(f"splunk_hec sink {key!r}: option {name!r} must be a finite number >= 0")
     return float(value)
 
 
+def _kept(err: DicomSyncError) -> SinkError:
+    """An ``http_errors`` sink error, saying what happens to the events."""
+    if isinstance(err, SinkRetryable):
+        return SinkRetryable(f"{err}; events kept for a later retry")
+    return SinkFatal(f"{err}; sink stopped, events kept")
+
+
 def _describe(status: int | None, answer: Any) -> str:
+    """The reason recorded for an event HEC rejected (``sink.rejected``)."""
     if isinstance(answer, dict) and "code" in answer:
         return f"{status}, code {answer['code']}: {answer.get('text', '')}"
     return f"HTTP {status}"
 
 
-def _messages(r: requests.Response) -> str:
-    try:
-        msgs = r.json().get("messages", [])
-        return "; ".join(str(m.get("text", "")) for m in msgs)[:200]
-    except (ValueError, AttributeError):
-        return r.text[:200]
+def _messages(answer: Any) -> str:
+    """The text of a Splunk REST answer's ``messages``, on one short line."""
+    msgs = answer.get("messages") if isinstance(answer, dict) else None
+    if not isinstance(msgs, list):
+        return ""
+    text = "; ".join(str(m.get("text", "")) for m in msgs if isinstance(m, dict))
+    return " ".join(text.split())[:200]

@@ -21,14 +21,21 @@ Event endpoint: ``POST /services/collector/event`` (also ``/services/collector``
     - Ack (token with ``useACK``): the channel comes from ``X-Splunk-Request-Channel`` or
       ``?channel=``; missing: 400 code 10 "Data channel is missing"; not a GUID: 400 code
       11 "Invalid data channel". Success answers carry ``"ackId"`` (per channel, from 0).
-      Without ack, a channel is accepted and ignored.
+      A token with indexer acknowledgement *disabled* (``use_ack=False``, Splunk's
+      default) accepts a channel and ignores it: its success answers carry no
+      ``ackId``, whether or not the client sent a channel.
     - Success: 200 ``{"text": "Success", "code": 0}``.
     - Codes 8 (500 "Internal server error") and 9 (503 "Server is busy") are injected
       by tests (``busy(n)``, ``fail(n)``), as is ``reject_when`` (events the server calls
       invalid, code 6, to exercise partial batches).
 
 ``POST /services/collector/ack?channel=<GUID>`` with ``{"acks": [ids]}`` answers
-``{"acks": {"<id>": true|false}}``; ``ack_after_polls`` delays acknowledgement.
+``{"acks": {"<id>": true|false}}``, for any number of ids in one request. As Splunk
+does, an ackId answered ``true`` is then dropped: asking for it again answers
+``false``, as for an unknown id. A token with ack disabled gets 400 code 14 "ACK is
+disabled"; a missing or malformed channel 400 code 10/11. Tests delay the
+acknowledgement with ``ack_after_polls`` (polls that answer false first) and
+``ack_delay`` (seconds after the batch was accepted, the indexing latency).
 ``GET /services/collector/health`` answers 200 code 17 "HEC is healthy".
 
 Search (management port semantics, same server here):
@@ -56,6 +63,7 @@ import gzip
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,7 +113,9 @@ class HecState:
     fail_left: int = 0
     reject_when: Callable[[dict[str, Any]], bool] | None = None
     ack_after_polls: int = 0
-    channels: dict[str, dict[int, int]] = field(default_factory=dict)  # channel -> ackId -> polls
+    ack_delay: float = 0.0
+    # channel -> ackId -> [polls so far, time.monotonic() when the batch was accepted]
+    channels: dict[str, dict[int, list[float]]] = field(default_factory=dict)
     next_ack: dict[str, int] = field(default_factory=dict)
     searches: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -166,6 +176,8 @@ class HecServer:
             self.state.requests.clear()
             self.state.busy_left = self.state.fail_left = 0
             self.state.reject_when = None
+            self.state.ack_after_polls = 0
+            self.state.ack_delay = 0.0
             self.state.channels.clear()
             self.state.next_ack.clear()
             self.state.searches.clear()
@@ -323,7 +335,7 @@ class _Handler(BaseHTTPRequestHandler):
             if token.use_ack and channel and not error:
                 ack_id = self.state.next_ack.get(channel, 0)
                 self.state.next_ack[channel] = ack_id + 1
-                self.state.channels.setdefault(channel, {})[ack_id] = 0
+                self.state.channels.setdefault(channel, {})[ack_id] = [0, time.monotonic()]
         if error:
             self._code(error[0], **{"invalid-event-number": error[1]})
         elif ack_id is not None:
@@ -367,14 +379,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._code(6)
             return
         out: dict[str, bool] = {}
+        now = time.monotonic()
         with self.state.lock:
             pending = self.state.channels.get(channel, {})
             for a in asked:
-                if a in pending:
-                    pending[a] += 1
-                    out[str(a)] = pending[a] > self.state.ack_after_polls
-                else:
+                entry = pending.get(a)
+                if entry is None:  # unknown, or already answered true: Splunk says false
                     out[str(a)] = False
+                    continue
+                entry[0] += 1
+                done = entry[0] > self.state.ack_after_polls and (
+                    now - entry[1] >= self.state.ack_delay
+                )
+                out[str(a)] = done
+                if done:
+                    del pending[a]
         self._send(200, {"acks": out})
 
     # --- search ------------------------------------------------------------------------------
