@@ -499,10 +499,13 @@ def test_late_batch_when_hard_links_fail(
     assert hidden_entries(tmp_path / "dst") == []
 
 
-def test_swap_without_exchange_and_a_writer_killed_between_renames(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["s", "x" * 240])  # 240: cut inside the retired name
+def test_swap_without_exchange_and_a_writer_killed_between_renames(
+    tmp_path: Path, name: str
+) -> None:
     """Where the file system can't exchange, a kill -9 between the two renames loses nothing."""
     src = DicomRoot("src", tmp_path / "src")
-    uids = make_study(tmp_path / "src" / "p" / "s", 4)
+    uids = make_study(tmp_path / "src" / "p" / name, 4)
     dest = dest_place("dicom_root", tmp_path / "dst")
     ref = next(src.studies())
     first = sorted(uids)[:2]
@@ -530,12 +533,22 @@ dst.receive(ref.key, src.instances(ref), src.identity(ref))
         timeout=60,
     )
     assert child.returncode == 9, child.stderr
-    assert not (tmp_path / "dst" / "p" / "s").exists()  # the window: no study folder
+    assert not (tmp_path / "dst" / "p" / name).exists()  # the window: no study folder
     assert [p.suffix for p in (tmp_path / "dst" / "p").iterdir()] != []
-    # The next write restores what the study had, then adds what is missing.
+    # The next write to that patient folder, even for another study, restores what the
+    # study had; nothing of it is swept away as a dead writer's leftover.
+    other = make_study(tmp_path / "src" / "p" / "t", 1)
     fresh = DicomRoot("dst", tmp_path / "dst")
+    ref_t = next(r for r in src.studies() if r.study == "t")
+    assert send_study(src, ref_t, fresh).status == "sent"
+    if len(name) < 100:
+        assert sop_uids_in_folder(tmp_path / "dst" / "p" / name) == set(first)
+    else:  # its name was cut in the retired name: kept for its own next write
+        assert [p.suffix for p in (tmp_path / "dst" / "p").glob(".*")] == [".retired"]
+    assert sop_uids_in_folder(tmp_path / "dst" / "p" / "t") == other
+    # Then the study itself gets what is missing.
     assert send_study(src, ref, fresh).status == "sent"
-    assert sop_uids_in_folder(tmp_path / "dst" / "p" / "s") == uids
+    assert sop_uids_in_folder(tmp_path / "dst" / "p" / name) == uids
     assert hidden_entries(tmp_path / "dst") == []
 
 

@@ -13,8 +13,9 @@ exists (late instances), the staging folder gets hard links to every file it has
 the new instances, and the two folders are exchanged atomically
 (``renameat2(RENAME_EXCHANGE)``). Where the file system cannot exchange, the old folder
 is first renamed aside to ``.<study>.<host>~<pid>~<tag>.retired``; a writer killed
-between the two renames leaves no study folder, and the next write there renames the
-retired folder back (it holds everything the study had) before it starts. So a
+between the two renames leaves no study folder, and the next write to that patient
+folder renames the retired folder back (it holds everything the study had); retired
+folders are never deleted while their study folder is missing. So a
 partial study never looks complete and ``holds`` never counts a partial batch.
 """
 
@@ -46,6 +47,7 @@ from dicomsync.places.local import (
     parse_partial,
     partial_dir,
     retired_name,
+    retired_tag,
     scan_members,
     storage_errors,
     sweep_partials,
@@ -142,7 +144,7 @@ class DicomRoot(RootPlace):
         instances: Iterable[Instance],
         identity: StudyIdentity,
     ) -> list[CachedHeader]:
-        _restore_retired(folder)
+        _settle_retired(patient, folder)
         sweep_partials(patient)
         exists = folder.is_dir()
         if exists:
@@ -289,23 +291,33 @@ def _swap(staging: Path, folder: Path) -> None:
     os.rename(retired, staging)
 
 
-def _restore_retired(folder: Path) -> None:
-    """Undo a swap that a dead writer left half done: its retired folder holds the study."""
-    if os.path.lexists(folder):
-        return
-    mine = parse_partial(retired_name(folder).name)
-    assert mine is not None
-    for path in folder.parent.glob(".*.retired"):
+def _settle_retired(patient: Path, folder: Path) -> None:
+    """Finish the swaps that dead writers left half done in ``patient``: a retired folder
+    whose study folder is missing holds that study and is renamed back; one whose study
+    folder exists was replaced already and is removed. One whose study can't be told (a
+    cut name, and that study not here to compare) is left for that study's next write."""
+    for path in sorted(patient.glob(".*.retired")):
         m = parse_partial(path.name)
-        if (
-            m is not None
-            and m["rand"] == mine["rand"]
-            and folder.name.startswith(m["target"])
-            and writer_dead(m)
-        ):
-            os.rename(path, folder)
-            log.info("restored %s from %s, left by a write that was interrupted", folder, path)
-            return
+        if m is None or not writer_dead(m):
+            continue
+        original = _original_of(patient, m["target"], m["rand"], folder.name)
+        if original is None:
+            continue
+        if os.path.lexists(original):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.rename(path, original)
+            log.info("restored %s from %s, left by a write that was interrupted", original, path)
+
+
+def _original_of(patient: Path, cut: str, tag: str, hint: str) -> Path | None:
+    names = [hint, cut]
+    with os.scandir(patient) as entries:
+        names += [e.name for e in entries if e.name.startswith(cut) and not is_hidden(e.name)]
+    for name in names:
+        if name.startswith(cut) and retired_tag(name) == tag:
+            return patient / name
+    return None
 
 
 def _write_new(target: Path, data: bytes) -> None:

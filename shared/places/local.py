@@ -101,11 +101,18 @@ def partial_dir(target: Path) -> Path:
     )
 
 
+def retired_tag(name: str) -> str:
+    return hashlib.sha1(os.fsencode(name)).hexdigest()[:_RAND_BYTES]
+
+
 def retired_name(target: Path) -> Path:
     """Where a folder is put aside while its replacement is renamed in (without an atomic
-    exchange): ``.<target>.<host>~<pid>~<hash of target>.retired``, found again by name."""
-    tag = hashlib.sha1(os.fsencode(target.name)).hexdigest()[:_RAND_BYTES]
-    return target.parent / f"{_partial_prefix(target, kind='retired')}{tag}.retired"
+    exchange): ``.<target>.<host>~<pid>~<retired_tag(target)>.retired``, so the folder it
+    came from can be told by name, even where ``<target>`` had to be cut."""
+    return (
+        target.parent
+        / f"{_partial_prefix(target, kind='retired')}{retired_tag(target.name)}.retired"
+    )
 
 
 def parse_partial(name: str) -> re.Match[str] | None:
@@ -129,16 +136,10 @@ def _pid_alive(pid: int) -> bool:
 
 def sweep_partials(folder: Path, recursive: bool = False) -> int:
     """Delete partial writes (files or staging folders) left in ``folder`` by dead processes
-    of this host. ``.retired`` folders are swept too: call ``restore_retired`` first."""
+    of this host. ``.retired`` folders are never swept here: they may hold a study
+    (``dicom_root`` settles them)."""
     removed = 0
-    candidates = (
-        [*folder.rglob(".*.partial"), *folder.rglob(".*.retired")]
-        if recursive
-        else [
-            *folder.glob(".*.partial"),
-            *folder.glob(".*.retired"),
-        ]
-    )
+    candidates = folder.rglob(".*.partial") if recursive else folder.glob(".*.partial")
     for path in candidates:
         m = _PARTIAL.match(path.name)
         if m is None or not writer_dead(m):
