@@ -4,7 +4,14 @@
   nothing is sent.
 - ``index QUERY --sink KEY``: backfill the events of every instance of the studies
   matching a StudyQuery (any place) into a sink. The sink records what it holds, so
-  a repeat run sends nothing.
+  a repeat run sends nothing. Events go out with ``sink.submit`` (Splunk with ``Ack``
+  keeps several batches in flight while the next studies are read) and a last
+  ``sink.flush``. A transient sink failure (``SinkRetryable``: busy, 5xx, timeout) is
+  tried again with the same bounded policy as the plugin and ``send``
+  (``dicomsync.queue.base.RetryPolicy``: dicomsync.json's ``Retry`` section, or the
+  CLI's default; ``--retries N``), one warning line per failed attempt; ``SinkFatal``
+  stops at once. Each event's ``source`` is the instance's file path (folders) or
+  ``<place>:<patient>/<study>/<file>``.
 - ``replicate SOURCE DEST --where 'QUERY' [--index KEY]``: CopyDICOM's conditional
   replicate: the studies of SOURCE that have an event matching the index query in
   the sink KEY are sent to DEST (duplicates skipped, as ``send`` does).
@@ -15,7 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -27,14 +35,17 @@ from dicomsync.cli.common import (
     echo_summary,
     load_config,
     places_for,
+    retry_option,
+    retry_policy,
     tls_options,
     tls_section,
 )
 from dicomsync.config import Config
-from dicomsync.errors import ConfigError, DicomFileError, DicomSyncError, UnknownPlaceError
+from dicomsync.errors import ConfigError, DicomFileError, SinkError, UnknownPlaceError
 from dicomsync.index_query import IndexQuery
 from dicomsync.places.base import Place, StudyRef
 from dicomsync.query import StudyQuery
+from dicomsync.queue.base import RetryPolicy
 from dicomsync.sinks.base import Sink, delivered_before
 from dicomsync.tags import Event, events_from_bytes, events_from_path
 
@@ -95,15 +106,18 @@ def _instance_last(events: list[Event]) -> list[Event]:
 @click.command("index")
 @click.argument("query")
 @click.option("--sink", "sink_key", required=True, metavar="KEY", help="The sink to fill.")
+@retry_option
 @click.pass_context
-def index_command(ctx: click.Context, query: str, sink_key: str) -> None:
+def index_command(ctx: click.Context, query: str, sink_key: str, retries: int | None) -> None:
     """Send the tag and dose events of the studies matching QUERY to the sink KEY.
 
     QUERY is a study query, e.g. 'pacs:*' or 'my_studies:patient1/*'. Instances the
-    sink already holds are not read again and nothing is sent for them.
+    sink already holds are not read again and nothing is sent for them. A busy or
+    unreachable sink is tried again (--retries) before the command fails.
     """
     q = StudyQuery.parse(query)
     cfg = load_config(ctx)
+    retry = retry_policy(cfg, retries)
     counts = {
         "studies": 0,
         "instances": 0,
@@ -118,7 +132,8 @@ def index_command(ctx: click.Context, query: str, sink_key: str) -> None:
             stack.enter_context(place)
             for ref in place.studies(q):
                 counts["studies"] += 1
-                _index_study(place, ref, sink, counts)
+                _index_study(place, ref, sink, counts, retry)
+        _count(sink, sink.flush, counts, retry)  # the batches still waiting for their acks
     click.echo(
         f"{counts['studies']} studies, {counts['instances']} instances indexed "
         f"({counts['events']} events sent), {counts['skipped']} already in {sink_key}"
@@ -127,14 +142,17 @@ def index_command(ctx: click.Context, query: str, sink_key: str) -> None:
     )
 
 
-def _index_study(place: Place, ref: StudyRef, sink: Sink, counts: dict[str, int]) -> None:
+def _index_study(
+    place: Place, ref: StudyRef, sink: Sink, counts: dict[str, int], retry: RetryPolicy
+) -> None:
     batch: list[Event] = []
     for instance in place.instances(ref):
         if sink.has([f"{instance.sop_uid}:instance"]):
             counts["skipped"] += 1
             continue
+        origin = str(instance.path) if instance.path is not None else f"{ref}/{instance.name}"
         try:
-            events = events_from_bytes(instance.read(), source=f"{ref}/{instance.name}")
+            events = events_from_bytes(instance.read(), source=origin)
         except DicomFileError as exc:
             log.warning("skipped %s", exc)
             counts["unreadable"] += 1
@@ -142,22 +160,61 @@ def _index_study(place: Place, ref: StudyRef, sink: Sink, counts: dict[str, int]
         counts["instances"] += 1
         batch += _instance_last(events)
         if len(batch) >= 500:
-            _flush(sink, batch, counts)
+            _flush(sink, batch, counts, retry)
             batch = []
     if batch:
-        _flush(sink, batch, counts)
+        _flush(sink, batch, counts, retry)
 
 
-def _flush(sink: Sink, batch: list[Event], counts: dict[str, int]) -> None:
+def _flush(sink: Sink, batch: list[Event], counts: dict[str, int], retry: RetryPolicy) -> None:
+    _count(sink, lambda: sink.submit(batch), counts, retry)
+
+
+def _count(
+    sink: Sink, call: Callable[[], set[str]], counts: dict[str, int], retry: RetryPolicy
+) -> None:
+    """Run ``call`` (a submit or the flush) with retries; count what the sink confirmed."""
     try:
-        delivered = sink.send(batch)
-    except DicomSyncError as exc:
+        delivered = retried(call, f"sink {sink.key!r}", retry)
+    except SinkError as exc:
         counts["events"] += len(delivered_before(exc))
         raise
     counts["events"] += len(delivered)
     counts["rejected"] += len(sink.rejected)
     for event_id, reason in sink.rejected.items():
         click.echo(f"rejected {event_id}: {reason}", err=True)
+
+
+def retried(
+    call: Callable[[], set[str]],
+    what: str,
+    retry: RetryPolicy,
+    sleep: Callable[[float], None] = time.sleep,
+) -> set[str]:
+    """``call()``, tried again after ``retry.delay(attempt)`` seconds while it raises
+    ``SinkRetryable``, at most ``retry.max_attempts`` times in all. The ids confirmed over
+    every attempt are returned (and set on the last error, as ``delivered_before``)."""
+    confirmed: set[str] = set()
+    attempt = 1
+    while True:
+        try:
+            return confirmed | call()
+        except SinkError as exc:
+            confirmed |= delivered_before(exc)
+            if not exc.retryable or attempt >= retry.max_attempts:
+                exc.delivered = confirmed
+                raise
+            seconds = retry.delay(attempt)
+            log.warning(
+                "%s: attempt %d of %d failed (%s); trying again in %.1fs",
+                what,
+                attempt,
+                retry.max_attempts,
+                exc,
+                seconds,
+            )
+            sleep(seconds)
+            attempt += 1
 
 
 # --- replicate -----------------------------------------------------------------------------

@@ -151,6 +151,7 @@ def test_index_into_hec_then_repeat_sends_nothing(
     setup: tuple[Cli, dict[str, set[str]], set[str]],
     hec_server: HecServer,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     cli, studies, _ = setup
     hec_server.reset()
@@ -169,9 +170,76 @@ def test_index_into_hec_then_repeat_sends_nothing(
     bad = cli("index", "src:*", "--sink", "splunk2", ok=False)
     assert bad.exit_code == 1
     assert bad.output.strip().splitlines()[-1] == (
-        "Error: splunk_hec 'splunk2': HEC refused the token from $SPLUNK_HEC_TOKEN "
-        "(403, code 4: Invalid token); sink stopped, events kept"
+        f"Error: splunk_hec 'splunk2': HEC {hec_server.url}/services/collector/event (token "
+        "from $SPLUNK_HEC_TOKEN): not authorised (403: code 4, Invalid token); check the "
+        "credentials; sink stopped, events kept"
     )
+    assert "attempt 1 of" not in bad.output  # a refused token is not tried again
+    # the envelope's source is the instance's file path
+    sources = {e["source"] for e in hec_server.state.events}
+    assert all(src.startswith(str(tmp_path / "src")) for src in sources), sources
+
+
+def _retry_fast(tmp_path: Path, attempts: int) -> None:
+    cfg_path = tmp_path / "dicomsync.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["Retry"] = {"BaseDelay": 0.01, "MaxDelay": 0.02, "MaxAttempts": attempts}
+    cfg_path.write_text(json.dumps(cfg))
+
+
+def test_index_into_hec_retries_a_busy_hec_with_the_retry_policy(
+    setup: tuple[Cli, dict[str, set[str]], set[str]],
+    hec_server: HecServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Issue 9, point 13: a transient HEC failure is retried by the CLI (one layer, the
+    plugin's RetryPolicy), not by the sink, and nothing reaches Splunk twice."""
+    cli, studies, _ = setup
+    hec_server.reset()
+    monkeypatch.setenv("SPLUNK_HEC_TOKEN", TOKEN)
+    cli("sink", "add", "splunk_hec", "splunk", hec_server.url)
+    _retry_fast(tmp_path, attempts=4)
+    hec_server.busy(3)
+    out = cli("index", "src:*", "--sink", "splunk").output
+    assert out.count("attempt ") == 3 and "attempt 3 of 4 failed" in out
+    assert "server busy or failing (503: code 9, Server is busy)" in out
+    ids = hec_server.event_ids()
+    assert len(ids) == len(set(ids)) > sum(len(s) for s in studies.values())
+    statuses = [s for p, s in hec_server.state.requests if p == "/services/collector/event"]
+    assert statuses[:3] == [503] * 3  # one request per attempt: no retry inside the sink
+    # a run longer than the policy: the command fails after MaxAttempts, one line each
+    cli("sink", "add", "splunk_hec", "splunk3", hec_server.url)
+    hec_server.busy(100)
+    bad = cli("index", "src:*", "--sink", "splunk3", ok=False)
+    assert bad.exit_code == 1
+    assert bad.output.count("trying again in") == 3
+    assert bad.output.strip().splitlines()[-1].startswith("Error: splunk_hec 'splunk3'")
+    hec_server.busy(0)
+
+
+def test_index_into_hec_with_ack_keeps_batches_in_flight(
+    setup: tuple[Cli, dict[str, set[str]], set[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With Ack, the studies' batches wait for their acks together, not one by one."""
+    cli, studies, _ = setup
+    server = HecServer(tokens=[Token(TOKEN, use_ack=True)]).start()
+    try:
+        server.state.ack_delay = 0.25
+        monkeypatch.setenv("SPLUNK_HEC_TOKEN", TOKEN)
+        cli("sink", "add", "splunk_hec", "acked", server.url, "--ack")
+        out = cli("index", "src:*", "--sink", "acked").output
+        ids = server.event_ids()
+        assert len(ids) == len(set(ids)) and f"{len(studies)} studies" in out
+        assert f"({len(ids)} events sent)" in out
+        posts = [p for p, _ in server.state.requests if p == "/services/collector/event"]
+        polls = [p for p, _ in server.state.requests if p == "/services/collector/ack"]
+        assert len(posts) >= len(studies) > 1
+        # waiting for each batch in turn would poll at least once per batch
+        assert len(polls) < len(posts), (len(polls), len(posts))
+    finally:
+        server.stop()
 
 
 def _dest_studies(tmp_path: Path) -> set[str]:
