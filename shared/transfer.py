@@ -17,8 +17,9 @@ timeouts, connection errors, 408/429/5xx, a full disk) is tried again after
 ``policy.delay(attempt)`` seconds (``dicomsync.queue.base.RetryPolicy``, the plugin's
 policy), up to ``policy.max_attempts`` attempts, with one warning line per retry. This
 applies to reading a source identity, to ``prepare`` and to each study's send. A study
-that still fails marks the destination as failing: later studies get one attempt each
-until one of them succeeds, so a destination that stays down costs one study's waits.
+that still fails marks the destination (or, for an identity read, the source) as
+failing: later studies get one attempt each until one of them succeeds, so a place that
+stays down costs one study's waits, not one per study.
 """
 
 from __future__ import annotations
@@ -151,14 +152,22 @@ def send_study(
         return StudyOutcome(ref, "failed", error=error, identity=identity, retryable=True)
 
 
-def _retried(call: Callable[[], T], what: str, retry: RetryPolicy | None, sleep: Sleep) -> T:
-    """``call()``, tried again on retryable errors per ``retry``; the last error is raised."""
+def _retried(
+    call: Callable[[], T],
+    what: str,
+    retry: RetryPolicy | None,
+    sleep: Sleep,
+    attempts: int | None = None,
+) -> T:
+    """``call()``, tried again on retryable errors per ``retry`` (at most ``attempts`` times,
+    default ``retry.max_attempts``); the last error is raised."""
+    limit = 1 if retry is None else (attempts or retry.max_attempts)
     attempt = 1
     while True:
         try:
             return call()
         except DicomSyncError as exc:
-            if not exc.retryable or retry is None or attempt >= retry.max_attempts:
+            if not exc.retryable or retry is None or attempt >= limit:
                 raise
             _wait(what, str(exc), attempt, retry, sleep)
             attempt += 1
@@ -203,22 +212,29 @@ def send(
         if progress:
             progress(outcome)
 
+    retrying = retry is not None and retry.max_attempts > 1
+    # A step that failed after all its attempts marks its place as failing: later steps
+    # get one attempt each until one succeeds (a place that stays down costs one wait).
+    source_failing = False
     prepared: list[tuple[Place, StudyRef, StudyIdentity]] = []
     for source, ref in items:
+        read = functools.partial(source.identity, ref)
         try:
-            ident = _retried(functools.partial(source.identity, ref), str(ref), retry, sleep)
+            ident = _retried(read, str(ref), retry, sleep, 1 if source_failing else None)
         except DicomSyncError as exc:
             if isinstance(exc, ConfigError):
                 raise
+            source_failing = source_failing or (exc.retryable and retrying)
             log.info("%s: failed: %s", ref, exc)
             record(StudyOutcome(ref, "failed", error=str(exc), retryable=exc.retryable))
             continue
+        source_failing = False
         prepared.append((source, ref, ident))
     batch = [(ref.key, ident) for _, ref, ident in prepared]
     # Wrong password, unknown project, bad config, or unreachable after every attempt:
     # no study can succeed, so the batch stops here with one error.
     _retried(functools.partial(dest.prepare, batch), dest.key, retry, sleep)
-    failing = False  # a study failed after all its attempts: later ones get one attempt
+    failing = False  # the destination side, as source_failing above
     for source, ref, ident in prepared:
         attempts = 1 if retry is None or failing else retry.max_attempts
         attempt = 1
@@ -234,7 +250,7 @@ def send(
             attempt += 1
         if outcome.status != "failed":
             failing = False
-        elif outcome.retryable and retry is not None and retry.max_attempts > 1:
+        elif outcome.retryable and retrying:
             failing = True
         record(outcome)
     summary.seconds = time.monotonic() - start

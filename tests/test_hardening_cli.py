@@ -472,6 +472,35 @@ def test_unreachable_prepare_stops_the_batch_with_one_line(tmp_path: Path) -> No
     assert len(waits) == 2 and 1.0 <= waits[0] <= 2.0 and 2.0 <= waits[1] <= 4.0
 
 
+def test_a_source_that_stays_down_costs_one_studys_waits(tmp_path: Path) -> None:
+    from dicomsync.errors import Unreachable
+    from dicomsync.places.dicom_root import DicomRoot
+    from dicomsync.queue.base import RetryPolicy
+    from dicomsync.transfer import send
+
+    for i in range(4):
+        make_study(tmp_path / "src" / f"p{i}" / "s", 1)
+    (tmp_path / "dst").mkdir()
+    down = {"p0/s", "p1/s", "p2/s"}  # p3/s reads again
+
+    class Flaky(DicomRoot):
+        def identity(self, ref):  # type: ignore[no-untyped-def]
+            if ref.key in down:
+                raise Unreachable(f"{ref}: no answer")
+            return super().identity(ref)
+
+    src = Flaky("src", tmp_path / "src")
+    waits: list[float] = []
+    summary = send(
+        [(src, r) for r in src.studies()],
+        DicomRoot("dst", tmp_path / "dst"),
+        retry=RetryPolicy(1.0, 60.0, 3),
+        sleep=waits.append,
+    )
+    assert [o.status for o in summary.outcomes] == ["failed"] * 3 + ["sent"]
+    assert len(waits) == 2  # p0/s: attempts 1 and 2; p1/s and p2/s: one attempt each
+
+
 # --- a closed pipe, and the password variable ---------------------------------------------------
 
 
