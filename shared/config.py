@@ -19,22 +19,101 @@ a place names the environment variable that holds its password.
 
 The Orthanc plugin reads the same ``Places`` and ``Sinks`` (inline, or a path to
 such a file) plus ``Routes``, ``StateDirectory`` and ``Retry``.
+
+Hostile or broken files give one ``ConfigError`` line, never a traceback: the file is
+read up to ``MAX_CONFIG_BYTES``, its nesting is measured without recursion
+(``dicomsync.jsonsafe``, at most ``jsonsafe.MAX_DEPTH`` levels) before ``json.loads``,
+and a number that is not finite (the ``NaN``/``Infinity`` literals Python's json
+accepts, or ``1e999``, which overflows to infinity) is refused with its place in the
+file (``Retry.BaseDelay``).
+
+Numbers in options: every option parser takes its numbers through
+``finite_number`` (or tests them with ``is_finite_number``): a JSON number, not a
+boolean (``True`` is an ``int`` in Python), not a string, and finite.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicomsync import jsonsafe
 from dicomsync.errors import ConfigError, UnknownPlaceError
 
 DEFAULT_FILENAME = "dicomsync.json"
 ENV_CONFIG = "DICOMSYNC_CONFIG"
+MAX_CONFIG_BYTES = 16 << 20
+"""Largest dicomsync.json read (a real one is a few KB)."""
+
+
+def is_finite_number(value: Any) -> bool:
+    """True for an ``int`` or ``float`` that is finite; False for booleans, strings, NaN and
+    infinities. Use it in every numeric option check, before comparing the value."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, int):  # a 400-digit integer is finite, but not as a float
+        return abs(value) <= sys.float_info.max
+    return math.isfinite(value)
+
+
+def finite_number(value: Any, what: str) -> float:
+    """``value`` as a float; ``ConfigError("<what> must be a finite number")`` unless it is
+    a JSON number (not a boolean, not a string) that is finite."""
+    if not is_finite_number(value):
+        raise ConfigError(f"{what} must be a finite number")
+    return float(value)
+
+
+def non_finite_path(value: Any) -> str | None:
+    """Where the first non-finite float is in parsed JSON (``"Retry.BaseDelay"``,
+    ``"Routes[0].Concurrency"``), or None. A flat walk: no recursion."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, int | float) and not isinstance(node, bool):
+            if not is_finite_number(node):
+                return path or "the top level"
+            continue
+        children: Iterator[tuple[str, Any]]
+        if isinstance(node, dict):
+            children = ((f"{path}.{k}" if path else str(k), v) for k, v in node.items())
+        elif isinstance(node, list):
+            children = ((f"{path}[{i}]", v) for i, v in enumerate(node))
+        else:
+            continue
+        stack.extend(reversed(list(children)))  # document order
+    return None
+
+
+def parse_json(text: str, source: str) -> Any:
+    """A configuration file's text parsed; one ``ConfigError`` line for anything bad."""
+    try:
+        jsonsafe.check_depth(text)
+        data = json.loads(text)
+    except jsonsafe.JsonRejected as exc:
+        raise ConfigError(f"{source} is not valid JSON ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{source} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
+    except ValueError:  # an integer of more than 4,300 digits (int_max_str_digits)
+        raise ConfigError(f"{source} is not valid JSON (a number is too long)") from None
+    except RecursionError:  # cannot happen after check_depth; a last guard
+        raise ConfigError(f"{source} is not valid JSON (nested too deep)") from None
+    where = non_finite_path(data)
+    if where is not None:
+        raise ConfigError(
+            f"{source}: {where} must be a finite number (NaN, Infinity and numbers that "
+            "overflow, like 1e999, are refused)"
+        )
+    return data
 
 
 def default_path() -> Path:
@@ -102,17 +181,19 @@ class Config:
     def load(cls, path: Path | None = None) -> Config:
         path = path or default_path()
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CONFIG_BYTES + 1)
         except FileNotFoundError:
             raise ConfigError(f"no configuration at {path}; run 'dicomsync init' first") from None
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
-            ) from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+        data = parse_json(text, str(path))
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a JSON object")
         places = _check_sections(data.pop("Places", {}), "Places", str(path))
@@ -130,6 +211,9 @@ class Config:
 
     def save(self) -> None:
         data: dict[str, Any] = {"Places": self.places, "Sinks": self.sinks, **self.extra}
+        where = non_finite_path(data)
+        if where is not None:  # json.dumps would write NaN/Infinity, which is not JSON
+            raise ConfigError(f"{where} must be a finite number; {self.path} not written")
         atomic_write_text(self.path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
     # --- places and sinks: the same rules for both ------------------------------------------

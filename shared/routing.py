@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicomsync.config import build_place, load_sections, resolve_path
+from dicomsync.config import build_place, is_finite_number, load_sections, resolve_path
 from dicomsync.errors import (
     ConfigError,
     DicomSyncError,
@@ -310,7 +310,7 @@ def _parse(
     numbers: dict[str, float] = {}
     for name, default in (("LeaseSeconds", 300.0), ("PollInterval", 5.0), ("MetricsInterval", 5.0)):
         value = section.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if not is_finite_number(value) or value <= 0:
             problems.append(f"{where}.{name} must be a positive number of seconds")
             value = default
         numbers[name] = float(value)

@@ -27,6 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+from dicomsync.config import is_finite_number
 from dicomsync.errors import ConfigError, DicomSyncError, NotFound, RemoteRejected
 from dicomsync.identity import StudyIdentity, orthanc_study_id, safe_component
 from dicomsync.orthanc_client import HttpTransport, OrthancClient
@@ -44,7 +45,7 @@ routes for months holds no more than this."""
 
 def number(section: Mapping[str, Any], name: str, default: float, key: str) -> float:
     value = section.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if not is_finite_number(value) or value <= 0:
         raise ConfigError(f"orthanc place {key!r}: {name} must be a positive number")
     return float(value)
 

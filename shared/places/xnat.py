@@ -77,7 +77,6 @@ import contextlib
 import hashlib
 import html
 import logging
-import math
 import os
 import re
 import shutil
@@ -93,6 +92,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from dicomsync.config import is_finite_number
 from dicomsync.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -298,12 +298,7 @@ class XnatPreArchive(Place):
             ca_path = Path(ca_bundle).expanduser()
             ca_bundle = str(ca_path if ca_path.is_absolute() else base_dir / ca_path)
         timeout = section.get("Timeout", DEFAULT_TIMEOUT)
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not math.isfinite(timeout)
-            or timeout <= 0
-        ):
+        if not is_finite_number(timeout) or timeout <= 0:
             raise ConfigError(f"{what} {key!r}: Timeout must be a number of seconds above 0")
         timeout = float(timeout)
         return cls(

@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from dicomsync.config import finite_number, is_finite_number
 from dicomsync.errors import ConfigError
 
 State = Literal["queued", "sending", "done", "failed"]
@@ -72,6 +73,14 @@ class RetryPolicy:
     max_attempts: int = 10
 
     def __post_init__(self) -> None:
+        # The plugin's Retry comes from Orthanc's JSON, which may pass an overflowed 1e999
+        # through as infinity: refuse non-finite numbers (and booleans) here, whatever the
+        # caller. NaN would pass every comparison below.
+        for name, value in (("BaseDelay", self.base_delay), ("MaxDelay", self.max_delay)):
+            if not is_finite_number(value):
+                raise ConfigError(f"Retry: {name} must be a finite number of seconds")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+            raise ConfigError("Retry: MaxAttempts must be an integer")
         if self.base_delay <= 0 or self.max_delay < self.base_delay or self.max_attempts < 1:
             raise ConfigError(
                 "Retry: need BaseDelay > 0, MaxDelay >= BaseDelay and MaxAttempts >= 1 "
@@ -87,16 +96,16 @@ class RetryPolicy:
         unknown = set(section) - {"BaseDelay", "MaxDelay", "MaxAttempts"}
         if unknown:
             raise ConfigError(f"Retry: unknown option(s) {', '.join(sorted(unknown))}")
-        try:
-            return cls(
-                base_delay=float(section.get("BaseDelay", cls.base_delay)),
-                max_delay=float(section.get("MaxDelay", cls.max_delay)),
-                max_attempts=int(section.get("MaxAttempts", cls.max_attempts)),
-            )
-        except (TypeError, ValueError):
-            raise ConfigError(
-                "Retry: BaseDelay, MaxDelay and MaxAttempts must be numbers"
-            ) from None
+        attempts = section.get("MaxAttempts", cls.max_attempts)
+        if isinstance(attempts, float) and attempts.is_integer():
+            attempts = int(attempts)  # 3.0 is 3; NaN, infinities and 2.5 are refused below
+        elif not isinstance(attempts, int) or isinstance(attempts, bool):
+            raise ConfigError("Retry: MaxAttempts must be an integer")
+        return cls(
+            base_delay=finite_number(section.get("BaseDelay", cls.base_delay), "Retry: BaseDelay"),
+            max_delay=finite_number(section.get("MaxDelay", cls.max_delay), "Retry: MaxDelay"),
+            max_attempts=attempts,
+        )
 
     def delay(self, attempts: int, rng: Callable[[], float] = random.random) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""

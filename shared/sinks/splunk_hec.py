@@ -79,7 +79,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -93,7 +92,7 @@ from typing import Any
 import requests
 
 from dicomsync import jsonsafe
-from dicomsync.config import resolve_path
+from dicomsync.config import is_finite_number, resolve_path
 from dicomsync.errors import (
     ConfigError,
     DicomSyncError,
@@ -616,12 +615,7 @@ class SplunkHec(Sink):
 
 def _option_float(section: Mapping[str, Any], name: str, key: str, default: float) -> float:
     value = section.get(name, default)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if not is_finite_number(value) or value < 0:
         raise ConfigError(f"splunk_hec sink {key!r}: option {name!r} must be a finite number >= 0")
     return float(value)
 
