@@ -39,7 +39,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,24 +72,30 @@ def finite_number(value: Any, what: str) -> float:
 
 
 def non_finite_path(value: Any) -> str | None:
-    """Where the first non-finite float is in parsed JSON (``"Retry.BaseDelay"``,
-    ``"Routes[0].Concurrency"``), or None. A flat walk: no recursion."""
-    stack: list[tuple[str, Any]] = [("", value)]
+    """Where the first non-finite number is in parsed JSON (``"Retry.BaseDelay"``,
+    ``"Routes[0].Concurrency"``), or None. A flat walk (no recursion); the path is
+    spelled out only for the number found, so a deep document costs linear time."""
+    Chain = tuple[Any, str | int] | None  # (parent chain, key or index)
+    stack: list[tuple[Chain, Any]] = [(None, value)]
     while stack:
-        path, node = stack.pop()
+        chain, node = stack.pop()
         if isinstance(node, int | float) and not isinstance(node, bool):
             if not is_finite_number(node):
-                return path or "the top level"
-            continue
-        children: Iterator[tuple[str, Any]]
-        if isinstance(node, dict):
-            children = ((f"{path}.{k}" if path else str(k), v) for k, v in node.items())
+                return _spell(chain)
+        elif isinstance(node, dict):
+            stack.extend(((chain, k), v) for k, v in reversed(list(node.items())))
         elif isinstance(node, list):
-            children = ((f"{path}[{i}]", v) for i, v in enumerate(node))
-        else:
-            continue
-        stack.extend(reversed(list(children)))  # document order
+            stack.extend(((chain, i), v) for i, v in reversed(list(enumerate(node))))
     return None
+
+
+def _spell(chain: Any) -> str:
+    parts: list[str] = []
+    while chain is not None:
+        chain, key = chain
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    path = "".join(reversed(parts)).removeprefix(".")
+    return path or "the top level"
 
 
 def parse_json(text: str, source: str) -> Any:

@@ -36,6 +36,11 @@ matches when any value matches; ``!=`` matches events that have the field and no
 value equal to the given one; ``null`` values are not indexed and never match.
 Dose summary and per-event events carry the study context (Modality, Manufacturer,
 StudyDate, ...), so study-level and dose conditions combine in one query.
+
+Limits: at most ``MAX_CONDITIONS`` conditions and ``MAX_LENGTH`` characters (SQLite
+refuses expressions deeper than 1,000); a number must be finite (``1e999`` is refused:
+quote it to compare text). The parser is a flat loop (no recursion, linear in the
+text); errors quote at most the first 60 characters of the query.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ OPS: tuple[Op, ...] = ("!=", "<=", ">=", "=", "<", ">")
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _BARE_FIELD = re.compile(r"[A-Za-z0-9_.{}@\-]+")
 _BARE_VALUE = re.compile(r"[^\s\"=<>!]+")
+_WORD = re.compile(r"(?i)(AND|OR|NOT)\b")
+MAX_CONDITIONS = 100
+MAX_LENGTH = 10_000
 USAGE = 'expected FIELD OP VALUE [AND ...], e.g. Modality=SR AND "CT Dose.Mean CTDIvol">50'
 
 
@@ -91,17 +99,25 @@ def value_text(value: Any) -> str:
 def flatten_fields(obj: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """(Splunk-style field name, scalar value) pairs of an event; nulls are skipped."""
 
-    def walk(value: Any, path: str) -> Iterator[tuple[str, Any]]:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                yield from walk(v, f"{path}.{k}" if path else str(k))
-        elif isinstance(value, list):
-            for v in value:
-                yield from walk(v, path + "{}")
+    # A flat walk with its own stack, in document order: no recursion, whatever the depth.
+    stack: list[Iterator[tuple[str, Any]]] = [iter([("", obj)])]
+    while stack:
+        step = next(stack[-1], None)
+        if step is None:
+            stack.pop()
+            continue
+        path, value = step
+        if isinstance(value, dict | list):
+            stack.append(_children(path, value))
         elif value is not None:
             yield path, value
 
-    yield from walk(obj, "")
+
+def _children(path: str, value: dict[str, Any] | list[Any]) -> Iterator[tuple[str, Any]]:
+    """(field name, value) of each member of an object or list, made as they are read."""
+    if isinstance(value, dict):
+        return ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    return ((path + "{}", v) for v in value)
 
 
 @dataclass(frozen=True)
@@ -231,15 +247,26 @@ def _spl_condition(c: Condition) -> str:
     return expr
 
 
+def _clip(text: str, limit: int = 60) -> str:
+    """``repr`` of at most ``limit`` characters of ``text`` (errors never echo a long query)."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         if not isinstance(text, str) or not text.strip():
             raise QueryError(f"empty index query; {USAGE}")
         self.text = text
         self.pos = 0
+        if len(text) > MAX_LENGTH:
+            raise QueryError(
+                f"invalid index query {_clip(text)}: longer than {MAX_LENGTH} characters"
+            )
 
     def error(self, what: str) -> QueryError:
-        return QueryError(f"invalid index query {self.text!r}: {what} at column {self.pos + 1}")
+        return QueryError(
+            f"invalid index query {_clip(self.text)}: {what} at column {self.pos + 1}"
+        )
 
     def skip_ws(self) -> None:
         while self.pos < len(self.text) and self.text[self.pos].isspace():
@@ -251,7 +278,7 @@ class _Parser:
             self.skip_ws()
             if self.pos >= len(self.text):
                 return conditions
-            word = re.match(r"(?i)(AND|OR|NOT)\b", self.text[self.pos :])
+            word = _WORD.match(self.text, self.pos)
             if word and word.group(1).upper() == "AND":
                 self.pos += 3
                 self.skip_ws()
@@ -259,6 +286,8 @@ class _Parser:
                     raise self.error("expected a condition after AND")
             elif word:
                 raise self.error(f"{word.group(1).upper()} is not supported (only AND)")
+            if len(conditions) >= MAX_CONDITIONS:
+                raise self.error(f"more than {MAX_CONDITIONS} conditions")
             conditions.append(self.condition())
 
     def quoted(self) -> str:
@@ -314,6 +343,9 @@ class _Parser:
             self.pos = m.end()
             if _NUMBER.match(raw):
                 kind, value = "number", float(raw)
+                if not math.isfinite(value):
+                    self.pos = m.start()
+                    raise self.error(f"number {_clip(raw)} is out of range (quote it for text)")
             else:
                 kind = "glob" if "*" in raw else "text"
                 value = raw

@@ -258,3 +258,47 @@ def test_cli_tags_folder_with_deep_files_prints_the_others(cli: Any, tmp_path: P
     assert sum(e["id"].startswith(real_sop) for e in lines) == 2 + 4  # instance, report, 4 events
     assert "b_unreadable.dcm: corrupt DICOM (sequences nested too deep)" in result.output
     assert "Traceback" not in result.output
+
+
+# --- the index query language and the index ----------------------------------------------------
+def test_index_query_bounds(tmp_path: Path) -> None:
+    """A query is bounded in conditions and length; SQLite never sees a tree too deep."""
+    from dicomsync.errors import QueryError
+    from dicomsync.index_query import MAX_CONDITIONS, MAX_LENGTH, IndexQuery
+    from dicomsync.sinks.sqlite_index import SqliteIndex
+
+    index = SqliteIndex("local", tmp_path / "index.sqlite")
+    most = " AND ".join(f"F{i}!=1" for i in range(MAX_CONDITIONS))  # != is two EXISTS
+    assert list(index.query(IndexQuery.parse(most))) == []
+    with pytest.raises(QueryError, match=f"more than {MAX_CONDITIONS} conditions"):
+        IndexQuery.parse(most + " AND G=1")
+    for text in ("A=1 " * (MAX_LENGTH // 4 + 1), 'F="' + "x" * 1_000_000):
+        with pytest.raises(QueryError) as caught:
+            IndexQuery.parse(text)
+        assert len(str(caught.value)) < 200  # never the query echoed back
+    index.close()
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "1E400"])
+def test_index_query_refuses_non_finite_numbers(number: str) -> None:
+    from dicomsync.errors import QueryError
+    from dicomsync.index_query import IndexQuery
+
+    with pytest.raises(QueryError, match="out of range"):
+        IndexQuery.parse(f"Dose>{number}")
+    assert IndexQuery.parse(f'Dose="{number}"').conditions[0].kind == "text"
+
+
+def test_index_flattens_deep_fields_without_recursion() -> None:
+    from dicomsync.index_query import flatten_fields
+
+    deep: Any = {"leaf": 1}
+    for _ in range(5000):  # the paths grow with the depth: 5,000 is past any recursion limit
+        deep = {"a": [deep]}
+    ((path, value),) = list(flatten_fields(deep))
+    assert value == 1 and path.count("a{}") == 5000
+    assert list(flatten_fields({"x": {"y": [1, {"z": 2}], "w": None}, "v": "t"})) == [
+        ("x.y{}", 1),
+        ("x.y{}.z", 2),
+        ("v", "t"),
+    ]
