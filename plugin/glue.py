@@ -89,6 +89,7 @@ QUOTE_LIMIT = 64  # characters of a request value quoted back in an error
 MAX_MESSAGE = 500  # characters of any error message we answer
 MAX_RESOURCES = 10000  # studies in one POST /dicomsync/send
 MAX_UID = 64  # characters of a DICOM UID
+CONFIG_DEPTH = 256  # nesting of Orthanc's whole configuration (other plugins' sections too)
 
 InstanceHook = Callable[[Any, str], None]
 MetricSink = Callable[[str, float], None]
@@ -989,13 +990,17 @@ def register() -> None:
 
     plugin_log.install()
     try:
-        config = json.loads(orthanc.GetConfiguration())
+        # bounded: Orthanc's configuration is an operator's file, but never worth a crash
+        config = jsonsafe.loads(orthanc.GetConfiguration(), max_depth=CONFIG_DEPTH)
         path = orthanc.GetConfigurationPath()
         APP = App(config, str(path) if path else None, InProcessTransport(), _set_metric)
         for factory in INSTANCE_HOOKS:
             hook = factory(APP)
             if hook is not None:
                 APP.instance_hooks.append(hook)
+    except jsonsafe.JsonRejected as exc:
+        log.error("cannot read Orthanc's configuration (%s); routing is OFF", exc)
+        APP = None
     except Exception:
         log.exception("cannot set up dicomsync; routing is OFF")
         APP = None

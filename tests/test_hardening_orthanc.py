@@ -316,3 +316,59 @@ def test_route_handler_holds_places_of_live_threads_only() -> None:
     assert len(closed) >= 2 * 199 - 2
     handler.close()
     assert handler.held() == 0 and len(closed) == 400
+
+
+def test_the_glue_passes_the_header_cache_and_leaves_the_environment_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Folder places of the plugin cache headers under StateDirectory/cache (or an explicit
+    $DICOMSYNC_CACHE_DIR); the process environment, which other plugins share, is unchanged."""
+    import os
+
+    from dicomsync import routing
+
+    import fake_orthanc
+
+    (tmp_path / "zips").mkdir()
+    config = {
+        "StorageDirectory": str(tmp_path / "db"),
+        routing.SECTION: {
+            "Places": {"zips": {"Kind": "zipped_root", "Path": str(tmp_path / "zips")}},
+            "Routes": [{"Destination": "zips"}],
+            "StateDirectory": str(tmp_path / "state"),
+        },
+    }
+    monkeypatch.delenv("DICOMSYNC_CACHE_DIR")
+    before = dict(os.environ)
+    fake_orthanc.install("http://127.0.0.1:1", config, str(tmp_path / "orthanc.json"))
+    try:
+        from dicomsync.plugin import glue
+
+        app = glue.App(config, str(tmp_path / "orthanc.json"), Unused())
+        assert dict(os.environ) == before
+        assert app.config is not None
+        place = app.config.build_place("zips")
+        assert place.cache.path == tmp_path / "state" / "cache" / "headers.sqlite"  # type: ignore[attr-defined]
+        assert app.config.build_place("zips").cache is place.cache  # type: ignore[attr-defined]
+        if app.queue is not None:
+            app.queue.close()
+    finally:
+        fake_orthanc.uninstall()
+    explicit = tmp_path / "explicit"
+    monkeypatch.setenv("DICOMSYNC_CACHE_DIR", str(explicit))
+    cfg = routing.load(config, str(tmp_path / "orthanc.json"))
+    assert cfg is not None
+    assert cfg.build_place("zips").cache.path == explicit / "headers.sqlite"  # type: ignore[attr-defined]
+
+
+class Unused(Transport):
+    """A transport that is never called."""
+
+    def get(self, path: str) -> bytes:
+        raise AssertionError(path)
+
+    def post(self, path: str, body: bytes, content_type: str = "") -> bytes:
+        raise AssertionError(path)
+
+    def delete(self, path: str) -> None:
+        raise AssertionError(path)

@@ -37,7 +37,7 @@ from dicomsync.query import StudyQuery
 log = logging.getLogger(__name__)
 
 DEFAULT_UPLOAD_THREADS = 4
-META_CACHE = 4096
+META_CACHE = 1024
 """Studies whose (PatientID, StudyInstanceUID) a place remembers from listings; the least
 recently used are forgotten (``identity`` then reads the study again), so a plugin that
 routes for months holds no more than this."""
