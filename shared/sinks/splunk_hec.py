@@ -12,7 +12,7 @@ Config (every option but ``Url`` has a default)::
       "Gzip": true,                               // Content-Encoding: gzip
       "BatchEvents": 500, "BatchBytes": 1000000,  // a batch ends at whichever comes first
       "Ack": false,                               // indexer acknowledgement
-      "AckTimeoutSeconds": 120, "AckPollSeconds": 0.5, "AckInFlight": 64,
+      "AckTimeoutSeconds": 120, "AckPollSeconds": 0.25, "AckInFlight": 64,
       "TimeoutSeconds": 30,
       "VerifyTls": true, "CaBundle": "/etc/ssl/splunk-ca.pem",
       "StateFile": ".dicomsync/sinks/splunk.ledger.sqlite",
@@ -160,7 +160,7 @@ class SplunkHec(Sink):
         batch_bytes: int = 1_000_000,
         ack: bool = False,
         ack_timeout: float = 120.0,
-        ack_poll: float = 0.5,
+        ack_poll: float = 0.25,
         ack_in_flight: int = 64,
         timeout: float = 30.0,
         verify: bool = True,
@@ -199,6 +199,7 @@ class SplunkHec(Sink):
         self._flights: dict[int, _Flight] = {}  # ackId -> batch waiting for its ack
         self._resend: list[_Flight] = []  # batches whose ack timed out: posted again next call
         self._next_poll = 0.0
+        self._polled = False  # polled since the last batch went in flight
         self.counters = {"sent": 0, "rejected": 0, "requests": 0, "ack_polls": 0}
 
     # --- configuration ---------------------------------------------------------------------
@@ -220,6 +221,8 @@ class SplunkHec(Sink):
         search_url = option_str(section, "SearchUrl", key, kind)
         if search_url is not None and not search_url.startswith(("http://", "https://")):
             raise ConfigError(f"splunk_hec sink {key!r}: option 'SearchUrl' must be an http(s) URL")
+        if _option_float(section, "AckPollSeconds", key, 0.25) <= 0:
+            raise ConfigError(f"splunk_hec sink {key!r}: option 'AckPollSeconds' must be > 0")
         ignored = [name for name in DEPRECATED if name in section]
         if ignored:
             log.warning(
@@ -244,7 +247,7 @@ class SplunkHec(Sink):
             batch_bytes=option_int(section, "BatchBytes", key, kind, 1_000_000, minimum=1024),
             ack=option_bool(section, "Ack", key, kind, False),
             ack_timeout=_option_float(section, "AckTimeoutSeconds", key, 120.0),
-            ack_poll=_option_float(section, "AckPollSeconds", key, 0.5),
+            ack_poll=_option_float(section, "AckPollSeconds", key, 0.25),
             ack_in_flight=option_int(section, "AckInFlight", key, kind, 64),
             timeout=_option_float(section, "TimeoutSeconds", key, 30.0),
             verify=option_bool(section, "VerifyTls", key, kind, True),
@@ -456,6 +459,7 @@ class SplunkHec(Sink):
         now = time.monotonic()
         if not self._flights:
             self._next_poll = now + self.ack_poll
+        self._polled = False  # a wait starts with one poll at once (a fast indexer)
         old = self._flights.pop(ack_id, None)
         if old is not None:  # HEC reused an ackId (its channel was reset): send it again
             self._resend.append(old)
@@ -481,16 +485,18 @@ class SplunkHec(Sink):
             self._poll_acks(token, delivered)
 
     def _wait_acks(self, token: str, delivered: set[str], *, keep: int) -> None:
-        """Poll every ``AckPollSeconds`` until at most ``keep`` batches are in flight."""
+        """Poll every ``AckPollSeconds`` until at most ``keep`` batches are in flight; the
+        first poll after a new batch went in flight is at once."""
         while len(self._flights) > keep:
             pause = self._next_poll - time.monotonic()
-            if pause > 0:
+            if pause > 0 and self._polled:
                 time.sleep(pause)
             self._poll_acks(token, delivered)
 
     def _poll_acks(self, token: str, delivered: set[str]) -> None:
         """One ``/services/collector/ack`` request for every batch in flight."""
         self._next_poll = time.monotonic() + self.ack_poll
+        self._polled = True
         self.counters["ack_polls"] += 1
         body = json.dumps({"acks": sorted(self._flights)}).encode()
         status, answer = self._request(ACK_PATH, body, token, gz=False)
