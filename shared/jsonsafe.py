@@ -61,3 +61,5 @@ def loads(text: str | bytes, *, max_bytes: int | None = None, max_depth: int = M
         raise JsonRejected(
             f"malformed JSON: {exc.msg} (line {exc.lineno} column {exc.colno})"
         ) from None
+    except ValueError:  # an integer of more digits than Python converts (4,300)
+        raise JsonRejected("JSON holds a number too long to read") from None
