@@ -140,7 +140,7 @@ def test_acks_are_pipelined_across_submits(
 def test_at_most_ack_in_flight_batches_wait(
     hec: HecServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hec.state.ack_delay = 0.05
+    hec.state.ack_delay = 0.3  # longer than posting three batches takes, even on a busy machine
     s = sink(hec.url, tmp_path, ACKED, monkeypatch, Ack=True, AckPollSeconds=0.01, AckInFlight=3)
     seen: list[int] = []
     real = s._after_post
