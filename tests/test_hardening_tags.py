@@ -22,6 +22,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -302,3 +303,73 @@ def test_index_flattens_deep_fields_without_recursion() -> None:
         ("x.y{}.z", 2),
         ("v", "t"),
     ]
+
+
+# --- in a real Orthanc with the plugin ----------------------------------------------------------
+@pytest.mark.orthanc
+def test_plugin_lane_indexes_reports_nested_1000_deep(tmp_path: Path) -> None:
+    """Reports nested 1,000 deep reach Orthanc by C-STORE (Orthanc 1.10's own REST upload
+    dies on about 60 levels, without any plugin: see the report) and are indexed by the
+    sink's lane with the marker, beside a real report; the lane keeps running. (Orthanc
+    stores what it receives with defined lengths, so the undefined-length variant is
+    indexed too.)"""
+    import subprocess
+
+    from dicomsync.sinks.sqlite_index import SqliteIndex
+
+    from plugin_helpers import plugin_orthanc, status, wait_for
+
+    files = [tmp_path / "deep.dcm", tmp_path / "deep_undefined.dcm"]
+    files[0].write_bytes(deep_report(1000, event_first=True))
+    files[1].write_bytes(deep_report(1000, undefined=True, event_first=True))
+    real = data("rdsr", "CT-RDSR-Siemens_Flash-TAP-SS.dcm")
+    state = tmp_path / "state"
+    a = plugin_orthanc(
+        tmp_path / "a",
+        "a",
+        {},
+        [],
+        sync={
+            "Sinks": {"local": {"Kind": "sqlite_index", "Path": "index.sqlite"}},
+            "StateDirectory": str(state),
+        },
+    ).start()
+    try:
+        for path in (*files, real):
+            subprocess.run(
+                ["storescu", "-aec", "A", "127.0.0.1", str(a.dicom_port), str(path)],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+        assert int(a.get("/statistics")["CountInstances"]) == 3
+
+        def settled() -> dict[str, Any] | None:
+            s = status(a)["Sinks"]["local"]
+            done = s["Done"] + s["Failed"] == 3 and s["Queued"] == s["Sending"] == 0
+            return s if done else None
+
+        sink = wait_for(settled, what="the three instances handled")
+        assert (sink["State"], sink["Error"], sink["Done"], sink["Failed"]) == (
+            "running",
+            None,
+            3,
+            0,
+        ), sink
+    finally:
+        a.stop()
+    assert "Traceback" not in a.log_text()
+    index = SqliteIndex("check", state / "index.sqlite")
+    try:
+        for path in files:
+            sop = str(read_file_meta_info(path).MediaStorageSOPInstanceUID)  # dcmread: too deep
+            report = index.event(f"{sop}:dose_report")
+            assert report is not None, path.name
+            body = report["event"]["X-Ray Radiation Dose Report"]["CT Acquisition"]
+            n, last = levels(body, "Level")
+            assert n == sr.MAX_DEPTH and "@invalid" in last, path.name  # 1 is the event
+        real_sop = str(pydicom.dcmread(real, stop_before_pixels=True).SOPInstanceUID)
+        assert index.event(f"{real_sop}:dose_report") is not None
+        assert sum(index.stats()["events"].values()) == 2 * 3 + 2 + 4
+    finally:
+        index.close()
