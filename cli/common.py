@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -85,6 +86,26 @@ def source_items(
         stack.enter_context(p)
         items.extend((p, ref) for ref in p.studies(query))
     return items
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds in (0, ``maximum``]: click's FloatRange lets NaN through."""
+
+    name = "seconds"
+
+    def __init__(self, maximum: float = 7 * 86400) -> None:
+        self.maximum = maximum
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{shown(str(value))[:40]!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(number) or not 0 < number <= self.maximum:
+            self.fail(f"must be a finite number of seconds in (0, {self.maximum:g}]", param, ctx)
+        return number
 
 
 def retry_option(command: Callable[..., Any]) -> Callable[..., Any]:

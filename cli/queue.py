@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from dicomsync.cli.common import echo, echo_json
+from dicomsync.cli.common import Seconds, echo, echo_json
 from dicomsync.errors import ConfigError, DicomSyncError
 from dicomsync.orthanc_client import HttpTransport, OrthancClient
 from dicomsync.printable import shown
@@ -137,7 +137,7 @@ def register(group: click.Group) -> None:
         help="Orthanc /tools/find filter, repeatable (StudyDate=20240101-, Modality=CT).",
     )
     @click.option("--no-wait", is_flag=True, help="Return once the jobs are enqueued.")
-    @click.option("--timeout", type=float, help="Give up waiting after this many seconds.")
+    @click.option("--timeout", type=Seconds(), help="Give up waiting after this many seconds.")
     @click.pass_context
     def backfill(
         ctx: click.Context,

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from dicomsync.cli.common import tls_options, tls_section
+from dicomsync.cli.common import Seconds, tls_options, tls_section
 from dicomsync.places.xnat import DEFAULT_PASSWORD_ENV, DEFAULT_TIMEOUT
 
 
@@ -25,7 +25,7 @@ from dicomsync.places.xnat import DEFAULT_PASSWORD_ENV, DEFAULT_TIMEOUT
 @click.option(
     "--timeout",
     metavar="SECONDS",
-    type=click.FloatRange(min=0, min_open=True, max=86400),
+    type=Seconds(86400),
     help=f"Seconds to wait for one XNAT request, uploads included [default: {DEFAULT_TIMEOUT:g}].",
 )
 @tls_options

@@ -633,3 +633,21 @@ def test_ci_installs_make_on_a_bare_machine(tmp_path: Path) -> None:
     assert calls[0] == "apt-get update -qq"
     assert calls[1].startswith("apt-get install -y -qq --no-install-recommends make")
     assert calls[2:] == ["make lint", "make typecheck", "make test"]
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999", "0", "-5", "abc", ""])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["backfill", "http://127.0.0.1:9", "dest", "--timeout"],
+        ["place", "add", "xnat_pre_archive", "x", "https://x.org", "P", "u", "--timeout"],
+    ],
+)
+def test_seconds_options_refuse_non_finite_numbers(
+    cli: Cli, command: list[str], value: str
+) -> None:
+    """click's FloatRange lets NaN through (every comparison with NaN is false)."""
+    result = cli(*command, value, ok=False)
+    assert result.exit_code == 2
+    assert "Invalid value for '--timeout'" in result.output
+    assert not (cli.config.exists() and "Timeout" in cli.config.read_text())
