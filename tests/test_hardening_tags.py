@@ -49,10 +49,19 @@ def _encoded(ds: Dataset) -> bytes:
     return buf.getvalue()
 
 
-def nested(tag: int, body: bytes, depth: int, *, undefined: bool, first: bytes = b"") -> bytes:
+def nested(
+    tag: int,
+    body: bytes,
+    depth: int,
+    *,
+    undefined: bool,
+    first: bytes = b"",
+    sibling: bytes = b"",
+) -> bytes:
     """Element ``tag`` (SQ) with one item holding ``body`` and the same SQ, ``depth`` levels
-    deep (``first`` replaces the body of the outermost item). Lengths are computed from the
-    inside out, so even 10,000 levels take one pass."""
+    deep (``first`` replaces the body of the outermost item; ``sibling``, when given, is the
+    body of a second item in every sequence). Lengths are computed from the inside out, so
+    even 10,000 levels take one pass."""
 
     def sq(length: int) -> bytes:
         return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, length)
@@ -61,16 +70,19 @@ def nested(tag: int, body: bytes, depth: int, *, undefined: bool, first: bytes =
         return struct.pack("<HHI", 0xFFFE, 0xE000, length)
 
     bodies = [first or body] + [body] * (depth - 1)
+    second = item(len(sibling)) + sibling if sibling else b""
     if undefined:
-        end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+        end = (
+            struct.pack("<HHI", 0xFFFE, 0xE00D, 0) + second + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+        )
         return b"".join(sq(UNDEFINED) + item(UNDEFINED) + b for b in bodies) + end * depth
     headers: list[bytes] = []
     inner = 0  # length of the SQ element one level down
     for b in reversed(bodies):
         item_length = len(b) + inner
-        headers.append(sq(8 + item_length) + item(item_length))
-        inner = 12 + 8 + item_length
-    return b"".join(h + b for h, b in zip(reversed(headers), bodies, strict=True))
+        headers.append(sq(8 + item_length + len(second)) + item(item_length))
+        inner = 12 + 8 + item_length + len(second)
+    return b"".join(h + b for h, b in zip(reversed(headers), bodies, strict=True)) + second * depth
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -146,6 +158,27 @@ def test_deep_content_tree_gives_invalid_marker(depth: int) -> None:
     assert n == sr.MAX_DEPTH + 1
     assert last == {"@invalid": f"content nested deeper than {sr.MAX_DEPTH} levels"}
     assert_bounded_json(list(events.values()))
+
+
+@pytest.mark.parametrize("undefined", [False, True])
+def test_repeated_concepts_at_every_level_stay_within_jsonsafe_depth(undefined: bool) -> None:
+    """The worst shape: a repeated concept (a list) at every level, 10,000 (or, with
+    undefined lengths, 150) levels deep; in the report and in a generic SR's instance event."""
+    level = _container("L1", "99TEST", "Level")
+    depth = 150 if undefined else 10_000
+    tail = nested(CONTENT, level, depth, undefined=undefined, sibling=level)
+    events = events_from_bytes(instance(tail)) + events_from_bytes(
+        instance(tail, sop_class=COMPREHENSIVE_SR, root="Notes")
+    )
+    assert len(events) == 3
+    report = by_type(events[:2])["dose_report"].fields["X-Ray Radiation Dose Report"]
+    n = 0
+    while isinstance(report, dict) and isinstance(report.get("Level"), list):
+        report, n = report["Level"][0], n + 1
+    assert n == sr.MAX_DEPTH + 1 and report == {
+        "@invalid": f"content nested deeper than {sr.MAX_DEPTH} levels"
+    }
+    assert_bounded_json(events)
 
 
 def test_content_tree_at_the_limit_is_whole() -> None:
