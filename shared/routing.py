@@ -57,6 +57,7 @@ from dicomsync.places.base import PLACES, Place
 from dicomsync.places.local import RootPlace
 from dicomsync.query import glob_to_regex
 from dicomsync.queue.base import Job, RetryPolicy
+from dicomsync.urls import credential_problem
 from dicomsync.worker import Delivered, Lane
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,8 @@ def _parse(
             PLACES.get(str(place.get("Kind")))
         except DicomSyncError as exc:
             problems.append(f"{where}.Places[{key!r}]: {exc}")
+        if credentials := credential_problem("place", key, place):  # /places lists sections
+            problems.append(f"{where}.Places[{key!r}]: {credentials}")
 
     routes = _parse_routes(section.get("Routes", []), places, problems)
 
@@ -377,6 +380,8 @@ def _check_sinks(
             problems.append(f"{here}: {exc}")
         if key in places:
             problems.append(f"{here}: a place has the same key; give the sink another name")
+        if credentials := credential_problem("sink", key, sink):
+            problems.append(f"{here}: {credentials}")
 
 
 def _parse_routes(value: Any, places: Mapping[str, Any], problems: list[str]) -> list[Route]:

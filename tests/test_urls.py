@@ -139,3 +139,28 @@ def test_cli_sink_add_and_list_never_show_the_secret(cli: Any, tmp_path: Path) -
     assert SECRET not in listed.output and "unusable" in listed.output
     listed_json = cli("sink", "list", "--json")
     assert SECRET not in listed_json.output
+
+
+@pytest.mark.parametrize("what", ["Places", "Sinks"])
+def test_the_plugin_section_refuses_credentials_before_anything_lists_it(
+    what: str, tmp_path: Path
+) -> None:
+    """The plugin's /dicomsync/places lists place sections as configured: a credentialed
+    URL must stop the DicomSync section at load, with one line that does not quote it."""
+    from dicomsync import routing
+
+    url = f"https://{USER}:{SECRET}@host.example.org:8042"
+    sections = {
+        "Places": {"dest": {"Kind": "orthanc", "Url": url}},
+        "Sinks": {"splunk": {"Kind": "splunk_hec", "Url": url}},
+    }
+    orthanc = {
+        "StorageDirectory": str(tmp_path / "storage"),
+        "DicomSync": {"StateDirectory": str(tmp_path / "state"), what: sections[what]},
+    }
+    problems = routing.validate(orthanc)
+    assert any("has a user name or password in its URL" in p for p in problems), problems
+    assert not any(SECRET in p or f"{USER}:" in p for p in problems)
+    with pytest.raises(ConfigError) as info:
+        routing.load(orthanc)
+    assert SECRET not in str(info.value)
