@@ -88,6 +88,7 @@ def test_ack_on_against_a_token_without_ack_stops_at_the_first_answer(
     message = str(info.value)
     assert "\n" not in message
     assert "indexer acknowledgement off" in message and '"Ack": false' in message
+    assert "the 10 events HEC accepted are recorded" in message
     assert event_posts(hec) == [200]  # it stopped before sending more
     first = {e.id for e in batch[:10]}
     assert delivered_before(info.value) == first

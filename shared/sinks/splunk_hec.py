@@ -427,7 +427,7 @@ class SplunkHec(Sink):
                     # HEC accepted the batch (as it would with Ack off): record it, so a
                     # rerun does not send it twice, and stop before sending more.
                     self._record(ids, delivered)
-                    raise self._ack_disabled(delivered)
+                    raise self._ack_disabled(len(ids))
                 self._fly(ack_id, rest, body)
                 return
             bad = answer.get("invalid-event-number") if isinstance(answer, dict) else None
@@ -467,12 +467,12 @@ class SplunkHec(Sink):
             ack_id, [i for i, _ in rest], body, ends, self.use_gzip, now
         )
 
-    def _ack_disabled(self, delivered: set[str]) -> SinkFatal:
+    def _ack_disabled(self, accepted: int) -> SinkFatal:
         return SinkFatal(
             f'splunk_hec {self.key!r}: "Ack" is on, but HEC {self.url} has indexer '
             f"acknowledgement off for the token from ${self.token_env} (no ackId); enable "
             'indexer acknowledgement on the token in Splunk, or set "Ack": false. Sink '
-            f"stopped; the {len(delivered)} events HEC accepted are recorded, the rest are kept"
+            f"stopped; the {accepted} events HEC accepted are recorded, the rest are kept"
         )
 
     def _after_post(self, token: str, delivered: set[str]) -> None:
@@ -512,11 +512,12 @@ class SplunkHec(Sink):
         elif status == 400 and isinstance(answer, dict) and answer.get("code") == ACK_DISABLED:
             # HEC accepted these batches with an ackId, then the token lost its ack:
             # they count as delivered, as they would with Ack off.
-            for flight in [*self._flights.values(), *self._resend]:
+            accepted = [*self._flights.values(), *self._resend]
+            for flight in accepted:
                 self._record(flight.ids, delivered)
             self._flights.clear()
             self._resend.clear()
-            raise self._ack_disabled(delivered)
+            raise self._ack_disabled(sum(len(f.ids) for f in accepted))
         else:
             raise self._failure(ACK_PATH, status, answer)
         now = time.monotonic()
