@@ -9,6 +9,7 @@ all; "only in B" lists B's studies whose StudyInstanceUID no study of A has.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -138,29 +139,29 @@ def _best(refs: list[StudyRef], ref: StudyRef) -> StudyRef | None:
 
 
 def _print(rows: dict[str, list[dict[str, Any]]], a: str, b: str) -> None:
-    echo(f"only in {a}: {len(rows['only_a'])}")
-    for r in rows["only_a"]:
+    def note(r: dict[str, Any]) -> str:
         elsewhere = r.get("same_uid_in_b")
-        note = f" (its StudyInstanceUID is at {', '.join(elsewhere)})" if elsewhere else ""
-        echo(f"  {r['a']}{note}")
-    echo(f"in both: {len(rows['both'])}")
-    for r in rows["both"]:
-        echo(f"  {r['a']} = {r['b']}")
-    if rows["partial"]:
-        echo(f"partial in {b}: {len(rows['partial'])}")
-        for r in rows["partial"]:
-            echo(f"  {r['a']} ~ {r['b']} ({r['missing_in_b']} instances missing)")
-    if rows["empty"]:
-        echo(f"no readable instances in {a}: {len(rows['empty'])}")
-        for r in rows["empty"]:
-            echo(f"  {r['a']}")
-    if rows["failed"]:
-        echo(f"not compared: {len(rows['failed'])}")
-        for r in rows["failed"]:
-            echo(f"  {r['a']}: {r['error']}")
-    echo(f"only in {b}: {len(rows['only_b'])}")
-    for r in rows["only_b"]:
-        echo(f"  {r['b']}")
+        return f" (its StudyInstanceUID is at {', '.join(elsewhere)})" if elsewhere else ""
+
+    # (row kind, heading, line per study, shown when empty)
+    sections: list[tuple[str, str, Callable[[dict[str, Any]], str], bool]] = [
+        ("only_a", f"only in {a}", lambda r: f"{r['a']}{note(r)}", True),
+        ("both", "in both", lambda r: f"{r['a']} = {r['b']}", True),
+        (
+            "partial",
+            f"partial in {b}",
+            lambda r: f"{r['a']} ~ {r['b']} ({r['missing_in_b']} instances missing)",
+            False,
+        ),
+        ("empty", f"no readable instances in {a}", lambda r: f"{r['a']}", False),
+        ("failed", "not compared", lambda r: f"{r['a']}: {r['error']}", False),
+        ("only_b", f"only in {b}", lambda r: f"{r['b']}", True),
+    ]
+    for kind, heading, line, always in sections:
+        if rows[kind] or always:
+            echo(f"{heading}: {len(rows[kind])}")
+            for r in rows[kind]:
+                echo(f"  {line(r)}")
 
 
 def register(group: click.Group) -> None:

@@ -48,6 +48,7 @@ from dicomsync.query import StudyQuery
 from dicomsync.queue.base import RetryPolicy
 from dicomsync.sinks.base import Sink, delivered_before
 from dicomsync.tags import Event, events_from_bytes, events_from_path
+from dicomsync.transfer import wait_to_retry
 
 log = logging.getLogger(__name__)
 
@@ -204,16 +205,7 @@ def retried(
             if not exc.retryable or attempt >= retry.max_attempts:
                 exc.delivered = confirmed
                 raise
-            seconds = retry.delay(attempt)
-            log.warning(
-                "%s: attempt %d of %d failed (%s); trying again in %.1fs",
-                what,
-                attempt,
-                retry.max_attempts,
-                exc,
-                seconds,
-            )
-            sleep(seconds)
+            wait_to_retry(what, str(exc), attempt, retry, sleep)
             attempt += 1
 
 

@@ -169,11 +169,14 @@ def _retried(
         except DicomSyncError as exc:
             if not exc.retryable or retry is None or attempt >= limit:
                 raise
-            _wait(what, str(exc), attempt, retry, sleep)
+            wait_to_retry(what, str(exc), attempt, retry, sleep)
             attempt += 1
 
 
-def _wait(what: str, error: str | None, attempt: int, retry: RetryPolicy, sleep: Sleep) -> None:
+def wait_to_retry(
+    what: str, error: str | None, attempt: int, retry: RetryPolicy, sleep: Sleep
+) -> None:
+    """Log the one warning line of a failed ``attempt`` and sleep ``retry.delay(attempt)``."""
     seconds = retry.delay(attempt)
     log.warning(
         "%s: attempt %d of %d failed (%s); trying again in %.1fs",
@@ -245,7 +248,7 @@ def send(
             if outcome.status != "failed" or not outcome.retryable or attempt >= attempts:
                 break
             assert retry is not None
-            _wait(str(ref), outcome.error, attempt, retry, sleep)
+            wait_to_retry(str(ref), outcome.error, attempt, retry, sleep)
             ident = outcome.identity or ident
             attempt += 1
         if outcome.status != "failed":
