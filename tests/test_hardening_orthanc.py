@@ -372,3 +372,38 @@ class Unused(Transport):
 
     def delete(self, path: str) -> None:
         raise AssertionError(path)
+
+
+def test_a_route_job_that_fails_mid_upload_reports_what_it_stored(
+    plain: Server, tmp_path: Path
+) -> None:
+    """Route handler, send_study and the Orthanc place together: the error the job ends
+    with carries the number of instances B stored before the 503 (the queue adds it)."""
+    from dicomsync.errors import TransferError
+    from dicomsync.places.dicom_root import DicomRoot
+    from dicomsync.queue import Job
+    from dicomsync.routing import RouteHandler
+
+    from dicomdata import generate_root
+
+    generate_root(tmp_path / "src", 1, instances=50)
+
+    class Source(DicomRoot):
+        def ref_by_id(self, study_id: str) -> StudyRef:
+            return next(iter(self.studies()))
+
+    plain.answers["/tools/lookup"] = (200, b"[]")  # B holds nothing of the study yet
+    plain.fail_posts = {31}
+    handler = RouteHandler(
+        lambda: Source("src", tmp_path / "src"),
+        lambda key: OrthancPlace(
+            key, OrthancClient(HttpTransport(plain.url, timeout=5)), upload_threads=1
+        ),
+    )
+    try:
+        with pytest.raises(TransferError) as info:
+            handler(Job(1, "study", "any", "b"))
+        assert info.value.retryable
+        assert getattr(info.value, "delivered", None) == plain.posts - 1 >= 30
+    finally:
+        handler.close()
