@@ -418,7 +418,8 @@ class App:
         cfg, _ = self._need()
         for key in cfg.destinations():
             try:
-                cfg.build_place(key).close()
+                with cfg.build_place(key) as place:
+                    place.check_environment()
             except DicomSyncError as exc:
                 self.place_errors[key] = str(exc)
                 log.error("destination %r is unusable: %s", key, exc)

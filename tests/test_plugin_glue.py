@@ -349,3 +349,47 @@ def test_docker_compose_pins_hostnames_and_node_a_indexes_into_its_state_volume(
     )
     assert state_volume.startswith("a-state:")
     assert sync.sinks_base == sync.state_dir  # index.sqlite lives in the state volume
+
+
+@pytest.mark.parametrize(
+    "section",
+    [
+        {"Kind": "orthanc", "Url": "http://127.0.0.1:9", "User": "u", "PasswordEnv": "DS_UNSET_1"},
+        {
+            "Kind": "xnat_pre_archive",
+            "Server": "http://127.0.0.1:9",
+            "Project": "P",
+            "User": "u",
+            "PasswordEnv": "DS_UNSET_1",
+        },
+    ],
+)
+def test_an_unset_password_variable_of_a_route_is_reported_at_startup(
+    orthanc: OrthancProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    section: dict[str, Any],
+) -> None:
+    """``place add`` needs no secret, but a route whose password variable is unset is named
+    in PlaceErrors (and Orthanc's log) when Orthanc starts, before its first job."""
+    monkeypatch.delenv("DS_UNSET_1", raising=False)
+    config = glue_config(tmp_path)
+    config[routing.SECTION]["Places"]["remote"] = section
+    config[routing.SECTION]["Routes"].append({"Destination": "remote"})
+    fake = fake_orthanc.install(orthanc.url, config, str(tmp_path / "orthanc.json"))
+    try:
+        from dicomsync.plugin import glue as module
+
+        g = Glue(fake, module)
+        g.register()
+        fake.change(fake.ChangeType.ORTHANC_STARTED)
+        wait_for(
+            lambda: "remote" in g.status().get("PlaceErrors", {}),
+            timeout=20,
+            what="the startup check of the destinations",
+        )
+        assert "DS_UNSET_1" in g.status()["PlaceErrors"]["remote"]
+        assert "zips" not in g.status()["PlaceErrors"]
+        fake.change(fake.ChangeType.ORTHANC_STOPPED)
+    finally:
+        fake_orthanc.uninstall()

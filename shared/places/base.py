@@ -19,6 +19,8 @@ A place stores studies under keys ``<patient>/<study>``. Every kind implements:
     leaves anything that ``holds`` counts. Returns a ``Receipt``.
 ``prepare(identities)``  (optional)
     Called once per batch before ``holds``, so a place can list once, not per study.
+``check_environment()``  (optional)
+    Offline check of what the config does not hold (an unset password variable).
 
 ``is_source`` / ``is_destination`` say what a kind can do. Errors are
 ``dicomsync.errors`` types only.
@@ -123,6 +125,12 @@ class Place(ABC):
 
     def receive(self, key: str, instances: Iterable[Instance], identity: StudyIdentity) -> Receipt:
         raise RemoteRejected(f"{self.kind} place {self.key!r} cannot be a destination")
+
+    def check_environment(self) -> None:  # noqa: B027
+        """Check what a run needs that the config does not hold (a password variable that
+        is not set); ``ConfigError`` if missing. Cheap and offline: the plugin calls it at
+        startup, so ``place add`` need not have the secret but a misconfigured route is
+        reported before its first job."""
 
     def close(self) -> None:  # noqa: B027
         """Release sessions and files."""

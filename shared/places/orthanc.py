@@ -115,6 +115,10 @@ class OrthancPlace(Place):
             upload_threads=int(number(section, "UploadThreads", DEFAULT_UPLOAD_THREADS, key)),
         )
 
+    def check_environment(self) -> None:
+        if self.password_env:
+            password_from_env(self.key, self.password_env)
+
     def to_config(self) -> dict[str, Any]:
         section: dict[str, Any] = {"Kind": self.kind, "Url": self.url}
         if self.user:

@@ -339,6 +339,9 @@ class XnatPreArchive(Place):
     def _what(self, action: str) -> str:
         return f"{self._where} {action}"
 
+    def check_environment(self) -> None:
+        self._password()
+
     def _password(self) -> str:
         password = os.environ.get(self.password_env)
         if not password:
