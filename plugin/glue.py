@@ -145,7 +145,7 @@ class App:
         self.transport = transport
         self.client = OrthancClient(transport)
         self.metric = metric
-        self.stable_age = float(orthanc_config.get("StableAge", 60))
+        self.stable_age = routing.stable_age(orthanc_config)
         self.config: routing.SyncConfig | None = None
         self.config_error: str | None = None
         self.queue: Queue | None = None

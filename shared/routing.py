@@ -226,6 +226,15 @@ def storage_dir(orthanc_config: Mapping[str, Any], base_dir: Path) -> Path:
     return resolve_path(str(orthanc_config.get("StorageDirectory") or "OrthancStorage"), base_dir)
 
 
+def stable_age(orthanc_config: Mapping[str, Any]) -> float:
+    """Orthanc's ``StableAge`` in seconds; its default, 60, when it is not a finite number >= 0."""
+    value = orthanc_config.get("StableAge", 60)
+    if is_finite_number(value) and value >= 0:
+        return float(value)
+    log.warning("StableAge is not a number of seconds (%.40r); taking 60", value)
+    return 60.0
+
+
 def default_state_dir(orthanc_config: Mapping[str, Any], base_dir: Path) -> Path:
     return storage_dir(orthanc_config, base_dir).parent / "dicomsync"
 

@@ -393,3 +393,24 @@ def test_an_unset_password_variable_of_a_route_is_reported_at_startup(
         fake.change(fake.ChangeType.ORTHANC_STOPPED)
     finally:
         fake_orthanc.uninstall()
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (0, 0.0),
+        (12.5, 12.5),
+        (float("nan"), 60.0),
+        (float("inf"), 60.0),
+        (-1, 60.0),
+        (True, 60.0),
+        ("nan", 60.0),
+        ("abc", 60.0),
+        (None, 60.0),
+        ([1], 60.0),
+    ],
+)
+def test_stable_age_that_is_not_finite_seconds_falls_back_to_orthancs_default(
+    value: Any, seconds: float
+) -> None:
+    assert routing.stable_age({"StableAge": value}) == seconds
