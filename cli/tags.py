@@ -31,6 +31,7 @@ from typing import Any
 import click
 
 from dicomsync.cli.common import (
+    echo,
     echo_configured,
     echo_summary,
     load_config,
@@ -44,6 +45,7 @@ from dicomsync.config import Config
 from dicomsync.errors import ConfigError, DicomFileError, SinkError, UnknownPlaceError
 from dicomsync.index_query import IndexQuery
 from dicomsync.places.base import Place, StudyRef
+from dicomsync.printable import json_printable
 from dicomsync.query import StudyQuery
 from dicomsync.queue.base import RetryPolicy
 from dicomsync.sinks.base import Sink, delivered_before
@@ -93,7 +95,9 @@ def tags_command(paths: tuple[Path, ...], only: tuple[str, ...]) -> None:
             continue
         for event in events:
             if not wanted or event.sourcetype in wanted:
-                click.echo(json.dumps(event.to_json(), ensure_ascii=False, sort_keys=False))
+                echo(
+                    json_printable(json.dumps(event.to_json(), ensure_ascii=False, sort_keys=False))
+                )
 
 
 # --- index ---------------------------------------------------------------------------------
@@ -135,7 +139,7 @@ def index_command(ctx: click.Context, query: str, sink_key: str, retries: int | 
                 counts["studies"] += 1
                 _index_study(place, ref, sink, counts, retry)
         _count(sink, sink.flush, counts, retry)  # the batches still waiting for their acks
-    click.echo(
+    echo(
         f"{counts['studies']} studies, {counts['instances']} instances indexed "
         f"({counts['events']} events sent), {counts['skipped']} already in {sink_key}"
         + (f", {counts['rejected']} events rejected" if counts["rejected"] else "")
@@ -183,7 +187,7 @@ def _count(
     counts["events"] += len(delivered)
     counts["rejected"] += len(sink.rejected)
     for event_id, reason in sink.rejected.items():
-        click.echo(f"rejected {event_id}: {reason}", err=True)
+        echo(f"rejected {event_id}: {reason}", err=True)
 
 
 def retried(
@@ -270,7 +274,7 @@ def replicate_command(
                     if place.identity(ref).study_uid in wanted:
                         items.append((place, ref))
         if not items:
-            click.echo(f"no studies of {src_q} match {where}")
+            echo(f"no studies of {src_q} match {where}")
             return
         summary = send_studies(items, dest, dry_run=dry_run)
     echo_summary(ctx, summary)
@@ -292,7 +296,7 @@ def _save_sink(ctx: click.Context, key: str, section: dict[str, Any]) -> None:
     cfg.add_sink(key, section)
     cfg.save()
     with cfg.sink(key) as sink:
-        click.echo(f"added {section['Kind']} sink {key!r}: {sink.describe()}")
+        echo(f"added {section['Kind']} sink {key!r}: {sink.describe()}")
 
 
 @sink_add.command("splunk_hec")
@@ -365,7 +369,7 @@ def remove_sink(ctx: click.Context, key: str) -> None:
     cfg = load_config(ctx)
     cfg.remove_sink(key)
     cfg.save()
-    click.echo(f"removed sink {key!r}")
+    echo(f"removed sink {key!r}")
 
 
 def register(group: click.Group) -> None:

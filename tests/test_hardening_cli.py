@@ -651,3 +651,23 @@ def test_seconds_options_refuse_non_finite_numbers(
     assert result.exit_code == 2
     assert "Invalid value for '--timeout'" in result.output
     assert not (cli.config.exists() and "Timeout" in cli.config.read_text())
+
+
+def test_tags_output_is_json_lines_with_no_raw_display_characters(tmp_path: Path, cli: Cli) -> None:
+    """A DICOM value can hold U+2028 (a line break to many readers) or U+202E; ``tags``
+    prints one JSON object per line, each character that changes display escaped."""
+    name = "Evil\u2028Line^\u202egpj.exe\u0085"
+    path = tmp_path / "one.dcm"
+    make_instance(
+        path,
+        patient_id="P\u2029",
+        study_uid=generate_uid(),
+        patient_name=name,
+        SpecificCharacterSet="ISO_IR 192",
+    )
+    result = cli("tags", str(path))
+    lines = result.output.splitlines()
+    assert len(lines) == 1
+    assert not any(ch in result.output for ch in "\u2028\u2029\u202e\u0085")
+    event = json.loads(lines[0])
+    assert name in json.dumps(event, ensure_ascii=False)
