@@ -413,10 +413,12 @@ def tiny_studies(start: int, n: int, prefix: str) -> Iterator[bytes]:
         yield buf.getvalue()
 
 
-def upload_bytes(url: str, items: Iterator[bytes], threads: int = 2) -> None:
+def upload_bytes(url: str, items: Iterator[bytes], threads: int = 2) -> list[str]:
+    """Upload every item; the Orthanc study IDs they went into."""
     import threading
 
     lock = threading.Lock()
+    studies: list[str] = []
 
     def run() -> None:
         with requests.Session() as s:
@@ -426,11 +428,15 @@ def upload_bytes(url: str, items: Iterator[bytes], threads: int = 2) -> None:
                     data = next(items, None)
                 if data is None:
                     return
-                s.post(url + "/instances", data=data, timeout=120).raise_for_status()
+                r = s.post(url + "/instances", data=data, timeout=120)
+                r.raise_for_status()
+                with lock:
+                    studies.append(str(r.json()["ParentStudy"]))
 
     with ThreadPoolExecutor(threads) as pool:
         for f in [pool.submit(run) for _ in range(threads)]:
             f.result()
+    return studies
 
 
 def bench_studies(base: Path, total: int, batch: int = 1000) -> list[tuple[str, str]]:
@@ -439,19 +445,32 @@ def bench_studies(base: Path, total: int, batch: int = 1000) -> list[tuple[str, 
     cache is off (``MaximumStorageCacheSize`` 0) so that only the process itself grows."""
     batches = max(1, total // batch)
     rows = []
-    for plugin in (True, False):
-        tag = "on" if plugin else "off"
-        b = OrthancProcess(base / f"many-b-{tag}", "b").start() if plugin else None
-        config = plugin_config(b, True, 4) if b is not None else {"StableAge": 1}
+    # plugin routing every study to B; Orthanc's own peer store of each batch to B (the
+    # native path, plugin off); Orthanc alone, ingesting only
+    for tag, plugin, with_b in (("on", True, True), ("native", False, True), ("off", False, False)):
+        b = OrthancProcess(base / f"many-b-{tag}", "b").start() if with_b else None
+        config: dict[str, Any] = {"StableAge": 1}
+        if b is not None:
+            config = (
+                plugin_config(b, True, 4)
+                if plugin
+                else {**config, "OrthancPeers": {"b": {"Url": b.url}}}
+            )
         config["MaximumStorageCacheSize"] = 0
         a = OrthancProcess(base / f"many-a-{tag}", "a", plugin=plugin, config=config).start()
         samples: list[tuple[int, float]] = []
         started = time.perf_counter()
         try:
             for i in range(batches):
-                upload_bytes(a.url, tiny_studies(i * batch, batch, f"S{tag}"))
+                studies = upload_bytes(a.url, tiny_studies(i * batch, batch, f"S{tag}"))
                 if plugin:
                     wait(lambda a=a, i=i: drained(a, "b", (i + 1) * batch), interval=0.2)
+                elif b is not None:
+                    requests.post(
+                        f"{a.url}/peers/b/store",
+                        json={"Resources": studies, "Synchronous": True},
+                        timeout=3600,
+                    ).raise_for_status()
                 assert a.pid is not None
                 samples.append(((i + 1) * batch, rss_mb(a.pid)))
                 if i % 10 == 9 or i == batches - 1:
@@ -466,7 +485,11 @@ def bench_studies(base: Path, total: int, batch: int = 1000) -> list[tuple[str, 
                 b.stop()
         first, last = samples[0][1], samples[-1][1]
         peak = max(r for _, r in samples)
-        label = "plugin routing to B" if plugin else "plugin off (Orthanc alone)"
+        label = {
+            "on": "plugin routing to B",
+            "native": "plugin off, Orthanc's /peers/b/store of each batch (native)",
+            "off": "plugin off, Orthanc alone ingesting",
+        }[tag]
         rows.append(
             (
                 label,
