@@ -37,8 +37,10 @@ def check_depth(text: str | bytes, max_depth: int = MAX_DEPTH) -> None:
     No recursion: strings are cut out with one regular expression, every byte but
     the four brackets is dropped, and a running sum gives the depth. (The four
     brackets and the quote are ASCII, so they never occur inside a UTF-8 sequence.)
+    Bytes must be UTF-8: ``json.loads`` would also read UTF-16 and UTF-32, where a
+    ``"`` byte can be half of another character and hide brackets from this scan.
     """
-    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    data = (_utf8(text) if isinstance(text, bytes) else text).encode("utf-8", "surrogatepass")
     brackets = _STRING.sub(b"", data).translate(None, _KEEP)
     if len(brackets) <= max_depth:
         return
@@ -46,17 +48,24 @@ def check_depth(text: str | bytes, max_depth: int = MAX_DEPTH) -> None:
         raise JsonRejected(f"JSON nested deeper than {max_depth} levels")
 
 
+def _utf8(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JsonRejected(f"not UTF-8 text (byte {exc.start})") from None
+
+
 def loads(text: str | bytes, *, max_bytes: int | None = None, max_depth: int = MAX_DEPTH) -> Any:
     """``json.loads`` after checking size and depth; ``JsonRejected`` for anything bad."""
     if max_bytes is not None and len(text) > max_bytes:
         raise JsonRejected(f"JSON larger than {max_bytes} bytes")
+    if isinstance(text, bytes):
+        text = _utf8(text)  # what is scanned is exactly what is parsed
     check_depth(text, max_depth)
     try:
         return json.loads(text)
     except RecursionError:  # cannot happen after check_depth; kept as a last guard
         raise JsonRejected(f"JSON nested deeper than {max_depth} levels") from None
-    except UnicodeDecodeError as exc:
-        raise JsonRejected(f"not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise JsonRejected(
             f"malformed JSON: {exc.msg} (line {exc.lineno} column {exc.colno})"
