@@ -832,3 +832,43 @@ def test_a_really_read_only_folder(
             assert outcome.error and "Read-only file system" in outcome.error
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     assert list(backing.rglob("*")) == [backing / "p"]
+
+
+def _noisy_instance(path: Path, study_uid: str) -> bytes:
+    """A ~3 MB instance of random pixels (deflate cannot shrink it), written to ``path``."""
+    ds = make_instance(None, patient_id="P1", study_uid=study_uid, pixel_bytes=3_000_000)
+    ds.PixelData = os.urandom(len(ds.PixelData))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path.read_bytes()
+
+
+def test_a_member_damaged_mid_copy_is_left_out_and_sent_again(tmp_path: Path, cli: Cli) -> None:
+    """Late instances rewrite the zip. A member whose damage shows only at its end (a bad
+    CRC after 1 MiB chunks were already copied) must not survive the rewrite truncated
+    under a fresh CRC, nor take the members after it with it."""
+    places(tmp_path, cli, ("dicom_root", "src"), ("zipped_root", "zips"))
+    study = tmp_path / "src" / "p" / "s"
+    study_uid = generate_uid()
+    originals = {
+        name: _noisy_instance(study / name, study_uid) for name in ("a.dcm", "b.dcm", "c.dcm")
+    }
+    cli("send", "src:*", "zips")
+    target = tmp_path / "zips" / "p" / "s.zip"
+    with zipfile.ZipFile(target) as zf:
+        info = zf.getinfo("b.dcm")
+    raw = bytearray(target.read_bytes())
+    name_len = int.from_bytes(raw[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_len = int.from_bytes(raw[info.header_offset + 28 : info.header_offset + 30], "little")
+    data_start = info.header_offset + 30 + name_len + extra_len
+    raw[data_start + info.compress_size * 3 // 4] ^= 0xFF  # past the header, before the end
+    target.write_bytes(bytes(raw))
+    originals["d.dcm"] = _noisy_instance(study / "d.dcm", study_uid)  # a late instance
+
+    cli("send", "src:*", "zips", "--retries", "3")
+
+    with zipfile.ZipFile(target) as zf:
+        assert zf.testzip() is None
+        assert sorted(zf.namelist()) == ["a.dcm", "b.dcm", "c.dcm", "d.dcm"]
+        for name, data in originals.items():
+            assert zf.read(name) == data, name

@@ -230,17 +230,33 @@ class ZippedRoot(RootPlace):
         names: set[str],
         entries: list[tuple[str, str]],
     ) -> None:
-        """Copy every member of the old zip (``old`` is its scan, read under the lock)."""
+        """Copy every sound member of the old zip (``old`` is its scan, read under the lock).
+
+        Each member is read through once (its CRC checked) before it is copied: a member
+        found damaged half-way through a copy would already be in ``out`` under a fresh,
+        valid CRC, truncated, and still count as held. A damaged member is left out (one
+        warning), so the send's verification finds it missing and sends it again.
+        """
         by_name = {n: s for s, n in old.files.items()}
+        damage = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
         try:
             with open_regular(target) as f, zipfile.ZipFile(f) as zf:
                 for info in zf.infolist():
+                    try:
+                        with zf.open(info) as src:
+                            while src.read(1 << 20):
+                                pass
+                    except damage as exc:
+                        log.warning(
+                            "leaving out damaged member %s of %s: %s", info.filename, target, exc
+                        )
+                        continue
                     with zf.open(info) as src, out.open(info, "w") as dst:
                         shutil.copyfileobj(src, dst, 1 << 20)
                     names.add(info.filename)
                     if info.filename in by_name:
                         entries.append((info.filename, by_name[info.filename]))
-        except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as exc:
+        except damage as exc:  # the zip itself cannot be opened: nothing was copied yet
             # Its scan found members, so this is damage deeper in: said once, here.
             log.warning("replacing damaged zip %s: %s", target, exc)
             names.clear()
