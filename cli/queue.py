@@ -19,9 +19,14 @@ from dicomsync.cli.common import Seconds, echo, echo_json
 from dicomsync.errors import ConfigError, DicomSyncError
 from dicomsync.orthanc_client import HttpTransport, OrthancClient
 from dicomsync.printable import shown
+from dicomsync.urls import has_credentials
 
 
 def _client(url: str, user: str | None, password_env: str | None, insecure: bool) -> OrthancClient:
+    if has_credentials(url):
+        raise ConfigError(
+            "ORTHANC_URL may not hold a user or password; use --user and --password-env"
+        )
     password = None
     if password_env:
         password = os.environ.get(password_env)

@@ -671,3 +671,15 @@ def test_tags_output_is_json_lines_with_no_raw_display_characters(tmp_path: Path
     assert not any(ch in result.output for ch in "\u2028\u2029\u202e\u0085")
     event = json.loads(lines[0])
     assert name in json.dumps(event, ensure_ascii=False)
+
+
+@pytest.mark.parametrize("command", [["queue", "status"], ["backfill", "--no-wait"]])
+def test_queue_commands_refuse_credentials_in_the_orthanc_url(cli: Cli, command: list[str]) -> None:
+    url = "http://alice:Zebra-Secret-99@127.0.0.1:9"
+    args = [*command[:1], url, *(["dest"] if command[0] == "backfill" else []), *command[1:]]
+    if command[0] == "queue":
+        args = ["queue", command[1], url]
+    result = cli(*args, ok=False)
+    assert result.exit_code == 1
+    assert "Zebra-Secret-99" not in result.output
+    assert "may not hold a user or password" in result.output
