@@ -89,3 +89,13 @@ class Cli:
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
     return Cli(tmp_path / "dicomsync.json")
+
+
+XNAT_PASSWORD = "Zebra-Secret-4711"
+
+
+@pytest.fixture
+def password(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The XNAT stand-in's password for user ``tester``, in ``$XNAT_PASS`` for this test."""
+    monkeypatch.setenv("XNAT_PASS", XNAT_PASSWORD)
+    return XNAT_PASSWORD

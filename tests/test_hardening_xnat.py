@@ -77,12 +77,6 @@ def hole() -> Iterator[BlackHole]:
 
 
 @pytest.fixture
-def password(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("XNAT_PASS", PASSWORD)
-    return PASSWORD
-
-
-@pytest.fixture
 def server() -> Iterator[XnatServer]:
     srv = XnatServer(users={"tester": PASSWORD}, projects={PROJECT: None}).start()
     yield srv

@@ -28,10 +28,11 @@ from dicomsync.places.xnat import XnatPreArchive, xnat_label
 from dicomsync.query import StudyQuery
 from dicomsync.transfer import send, send_study
 
+from conftest import XNAT_PASSWORD
 from dicomdata import build_seed_tree, data, make_instance
 from servers.xnat import XnatServer
 
-PASSWORD = "Zebra-Secret-4711"
+PASSWORD = XNAT_PASSWORD  # the `password` fixture (conftest) puts it in $XNAT_PASS
 PROJECT = "TESTPROJ"
 
 
@@ -41,12 +42,6 @@ def server() -> Iterator[XnatServer]:
     srv.start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture
-def password(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("XNAT_PASS", PASSWORD)
-    return PASSWORD
 
 
 def xnat_place(server: XnatServer, tmp_path: Path, **extra: object) -> XnatPreArchive:
