@@ -20,7 +20,6 @@ import functools
 import logging
 import os
 import threading
-import urllib.parse
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -91,10 +90,6 @@ class OrthancPlace(Place):
         url = require(section, "Url", key, "orthanc place")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"orthanc place {key!r}: Url must start with http:// or https://")
-        if "@" in urllib.parse.urlsplit(url).netloc:
-            raise ConfigError(
-                f"orthanc place {key!r}: put no user or password in Url; use User and PasswordEnv"
-            )
         user = section.get("User") or None
         password_env = section.get("PasswordEnv") or None
         # read at the first connection: ``place add`` validates without the secret

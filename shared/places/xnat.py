@@ -276,11 +276,6 @@ class XnatPreArchive(Place):
         parts = urlsplit(server)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{what} {key!r}: Server must be an http:// or https:// URL")
-        if parts.username or parts.password:
-            raise ConfigError(
-                f"{what} {key!r}: Server must not contain a user or password; "
-                "give User, and the password in the environment variable named by PasswordEnv"
-            )
         project = require(section, "Project", key, what)
         user = require(section, "User", key, what)
         password_env = section.get("PasswordEnv", DEFAULT_PASSWORD_ENV)
