@@ -69,10 +69,10 @@ from dicomsync.errors import (
 from dicomsync.identity import StudyIdentity
 from dicomsync.orthanc_client import OrthancClient, Transport
 from dicomsync.places.orthanc import OrthancPlace
-from dicomsync.plugin.metrics import label as prom_label
-from dicomsync.plugin.sinks import TAGS, TagSinks
-from dicomsync.plugin.storage import storage_folder
 from dicomsync.queue import STATES, DestinationStats, Enqueued, NewJob, Queue, open_queue
+from dicomsync.service.metrics import label as prom_label
+from dicomsync.service.storage import storage_folder
+from dicomsync.service.tag_lanes import TAGS, TagSinks
 from dicomsync.worker import Handler, Lane, WorkerPool, lower_thread_priority
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from pydicom.uid import generate_uid
 from dicomsync import routing
 from dicomsync.errors import DicomFileError
 from dicomsync.orthanc_client import HttpTransport, OrthancClient
-from dicomsync.plugin.sinks import FINGERPRINT, EventCache, TagSinks
-from dicomsync.plugin.storage import InstanceEvents, storage_folder
+from dicomsync.service.tag_lanes import FINGERPRINT, EventCache, TagSinks
+from dicomsync.service.storage import InstanceEvents, storage_folder
 from dicomsync.queue import Job, open_queue
 from dicomsync.tags import Event, events_from_bytes
 from dicomsync.worker import Delivered
@@ -218,7 +218,7 @@ def test_a_file_that_does_not_parse_in_the_folder_is_read_again_through_the_rest
 def test_a_storage_folder_that_never_has_the_files_is_no_longer_asked(
     orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
-    from dicomsync.plugin import storage
+    from dicomsync.service import storage
 
     paths = []
     for i in range(storage.GIVE_UP_AFTER + 3):

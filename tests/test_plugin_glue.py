@@ -262,7 +262,7 @@ def test_orthanc_error_codes_map_to_retryable_or_final(glue: Glue) -> None:
 
 
 def test_prometheus_labels_are_escaped_once_for_all() -> None:
-    from dicomsync.plugin.metrics import label
+    from dicomsync.service.metrics import label
 
     assert label("destination", "zips") == '{destination="zips"}'
     assert label("sink", 'a"b\\c\nd') == '{sink="a\\"b\\\\c\\nd"}'
@@ -271,7 +271,7 @@ def test_prometheus_labels_are_escaped_once_for_all() -> None:
 def test_concurrent_sends_to_one_sink_keep_their_own_rejections(
     orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
-    from dicomsync.plugin.sinks import FINGERPRINT, TagSinks
+    from dicomsync.service.tag_lanes import FINGERPRINT, TagSinks
     from dicomsync.sinks.sqlite_index import SqliteIndex
     from dicomsync.worker import Delivered
 
