@@ -89,7 +89,9 @@ def read_header(source: str | os.PathLike[str] | bytes | IO[bytes]) -> InstanceH
         if not sop and getattr(ds, "file_meta", None) is not None:
             sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "").strip()
         study = str(ds.get("StudyInstanceUID", "") or "").strip()
-        patient = str(ds.get("PatientID", "") or "").strip()
+        # Only the padding at the end: Orthanc keeps leading spaces and hashes them into
+        # its study ID (``orthanc_study_id``).
+        patient = str(ds.get("PatientID", "") or "").rstrip()
         series = str(ds.get("SeriesInstanceUID", "") or "").strip()
     except InvalidDicomError as exc:
         raise DicomFileError(f"{name}: not a DICOM file ({exc})") from exc

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import unicodedata
 
 import pytest
+from pydicom.uid import generate_uid
 
 from dicomsync.errors import DicomFileError
 from dicomsync.identity import (
@@ -15,6 +17,9 @@ from dicomsync.identity import (
     read_header,
     safe_component,
 )
+
+from dicomdata import make_instance
+from orthanc_server import OrthancProcess
 
 
 def _h(value: str) -> str:
@@ -128,9 +133,40 @@ def test_contained_path_refuses_escape(tmp_path) -> None:  # type: ignore[no-unt
         contained_path(tmp_path, "..", "etc")
 
 
-def test_orthanc_study_id() -> None:
-    digest = hashlib.sha1(b"P1|1.2.3").hexdigest()
-    assert orthanc_study_id("P1", "1.2.3") == "-".join(digest[i : i + 8] for i in range(0, 40, 8))
+# PatientIDs that have tripped up a recomputed hash: spaces (inner, leading, trailing,
+# only), non-ASCII in two character sets, the empty value, the longest legal value.
+_AWKWARD_PATIENTS = [
+    ("P1", None),
+    ("with space", None),
+    ("  lead", None),
+    ("trail  ", None),
+    ("   ", None),
+    ("", None),
+    ("Müller^Zoë", "ISO_IR 100"),
+    ("山田^太郎", "ISO_IR 192"),
+    ("Ünïcödé 名前", "ISO_IR 192"),
+    ("x" * 64, None),
+]
+
+
+@pytest.mark.orthanc
+def test_orthanc_study_id_is_orthancs_own(orthanc: OrthancProcess) -> None:
+    """Orthanc's answer, not a recomputation: upload, read the header the way places do,
+    and compare ``orthanc_study_id`` with the study ID Orthanc gives the instance."""
+    wrong = []
+    for patient, charset in _AWKWARD_PATIENTS:
+        tags = {"SpecificCharacterSet": charset} if charset else {}
+        buf = io.BytesIO()
+        make_instance(None, patient_id=patient, study_uid=generate_uid(), **tags).save_as(
+            buf, enforce_file_format=True
+        )
+        answer = orthanc.upload(buf.getvalue())
+        assert orthanc.get(f"/instances/{answer['ID']}/study")["ID"] == answer["ParentStudy"]
+        header = read_header(buf.getvalue())
+        ours = orthanc_study_id(header.patient_id, header.study_uid)
+        if ours != answer["ParentStudy"]:
+            wrong.append((patient, header.patient_id, ours, answer["ParentStudy"]))
+    assert wrong == []
 
 
 def test_identity_equality_ignores_patient() -> None:
