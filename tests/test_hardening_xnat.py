@@ -199,7 +199,7 @@ def test_forbidden_listing_and_empty_reasons_read_well(
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 0, -1, "5", True])
 def test_timeout_must_be_a_finite_positive_number(tmp_path: Path, value: object) -> None:
     section = {"Kind": "xnat_pre_archive", "Server": "https://x.org", "Project": "P", "User": "u"}
-    with pytest.raises(ConfigError, match="Timeout must be a number of seconds above 0"):
+    with pytest.raises(ConfigError, match="Timeout must be a positive number of seconds"):
         build_place("x", {**section, "Timeout": value}, tmp_path)
 
 

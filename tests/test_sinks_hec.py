@@ -290,7 +290,7 @@ def test_config_errors(tmp_path: Path, hec: HecServer) -> None:
         build_sink("s", {"Kind": "splunk_hec"}, tmp_path)
     with pytest.raises(ConfigError, match=r"CaBundle .*missing\.pem does not exist"):
         make_sink(hec, tmp_path, CaBundle="missing.pem")
-    with pytest.raises(ConfigError, match="option 'BatchEvents' must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="BatchEvents must be an integer >= 1"):
         make_sink(hec, tmp_path, BatchEvents=0)
     sink = make_sink(hec, tmp_path)
     assert sink.verify is True  # TLS verification is on by default

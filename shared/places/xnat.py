@@ -90,9 +90,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
-from dicomsync.config import is_finite_number
 from dicomsync.errors import (
     AuthenticationFailed,
     ConfigError,
@@ -106,7 +104,8 @@ from dicomsync.errors import (
 )
 from dicomsync.http_errors import is_tls_failure, status_error, transport_error
 from dicomsync.identity import StudyIdentity, identity_of, read_header
-from dicomsync.places.base import Instance, Place, Receipt, StudyRef, require, split_key
+from dicomsync.options import option, parse
+from dicomsync.places.base import Instance, Place, Receipt, StudyRef, split_key
 from dicomsync.places.local import storage_error, storage_errors
 from dicomsync.query import StudyQuery
 
@@ -232,9 +231,32 @@ class _Download:
     members: dict[str, str]  # SOP UID -> zip member
 
 
+@dataclass(frozen=True)
+class XnatOptions:
+    """The options of an ``xnat_pre_archive`` place section."""
+
+    server: str = option("Server", "url", "the XNAT base URL", required=True)
+    project: str = option("Project", "str", "the project whose pre-archive receives", required=True)
+    user: str = option("User", "str", "the XNAT user", required=True)
+    password_env: str = option(
+        "PasswordEnv",
+        "envvar",
+        "name of the environment variable holding the password",
+        default=DEFAULT_PASSWORD_ENV,
+    )
+    verify_tls: bool = option("VerifyTls", "bool", "verify TLS certificates", default=True)
+    ca_bundle: str | None = option(
+        "CaBundle", "path", "CA bundle file to verify with", shown="system"
+    )
+    timeout: float = option(
+        "Timeout", "seconds", "seconds per request", default=DEFAULT_TIMEOUT, above=0
+    )
+
+
 class XnatPreArchive(Place):
     kind = "xnat_pre_archive"
     label = "XNAT pre-archive"
+    Options = XnatOptions
 
     def __init__(
         self,
@@ -271,40 +293,20 @@ class XnatPreArchive(Place):
     # --- configuration ----------------------------------------------------------------
     @classmethod
     def from_config(cls, key: str, section: Mapping[str, Any], *, base_dir: Path) -> Place:
-        what = "xnat_pre_archive place"
-        server = require(section, "Server", key, what)
-        parts = urlsplit(server)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{what} {key!r}: Server must be an http:// or https:// URL")
-        project = require(section, "Project", key, what)
-        user = require(section, "User", key, what)
-        password_env = section.get("PasswordEnv", DEFAULT_PASSWORD_ENV)
-        if not isinstance(password_env, str) or not re.fullmatch(
-            r"[A-Za-z_][A-Za-z0-9_]*", password_env
-        ):
-            raise ConfigError(f"{what} {key!r}: PasswordEnv must be an environment variable name")
-        verify = section.get("VerifyTls", True)
-        if not isinstance(verify, bool):
-            raise ConfigError(f"{what} {key!r}: VerifyTls must be true or false")
-        ca_bundle = section.get("CaBundle") or None
-        if ca_bundle is not None:
-            if not isinstance(ca_bundle, str):
-                raise ConfigError(f"{what} {key!r}: CaBundle must be a path")
-            ca_path = Path(ca_bundle).expanduser()
+        opts = parse(XnatOptions, section, f"{cls.kind} place {key!r}")
+        ca_bundle = None
+        if opts.ca_bundle:
+            ca_path = Path(opts.ca_bundle).expanduser()
             ca_bundle = str(ca_path if ca_path.is_absolute() else base_dir / ca_path)
-        timeout = section.get("Timeout", DEFAULT_TIMEOUT)
-        if not is_finite_number(timeout) or timeout <= 0:
-            raise ConfigError(f"{what} {key!r}: Timeout must be a number of seconds above 0")
-        timeout = float(timeout)
         return cls(
             key,
-            server,
-            project,
-            user,
-            password_env=password_env,
-            verify_tls=verify,
+            opts.server,
+            opts.project,
+            opts.user,
+            password_env=opts.password_env,
+            verify_tls=opts.verify_tls,
             ca_bundle=ca_bundle,
-            timeout=timeout,
+            timeout=opts.timeout,
         )
 
     def to_config(self) -> dict[str, Any]:

@@ -92,7 +92,7 @@ from typing import Any
 import requests
 
 from dicomsync import jsonsafe
-from dicomsync.config import is_finite_number, resolve_path
+from dicomsync.config import resolve_path
 from dicomsync.errors import (
     ConfigError,
     DicomSyncError,
@@ -102,14 +102,12 @@ from dicomsync.errors import (
 )
 from dicomsync.http_errors import status_error, transport_error
 from dicomsync.index_query import IndexQuery
+from dicomsync.options import option, parse
 from dicomsync.sinks.base import (
     Ledger,
     Sink,
     StudyHit,
     default_state_file,
-    option_bool,
-    option_int,
-    option_str,
     with_delivered,
 )
 from dicomsync.tags import Event
@@ -141,9 +139,82 @@ class _Flight:
         return [(i, raw[a:b]) for i, a, b in zip(self.ids, starts, self.ends, strict=True)]
 
 
+@dataclass(frozen=True)
+class HecOptions:
+    """The options of a ``splunk_hec`` sink section."""
+
+    url: str = option("Url", "url", "HEC base URL (`/services/collector/event`)", required=True)
+    token_env: str = option(
+        "TokenEnv", "envvar", "environment variable with the HEC token", default="SPLUNK_HEC_TOKEN"
+    )
+    index: str | None = option("Index", "str", "the envelope's `index`", shown="the token's index")
+    source: str | None = option(
+        "Source",
+        "str",
+        "the envelope's `source`: one value for every event, instead of each instance's "
+        "origin (`orthanc:<instance id>` in the plugin, the file path for `dicomsync index`)",
+        shown="the origin",
+    )
+    host: str | None = option("Host", "str", "the envelope's `host`", shown="host name")
+    gzip: bool = option("Gzip", "bool", "gzip request bodies", default=True)
+    batch_events: int = option(
+        "BatchEvents", "int", "most events in one request", default=500, low=1
+    )
+    batch_bytes: int = option(
+        "BatchBytes", "int", "most bytes in one request", default=1_000_000, low=1024
+    )
+    ack: bool = option(
+        "Ack",
+        "bool",
+        "indexer acknowledgement: events count as delivered only once acked",
+        default=False,
+    )
+    ack_timeout: float = option(
+        "AckTimeoutSeconds",
+        "seconds",
+        "how long a batch waits for its ack before it is posted again",
+        default=120.0,
+        low=0,
+    )
+    ack_poll: float = option(
+        "AckPollSeconds",
+        "seconds",
+        "one `/services/collector/ack` request, for every batch in flight, this often",
+        default=0.25,
+        above=0,
+    )
+    ack_in_flight: int = option(
+        "AckInFlight", "int", "batches that wait for their ack together", default=64, low=1
+    )
+    timeout: float = option("TimeoutSeconds", "seconds", "per request", default=30.0, low=0)
+    verify_tls: bool = option("VerifyTls", "bool", "verify TLS certificates", default=True)
+    ca_bundle: str | None = option("CaBundle", "path", "CA bundle file to verify with")
+    state_file: str | None = option(
+        "StateFile",
+        "path",
+        "the ledger of delivered event ids",
+        shown="`.dicomsync/sinks/<key>.ledger.sqlite`",
+    )
+    search_url: str | None = option(
+        "SearchUrl", "url", "Splunk's management URL, for `replicate --where`"
+    )
+    search_token_env: str | None = option(
+        "SearchTokenEnv", "envvar", "environment variable with a search token"
+    )
+    search_user_env: str | None = option(
+        "SearchUserEnv",
+        "envvar",
+        "environment variable with a search user (with `SearchPasswordEnv`)",
+    )
+    search_password_env: str | None = option(
+        "SearchPasswordEnv", "envvar", "environment variable with that user's password"
+    )
+
+
 class SplunkHec(Sink):
     kind = "splunk_hec"
     label = "Splunk HTTP Event Collector"
+    Options = HecOptions
 
     def __init__(
         self,
@@ -205,24 +276,14 @@ class SplunkHec(Sink):
     # --- configuration ---------------------------------------------------------------------
     @classmethod
     def from_config(cls, key: str, section: Mapping[str, Any], *, base_dir: Path) -> SplunkHec:
-        kind = cls.kind
-        url = option_str(section, "Url", key, kind)
-        if url is None or not url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"splunk_hec sink {key!r}: option 'Url' is required (http(s)://host:8088)"
-            )
-        state = option_str(section, "StateFile", key, kind)
-        ca = option_str(section, "CaBundle", key, kind)
+        where = f"{cls.kind} sink {key!r}"
+        opts = parse(HecOptions, section, where)
+        ca = opts.ca_bundle
         if ca is not None:
             ca_path = resolve_path(ca, base_dir)
             if not ca_path.is_file():
-                raise ConfigError(f"splunk_hec sink {key!r}: CaBundle {ca_path} does not exist")
+                raise ConfigError(f"{where}: CaBundle {ca_path} does not exist")
             ca = str(ca_path)
-        search_url = option_str(section, "SearchUrl", key, kind)
-        if search_url is not None and not search_url.startswith(("http://", "https://")):
-            raise ConfigError(f"splunk_hec sink {key!r}: option 'SearchUrl' must be an http(s) URL")
-        if _option_float(section, "AckPollSeconds", key, 0.25) <= 0:
-            raise ConfigError(f"splunk_hec sink {key!r}: option 'AckPollSeconds' must be > 0")
         ignored = [name for name in DEPRECATED if name in section]
         if ignored:
             log.warning(
@@ -233,29 +294,28 @@ class SplunkHec(Sink):
             )
         return cls(
             key,
-            url,
-            state_file=resolve_path(state, base_dir)
-            if state
+            opts.url,
+            state_file=resolve_path(opts.state_file, base_dir)
+            if opts.state_file
             else default_state_file(base_dir, key),
-            token_env=option_str(section, "TokenEnv", key, kind, "SPLUNK_HEC_TOKEN")
-            or "SPLUNK_HEC_TOKEN",
-            index=option_str(section, "Index", key, kind),
-            source=option_str(section, "Source", key, kind),
-            host=option_str(section, "Host", key, kind),
-            use_gzip=option_bool(section, "Gzip", key, kind, True),
-            batch_events=option_int(section, "BatchEvents", key, kind, 500),
-            batch_bytes=option_int(section, "BatchBytes", key, kind, 1_000_000, minimum=1024),
-            ack=option_bool(section, "Ack", key, kind, False),
-            ack_timeout=_option_float(section, "AckTimeoutSeconds", key, 120.0),
-            ack_poll=_option_float(section, "AckPollSeconds", key, 0.25),
-            ack_in_flight=option_int(section, "AckInFlight", key, kind, 64),
-            timeout=_option_float(section, "TimeoutSeconds", key, 30.0),
-            verify=option_bool(section, "VerifyTls", key, kind, True),
+            token_env=opts.token_env,
+            index=opts.index,
+            source=opts.source,
+            host=opts.host,
+            use_gzip=opts.gzip,
+            batch_events=opts.batch_events,
+            batch_bytes=opts.batch_bytes,
+            ack=opts.ack,
+            ack_timeout=opts.ack_timeout,
+            ack_poll=opts.ack_poll,
+            ack_in_flight=opts.ack_in_flight,
+            timeout=opts.timeout,
+            verify=opts.verify_tls,
             ca_bundle=ca,
-            search_url=search_url,
-            search_token_env=option_str(section, "SearchTokenEnv", key, kind),
-            search_user_env=option_str(section, "SearchUserEnv", key, kind),
-            search_password_env=option_str(section, "SearchPasswordEnv", key, kind),
+            search_url=opts.search_url,
+            search_token_env=opts.search_token_env,
+            search_user_env=opts.search_user_env,
+            search_password_env=opts.search_password_env,
             section=section,
         )
 
@@ -618,13 +678,6 @@ class SplunkHec(Sink):
     def close(self) -> None:
         self._session.close()
         self.ledger.close()
-
-
-def _option_float(section: Mapping[str, Any], name: str, key: str, default: float) -> float:
-    value = section.get(name, default)
-    if not is_finite_number(value) or value < 0:
-        raise ConfigError(f"splunk_hec sink {key!r}: option {name!r} must be a finite number >= 0")
-    return float(value)
 
 
 def _kept(err: DicomSyncError) -> SinkError:
