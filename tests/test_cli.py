@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -162,10 +161,10 @@ def test_config_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     from dicomsync.cli.main import cli as group
 
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     monkeypatch.setenv("DICOMSYNC_CONFIG", str(tmp_path / "other.json"))
     result = CliRunner().invoke(group, ["init"])
     assert result.exit_code == 0 and (tmp_path / "other.json").is_file()
-    assert (
-        not os.path.exists("dicomsync.json")
-        or Path("dicomsync.json").resolve() != tmp_path / "other.json"
-    )
+    assert list(cwd.iterdir()) == []  # no ./dicomsync.json beside it
