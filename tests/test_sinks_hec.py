@@ -111,16 +111,38 @@ def test_batches_every_event_exactly_once(
     assert len(hec.state.requests) == before
 
 
+@pytest.mark.parametrize("batch_bytes", [1024, 30_000, 200_000])
 def test_batches_by_bytes(
-    hec: HecServer, tmp_path: Path, events: list[Event], monkeypatch: pytest.MonkeyPatch
+    hec: HecServer,
+    tmp_path: Path,
+    events: list[Event],
+    monkeypatch: pytest.MonkeyPatch,
+    batch_bytes: int,
 ) -> None:
+    """Every post is at most BatchBytes (an event larger than that goes alone), is made of
+    whole events, and is as full as BatchBytes allows (the next event did not fit)."""
     monkeypatch.setenv("TEST_HEC_TOKEN", GOOD)
-    sink = make_sink(hec, tmp_path, BatchEvents=10_000, BatchBytes=200_000, Gzip=False)
+    sink = make_sink(hec, tmp_path, BatchEvents=10_000, BatchBytes=batch_bytes, Gzip=False)
     sink.send(events)
     assert_once(hec, events)
-    total = sum(len(sink.envelope(e)) for e in events)
-    posts = [s for p, s in hec.state.requests if p == "/services/collector/event"]
-    assert len(posts) >= total // 200_000
+    sizes = [len(sink.envelope(e)) for e in events]
+    posts = [n for p, n in hec.state.bodies if p == "/services/collector/event"]
+    assert len(posts) == len([s for p, s in hec.state.requests if p == "/services/collector/event"])
+    assert sum(posts) == sum(sizes)
+    assert len(posts) > 1  # it did split
+    pos = 0
+    for n, post in enumerate(posts):
+        run = 0
+        start = pos
+        while run < post:
+            run += sizes[pos]
+            pos += 1
+        assert run == post, f"post {n} ({post} bytes) is not made of whole events"
+        count = pos - start
+        assert post <= batch_bytes or count == 1, (n, post, count)
+        if pos < len(sizes):
+            assert post + sizes[pos] > batch_bytes, f"post {n} stopped before it was full"
+    assert pos == len(sizes)
 
 
 def test_runs_of_503_deliver_exactly_once(

@@ -109,6 +109,7 @@ class HecState:
     sessions: set[str] = field(default_factory=set)
     events: list[dict[str, Any]] = field(default_factory=list)  # indexed envelopes
     requests: list[tuple[str, int]] = field(default_factory=list)  # (path, status)
+    bodies: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes after gunzip)
     busy_left: int = 0
     fail_left: int = 0
     reject_when: Callable[[dict[str, Any]], bool] | None = None
@@ -174,6 +175,7 @@ class HecServer:
         with self.state.lock:
             self.state.events.clear()
             self.state.requests.clear()
+            self.state.bodies.clear()
             self.state.busy_left = self.state.fail_left = 0
             self.state.reject_when = None
             self.state.ack_after_polls = 0
@@ -237,6 +239,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, gzip.BadGzipFile, EOFError):
             self._code(6)
             return
+        with self.state.lock:
+            self.state.bodies.append((path, len(body)))
         if path in (
             "/services/collector",
             "/services/collector/event",
