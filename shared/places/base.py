@@ -84,6 +84,7 @@ class Place(ABC):
 
     kind: ClassVar[str]
     label: ClassVar[str]
+    Options: ClassVar[type]  # the dataclass declaring its section's options (dicomsync.options)
     is_source: ClassVar[bool] = True
     is_destination: ClassVar[bool] = True
 
@@ -94,7 +95,9 @@ class Place(ABC):
     @classmethod
     @abstractmethod
     def from_config(cls, key: str, section: Mapping[str, Any], *, base_dir: Path) -> Place:
-        """Build from a config section (``{"Kind": …, …}``); ConfigError when invalid."""
+        """Build from a config section (``{"Kind": …, …}``); ConfigError when invalid.
+
+        Checks and reads the section with ``dicomsync.options.parse(cls.Options, …)``."""
 
     @abstractmethod
     def to_config(self) -> dict[str, Any]:
@@ -157,11 +160,3 @@ PLACES.register("dicom_root", "dicomsync.places.dicom_root:DicomRoot")
 PLACES.register("zipped_root", "dicomsync.places.zipped_root:ZippedRoot")
 PLACES.register("orthanc", "dicomsync.places.orthanc:OrthancPlace")
 PLACES.register("xnat_pre_archive", "dicomsync.places.xnat:XnatPreArchive")
-
-
-def require(section: Mapping[str, Any], name: str, key: str, kind: str) -> str:
-    """A required string option of a place or sink section."""
-    value = section.get(name)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{kind} {key!r}: option {name!r} is required (a non-empty string)")
-    return value

@@ -54,7 +54,8 @@ from dicomsync.identity import (
     read_header,
     safe_component,
 )
-from dicomsync.places.base import Place, StudyRef, require, split_key
+from dicomsync.options import option, parse
+from dicomsync.places.base import Place, StudyRef, split_key
 from dicomsync.query import StudyQuery
 
 log = logging.getLogger(__name__)
@@ -365,8 +366,17 @@ def _read_member(container: str, m: Member, warn: WarnOnce) -> CachedHeader | No
     return CachedHeader(m.name, m.size, m.mtime_ns, None, None, None, reason)
 
 
+@dataclass(frozen=True)
+class RootOptions:
+    """The options of a ``dicom_root`` or ``zipped_root`` place section."""
+
+    path: str = option("Path", "path", "the root folder", required=True)
+
+
 class RootPlace(Place):
     """A place stored under ``root/<patient>/<study…>``."""
+
+    Options = RootOptions
 
     suffix: str = ""  # ".zip" for zipped roots
     # Scans kept between ``identity`` and ``instances`` of one study: a few are enough
@@ -387,7 +397,8 @@ class RootPlace(Place):
 
     @classmethod
     def from_config(cls, key: str, section: Mapping[str, Any], *, base_dir: Path) -> Place:
-        path = resolve_path(require(section, "Path", key, f"{cls.kind} place"), base_dir)
+        opts = parse(cls.Options, section, f"{cls.kind} place {key!r}")
+        path = resolve_path(opts.path, base_dir)
         if path.exists() and not path.is_dir():
             raise ConfigError(
                 f"{cls.kind} place {key!r}: Path {str(path)!r} exists but is not a folder"

@@ -23,14 +23,15 @@ import threading
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dicomsync.config import is_finite_number
 from dicomsync.errors import ConfigError, DicomSyncError, NotFound, RemoteRejected
 from dicomsync.identity import StudyIdentity, orthanc_study_id, safe_component
+from dicomsync.options import option, parse
 from dicomsync.orthanc_client import HttpTransport, OrthancClient
-from dicomsync.places.base import Instance, Place, Receipt, StudyRef, require
+from dicomsync.places.base import Instance, Place, Receipt, StudyRef
 from dicomsync.query import StudyQuery
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,6 @@ recently used are forgotten (``identity`` then reads the study again), so a plug
 routes for months holds no more than this."""
 
 
-def number(section: Mapping[str, Any], name: str, default: float, key: str) -> float:
-    value = section.get(name, default)
-    if not is_finite_number(value) or value <= 0:
-        raise ConfigError(f"orthanc place {key!r}: {name} must be a positive number")
-    return float(value)
-
-
 def password_from_env(key: str, variable: str) -> str:
     """The password in ``$variable``; asked when the first connection is made."""
     password = os.environ.get(variable)
@@ -57,9 +51,33 @@ def password_from_env(key: str, variable: str) -> str:
     return password
 
 
+@dataclass(frozen=True)
+class OrthancOptions:
+    """The options of an ``orthanc`` place section."""
+
+    url: str = option("Url", "url", "`http://` or `https://` base URL", required=True)
+    user: str | None = option("User", "str", "HTTP basic-auth user")
+    password_env: str | None = option(
+        "PasswordEnv", "envvar", "name of the environment variable holding the password"
+    )
+    verify_tls: bool = option("VerifyTls", "bool", "verify TLS certificates", default=True)
+    ca_bundle: str | None = option(
+        "CaBundle", "path", "CA bundle file to verify with", shown="system"
+    )
+    timeout: float = option("Timeout", "seconds", "seconds per request", default=60.0, above=0)
+    upload_threads: int = option(
+        "UploadThreads",
+        "int",
+        "parallel keep-alive upload sessions",
+        default=DEFAULT_UPLOAD_THREADS,
+        low=1,
+    )
+
+
 class OrthancPlace(Place):
     kind = "orthanc"
     label = "Orthanc"
+    Options = OrthancOptions
 
     def __init__(
         self,
@@ -87,27 +105,22 @@ class OrthancPlace(Place):
 
     @classmethod
     def from_config(cls, key: str, section: Mapping[str, Any], *, base_dir: Path) -> Place:
-        url = require(section, "Url", key, "orthanc place")
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"orthanc place {key!r}: Url must start with http:// or https://")
-        user = section.get("User") or None
-        password_env = section.get("PasswordEnv") or None
+        opts = parse(OrthancOptions, section, f"{cls.kind} place {key!r}")
+        password_env = opts.password_env
         # read at the first connection: ``place add`` validates without the secret
         password = functools.partial(password_from_env, key, password_env) if password_env else None
-        verify: bool | str = bool(section.get("VerifyTls", True))
-        if section.get("CaBundle"):
-            verify = str(section["CaBundle"])
+        verify: bool | str = opts.ca_bundle or opts.verify_tls
         transport = HttpTransport(
-            url, user, password, verify=verify, timeout=number(section, "Timeout", 60.0, key)
+            opts.url, opts.user, password, verify=verify, timeout=opts.timeout
         )
         return cls(
             key,
             OrthancClient(transport),
-            url=url,
-            user=user,
+            url=opts.url,
+            user=opts.user,
             password_env=password_env,
             verify=verify,
-            upload_threads=int(number(section, "UploadThreads", DEFAULT_UPLOAD_THREADS, key)),
+            upload_threads=opts.upload_threads,
         )
 
     def check_environment(self) -> None:

@@ -54,12 +54,32 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from dicomsync.config import finite_number, is_finite_number
+from dicomsync import options
+from dicomsync.config import is_finite_number
 from dicomsync.errors import ConfigError
 
 State = Literal["queued", "sending", "done", "failed"]
 STATES: tuple[State, ...] = ("queued", "sending", "done", "failed")
 KINDS = ("study", "tags")
+
+
+@dataclass(frozen=True)
+class RetryOptions:
+    """The options of a ``Retry`` section (``RetryPolicy.from_config``)."""
+
+    base_delay: float = options.option(
+        "BaseDelay",
+        "seconds",
+        "backoff: attempt *k* waits between d/2 and d, d = min(`MaxDelay`, `BaseDelay`·2^(k-1))",
+        default=5.0,
+        above=0,
+    )
+    max_delay: float = options.option(
+        "MaxDelay", "seconds", "the longest wait (at least `BaseDelay`)", default=600.0, above=0
+    )
+    max_attempts: int = options.option(
+        "MaxAttempts", "int", "attempts before a job fails", default=10, low=1
+    )
 
 
 @dataclass(frozen=True)
@@ -89,23 +109,16 @@ class RetryPolicy:
 
     @classmethod
     def from_config(cls, section: Any) -> RetryPolicy:
+        """The ``Retry`` section (None: the defaults), checked with ``RetryOptions``."""
         if section is None:
             return cls()
         if not isinstance(section, dict):
             raise ConfigError("Retry must be an object {BaseDelay, MaxDelay, MaxAttempts}")
-        unknown = set(section) - {"BaseDelay", "MaxDelay", "MaxAttempts"}
-        if unknown:
-            raise ConfigError(f"Retry: unknown option(s) {', '.join(sorted(unknown))}")
-        attempts = section.get("MaxAttempts", cls.max_attempts)
-        if isinstance(attempts, float) and attempts.is_integer():
-            attempts = int(attempts)  # 3.0 is 3; NaN, infinities and 2.5 are refused below
-        elif not isinstance(attempts, int) or isinstance(attempts, bool):
-            raise ConfigError("Retry: MaxAttempts must be an integer")
-        return cls(
-            base_delay=finite_number(section.get("BaseDelay", cls.base_delay), "Retry: BaseDelay"),
-            max_delay=finite_number(section.get("MaxDelay", cls.max_delay), "Retry: MaxDelay"),
-            max_attempts=attempts,
-        )
+        extra = options.unknown(section, options.names(RetryOptions))
+        if extra:
+            raise ConfigError(f"Retry: unknown option(s) {', '.join(extra)}")
+        opts = options.parse(RetryOptions, section, "Retry")
+        return cls(opts.base_delay, opts.max_delay, opts.max_attempts)
 
     def delay(self, attempts: int, rng: Callable[[], float] = random.random) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""

@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from dicomsync.errors import ConfigError, SinkError, SinkFatal
+from dicomsync.errors import SinkError, SinkFatal
 from dicomsync.identity import safe_component
 from dicomsync.index_query import IndexQuery
 from dicomsync.registry import Registry
@@ -110,6 +110,7 @@ class Sink(ABC):
 
     kind: ClassVar[str]
     label: ClassVar[str]
+    Options: ClassVar[type]  # the dataclass declaring its section's options (dicomsync.options)
 
     def __init__(self, key: str) -> None:
         self.key = key
@@ -239,30 +240,3 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
-
-
-def option_str(
-    section: Mapping[str, Any], name: str, key: str, kind: str, default: str | None = None
-) -> str | None:
-    value = section.get(name, default)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{kind} sink {key!r}: option {name!r} must be a non-empty string")
-    return value
-
-
-def option_int(
-    section: Mapping[str, Any], name: str, key: str, kind: str, default: int, minimum: int = 1
-) -> int:
-    value = section.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{kind} sink {key!r}: option {name!r} must be an integer >= {minimum}")
-    return value
-
-
-def option_bool(section: Mapping[str, Any], name: str, key: str, kind: str, default: bool) -> bool:
-    value = section.get(name, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{kind} sink {key!r}: option {name!r} must be true or false")
-    return value

@@ -26,12 +26,14 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dicomsync.config import resolve_path
-from dicomsync.errors import ConfigError, SinkFatal, SinkRetryable
+from dicomsync.errors import SinkFatal, SinkRetryable
 from dicomsync.index_query import IndexQuery, flatten_fields, to_number, value_text
+from dicomsync.options import option, parse
 from dicomsync.sinks.base import Sink, StudyHit, connect, existing_ids, with_delivered
 from dicomsync.tags import Event
 
@@ -61,9 +63,17 @@ CREATE INDEX IF NOT EXISTS fields_path_num ON fields(path, num);
 """
 
 
+@dataclass(frozen=True)
+class SqliteOptions:
+    """The options of a ``sqlite_index`` sink section."""
+
+    path: str = option("Path", "path", "the index file", required=True)
+
+
 class SqliteIndex(Sink):
     kind = "sqlite_index"
     label = "embedded SQLite index"
+    Options = SqliteOptions
 
     def __init__(self, key: str, path: Path) -> None:
         super().__init__(key)
@@ -79,9 +89,7 @@ class SqliteIndex(Sink):
 
     @classmethod
     def from_config(cls, key: str, section: Mapping[str, Any], *, base_dir: Path) -> SqliteIndex:
-        value = section.get("Path")
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"sqlite_index sink {key!r}: option 'Path' is required (a file path)")
+        value = parse(SqliteOptions, section, f"{cls.kind} sink {key!r}").path
         sink = cls(key, resolve_path(value, base_dir))
         sink._config_path = value
         return sink
