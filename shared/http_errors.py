@@ -21,6 +21,16 @@ A certificate failure is never transient: a wrong CA bundle or a self-signed ser
 does not fix itself, so retrying only hides the cause. Timeouts and dropped
 connections are transient. ``what`` names the request without credentials (URLs
 with ``user:pass@`` are refused at config time, see ``dicomsync.urls``).
+
+Orthanc's error codes (``orthanc.OrthancException`` inside the plugin, whose ``args[0]``
+is the code) go through the same rule: ``orthanc_error`` takes the HTTP status Orthanc
+itself answers for that code over REST (``ORTHANC_STATUSES``, from Orthanc's
+``ErrorCodes.json``; an unlisted code is 500) and hands it to ``status_error``. Four
+codes that Orthanc answers with 500 say that the request or the stored file is wrong
+(``ORTHANC_FINAL``: retrying gives the same answer), so they count as 400.
+
+Every function here is pure (no I/O, no shared state): thread-safe, and none raises; each
+returns the error for the caller to raise.
 """
 
 from __future__ import annotations
@@ -41,6 +51,39 @@ from dicomsync.errors import (
 )
 
 RETRYABLE_STATUSES = frozenset({408, 429})
+
+#: The HTTP status Orthanc answers for its error codes (OrthancFramework/Resources/
+#: CodeGeneration/ErrorCodes.json); every other code (-1 internal, 4 memory, 9 network,
+#: 11 database, 14 cannot write, 16 timeout, 19 full storage, ...) answers 500.
+ORTHANC_STATUSES = {
+    3: 400,  # PARAMETER_OUT_OF_RANGE
+    5: 400,  # BAD_PARAMETER_TYPE
+    7: 404,  # INEXISTENT_ITEM
+    8: 400,  # BAD_REQUEST
+    12: 400,  # URI_SYNTAX
+    13: 404,  # INEXISTENT_FILE
+    15: 400,  # BAD_FILE_FORMAT
+    17: 404,  # UNKNOWN_RESOURCE
+    21: 404,  # INEXISTENT_TAG
+    28: 400,  # BAD_JSON
+    29: 401,  # UNAUTHORIZED
+    34: 406,  # NOT_ACCEPTABLE
+    36: 503,  # DATABASE_UNAVAILABLE
+    41: 416,  # BAD_RANGE
+    42: 503,  # DATABASE_CANNOT_SERIALIZE
+    43: 409,  # REVISION
+    45: 403,  # FORBIDDEN_ACCESS
+    46: 409,  # DUPLICATE_RESOURCE
+}
+
+#: Codes Orthanc answers with 500 that are final all the same: the request or the file is
+#: wrong, and sending it again gives the same answer.
+ORTHANC_FINAL = {
+    6: 400,  # BAD_SEQUENCE_OF_CALLS
+    20: 400,  # CORRUPTED_FILE
+    27: 400,  # UNKNOWN_DICOM_TAG (a /tools/find query naming no tag)
+    33: 400,  # EMPTY_REQUEST
+}
 
 
 _ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")\]]+)")
@@ -100,3 +143,16 @@ def status_error(
         return SinkRetryable(message) if sink else Unreachable(message)
     message = f"{what}: rejected{reason}"
     return SinkFatal(message) if sink else RemoteRejected(message)
+
+
+def orthanc_status(code: int) -> int:
+    """The HTTP status our rule reads for Orthanc error ``code`` (see the module docstring)."""
+    return ORTHANC_FINAL.get(code) or ORTHANC_STATUSES.get(code, 500)
+
+
+def orthanc_error(code: int, what: str, detail: str = "") -> DicomSyncError:
+    """The error for an Orthanc error code, by ``status_error`` of ``orthanc_status(code)``;
+    the message names the code (``Orthanc error 4: Not enough memory``)."""
+    text = f"Orthanc error {code}: {detail}" if detail else f"Orthanc error {code}"
+    error = status_error(orthanc_status(code), what, text)
+    return error if error is not None else Unreachable(f"{what}: {text}")
