@@ -129,11 +129,16 @@ def retry_policy(cfg: Config, retries: int | None) -> RetryPolicy:
     return policy
 
 
-def tls_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--ca-bundle FILE`` and ``--no-verify``, for every kind that speaks TLS."""
-    command = click.option(
+def no_verify_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--no-verify``: the one name of every command's "do not verify TLS" flag."""
+    return click.option(
         "--no-verify", is_flag=True, help="Do not verify TLS certificates (not recommended)."
     )(command)
+
+
+def tls_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--ca-bundle FILE`` and ``--no-verify``, for every kind that speaks TLS."""
+    command = no_verify_option(command)
     return click.option(
         "--ca-bundle",
         type=click.Path(exists=True, dir_okay=False),

@@ -15,14 +15,14 @@ from typing import Any
 
 import click
 
-from dicomsync.cli.common import Seconds, echo, echo_json
+from dicomsync.cli.common import Seconds, echo, echo_json, no_verify_option
 from dicomsync.errors import ConfigError, DicomSyncError
 from dicomsync.orthanc_client import HttpTransport, OrthancClient
 from dicomsync.printable import shown
 from dicomsync.urls import has_credentials
 
 
-def _client(url: str, user: str | None, password_env: str | None, insecure: bool) -> OrthancClient:
+def _client(url: str, user: str | None, password_env: str | None, no_verify: bool) -> OrthancClient:
     if has_credentials(url):
         raise ConfigError(
             "ORTHANC_URL may not hold a user or password; use --user and --password-env"
@@ -32,11 +32,11 @@ def _client(url: str, user: str | None, password_env: str | None, insecure: bool
         password = os.environ.get(password_env)
         if password is None:
             raise ConfigError(f"environment variable {password_env} is not set")
-    return OrthancClient(HttpTransport(url, user, password, verify=not insecure, timeout=600))
+    return OrthancClient(HttpTransport(url, user, password, verify=not no_verify, timeout=600))
 
 
 def _connection(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--insecure", is_flag=True, help="Do not verify the TLS certificate.")(fn)
+    fn = no_verify_option(fn)
     fn = click.option(
         "--password-env", metavar="VAR", help="Environment variable holding the Orthanc password."
     )(fn)
@@ -142,14 +142,19 @@ def register(group: click.Group) -> None:
         help="Orthanc /tools/find filter, repeatable (StudyDate=20240101-, Modality=CT).",
     )
     @click.option("--no-wait", is_flag=True, help="Return once the jobs are enqueued.")
-    @click.option("--timeout", type=Seconds(), help="Give up waiting after this many seconds.")
+    @click.option(
+        "--timeout",
+        metavar="SECONDS",
+        type=Seconds(),
+        help="Give up waiting after this many seconds.",
+    )
     @click.pass_context
     def backfill(
         ctx: click.Context,
         orthanc_url: str,
         user: str | None,
         password_env: str | None,
-        insecure: bool,
+        no_verify: bool,
         destination: str,
         since: str | None,
         query: tuple[str, ...],
@@ -161,7 +166,7 @@ def register(group: click.Group) -> None:
         Studies already delivered unchanged are skipped at almost no cost.
         Shows progress until the destination's queue drains.
         """
-        client = _client(orthanc_url, user, password_env, insecure)
+        client = _client(orthanc_url, user, password_env, no_verify)
         before = _failed(client.get_json("/dicomsync/status"), destination)
         body: dict[str, Any] = {"Destination": destination}
         if since:
@@ -200,13 +205,13 @@ def register(group: click.Group) -> None:
         orthanc_url: str,
         user: str | None,
         password_env: str | None,
-        insecure: bool,
+        no_verify: bool,
         as_json: bool,
         wait: bool,
     ) -> None:
         """Per destination: done, queued, sending, failed, delivered instances, last error.
         Per tag sink: state, queued, failed, delivered events, last error."""
-        client = _client(orthanc_url, user, password_env, insecure)
+        client = _client(orthanc_url, user, password_env, no_verify)
         st = (
             wait_drained(client, None, quiet=bool((ctx.find_root().obj or {}).get("quiet")))
             if wait
@@ -239,7 +244,7 @@ def register(group: click.Group) -> None:
         orthanc_url: str,
         user: str | None,
         password_env: str | None,
-        insecure: bool,
+        no_verify: bool,
         state: str | None,
         destination: str | None,
         limit: int,
@@ -248,7 +253,7 @@ def register(group: click.Group) -> None:
         """List jobs, most recently changed first."""
         from urllib.parse import urlencode
 
-        client = _client(orthanc_url, user, password_env, insecure)
+        client = _client(orthanc_url, user, password_env, no_verify)
         params = {
             "limit": limit,
             **({"state": state} if state else {}),
@@ -275,7 +280,7 @@ def register(group: click.Group) -> None:
         orthanc_url: str,
         user: str | None,
         password_env: str | None,
-        insecure: bool,
+        no_verify: bool,
         job_ids: tuple[int, ...],
         all_failed: bool,
         destination: str | None,
@@ -283,7 +288,7 @@ def register(group: click.Group) -> None:
         """Requeue jobs by id, or every failed job (--failed)."""
         if not job_ids and not all_failed:
             raise click.UsageError("give job ids, or --failed")
-        client = _client(orthanc_url, user, password_env, insecure)
+        client = _client(orthanc_url, user, password_env, no_verify)
         for job_id in job_ids:
             job = client.post_json(f"/dicomsync/jobs/{job_id}/retry", {})
             echo(f"job {job_id}: {job['State']}")
@@ -300,12 +305,12 @@ def register(group: click.Group) -> None:
         orthanc_url: str,
         user: str | None,
         password_env: str | None,
-        insecure: bool,
+        no_verify: bool,
         destination: str,
         resources: tuple[str, ...],
     ) -> None:
         """Enqueue studies (Orthanc IDs or StudyInstanceUIDs) for DESTINATION."""
-        client = _client(orthanc_url, user, password_env, insecure)
+        client = _client(orthanc_url, user, password_env, no_verify)
         answer = client.post_json(
             "/dicomsync/send", {"Destination": destination, "Resources": list(resources)}
         )

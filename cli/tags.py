@@ -12,7 +12,7 @@
   CLI's default; ``--retries N``), one warning line per failed attempt; ``SinkFatal``
   stops at once. Each event's ``source`` is the instance's file path (folders) or
   ``<place>:<patient>/<study>/<file>``.
-- ``replicate SOURCE DEST --where 'QUERY' [--index KEY]``: CopyDICOM's conditional
+- ``replicate SOURCE DEST --where 'QUERY' [--sink KEY]``: CopyDICOM's conditional
   replicate: the studies of SOURCE that have an event matching the index query in
   the sink KEY are sent to DEST (duplicates skipped, as ``send`` does).
 - ``sink add splunk_hec|sqlite_index``, ``sink list``, ``sink remove``.
@@ -42,7 +42,7 @@ from dicomsync.cli.common import (
     tls_section,
 )
 from dicomsync.config import Config
-from dicomsync.errors import ConfigError, DicomFileError, SinkError, UnknownPlaceError
+from dicomsync.errors import ConfigError, DicomFileError, SinkError, UnknownSinkError
 from dicomsync.index_query import IndexQuery
 from dicomsync.places.base import Place, StudyRef
 from dicomsync.printable import json_printable
@@ -220,9 +220,9 @@ def _pick_sink(cfg: Config, key: str | None) -> str:
     if len(cfg.sinks) == 1:
         return next(iter(cfg.sinks))
     if not cfg.sinks:
-        raise UnknownPlaceError("no sink is configured; add one with 'dicomsync sink add'")
+        raise UnknownSinkError("no sink is configured; add one with 'dicomsync sink add'")
     raise ConfigError(
-        f"several sinks are configured ({', '.join(sorted(cfg.sinks))}); choose one with --index"
+        f"several sinks are configured ({', '.join(sorted(cfg.sinks))}); choose one with --sink"
     )
 
 
@@ -237,7 +237,7 @@ def _pick_sink(cfg: Config, key: str | None) -> str:
     help="Index query, e.g. 'Modality=SR' or '\"CT Dose.Mean CTDIvol\">50'.",
 )
 @click.option(
-    "--index", "index_key", metavar="KEY", help="The sink to query (default: the only one)."
+    "--sink", "sink_key", metavar="KEY", help="The sink to query (default: the only one)."
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be sent; send nothing.")
 @click.pass_context
@@ -246,7 +246,7 @@ def replicate_command(
     source: str,
     destination: str,
     where: str,
-    index_key: str | None,
+    sink_key: str | None,
     dry_run: bool,
 ) -> None:
     """Send the studies of SOURCE that match an index query to DESTINATION.
@@ -260,7 +260,7 @@ def replicate_command(
     src_q = StudyQuery.parse(source if ":" in source else f"{source}:*")
     cfg = load_config(ctx)
     with ExitStack() as stack:
-        sink = stack.enter_context(cfg.sink(_pick_sink(cfg, index_key)))
+        sink = stack.enter_context(cfg.sink(_pick_sink(cfg, sink_key)))
         wanted = {hit.study_uid for hit in sink.query(where_q)}
         log.info("%d studies match %s in the index", len(wanted), where_q)
         dest = stack.enter_context(cfg.place(destination))

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomsync import jsonsafe
-from dicomsync.errors import ConfigError, UnknownPlaceError
+from dicomsync.errors import ConfigError, UnknownPlaceError, UnknownSinkError
 
 DEFAULT_FILENAME = "dicomsync.json"
 ENV_CONFIG = "DICOMSYNC_CONFIG"
@@ -232,7 +232,8 @@ class Config:
             return table[key]
         except KeyError:
             known = ", ".join(sorted(table)) or "none"
-            raise UnknownPlaceError(f"unknown {what} {key!r} (configured: {known})") from None
+            unknown = UnknownPlaceError if what == "place" else UnknownSinkError
+            raise unknown(f"unknown {what} {key!r} (configured: {known})") from None
 
     def _add(self, what: str, key: str, section: Mapping[str, Any]) -> None:
         table = self._table(what)

@@ -12,8 +12,8 @@ through Orthanc's log. Messages never contain secrets.
     ├── QueryError                  a malformed StudyQuery or index query
     ├── DicomFileError              a file that is not readable DICOM
     ├── PlaceError                  a place failed to list, read or receive
-    │   ├── UnknownPlaceError       no place (or sink) with that key
-    │   ├── PlaceKindUnavailable    the kind exists but cannot be used here (missing dependency)
+    │   ├── UnknownPlaceError       no place with that key
+    │   ├── PlaceKindUnavailable    the place kind exists but cannot be used here (missing dependency)
     │   ├── NotFound                the study or path does not exist
     │   ├── Unreachable             network error, timeout, 5xx           (retryable)
     │   ├── StorageError            a local write that may pass later:    (retryable)
@@ -21,7 +21,9 @@ through Orthanc's log. Messages never contain secrets.
     │   ├── AuthenticationFailed    401/403, wrong password
     │   └── RemoteRejected          the remote refused the data (4xx other than auth)
     ├── TransferError               the destination does not hold what was sent
-    ├── SinkError                   a tag sink failed
+    ├── SinkError                   a tag sink failed, or cannot be had
+    │   ├── UnknownSinkError        no sink with that key (or none configured)
+    │   ├── SinkKindUnavailable     the sink kind exists but cannot be used here (missing dependency)
     │   ├── SinkRetryable           busy, 5xx, network                   (retryable)
     │   └── SinkFatal               bad token, bad config: stop the sink, keep the events
     └── QueueError                  the durable queue failed
@@ -62,11 +64,12 @@ class PlaceError(DicomSyncError):
 
 
 class UnknownPlaceError(PlaceError):
-    """No place or sink is configured under that key."""
+    """No place is configured under that key (sinks: ``UnknownSinkError``)."""
 
 
 class PlaceKindUnavailable(PlaceError):
-    """The place kind is known but cannot be used (a dependency is missing)."""
+    """The place kind is known but cannot be used (a dependency is missing); sinks:
+    ``SinkKindUnavailable``."""
 
 
 class NotFound(PlaceError):
@@ -110,6 +113,14 @@ class SinkError(DicomSyncError):
     def __init__(self, message: str, *, retryable: bool | None = None) -> None:
         super().__init__(message, retryable=retryable)
         self.delivered = set()
+
+
+class UnknownSinkError(SinkError):
+    """No sink is configured under that key, or none at all."""
+
+
+class SinkKindUnavailable(SinkError):
+    """The sink kind is known but cannot be used (a dependency is missing)."""
 
 
 class SinkRetryable(SinkError):

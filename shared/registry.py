@@ -3,6 +3,11 @@
 Each kind names the module and class that implement it. Modules are imported only
 when a kind is used, so a missing optional dependency makes that one kind
 unavailable, with the reason, instead of breaking every command.
+
+Errors: an unknown kind is ``ConfigError``; a kind whose module cannot be imported is
+``PlaceKindUnavailable`` for the place registry and ``SinkKindUnavailable`` for the sink
+registry (``what``). Registration happens at import time; lookups after that only fill
+caches (a race imports a module twice, which Python makes harmless).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from dicomsync.errors import ConfigError, PlaceKindUnavailable
+from dicomsync.errors import ConfigError, DicomSyncError, PlaceKindUnavailable, SinkKindUnavailable
 from dicomsync.urls import check_section
 
 T = TypeVar("T")
@@ -33,11 +38,17 @@ class Registry(Generic[T]):
         self._loaded.pop(kind, None)
         self._missing.pop(kind, None)
 
+    def _unavailable(self, message: str) -> DicomSyncError:
+        return (
+            SinkKindUnavailable(message) if self.what == "sink" else PlaceKindUnavailable(message)
+        )
+
     def kinds(self) -> list[str]:
         return sorted(self._targets)
 
     def get(self, kind: str) -> type[T]:
-        """The class for ``kind``; ConfigError if unknown, PlaceKindUnavailable if it can't load."""
+        """The class for ``kind``; ConfigError if unknown, Place/SinkKindUnavailable if it
+        cannot be loaded."""
         if kind in self._loaded:
             return self._loaded[kind]
         if kind not in self._targets:
@@ -45,7 +56,7 @@ class Registry(Generic[T]):
                 f"unknown {self.what} kind {kind!r}; known kinds: {', '.join(self.kinds())}"
             )
         if kind in self._missing:
-            raise PlaceKindUnavailable(
+            raise self._unavailable(
                 f"{self.what} kind {kind!r} is unavailable: {self._missing[kind]}"
             )
         module_name, _, class_name = self._targets[kind].partition(":")
@@ -53,7 +64,7 @@ class Registry(Generic[T]):
             module = importlib.import_module(module_name)
         except ImportError as exc:
             self._missing[kind] = f"cannot import {exc.name or module_name} ({exc})"
-            raise PlaceKindUnavailable(
+            raise self._unavailable(
                 f"{self.what} kind {kind!r} is unavailable: {self._missing[kind]}"
             ) from exc
         cls: type[T] = getattr(module, class_name)
@@ -80,6 +91,6 @@ class Registry(Generic[T]):
             try:
                 self.get(kind)
                 result[kind] = None
-            except PlaceKindUnavailable:
+            except (PlaceKindUnavailable, SinkKindUnavailable):
                 result[kind] = self._missing.get(kind, "unavailable")
         return result

@@ -305,12 +305,12 @@ def test_replicate_errors(setup: tuple[Cli, dict[str, set[str]], set[str]], tmp_
     several = cli("replicate", "src", "dest", "--where", "Modality=SR", ok=False)
     assert (
         several.output.strip()
-        == "Error: several sinks are configured (a, b); choose one with --index"
+        == "Error: several sinks are configured (a, b); choose one with --sink"
     )
-    bad = cli("replicate", "src", "dest", "--where", "Modality", "--index", "a", ok=False)
+    bad = cli("replicate", "src", "dest", "--where", "Modality", "--sink", "a", ok=False)
     assert bad.output.strip() == (
         "Error: invalid index query 'Modality': expected an operator (=, !=, <, >, <=, >=) "
         "after 'Modality' at column 9"
     )
-    nothing = cli("replicate", "src", "dest", "--where", "Modality=XX", "--index", "a")
+    nothing = cli("replicate", "src", "dest", "--where", "Modality=XX", "--sink", "a")
     assert nothing.output.strip() == "no studies of src:* match Modality=XX"

@@ -312,10 +312,10 @@ def test_replicate_where_modality_sr_from_the_plugin_orthanc(
         (tmp_path / folder).mkdir()
     (tmp_path / "dicomsync.json").write_text(json.dumps(config))
     cli = Cli(tmp_path / "dicomsync.json")
-    out = cli("replicate", "a", "dest", "--where", "Modality=SR", "--index", "plugin_index").output
+    out = cli("replicate", "a", "dest", "--where", "Modality=SR", "--sink", "plugin_index").output
     assert "0 failed" in out, out
     assert _studies_in(tmp_path / "dest") == dose_studies
-    out = cli("replicate", "a", "dest2", "--where", "Modality=SR", "--index", "splunk").output
+    out = cli("replicate", "a", "dest2", "--where", "Modality=SR", "--sink", "splunk").output
     assert _studies_in(tmp_path / "dest2") == dose_studies
     assert "'Modality'=\"SR\"" in tagged.hec.state.searches[-1]
 
