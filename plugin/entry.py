@@ -1,19 +1,9 @@
-"""The script Orthanc loads: ``"PythonScript": "/path/to/dicomsync/plugin/entry.py"``.
-
-orthanc-python runs this file inside Orthanc's embedded interpreter (Debian's
-python3.11), with this folder first on ``sys.path`` and Debian's dist-packages
-last. Before importing dicomsync it:
-
-1. finds the project's venv: ``$DICOMSYNC_VENV``, else ``<repo>/.venv``;
-2. ``site.addsitedir`` on its site-packages (this runs the ``.pth`` files, which
-   is how the editable install is found) and moves the added entries to the
-   front of ``sys.path``, so the venv's pydicom/requests win over Debian's;
-3. without a venv (e.g. a container with the dependencies installed system-wide),
-   maps the ``dicomsync`` package onto the repo folders itself;
-4. drops this folder from ``sys.path`` (its modules belong to ``dicomsync.plugin``).
-
-Then ``dicomsync.plugin.glue.register()`` installs the callbacks.
-"""
+"""The script Orthanc loads (``"PythonScript": ".../plugin/entry.py"``), in its embedded
+interpreter with this folder first on ``sys.path``. It puts the project's venv
+(``$DICOMSYNC_VENV``, else ``<repo>/.venv``) first on ``sys.path`` (its ``.pth`` files find
+the editable install, and its pydicom/requests win over Debian's); without a venv it maps
+``dicomsync`` onto the repo folders; it drops this folder from ``sys.path``; then
+``glue.register()``."""
 
 from __future__ import annotations
 
@@ -29,9 +19,7 @@ PACKAGES = {"dicomsync": "shared", "dicomsync.cli": "cli", "dicomsync.plugin": "
 
 
 def _site_packages(venv: Path) -> Path:
-    return (
-        venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    )
+    return venv / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
 
 
 def _use_venv() -> bool:

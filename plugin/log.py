@@ -1,10 +1,6 @@
-"""Forward Python logging to Orthanc's log (``orthanc.LogInfo/LogWarning/LogError``).
-
-Only the plugin's entry point installs this handler. ``LogInfo`` lines appear
-when Orthanc runs with ``--verbose`` (or ``--verbose-plugins``). Messages are escaped
-(``dicomsync.printable.PrintableFormatter``): a study name holding a newline or a
-terminal escape cannot forge a line of Orthanc's log.
-"""
+"""Python logging into Orthanc's log (``orthanc.LogInfo/LogWarning/LogError``; info lines
+show with ``--verbose``), escaped by ``dicomsync.printable.PrintableFormatter`` so no study
+name can forge a line. Only the plugin's entry point installs it."""
 
 from __future__ import annotations
 
@@ -35,8 +31,7 @@ def install(level: int = logging.INFO) -> logging.Logger:
     """Attach the handler to the ``dicomsync`` logger (once)."""
     logger = logging.getLogger(PREFIX)
     if not any(isinstance(h, OrthancLogHandler) for h in logger.handlers):
-        handler = OrthancLogHandler()
-        handler.setFormatter(PrintableFormatter(f"{PREFIX}: %(message)s"))
-        logger.addHandler(handler)
+        logger.addHandler(OrthancLogHandler())
+        logger.handlers[-1].setFormatter(PrintableFormatter(f"{PREFIX}: %(message)s"))
     logger.setLevel(level)
     return logger

@@ -326,8 +326,7 @@ def test_the_glue_passes_the_header_cache_and_leaves_the_environment_alone(
     import os
 
     from dicomsync import routing
-
-    import fake_orthanc
+    from dicomsync.service.app import Service
 
     (tmp_path / "zips").mkdir()
     config = {
@@ -340,20 +339,16 @@ def test_the_glue_passes_the_header_cache_and_leaves_the_environment_alone(
     }
     monkeypatch.delenv("DICOMSYNC_CACHE_DIR")
     before = dict(os.environ)
-    fake_orthanc.install("http://127.0.0.1:1", config, str(tmp_path / "orthanc.json"))
+    app = Service(config, str(tmp_path / "orthanc.json"), Unused())
     try:
-        from dicomsync.plugin import glue
-
-        app = glue.App(config, str(tmp_path / "orthanc.json"), Unused())
         assert dict(os.environ) == before
         assert app.config is not None
         place = app.config.build_place("zips")
         assert place.cache.path == tmp_path / "state" / "cache" / "headers.sqlite"  # type: ignore[attr-defined]
         assert app.config.build_place("zips").cache is place.cache  # type: ignore[attr-defined]
+    finally:
         if app.queue is not None:
             app.queue.close()
-    finally:
-        fake_orthanc.uninstall()
     explicit = tmp_path / "explicit"
     monkeypatch.setenv("DICOMSYNC_CACHE_DIR", str(explicit))
     cfg = routing.load(config, str(tmp_path / "orthanc.json"))

@@ -20,7 +20,6 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
-import fake_orthanc
 from dicomdata import make_instance
 from orthanc_server import OrthancProcess
 from plugin_helpers import plugin_orthanc, settled, wait_for
@@ -247,15 +246,11 @@ def test_backfill_with_a_valid_query_still_works(a: OrthancProcess) -> None:
 
 
 @pytest.fixture
-def glue() -> Iterator[ModuleType]:
-    """The glue module under the ``orthanc`` stand-in (its pure helpers need no server)."""
-    fake_orthanc.install("http://127.0.0.1:1", {}, "")
-    try:
-        from dicomsync.plugin import glue as module
+def glue() -> ModuleType:
+    """The REST API's pure helpers (``dicomsync.service.rest_common``: no server, no orthanc)."""
+    from dicomsync.service import rest_common
 
-        yield module
-    finally:
-        fake_orthanc.uninstall()
+    return rest_common
 
 
 def test_quote_cuts_request_values(glue: ModuleType) -> None:
@@ -269,6 +264,6 @@ def test_quote_cuts_request_values(glue: ModuleType) -> None:
 
 def test_job_ids_beyond_int64_are_unknown(glue: ModuleType) -> None:
     with pytest.raises(glue.HttpError) as info:
-        glue.App._job_id("99999999999999999999999")
+        glue.job_id("99999999999999999999999")
     assert info.value.status == 404
-    assert glue.App._job_id(str(glue.MAX_JOB_ID)) == glue.MAX_JOB_ID
+    assert glue.job_id(str(glue.MAX_JOB_ID)) == glue.MAX_JOB_ID

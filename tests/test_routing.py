@@ -256,18 +256,7 @@ def test_glue_under_a_fake_orthanc(orthanc: OrthancProcess, tmp_path: Path) -> N
 
         glue.register()
         assert fake.rest and fake.on_change
-        assert not fake.on_stored  # no per-instance hook: no OnStoredInstance callback at all
-
-        # a per-instance hook (the tags code's extension point) is registered and called
-        seen: list[str] = []
-        glue.INSTANCE_HOOKS.append(lambda app: lambda dicom, iid: seen.append(iid))
-        try:
-            glue.register()
-        finally:
-            glue.INSTANCE_HOOKS.clear()
-        fake.on_stored[0](None, "instance-1")
-        assert seen == ["instance-1"]
-        fake.on_change.pop(0)  # the first App is replaced; drive only the second one
+        assert not fake.on_stored  # nothing per instance: no OnStoredInstance callback at all
         study_uid = generate_uid()
         buf = BytesIO()
         make_instance(None, patient_id="FAKE", study_uid=study_uid, modality="OT").save_as(

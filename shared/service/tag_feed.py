@@ -65,7 +65,7 @@ class TagFeed:
         self.changes = changes
         self.keys = list(keys)
         self.events = events
-        self.backfill = cfg.raw.get("SinksBackfill", True) is not False
+        self.backfill = cfg.sinks_backfill
         self.cursors: dict[str, int] = {}
         self._open_keys: list[str] = list(self.keys)
         self._backlog_checked = 0.0

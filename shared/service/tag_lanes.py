@@ -14,22 +14,25 @@ feed's order, so they run close together).
 
 Per job: every event delivered (or rejected for good by the sink) -> done;
 ``SinkRetryable`` -> retried with the queue's backoff; an unreadable file -> failed;
-an instance deleted meanwhile -> done with nothing sent (``GONE``). ``SinkFatal`` (bad
+an instance deleted meanwhile -> done with nothing sent. A done job records a
+``SinkDelivered`` outcome: ``delivered``, ``rejected`` (the sink refused some of its events
+for good) or ``gone`` (deleted). ``SinkFatal`` (bad
 token, unwritable index) holds the lane: its jobs go back to ``queued`` without counting
 an attempt and the sink shows ``stopped`` with the error, until ``restart(key)``
 (``POST /dicomsync/sinks/{key}/restart``) or an Orthanc restart. The sink's delivered
 ledger makes every repeat free, so nothing reaches a sink twice.
 
 Thread-safety: ``handle`` runs on every sink lane at once; each ``SinkState`` guards its
-sink with ``lock`` and serialises sends with ``send_lock`` (a send and the reading of its
-rejections are one step). ``build``/``start``/``stop`` come from one controlling thread.
-``handle`` never raises: it returns one result (``Delivered`` or an exception) per job.
+sink with ``lock``; sends need no lock of their own (``Sink.send`` is thread-safe and
+returns its own rejections in its ``SendResult``). ``build``/``start``/``stop`` come from one controlling thread.
+``handle`` never raises: it returns one result (``SinkDelivered`` or an exception) per job.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,17 +46,15 @@ from dicomsync.service.event_cache import EventCache
 from dicomsync.service.metrics import MetricSink, label
 from dicomsync.service.storage import InstanceEvents
 from dicomsync.service.tag_feed import TAGS, TagFeed
-from dicomsync.sinks.base import Sink, build_sink, delivered_before
-from dicomsync.worker import Delivered, Lane, WorkerPool
+from dicomsync.sinks.base import Sink, build_sink, delivered_before, rejected_before
+from dicomsync.worker import Lane, SinkDelivered, WorkerPool
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BATCH", "FINGERPRINT", "GONE", "TAGS", "EventCache", "SinkState", "TagSinks"]
+__all__ = ["BATCH", "TAGS", "EventCache", "SinkState", "TagSinks"]
 
 BATCH = 50  # instances per lease: one sink.send per batch
 CACHED_INSTANCES = 4 * BATCH  # events kept for the other sinks' lanes, per sink beyond one
-FINGERPRINT = "events"  # what a done tags job records (its instance's events are delivered)
-GONE = "gone"  # the instance was deleted before its events were computed
 
 
 @dataclass
@@ -67,7 +68,6 @@ class SinkState:
     rejected: int = 0
     last_rejected: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards ``sink`` itself
-    send_lock: threading.Lock = field(default_factory=threading.Lock)  # one send at a time
 
 
 class TagSinks:
@@ -166,14 +166,14 @@ class TagSinks:
         return self.status(key)
 
     # --- the worker's batch handler --------------------------------------------------------
-    def handle(self, jobs: list[Job]) -> list[Delivered | BaseException]:
+    def handle(self, jobs: list[Job]) -> list[SinkDelivered | BaseException]:
         """Events of each leased instance, sent in one ``sink.send``; one result per job."""
         state = self.states.get(jobs[0].destination)
         sink = state.sink if state is not None else None
         if state is None or sink is None:
             why = state.error if state is not None else "not configured"
             return [SinkFatal(f"sink {jobs[0].destination!r} is not running: {why}")] * len(jobs)
-        results: list[Delivered | BaseException | None] = [None] * len(jobs)
+        results: list[SinkDelivered | BaseException | None] = [None] * len(jobs)
         event_ids: dict[int, list[str]] = {}
         events = []
         for i, job in enumerate(jobs):
@@ -181,33 +181,33 @@ class TagSinks:
                 instance_events = self.events.get(job.resource, self.read_events)
             except NotFound:
                 log.info("instance %s was deleted before its events were computed", job.resource)
-                results[i] = Delivered(GONE, 0)
+                results[i] = SinkDelivered("gone", 0)
                 continue
             except DicomSyncError as exc:  # unreadable file: fails; Orthanc stopping: retried
                 results[i] = exc
                 continue
             event_ids[i] = [e.id for e in instance_events]
             events.extend(instance_events)
-        delivered: set[str] = set()
-        rejected: dict[str, str] = {}
+        delivered: frozenset[str] | set[str] = frozenset()
+        rejected: Mapping[str, str] = {}
         error: SinkError | None = None
         if events:
-            # ``sink.rejected`` belongs to the sink's last send: send and read it under one
-            # lock, so a concurrent send cannot swap another batch's rejections in.
-            with state.send_lock:
-                try:
-                    delivered = sink.send(events)
-                except SinkError as exc:
-                    delivered, error = delivered_before(exc), exc
-                rejected = dict(sink.rejected)
+            try:
+                result = sink.send(events)  # its rejections are this send's own
+                delivered, rejected = result.delivered, result.rejected
+            except SinkError as exc:
+                delivered, rejected, error = delivered_before(exc), rejected_before(exc), exc
             if rejected:
-                state.rejected += len(rejected)
                 bad, reason = next(iter(rejected.items()))
-                state.last_rejected = f"{bad}: {reason}"
+                with state.lock:  # lanes may send at once: the counter is shared
+                    state.rejected += len(rejected)
+                    state.last_rejected = f"{bad}: {reason}"
         for i, ids in event_ids.items():
             missing = [e for e in ids if e not in delivered and e not in rejected]
             if not missing:
-                results[i] = Delivered(FINGERPRINT, sum(e in delivered for e in ids))
+                refused = bool(rejected) and any(e in rejected for e in ids)
+                sent = sum(e in delivered for e in ids)
+                results[i] = SinkDelivered("rejected" if refused else "delivered", sent)
             else:
                 results[i] = error or SinkRetryable(
                     f"sink {state.key!r} did not confirm {len(missing)} event(s), e.g. {missing[0]}"

@@ -1,0 +1,312 @@
+"""``Service``: the composition root of what the plugin runs, without Orthanc.
+
+Built once from Orthanc's configuration (``routing.load``: the ``DicomSync`` section),
+a ``Transport`` to this Orthanc (in-process inside the plugin) and a ``MetricSink``. A
+bad section is logged once (one line), routing stays off (``active`` is False), Orthanc
+keeps serving and ``GET /dicomsync/status`` shows the error. When active it holds the
+queue, the ``Intake``, the ``RouteCursor``, the ``TagSinks`` (if any sink is
+configured) and the ``RestApi``; ``start`` builds the route handler and the worker pool.
+
+Life cycle (the plugin's callbacks only hand over to these):
+
+- ``on_stable_study(id)``: ``Intake.hand_over``; works before ``start`` too (the
+  hand-over queue exists from construction), so a STABLE_STUDY that arrives while the
+  service is still starting waits there, and the catch-up cursor covers whatever a
+  crash swallows.
+- ``start_in_background()`` (ORTHANC_STARTED): ``start`` on a ``dicomsync-start``
+  thread, so the change-callback thread returns at once. ``start``: take back this
+  node's jobs a crash left ``sending`` (``Queue.recover``), build the sinks, start the
+  workers, the feed, and the threads ``dicomsync-intake``, ``-metrics`` (metrics, held
+  studies, cursor), ``-places`` (each destination built once to report bad settings)
+  and ``-catch-up``; then publish the metrics once.
+- ``stop(timeout)`` (ORTHANC_STOPPED): signal every thread, close the transport (reads
+  in flight fail fast), then join the starter, the workers, the feed and the threads
+  within ONE deadline of ``timeout`` seconds (``STOP_TIMEOUT``) in all. A job still in
+  flight stays ``sending`` for this node (the pool records nothing after a stop
+  request) and is taken back at the next start. A stop that arrives while ``start`` is
+  still running waits for it within the same deadline; if ``start`` outlasts it,
+  ``start`` stops what it started itself when it ends. After a stop the service is as
+  before ``start`` (the stopped pool stays for the status), so a later ORTHANC_STARTED
+  in the same process starts again.
+
+Thread-safety: ``start``/``stop`` are serialised by a lock; ``handle`` and
+``on_stable_study`` may be called from any thread at any time. Nothing here raises into
+the caller except ``start`` (``DicomSyncError`` of the queue or the pool; the background
+starter logs it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from dicomsync import routing
+from dicomsync.errors import ConfigError, DicomSyncError, QueueError, SinkFatal
+from dicomsync.orthanc_client import OrthancClient, Transport
+from dicomsync.places.orthanc import OrthancPlace
+from dicomsync.queue import Queue, open_queue
+from dicomsync.service.callback_thread import WORKER_NICE
+from dicomsync.service.catch_up import RouteCursor
+from dicomsync.service.changelog import ChangeLog
+from dicomsync.service.intake import Intake, local_fingerprint
+from dicomsync.service.metrics import Metrics, MetricSink
+from dicomsync.service.rest_api import RestApi
+from dicomsync.service.rest_common import Reply
+from dicomsync.service.storage import storage_folder
+from dicomsync.service.tag_lanes import TAGS, TagSinks
+from dicomsync.worker import WorkerPool
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 5.0  # seconds ORTHANC_STOPPED waits for every thread, in all
+
+
+class Service:
+    def __init__(
+        self,
+        orthanc_config: Mapping[str, Any],
+        config_path: str | None,
+        transport: Transport,
+        metric: MetricSink | None = None,
+    ) -> None:
+        self.transport = transport
+        self.client = OrthancClient(transport)
+        self.changes = ChangeLog(self.client)
+        self.metrics = Metrics(metric)
+        self.stable_age = routing.stable_age(orthanc_config)
+        self.config: routing.SyncConfig | None = None
+        self.config_error: str | None = None
+        self.queue: Queue | None = None
+        self.pool: WorkerPool | None = None
+        self.handler: routing.RouteHandler | None = None
+        self.sinks: TagSinks | None = None
+        self.intake: Intake | None = None
+        self.cursor: RouteCursor | None = None
+        self.place_errors: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._life = threading.Lock()  # start and stop, one at a time
+        self._wanted = False  # between start_in_background()/start() and stop()
+        self._started = False  # between a completed start and stop
+        self._starter: threading.Thread | None = None
+        self._setup(orthanc_config, config_path)
+        self.api = RestApi(self)
+
+    # --- configuration ----------------------------------------------------------------
+    def _setup(self, orthanc_config: Mapping[str, Any], config_path: str | None) -> None:
+        try:
+            cfg = routing.load(orthanc_config, config_path)
+        except ConfigError as exc:
+            self.config_error = str(exc)
+            log.error("configuration error, routing is OFF: %s", exc)
+            return
+        if cfg is None:
+            log.info("no %s section in the configuration: nothing to route", routing.SECTION)
+            return
+        if not cfg.enabled:
+            log.warning("%s.Enabled is false: routing is OFF", routing.SECTION)
+            return
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
+        try:
+            queue = self.queue = open_queue(cfg.state_dir, cfg.retry)
+        except QueueError as exc:
+            self.config_error = str(exc)
+            log.error("cannot open the queue, routing is OFF: %s", exc)
+            return
+        if not cfg.node_id_given:
+            # the per-node cursors survive a new hostname (a recreated container)
+            cfg.node_id = routing.stored_node_id(cfg.state_dir, cfg.node_id)
+        self.config = cfg
+        self.intake = Intake(cfg, queue, self.client, self._stop)
+        self.cursor = RouteCursor(
+            cfg.node_id,
+            queue,
+            self.changes,
+            self.intake,
+            self.stable_age,
+            self._stop,
+            self.fingerprint,
+            cfg.metrics_interval,
+        )
+        if cfg.sinks:
+            storage = routing.storage_dir(orthanc_config, routing.config_base_dir(config_path))
+            self.sinks = TagSinks(
+                cfg, queue, self.client, storage_folder(orthanc_config, storage), self.changes
+            )
+        log.info(
+            "%d route(s) to %s; state in %s",
+            len(cfg.routes),
+            ", ".join(r.destination for r in cfg.routes) or "nowhere",
+            cfg.state_dir,
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.config is not None and self.queue is not None
+
+    # --- what the callbacks hand over --------------------------------------------------
+    def on_stable_study(self, study_id: str) -> None:
+        if self.intake is not None and self.active:
+            self.intake.hand_over(study_id)
+
+    def handle(self, method: str, path: str, get: Mapping[str, str], body: bytes | None) -> Reply:
+        return self.api.handle(method, path, get, body)
+
+    def unrouted(self) -> dict[str, str]:
+        return self.intake.unrouted() if self.intake is not None else {}
+
+    def fingerprint(self, study_id: str) -> str | None:
+        return local_fingerprint(self.client, study_id)
+
+    # --- life cycle ---------------------------------------------------------------------
+    def start_in_background(self) -> None:
+        self._wanted = True
+        self._starter = threading.Thread(
+            target=self._guard(self._start_then_publish), name="dicomsync-start", daemon=True
+        )
+        self._starter.start()
+
+    def _start_then_publish(self) -> None:
+        self._start()
+        self.publish_metrics()
+
+    def start(self) -> None:
+        self._wanted = True
+        self._start()
+
+    def _start(self) -> None:
+        with self._life:
+            if not self._wanted or not self.active or self._started:
+                return
+            self._started = True
+            cfg, queue = self.config, self.queue
+            assert cfg is not None and queue is not None and self.intake and self.cursor
+            self._stop.clear()
+            reopen = getattr(self.transport, "reopen", None)
+            if reopen is not None:
+                reopen()  # a stop closed it; Orthanc started again in this process
+            self.cursor.reset()
+            queue.recover(cfg.node_id)
+            self.handler = routing.RouteHandler(
+                lambda: OrthancPlace("local", OrthancClient(self.transport)), cfg.build_place
+            )
+            sinks = self.sinks
+            if sinks is not None:
+                sinks.build()
+            self.pool = WorkerPool(
+                queue,
+                [*cfg.lanes(), *(sinks.lanes() if sinks else [])],
+                {"study": self.handler},
+                batch_handlers={TAGS: sinks.handle} if sinks else {},
+                owner=cfg.node_id,
+                lease_seconds=cfg.lease_seconds,
+                poll_interval=cfg.poll_interval,
+                hold_on=(SinkFatal,),
+                on_pause=sinks.on_pause if sinks else None,
+                nice=WORKER_NICE,
+            )
+            self.pool.start()
+            if sinks is not None:
+                sinks.start(self.pool)
+            for target, name in (
+                (self.intake.run, "intake"),
+                (self._metrics_loop, "metrics"),
+                (self._check_places, "places"),
+                (self.cursor.run_catch_up, "catch-up"),
+            ):
+                t = threading.Thread(
+                    target=self._guard(target), name=f"dicomsync-{name}", daemon=True
+                )
+                self._threads.append(t)
+                t.start()
+            if not self._wanted:  # a stop gave up waiting for this start: stop here
+                self._shutdown(time.monotonic() + STOP_TIMEOUT)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Signal every thread and join them within ``timeout`` seconds in all (by default
+        ``STOP_TIMEOUT``); True when everything ended in time."""
+        timeout = STOP_TIMEOUT if timeout is None else timeout
+        self._wanted = False
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        if self.pool is not None:
+            self.pool.request_stop()
+        if not self._life.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            log.warning("still starting after %.0fs; it stops when it is done", timeout)
+            return False
+        try:
+            return self._shutdown(deadline)
+        finally:
+            self._life.release()
+
+    def _shutdown(self, deadline: float) -> bool:
+        """Stop what ``_start`` started, joining within ``deadline``; under ``_life``."""
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        self._stop.set()
+        if self.pool is not None:
+            self.pool.request_stop()
+        self.transport.close()  # in-flight reads of this Orthanc now fail fast
+        clean = True
+        if self.pool is not None:
+            clean = self.pool.stop(timeout=left())
+        if self.sinks is not None:
+            self.sinks.stop(left())
+        for t in self._threads:
+            t.join(left())
+            clean = clean and not t.is_alive()
+        self._threads.clear()
+        if self.handler is not None:
+            self.handler.close()
+        # back to the state before start(), so a later ORTHANC_STARTED starts again with a
+        # new pool (the stopped one stays for the status); the queue reconnects on its next use
+        self._started = False
+        self.handler = None
+        if self.cursor is not None:
+            self.cursor.reset()
+        if self.queue is not None:
+            self.queue.close()
+        return clean
+
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except Exception:
+                log.exception("%s stopped on an unexpected error", getattr(fn, "__name__", fn))
+
+        return run
+
+    # --- the periodic threads ------------------------------------------------------------
+    def publish_metrics(self) -> None:
+        self.metrics.publish(self.config_error, self.config, self.queue, self.sinks)
+
+    def _metrics_loop(self) -> None:
+        assert self.config is not None and self.intake is not None and self.cursor is not None
+        while True:
+            try:
+                self.publish_metrics()
+                self.intake.retry_unrouted()
+                self.cursor.advance()
+            except DicomSyncError as exc:
+                log.warning("metrics: %s", exc)
+            if self._stop.wait(self.config.metrics_interval):
+                return
+
+    def _check_places(self) -> None:
+        """Build every destination once, off the callback thread, to report bad settings
+        (a missing folder, an unset password variable) at startup, not at the first send."""
+        assert self.config is not None
+        for key in self.config.destinations():
+            try:
+                with self.config.build_place(key) as place:
+                    place.check_environment()
+            except DicomSyncError as exc:
+                self.place_errors[key] = str(exc)
+                log.error("destination %r is unusable: %s", key, exc)
