@@ -5,7 +5,6 @@ ack, pipelined acks, ack timeouts), TLS and network failures, the event's origin
 from __future__ import annotations
 
 import http.server
-import inspect
 import socket
 import ssl
 import subprocess
@@ -69,12 +68,34 @@ def test_the_sink_does_not_retry_a_busy_hec(
     assert event_posts(hec) == [503]  # one request, no backoff inside the lease
     assert time.monotonic() - started < 1.0
     hec.busy(0)
-    assert s.send(events(25)) == {e.id for e in events(25)}
+    assert s.send(events(25)).delivered == {e.id for e in events(25)}
 
 
-def test_no_second_backoff_formula_in_the_sink() -> None:
-    source = inspect.getsource(splunk_hec)
-    assert "_sleep" not in source and "random" not in source and "2 **" not in source
+@pytest.mark.parametrize("failure", ["503", "500", "refused"])
+def test_no_backoff_inside_the_sink(
+    hec: HecServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    failure: str,
+) -> None:
+    """Every retryable failure goes straight up after one request: the sink never sleeps
+    (the worker's backoff is the only one), whatever Retries/Backoff* say."""
+    url = hec.url
+    if failure == "503":
+        hec.busy(100)
+    elif failure == "500":
+        hec.fail(100)
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there
+    s = sink(url, tmp_path, PLAIN, monkeypatch, Retries=6, BackoffSeconds=5)
+    slept: list[float] = []
+    monkeypatch.setattr(splunk_hec.time, "sleep", slept.append)
+    with pytest.raises(SinkRetryable):
+        s.send(events(25))
+    assert slept == []
+    assert event_posts(hec) == ([] if failure == "refused" else [int(failure)])
 
 
 # --- point 14: a token without indexer acknowledgement ----------------------------------
@@ -95,7 +116,7 @@ def test_ack_on_against_a_token_without_ack_stops_at_the_first_answer(
     assert s.has([e.id for e in batch]) == first  # HEC accepted them: recorded
     # the admin sets Ack false: the rerun sends only the rest, nothing twice
     again = sink(hec.url, tmp_path, PLAIN, monkeypatch)
-    assert again.send(batch) == {e.id for e in batch}
+    assert again.send(batch).delivered == {e.id for e in batch}
     assert sorted(hec.event_ids()) == sorted(e.id for e in batch)
 
 
@@ -126,8 +147,8 @@ def test_acks_are_pipelined_across_submits(
     started = time.monotonic()
     confirmed: set[str] = set()
     for study in studies:
-        confirmed |= s.submit(study)
-    confirmed |= s.flush()
+        confirmed |= s.submit(study).delivered
+    confirmed |= s.flush().delivered
     elapsed = time.monotonic() - started
     every = {e.id for study in studies for e in study}
     assert confirmed == every and s.has(every) == every
@@ -153,7 +174,7 @@ def test_at_most_ack_in_flight_batches_wait(
 
     monkeypatch.setattr(s, "_after_post", spy)
     batch = events(100)
-    assert s.send(batch) == {e.id for e in batch}
+    assert s.send(batch).delivered == {e.id for e in batch}
     assert max(seen) == 3
 
 
@@ -169,7 +190,7 @@ def test_a_batch_whose_ack_times_out_is_sent_again_by_the_next_call(
         s.send(batch)
     assert s.has([e.id for e in batch]) == set()
     hec.state.ack_after_polls = 0
-    assert s.flush() == {e.id for e in batch}  # the caller's retry: posted again, acked
+    assert s.flush().delivered == {e.id for e in batch}  # the caller's retry: posted again, acked
     assert s.has([e.id for e in batch]) == {e.id for e in batch}
     assert event_posts(hec) == [200, 200]
 

@@ -64,6 +64,15 @@ def test_safe_component(value: str, expected: str) -> None:
     assert safe_component(value) == expected
 
 
+def test_safe_component_gives_the_readmes_names() -> None:
+    """The README's example, as literal names: not recomputed the way the code hashes."""
+    assert [safe_component(v) for v in ("pat:1", "pat_1", "pat*1")] == [
+        "pat_1~20544540",
+        "pat_1",
+        "pat_1~be28b37e",
+    ]
+
+
 def test_nfd_is_normalised_and_kept_apart_from_nfc() -> None:
     nfc = unicodedata.normalize("NFC", "Müller")
     nfd = unicodedata.normalize("NFD", "Müller")
