@@ -399,7 +399,7 @@ def test_logout_from_a_hanging_server_waits_like_a_login(
     server: XnatServer, tmp_path: Path, password: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """close() logs out with the login requests' limit, not an upload's Timeout."""
-    import dicomsync.places.xnat as xnat_module
+    import dicomsync.places.xnat.connection as xnat_module
 
     from servers import xnat as standin
 

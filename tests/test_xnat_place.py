@@ -566,7 +566,7 @@ def test_long_lived_place_lists_again_when_its_listing_is_old(
     server: XnatServer, tmp_path: Path, password: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A plugin worker keeps its place: a session deleted in XNAT must be sent again."""
-    import dicomsync.places.xnat as xnat_module
+    import dicomsync.places.xnat.destination as xnat_module
 
     build_seed_tree(tmp_path / "root")
     with root_place(tmp_path / "root") as src, xnat_place(server, tmp_path) as dest:

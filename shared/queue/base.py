@@ -65,17 +65,17 @@ KINDS = ("study", "tags")
 
 @dataclass(frozen=True)
 class RetryOptions:
-    """The options of a ``Retry`` section (``RetryPolicy.from_config``)."""
+    """The options of a ``Retry`` section (``RetryPolicy.from_config``); the ranges
+    (``BaseDelay > 0``, ``MaxDelay >= BaseDelay``) are the policy's own check."""
 
     base_delay: float = options.option(
         "BaseDelay",
         "seconds",
         "backoff: attempt *k* waits between d/2 and d, d = min(`MaxDelay`, `BaseDelay`·2^(k-1))",
         default=5.0,
-        above=0,
     )
     max_delay: float = options.option(
-        "MaxDelay", "seconds", "the longest wait (at least `BaseDelay`)", default=600.0, above=0
+        "MaxDelay", "seconds", "the longest wait (at least `BaseDelay`)", default=600.0
     )
     max_attempts: int = options.option(
         "MaxAttempts", "int", "attempts before a job fails", default=10, low=1
