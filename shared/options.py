@@ -98,7 +98,7 @@ class Option:
         if self.type == "envvar":
             return "an environment variable name"
         if self.type == "path":
-            return "a path"
+            return "a non-empty string, a path"
         if self.type == "int":
             if self.low is not None and self.high is not None:
                 return f"an integer from {_num(self.low)} to {_num(self.high)}"

@@ -1,4 +1,4 @@
-"""The ``DicomSync`` section of Orthanc's configuration, route filters, and the route job handler.
+"""The ``DicomSync`` section of Orthanc's configuration: its options, parsed and checked.
 
 ::
 
@@ -21,15 +21,12 @@ paths (the index file, the delivered ledgers, a CA bundle) are relative to
 ``StateDirectory``. ``Places`` or ``Sinks`` given as a path to a dicomsync.json
 file are relative to that file's folder.
 
-A route's ``Filter`` maps a key to a glob or a list of globs (only ``*`` is special,
-matching is case-sensitive). A study matches a key when any of its values matches
-any glob; it matches the route when every key matches. Values come from Orthanc's
-index, never from the DICOM files:
-
-- patient and study keys (PatientID, StudyDescription, …): the study's main tags;
-- series keys (Modality, SeriesDescription, …): the values of all its series;
-- instance keys (SOPClassUID, CallingAet/RemoteAet, CalledAet, Origin,
-  TransferSyntax): the metadata of the first instance of each series.
+Every option is declared once: ``SyncOptions`` (the section), ``RouteOptions``
+(``dicomsync.route_facts``), ``RetryOptions`` (``dicomsync.queue.base``), checked with
+``dicomsync.options.parse``; ``load`` raises one ``ConfigError`` listing every problem,
+``validate`` returns them. Route filters and ``study_facts`` live in
+``dicomsync.route_facts``, the job handler in ``dicomsync.route_handler``; both are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -38,111 +35,129 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicomsync import options
 from dicomsync.config import build_place, is_finite_number, load_sections, resolve_path
-from dicomsync.errors import (
-    ConfigError,
-    DicomSyncError,
-    NotFound,
-    TransferError,
-    UnknownPlaceError,
-)
+from dicomsync.errors import ConfigError, DicomSyncError, UnknownPlaceError
 from dicomsync.header_cache import HeaderCache, default_cache_dir
-from dicomsync.orthanc_client import OrthancClient
+from dicomsync.options import option
 from dicomsync.places.base import PLACES, Place
 from dicomsync.places.local import RootPlace
-from dicomsync.query import glob_to_regex
-from dicomsync.queue.base import Job, RetryPolicy
+from dicomsync.queue.base import RetryPolicy
+from dicomsync.route_facts import (
+    DEFAULT_CONCURRENCY,
+    FILTER_KEYS,
+    INSTANCE_KEYS,
+    MAX_CONCURRENCY,
+    PATIENT_KEYS,
+    SERIES_KEYS,
+    STUDY_KEYS,
+    Route,
+    RouteOptions,
+    study_facts,
+)
+from dicomsync.route_handler import RouteHandler
 from dicomsync.urls import credential_problem
-from dicomsync.worker import Delivered, Lane
+from dicomsync.worker import Lane
+
+__all__ = [  # re-exported from route_facts and route_handler
+    "DEFAULT_CONCURRENCY",
+    "FILTER_KEYS",
+    "INSTANCE_KEYS",
+    "MAX_CONCURRENCY",
+    "PATIENT_KEYS",
+    "SERIES_KEYS",
+    "STUDY_KEYS",
+    "Route",
+    "RouteHandler",
+    "RouteOptions",
+    "study_facts",
+]
 
 log = logging.getLogger(__name__)
 
 SECTION = "DicomSync"
 _CACHE_LOCK = threading.Lock()
 
-PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "OtherPatientIDs")
-STUDY_KEYS = (
-    "StudyInstanceUID",
-    "StudyDescription",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "InstitutionName",
-    "RequestingPhysician",
-    "RequestedProcedureDescription",
-)
-SERIES_KEYS = (
-    "Modality",
-    "SeriesDescription",
-    "SeriesInstanceUID",
-    "SeriesNumber",
-    "SeriesDate",
-    "BodyPartExamined",
-    "Manufacturer",
-    "StationName",
-    "ProtocolName",
-    "OperatorsName",
-    "PerformedProcedureStepDescription",
-    "SequenceName",
-)
-# filter key -> Orthanc instance metadata name
-INSTANCE_KEYS = {
-    "SOPClassUID": "SopClassUid",
-    "CallingAet": "RemoteAET",
-    "RemoteAet": "RemoteAET",
-    "CalledAet": "CalledAET",
-    "Origin": "Origin",
-    "TransferSyntax": "TransferSyntax",
-}
-FILTER_KEYS = (*PATIENT_KEYS, *STUDY_KEYS, *SERIES_KEYS, *INSTANCE_KEYS)
-KNOWN_OPTIONS = {
-    "Places",
-    "Sinks",
-    "SinksBackfill",
-    "Routes",
-    "StateDirectory",
-    "Retry",
-    "NodeId",
-    "LeaseSeconds",
-    "PollInterval",
-    "MetricsInterval",
-    "Enabled",
-}
-MAX_CONCURRENCY = 64
-DEFAULT_CONCURRENCY = 2
-
 
 @dataclass(frozen=True)
-class Route:
-    destination: str
-    filter: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    concurrency: int = DEFAULT_CONCURRENCY
+class SyncOptions:
+    """The options of the ``DicomSync`` section (the structured ones are checked by
+    ``_parse``: ``Places``/``Sinks`` by ``config.load_sections``, ``Routes`` item by
+    item with ``RouteOptions``, ``Retry`` by ``RetryPolicy.from_config``)."""
 
-    def matches(self, facts: Mapping[str, Collection[str]]) -> bool:
-        for key, globs in self.filter.items():
-            values = facts.get(key, ())
-            if not any(glob_to_regex(g).match(v) for g in globs for v in values):
-                return False
-        return True
+    places: Mapping[str, Any] | str | None = option(
+        "Places",
+        "any",
+        "the same schema as `dicomsync.json`, inline or a path to such a file",
+        shown="none",
+    )
+    routes: Sequence[Any] | None = option(
+        "Routes",
+        "any",
+        "`[{Destination, Filter, Concurrency}]` (`Routes[].` below); `Destination` is a place key",
+        shown="`[]`",
+    )
+    state_directory: str | None = option(
+        "StateDirectory",
+        "path",
+        "the queue (`queue.sqlite`) and caches",
+        shown="`dicomsync/` beside `StorageDirectory`",
+    )
+    retry: Mapping[str, Any] | None = option(
+        "Retry",
+        "any",
+        "the backoff of failed jobs (`Retry.` below); failed after `MaxAttempts`",
+        shown="5 s, 600 s, 10",
+    )
+    sinks: Mapping[str, Any] | str | None = option(
+        "Sinks",
+        "any",
+        "tag sinks, as in `dicomsync.json`, inline (paths relative to `StateDirectory`) "
+        "or a path to a file",
+        shown="`{}` (`orthanc.json` ships an `index` sqlite_index)",
+    )
+    sinks_backfill: bool = option(
+        "SinksBackfill",
+        "bool",
+        "a sink seen for the first time indexes every instance Orthanc already holds",
+        default=True,
+    )
+    node_id: str | None = option(
+        "NodeId",
+        "str",
+        "this node's name for leases and cursors (without it, the name stored in "
+        "`StateDirectory/node-id` at the first start)",
+        shown="`hostname:StateDirectory`",
+    )
+    lease_seconds: float = option(
+        "LeaseSeconds",
+        "seconds",
+        "how long a claimed job stays claimed without a heartbeat",
+        default=300.0,
+        above=0,
+    )
+    poll_interval: float = option(
+        "PollInterval", "seconds", "longest worker sleep", default=5.0, above=0
+    )
+    metrics_interval: float = option(
+        "MetricsInterval", "seconds", "seconds between metric updates", default=5.0, above=0
+    )
+    enabled: bool = option("Enabled", "bool", "`false` turns routing off", default=True)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "Destination": self.destination,
-            "Filter": {k: list(v) for k, v in self.filter.items()},
-            "Concurrency": self.concurrency,
-        }
+
+KNOWN_OPTIONS = options.names(SyncOptions)
 
 
 @dataclass
 class SyncConfig:
-    """The parsed ``DicomSync`` section."""
+    """The parsed ``DicomSync`` section: every option of ``SyncOptions``, typed and
+    resolved (paths made absolute, ``Places``/``Sinks`` loaded, ``Routes`` and ``Retry``
+    built). Nothing reads the raw section after ``load``."""
 
     places: dict[str, dict[str, Any]]
     places_base: Path
@@ -152,10 +167,12 @@ class SyncConfig:
     sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
     sinks_base: Path = Path(".")
     node_id: str = ""
+    node_id_given: bool = False  # NodeId set in the section (else stored_node_id applies)
     lease_seconds: float = 300.0
     poll_interval: float = 5.0
     metrics_interval: float = 5.0
-    raw: dict[str, Any] = field(default_factory=dict)
+    sinks_backfill: bool = True
+    enabled: bool = True
     warnings: list[str] = field(default_factory=list)
     _header_cache: HeaderCache | None = field(default=None, repr=False, compare=False)
 
@@ -278,10 +295,12 @@ def _parse(
         if k not in KNOWN_OPTIONS
     ]
 
+    opts = options.parse(SyncOptions, section, where, problems)
+
     places: dict[str, dict[str, Any]] = {}
     places_base = base_dir
     try:
-        places, places_base = load_sections(section.get("Places"), "Places", base_dir, where)
+        places, places_base = load_sections(opts.places, "Places", base_dir, where)
     except ConfigError as exc:
         problems.append(str(exc))
     for key, place in places.items():
@@ -292,12 +311,9 @@ def _parse(
         if credentials := credential_problem("place", key, place):  # /places lists sections
             problems.append(f"{where}.Places[{key!r}]: {credentials}")
 
-    routes = _parse_routes(section.get("Routes", []), places, problems)
+    routes = _parse_routes([] if opts.routes is None else opts.routes, places, problems)
 
-    state = section.get("StateDirectory")
-    if state is not None and (not isinstance(state, str) or not state):
-        problems.append(f"{where}.StateDirectory must be a non-empty string (a folder)")
-        state = None
+    state = opts.state_directory
     state_dir = (
         resolve_path(state, base_dir) if state else default_state_dir(orthanc_config, base_dir)
     )
@@ -305,32 +321,19 @@ def _parse(
     # Inline sinks keep their files (the sqlite_index, the ledgers) under StateDirectory;
     # sinks from a dicomsync.json file are relative to that file, as for the CLI.
     sinks: dict[str, dict[str, Any]] = {}
-    sinks_value = section.get("Sinks")
-    sinks_base = base_dir if isinstance(sinks_value, str) else state_dir
+    sinks_base = base_dir if isinstance(opts.sinks, str) else state_dir
     try:
-        sinks, sinks_base = load_sections(sinks_value, "Sinks", sinks_base, where)
+        sinks, sinks_base = load_sections(opts.sinks, "Sinks", sinks_base, where)
     except ConfigError as exc:
         problems.append(str(exc))
     _check_sinks(sinks, places, problems)
 
     retry = RetryPolicy()
     try:
-        retry = RetryPolicy.from_config(section.get("Retry"))
+        retry = RetryPolicy.from_config(opts.retry)
     except ConfigError as exc:
         problems.append(f"{where}.{exc}")
 
-    numbers: dict[str, float] = {}
-    for name, default in (("LeaseSeconds", 300.0), ("PollInterval", 5.0), ("MetricsInterval", 5.0)):
-        value = section.get(name, default)
-        if not is_finite_number(value) or value <= 0:
-            problems.append(f"{where}.{name} must be a positive number of seconds")
-            value = default
-        numbers[name] = float(value)
-
-    if not isinstance(section.get("SinksBackfill", True), bool):
-        problems.append(f"{where}.SinksBackfill must be true or false")
-
-    node_id = section.get("NodeId") or f"{socket.gethostname()}:{state_dir}"
     return SyncConfig(
         places=places,
         places_base=places_base,
@@ -339,11 +342,13 @@ def _parse(
         retry=retry,
         sinks=sinks,
         sinks_base=sinks_base,
-        node_id=str(node_id),
-        lease_seconds=numbers["LeaseSeconds"],
-        poll_interval=numbers["PollInterval"],
-        metrics_interval=numbers["MetricsInterval"],
-        raw=dict(section),
+        node_id=opts.node_id or f"{socket.gethostname()}:{state_dir}",
+        node_id_given=bool(opts.node_id),
+        lease_seconds=opts.lease_seconds,
+        poll_interval=opts.poll_interval,
+        metrics_interval=opts.metrics_interval,
+        sinks_backfill=opts.sinks_backfill,
+        enabled=opts.enabled,
         warnings=warnings,
     )
 
@@ -404,12 +409,12 @@ def _parse_routes(value: Any, places: Mapping[str, Any], problems: list[str]) ->
         if not isinstance(item, dict):
             problems.append(f"{here} must be an object {{Destination, Filter, Concurrency}}")
             continue
-        unknown = set(item) - {"Destination", "Filter", "Concurrency"}
+        unknown = options.unknown(item, options.names(RouteOptions))
         if unknown:
-            problems.append(f"{here}: unknown option(s) {', '.join(sorted(unknown))}")
-        dest = item.get("Destination")
-        if not isinstance(dest, str) or not dest:
-            problems.append(f'{here}: "Destination" (a place key) is required')
+            problems.append(f"{here}: unknown option(s) {', '.join(unknown)}")
+        opts = options.parse(RouteOptions, item, here, problems)
+        dest = opts.destination
+        if not dest:
             continue
         if dest not in places:
             known = ", ".join(sorted(places)) or "none"
@@ -419,16 +424,8 @@ def _parse_routes(value: Any, places: Mapping[str, Any], problems: list[str]) ->
             problems.append(
                 f"{here}: place {dest!r} ({places[dest].get('Kind')}) cannot receive studies"
             )
-        concurrency = item.get("Concurrency", DEFAULT_CONCURRENCY)
-        if (
-            isinstance(concurrency, bool)
-            or not isinstance(concurrency, int)
-            or not (1 <= concurrency <= MAX_CONCURRENCY)
-        ):
-            problems.append(f"{here}: Concurrency must be an integer from 1 to {MAX_CONCURRENCY}")
-            concurrency = DEFAULT_CONCURRENCY
-        filt = _parse_filter(item.get("Filter", {}), here, problems)
-        routes.append(Route(dest, filt, concurrency))
+        filt = _parse_filter(opts.filter, here, problems)
+        routes.append(Route(dest, filt, opts.concurrency))
     return routes
 
 
@@ -450,134 +447,3 @@ def _parse_filter(value: Any, here: str, problems: list[str]) -> dict[str, tuple
             continue
         out[key] = tuple(globs)
     return out
-
-
-# --- facts about a study, from Orthanc's index --------------------------------------------
-
-
-def study_facts(client: OrthancClient, study_id: str, keys: Collection[str]) -> dict[str, set[str]]:
-    """The values of ``keys`` for one study, with as few REST calls as the keys need.
-
-    Study and patient keys: one call. Series keys: one more. Instance keys: one
-    metadata call per series (its first instance). Raises ``NotFound`` if the
-    study is gone.
-    """
-    facts: dict[str, set[str]] = {}
-    keys = set(keys)
-    if not keys:
-        return facts
-    if keys & set(PATIENT_KEYS + STUDY_KEYS):
-        study = client.study(study_id)
-        tags = {**study.get("PatientMainDicomTags", {}), **study.get("MainDicomTags", {})}
-        for key in keys & set(PATIENT_KEYS + STUDY_KEYS):
-            facts[key] = {str(tags[key])} if key in tags else set()
-    if keys & (set(SERIES_KEYS) | set(INSTANCE_KEYS)):
-        series = client.get_json(f"/studies/{study_id}/series")
-        for key in keys & set(SERIES_KEYS):
-            facts[key] = {
-                str(s["MainDicomTags"][key]) for s in series if key in s.get("MainDicomTags", {})
-            }
-        wanted = keys & set(INSTANCE_KEYS)
-        if wanted:
-            for key in wanted:
-                facts[key] = set()
-            for s in series:
-                if not s.get("Instances"):
-                    continue
-                try:
-                    meta = client.get_json(f"/instances/{s['Instances'][0]}/metadata?expand")
-                except NotFound:
-                    continue
-                for key in wanted:
-                    value = meta.get(INSTANCE_KEYS[key])
-                    if value is not None:
-                        facts[key].add(str(value))
-    return facts
-
-
-# --- the route job handler -----------------------------------------------------------------
-
-
-class RouteHandler:
-    """Handles ``study`` jobs: send Orthanc study ``job.resource`` to place ``job.destination``.
-
-    ``source_factory`` builds the local Orthanc place (in the plugin, an
-    ``OrthancPlace`` over the in-process transport); ``dest_factory`` builds a
-    destination place by key. Each worker thread gets its own place objects (their
-    keep-alive sessions and upload threads are reused job after job); those of a thread
-    that ended are closed when another thread first asks, so the handler holds at most
-    (threads alive + 1) x 2 places. Caches inside a place are bounded by the place.
-    ``send_study`` diffs identities, so only missing instances travel, and verifies
-    that the destination holds every SOP UID before the job counts as done. Each job
-    is its own batch: ``dest.prepare`` runs before every send, so a place that caches
-    a listing per batch (XNAT) never answers from a stale one.
-    """
-
-    def __init__(
-        self,
-        source_factory: Callable[[], Any],
-        dest_factory: Callable[[str], Place],
-    ) -> None:
-        self._source_factory = source_factory
-        self._dest_factory = dest_factory
-        # thread -> its places; the places of threads that ended are closed and dropped
-        self._by_thread: dict[threading.Thread, dict[str, Place]] = {}
-        self._lock = threading.Lock()
-
-    def _place(self, key: str, factory: Callable[[], Place]) -> Place:
-        me = threading.current_thread()
-        with self._lock:
-            places = self._by_thread.get(me)
-            ended: list[Place] = []
-            if places is None:
-                for thread in [t for t in self._by_thread if not t.is_alive()]:
-                    ended.extend(self._by_thread.pop(thread).values())
-                places = self._by_thread[me] = {}
-        _close_all(ended)
-        place = places.get(key)
-        if place is None:
-            place = places[key] = factory()
-        return place
-
-    def held(self) -> int:
-        """How many place objects the handler holds (for the tests of its bound)."""
-        with self._lock:
-            return sum(len(p) for p in self._by_thread.values())
-
-    def source(self) -> Any:
-        return self._place("\0source", self._source_factory)
-
-    def __call__(self, job: Job) -> Delivered:
-        from dicomsync.transfer import send_study
-
-        source = self.source()
-        dest = self._place(job.destination, lambda: self._dest_factory(job.destination))
-        ref = source.ref_by_id(job.resource)
-        identity = source.identity(ref)
-        # A job is a batch of one: places that list once per batch (XNAT) list again now,
-        # instead of answering from a listing an earlier job of this thread made.
-        dest.prepare([(ref.key, identity)])
-        outcome = send_study(source, ref, dest, identity=identity)
-        if outcome.status in ("sent", "duplicate", "empty"):
-            fingerprint = outcome.fingerprint or ""
-            return Delivered(fingerprint, outcome.sent)
-        error = TransferError(
-            outcome.error or f"{ref}: send to {job.destination} failed",
-            retryable=outcome.retryable,
-        )
-        error.delivered = outcome.sent  # type: ignore[attr-defined]  # see worker.delivered_by
-        raise error
-
-    def close(self) -> None:
-        with self._lock:
-            places = [p for ps in self._by_thread.values() for p in ps.values()]
-            self._by_thread.clear()
-        _close_all(places)
-
-
-def _close_all(places: Collection[Place]) -> None:
-    for place in places:
-        try:
-            place.close()
-        except Exception as exc:  # closing must never stop a shutdown
-            log.debug("closing %r: %s", place, exc)
