@@ -5,7 +5,8 @@ its ``concurrency``, so a dead or slow destination only ever occupies its own
 threads. A thread leases one job (or a batch), calls the injected handler and
 records the outcome:
 
-- the handler returns ``Delivered(fingerprint, sent)``: ``queue.done``;
+- the handler returns ``Delivered(fingerprint, sent)`` (a study) or
+  ``SinkDelivered(outcome, sent)`` (a sink's job; ``dicomsync.queue.records``): ``queue.done``;
 - whatever an attempt raises, the instances it still delivered (``delivered_by``) are
   added to the job's count, so the count is every attempt's, not only the last one's;
 - it raises a ``DicomSyncError`` with ``retryable`` set (network, 5xx, a send the
@@ -31,31 +32,26 @@ Threads sleep on a per-lane ``threading.Event`` that the queue sets on enqueue,
 and wake anyway when the next retry is due or after ``poll_interval`` (jobs
 enqueued by another process, leases expired on a dead node). A heartbeat thread
 extends the leases of jobs in flight. The pool knows nothing of Orthanc or of
-place kinds: handlers do the work.
+place kinds: handlers do the work. ``Lane`` and the per-lane state: ``dicomsync.lanes``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from dicomsync.errors import DicomSyncError, QueueError
+from dicomsync.lanes import Lane, LaneState, lower_thread_priority
 from dicomsync.queue.base import Job, Queue
+from dicomsync.queue.records import Delivered, SinkDelivered, Success
+
+__all__ = ["BatchHandler", "Delivered", "Handler", "Lane", "SinkDelivered", "WorkerPool"]
+__all__ += ["delivered_by", "lower_thread_priority"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Delivered:
-    """A handler's success: the fingerprint of what the destination now holds."""
-
-    fingerprint: str
-    sent: int = 0
 
 
 def delivered_by(error: BaseException) -> int:
@@ -67,53 +63,8 @@ def delivered_by(error: BaseException) -> int:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
 
 
-Handler = Callable[[Job], Delivered]
-BatchHandler = Callable[[list[Job]], Sequence["Delivered | BaseException"]]
-
-
-@dataclass(frozen=True)
-class Lane:
-    """Threads for one destination (and, if set, one kind of job)."""
-
-    destination: str
-    concurrency: int = 1
-    kind: str | None = None
-    batch: int = 1
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind}:{self.destination}" if self.kind else self.destination
-
-
-class _LaneState:
-    def __init__(self, lane: Lane) -> None:
-        self.lane = lane
-        self.event = threading.Event()
-        self.threads: list[threading.Thread] = []
-        self.busy = 0
-        self.handled = 0
-        self.errors = 0
-        self.last_error = ""
-        self.paused: str | None = None  # why the lane is on hold (None: running)
-
-
-def lower_thread_priority(increment: int) -> None:
-    """Give the calling thread the process's nice value plus ``increment`` (Linux schedules
-    threads on their own), so its work, and the threads it starts, yield the CPU to others.
-
-    Inside Orthanc the workers share the machine with ingest; niced, they use the CPU
-    that ingest leaves. The value is relative to the process, not to the calling thread,
-    so a thread started by an already niced thread ends at the same value. A thread
-    already lower than that is left alone. Where the platform has no per-thread
-    priority, nothing changes.
-    """
-    try:
-        tid = threading.get_native_id()
-        target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + increment)
-        if os.getpriority(os.PRIO_PROCESS, tid) < target:
-            os.setpriority(os.PRIO_PROCESS, tid, target)
-    except (OSError, AttributeError):
-        log.debug("cannot lower the priority of %s", threading.current_thread().name)
+Handler = Callable[[Job], Success]
+BatchHandler = Callable[[list[Job]], Sequence["Success | BaseException"]]
 
 
 class WorkerPool:
@@ -140,11 +91,11 @@ class WorkerPool:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
-        self._lanes: dict[str, _LaneState] = {}
+        self._lanes: dict[str, LaneState] = {}
         for lane in lanes:
             if lane.name in self._lanes:
                 raise ValueError(f"two lanes for {lane.name}")
-            self._lanes[lane.name] = _LaneState(lane)
+            self._lanes[lane.name] = LaneState(lane)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._in_flight: dict[int, Job] = {}
@@ -274,7 +225,7 @@ class WorkerPool:
             }
 
     # --- threads ------------------------------------------------------------------------
-    def _run(self, state: _LaneState) -> None:
+    def _run(self, state: LaneState) -> None:
         lane = state.lane
         if self.nice:
             lower_thread_priority(self.nice)
@@ -313,7 +264,7 @@ class WorkerPool:
                     for j in jobs:
                         self._in_flight.pop(j.id, None)
 
-    def _sleep(self, state: _LaneState) -> None:
+    def _sleep(self, state: LaneState) -> None:
         timeout = self.poll_interval
         try:
             due = self.queue.next_due(state.lane.destination, state.lane.kind)
@@ -330,18 +281,18 @@ class WorkerPool:
     def _batch_handler(self, jobs: list[Job]) -> BatchHandler | None:
         return self.batch_handlers.get(jobs[0].kind)
 
-    def _handle(self, state: _LaneState, job: Job) -> None:
+    def _handle(self, state: LaneState, job: Job) -> None:
         handler = self._handler(job)
         if handler is None:
             self._record(state, job, DicomSyncError(f"no handler for jobs of kind {job.kind!r}"))
             return
         try:
-            result: Delivered | BaseException = handler(job)
+            result: Success | BaseException = handler(job)
         except Exception as exc:  # recorded below; never kills the thread
             result = exc
         self._record(state, job, result)
 
-    def _handle_batch(self, state: _LaneState, jobs: list[Job]) -> None:
+    def _handle_batch(self, state: LaneState, jobs: list[Job]) -> None:
         handler = self._batch_handler(jobs)
         assert handler is not None
         try:
@@ -352,21 +303,21 @@ class WorkerPool:
             results = [exc] * len(jobs)
         results = [
             r
-            if isinstance(r, (Delivered, BaseException))
+            if isinstance(r, (Delivered, SinkDelivered, BaseException))
             else DicomSyncError(f"batch handler answered {type(r).__name__} for a job")
             for r in results
         ]
         delivered = [
             (job, result)
             for job, result in zip(jobs, results, strict=True)
-            if isinstance(result, Delivered)
+            if isinstance(result, (Delivered, SinkDelivered))
         ]
         if delivered:  # one queue transaction for the batch's successes
             try:
-                self.queue.done_many([(j, r.fingerprint, r.sent) for j, r in delivered])
+                self.queue.done_many(delivered)
                 with self._lock:  # counted as ``_record`` counts a single job's success
                     state.handled += len(delivered)
-            except QueueError as exc:
+            except (QueueError, ValueError) as exc:
                 log.error(
                     "%d job(s): cannot record their outcome (%s); their leases will expire",
                     len(delivered),
@@ -386,9 +337,9 @@ class WorkerPool:
 
     def _record(
         self,
-        state: _LaneState,
+        state: LaneState,
         job: Job,
-        result: Delivered | BaseException,
+        result: Success | BaseException,
         *,
         quiet: bool = False,
         others: int = 0,
@@ -397,8 +348,8 @@ class WorkerPool:
         error; ``others``: how many more jobs of the batch share it (said in the log)."""
         more = f" (and {others} more job(s) of this batch)" if others else ""
         try:
-            if isinstance(result, Delivered):
-                self.queue.done(job, result.fingerprint, result.sent)
+            if isinstance(result, (Delivered, SinkDelivered)):
+                self.queue.done_many([(job, result)])
                 with self._lock:
                     state.handled += 1
                 return
@@ -456,7 +407,7 @@ class WorkerPool:
                     f"internal error: {type(result).__name__}: {result}",
                     delivered=delivered_by(result),
                 )
-        except QueueError as exc:
+        except (QueueError, ValueError) as exc:  # ValueError: a success of the wrong kind
             log.error("job %d: cannot record its outcome (%s); its lease will expire", job.id, exc)
 
     def _report_pause(self, lane: Lane, error: BaseException) -> None:

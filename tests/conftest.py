@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import requests
 from click.testing import CliRunner, Result
 
-from dicomsync.queue import RetryPolicy
+from dicomsync.queue import Queue, RetryPolicy
 from dicomsync.queue.sqlite import SQLiteQueue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,10 +60,35 @@ def orthanc(orthanc_server: OrthancProcess) -> OrthancProcess:
     return orthanc_server
 
 
+# Queue backends the queue contract tests run on: name -> open(folder, policy, clock).
+# PostgreSQL is one more entry here.
+QUEUE_BACKENDS: dict[str, Callable[[Path, RetryPolicy | None, Callable[[], float]], Queue]] = {
+    "sqlite": lambda where, policy, clock: SQLiteQueue(
+        where / "queue.sqlite", policy, clock=clock
+    ),
+}
+
+
+@pytest.fixture(params=sorted(QUEUE_BACKENDS))
+def queue_backend(
+    request: pytest.FixtureRequest,
+) -> Callable[..., Queue]:
+    """Opens a queue of one backend: ``queue_backend(folder, policy=None, clock=time.time)``.
+    Tests using it (or ``q``) run once per backend of ``QUEUE_BACKENDS``."""
+    factory = QUEUE_BACKENDS[request.param]
+
+    def open_backend(
+        where: Path, policy: RetryPolicy | None = None, clock: Callable[[], float] = time.time
+    ) -> Queue:
+        return factory(where, policy, clock)
+
+    return open_backend
+
+
 @pytest.fixture
-def q(tmp_path: Path) -> Iterator[SQLiteQueue]:
-    """A fresh SQLite queue (30 s, 60 s, 3 attempts) for worker and queue tests."""
-    queue = SQLiteQueue(tmp_path / "queue.sqlite", RetryPolicy(30, 60, 3))
+def q(tmp_path: Path, queue_backend: Callable[..., Queue]) -> Iterator[Queue]:
+    """A fresh queue (30 s, 60 s, 3 attempts) for worker and queue tests, per backend."""
+    queue = queue_backend(tmp_path, RetryPolicy(30, 60, 3))
     yield queue
     queue.close()
 

@@ -16,11 +16,11 @@ from pydicom.uid import generate_uid
 from dicomsync import routing
 from dicomsync.errors import DicomFileError
 from dicomsync.orthanc_client import HttpTransport, OrthancClient
-from dicomsync.service.tag_lanes import FINGERPRINT, EventCache, TagSinks
-from dicomsync.service.storage import InstanceEvents, storage_folder
 from dicomsync.queue import Job, open_queue
+from dicomsync.service.storage import InstanceEvents, storage_folder
+from dicomsync.service.tag_lanes import EventCache, TagSinks
 from dicomsync.tags import Event, events_from_bytes
-from dicomsync.worker import Delivered
+from dicomsync.worker import SinkDelivered
 
 from dicomdata import data, make_instance
 from orthanc_server import OrthancProcess
@@ -154,8 +154,8 @@ def test_two_sinks_read_each_instance_from_orthanc_once(
         for t in lanes:
             t.join(30)
         for key in ("one", "two"):
-            assert [r.fingerprint for r in results[key] if isinstance(r, Delivered)] == [
-                FINGERPRINT
+            assert [r.outcome for r in results[key] if isinstance(r, SinkDelivered)] == [
+                "delivered"
             ] * 3, results[key]
             sink = sinks.states[key].sink
             assert sink is not None

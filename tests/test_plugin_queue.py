@@ -13,7 +13,7 @@ import pytest
 from dicomsync.errors import QueueError, SinkFatal, SinkRetryable
 from dicomsync.queue import Job, NewJob
 from dicomsync.queue.sqlite import SQLiteQueue
-from dicomsync.worker import Delivered, Lane, WorkerPool
+from dicomsync.worker import Delivered, Lane, SinkDelivered, WorkerPool
 
 from plugin_helpers import wait_for
 
@@ -49,7 +49,7 @@ def test_prune_forgets_done_jobs_and_keeps_the_counts(q: SQLiteQueue) -> None:
     q.enqueue_many([NewJob("tags", f"i{i}", "s") for i in range(4)])
     q.enqueue(NewJob("study", "st1", "b"))
     for job in q.lease("s", 3, owner="n"):
-        q.done(job, "events", 5)
+        q.done(job, delivered=5, outcome="delivered")
     (study,) = q.lease("b", 1, owner="n")
     q.done(study, "fp", 7)
     assert q.prune("tags", time.time() + 1) == 3
@@ -59,7 +59,7 @@ def test_prune_forgets_done_jobs_and_keeps_the_counts(q: SQLiteQueue) -> None:
     assert (s.done, s.queued, s.delivered) == (3, 1, 15)
     assert q.stats(kind="tags").keys() == {"s"} and q.stats(kind="study").keys() == {"b"}
     (last,) = q.lease("s", 1, owner="n")
-    q.done(last, "events", 2)
+    q.done(last, delivered=2, outcome="delivered")
     q.prune("tags", time.time() + 1)
     assert (q.stats(kind="tags")["s"].done, q.stats()["s"].delivered) == (4, 17)
     assert q.stats()["b"].done == 1  # study jobs are never pruned
@@ -73,11 +73,11 @@ def test_a_held_lane_keeps_its_jobs_queued_until_resumed(q: SQLiteQueue) -> None
     calls: list[int] = []
     paused: list[str] = []
 
-    def batch(jobs: list[Job]) -> list[Delivered | BaseException]:
+    def batch(jobs: list[Job]) -> list[SinkDelivered | BaseException]:
         calls.append(len(jobs))
         if refuse.is_set():
-            return [Delivered("events", 1)] + [SinkFatal("token refused")] * (len(jobs) - 1)
-        return [Delivered("events", 1)] * len(jobs)
+            return [SinkDelivered("delivered", 1)] + [SinkFatal("token refused")] * (len(jobs) - 1)
+        return [SinkDelivered("delivered", 1)] * len(jobs)
 
     q.enqueue_many([NewJob("tags", f"i{i}", "splunk") for i in range(6)])
     q.enqueue(NewJob("study", "s1", "other"))
@@ -115,7 +115,7 @@ def test_a_batch_sharing_one_error_logs_one_line(
 ) -> None:
     busy = SinkRetryable("HEC busy (503)")
 
-    def batch(jobs: list[Job]) -> list[Delivered | BaseException]:
+    def batch(jobs: list[Job]) -> list[SinkDelivered | BaseException]:
         return [busy] * len(jobs)
 
     q.enqueue_many([NewJob("tags", f"i{i}", "splunk") for i in range(3)])

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import re
+import sqlite3
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 
+import dicomsync.queue.base as queue_base
 from dicomsync.errors import ConfigError, QueueError
-from dicomsync.queue import NewJob, RetryPolicy, open_queue
+from dicomsync.queue import Delivered, Job, NewJob, Queue, RetryPolicy, SinkDelivered, open_queue
+from dicomsync.queue.rules import RULES, Rule
+from dicomsync.queue.schema import SCHEMA_VERSION
 from dicomsync.queue.sqlite import SQLiteQueue
 
 
@@ -27,8 +33,9 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def q(tmp_path: Path, clock: Clock) -> SQLiteQueue:
-    queue = SQLiteQueue(tmp_path / "queue.sqlite", RetryPolicy(2, 30, 5), clock=clock)
+def q(tmp_path: Path, clock: Clock, queue_backend: Callable[..., Queue]) -> Iterator[Queue]:
+    """Per backend (``queue_backend``): every test taking ``q`` is a contract test."""
+    queue = queue_backend(tmp_path, RetryPolicy(2, 30, 5), clock)
     yield queue
     queue.close()
 
@@ -91,7 +98,10 @@ def test_done_many_finishes_a_batch_in_one_call_job_by_job(q: SQLiteQueue, clock
     clock.now += 31
     stolen = q.lease("b", 1, 30, owner="node2")[0]  # s0's lease expired and was taken over
     assert stolen.id == ids[0]
-    answers = q.done_many([(job, f"fp{job.id}", 2) for job in leased[1:]] + [(leased[0], "x", 9)])
+    answers = q.done_many(
+        [(job, Delivered(f"fp{job.id}", 2)) for job in leased[1:]]
+        + [(leased[0], Delivered("x", 9))]
+    )
     assert answers == [True, True, True, False]
     states = {job_id: q.get(job_id) for job_id in ids}
     assert [(j.state, j.fingerprint, j.delivered_count) for j in states.values() if j] == [
@@ -285,8 +295,10 @@ def test_subscribers_hear_about_due_jobs(q: SQLiteQueue) -> None:
     assert heard == ["b", "zips"]
 
 
-def test_threads_lease_each_job_exactly_once(tmp_path: Path) -> None:
-    queue = SQLiteQueue(tmp_path / "q.sqlite")
+def test_threads_lease_each_job_exactly_once(
+    tmp_path: Path, queue_backend: Callable[..., Queue]
+) -> None:
+    queue = queue_backend(tmp_path)
     queue.enqueue_many([study(f"s{i}") for i in range(200)])
     got: list[int] = []
     lock = threading.Lock()
@@ -336,3 +348,186 @@ def test_unwritable_state_dir_is_a_queue_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(QueueError):
         SQLiteQueue(blocker / "sub" / "queue.sqlite")
+
+
+# --- the state machine: the docstring's table is the code's --------------------------------
+def _table_rows(doc: str) -> dict[str, tuple[str, ...]]:
+    """The rows of the first ``====`` table of a docstring, cells split on 2+ spaces."""
+    lines = [line.strip() for line in doc.splitlines()]
+    rules = [i for i, line in enumerate(lines) if line.startswith("====")]
+    body = lines[rules[1] + 1 : rules[2]]
+    rows = [tuple(re.split(r"\s{2,}", line)) for line in body if line]
+    return {row[0]: row for row in rows}
+
+
+def test_the_docstring_transition_table_is_the_rules() -> None:
+    rows = _table_rows(queue_base.__doc__ or "")
+    assert rows == {rule.name: rule.cells() for rule in RULES}
+
+
+def _one_record_per_state(q: Queue, clock: Clock) -> dict[str, Job]:
+    """Records in each state (queued, sending, done, failed), all due."""
+    for name in ("queued", "sending", "done", "failed"):
+        q.enqueue(study(name))
+    jobs = {j.resource: j for j in q.lease("b", 4, 60, owner="n")}
+    q.done(jobs["done"], "fp", 1)
+    q.fail(jobs["failed"], "refused")
+    q.release(jobs["queued"], "on hold")
+    clock.now += 1
+    got = {name: q.find("study", name, "b") for name in jobs}
+    assert {name: job.state for name, job in got.items() if job} == {n: n for n in jobs}
+    return {**{n: j for n, j in got.items() if j}, "sending": jobs["sending"]}
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+def test_a_transition_changes_only_records_in_its_from_states(
+    q: Queue, clock: Clock, rule: Rule
+) -> None:
+    """Every rule, applied through the backend's storage primitive to a record in every
+    state: legal from ``rule.sources`` only (held rules: only with the lease token), and an
+    illegal one changes nothing at all."""
+    records = _one_record_per_state(q, clock)
+    args = {
+        "study_uid": "",
+        "owner": "m",
+        "token": "t2",
+        "expires": clock.now + 60,
+        "fingerprint": "fp2",
+        "outcome": "delivered",
+        "delivered": 1,
+        "delay": 5.0,
+        "error": "e",
+    }
+    for state, job in records.items():
+        before = q.get(job.id)
+        with q._transaction() as tx:
+            if rule.held:
+                assert tx.apply(rule, job.id, args, "not-the-token") is None
+            answer = tx.apply(rule, job.id, args, job.lease_token)
+        after = q.get(job.id)
+        if state in rule.sources:
+            assert answer == (rule.target(), "b") and after is not None
+            assert after.state == rule.target() and after.updated_at == (
+                clock.now if rule.touch else before.updated_at  # type: ignore[union-attr]
+            )
+        else:
+            assert answer is None and after == before, (rule.name, state)
+
+
+def test_done_on_a_rerun_and_retry_follow_the_table(q: Queue, clock: Clock) -> None:
+    q.enqueue(study())
+    (job,) = q.lease("b", 1, 60, owner="n")
+    assert q.enqueue(study()).action == "rerun"
+    assert q.done(job, "fp1", 2)
+    again = q.find("study", "s1", "b")
+    assert again is not None
+    assert (again.state, again.attempts, again.next_attempt_at, again.lease_token) == (
+        "queued",
+        0,
+        clock.now,
+        "",
+    )
+    (job,) = q.lease("b", 1, 60, owner="n")
+    assert q.retry_later(job, "busy", delay=7)
+    job2 = q.get(job.id)
+    assert job2 is not None and (job2.state, job2.attempts, job2.next_attempt_at) == (
+        "queued",
+        1,
+        clock.now + 7,
+    )
+
+
+# --- what a done job records, by kind ---------------------------------------------------------
+def test_a_tags_job_records_an_outcome_and_no_fingerprint(q: Queue) -> None:
+    q.enqueue_many([NewJob("tags", f"i{i}", "splunk") for i in range(3)])
+    a, b, c = q.lease("splunk", 3, 60, owner="n")
+    assert q.done_many([(a, SinkDelivered("delivered", 3)), (b, SinkDelivered("gone", 0))]) == [
+        True,
+        True,
+    ]
+    with pytest.raises(ValueError, match="records an outcome, not a fingerprint"):
+        q.done(c, "events", 1)
+    assert q.get(c.id).state == "sending"  # type: ignore[union-attr]
+    done = {j.resource: (j.fingerprint, j.outcome, j.delivered_count) for j in q.jobs("done")}
+    assert done == {"i0": ("", "delivered", 3), "i1": ("", "gone", 0)}
+    with pytest.raises(ValueError):
+        SinkDelivered("events")  # type: ignore[arg-type]
+
+
+def test_a_study_job_records_its_fingerprint_and_delivered(q: Queue) -> None:
+    q.enqueue(study(fp="fp1"))
+    (job,) = q.lease("b")
+    q.done_many([(job, Delivered("fp1", 4))])
+    done = q.find("study", "s1", "b")
+    assert done is not None and (done.fingerprint, done.outcome) == ("fp1", "delivered")
+    assert done.to_dict()["outcome"] == "delivered"
+
+
+# --- schema versions ----------------------------------------------------------------------------
+SCHEMA_1 = """
+CREATE TABLE jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, resource TEXT NOT NULL,
+    destination TEXT NOT NULL, study_uid TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '', fingerprint TEXT NOT NULL DEFAULT '',
+    delivered_count INTEGER NOT NULL DEFAULT 0, rerun INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT NOT NULL DEFAULT '', lease_token TEXT NOT NULL DEFAULT '',
+    lease_expires_at REAL, queued_at REAL NOT NULL, created_at REAL NOT NULL,
+    updated_at REAL NOT NULL, UNIQUE (kind, resource, destination));
+CREATE INDEX jobs_due ON jobs (destination, state, next_attempt_at);
+CREATE INDEX jobs_updated ON jobs (updated_at);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_queue_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "queue.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(SCHEMA_1)
+        rows = [
+            ("tags", "i1", "splunk", "done", "events", 3),
+            ("tags", "i2", "splunk", "done", "gone", 0),
+            ("tags", "i3", "splunk", "queued", "", 0),
+            ("study", "s1", "b", "done", "fp1", 5),
+            ("study", "s2", "b", "failed", "", 0),
+        ]
+        db.executemany(
+            "INSERT INTO jobs (kind, resource, destination, state, fingerprint, delivered_count,"
+            " next_attempt_at, queued_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 1, 1, 1, 1)",
+            rows,
+        )
+        db.execute("INSERT INTO meta VALUES ('tags_cursor:n:splunk', '42')")
+    queue = SQLiteQueue(path)
+    try:
+        got = {
+            j.resource: (j.state, j.fingerprint, j.outcome, j.delivered_count)
+            for j in queue.jobs(limit=10)
+        }
+        assert got == {
+            "i1": ("done", "", "delivered", 3),
+            "i2": ("done", "", "gone", 0),
+            "i3": ("queued", "", "", 0),
+            "s1": ("done", "fp1", "delivered", 5),
+            "s2": ("failed", "", "", 0),
+        }
+        assert queue.get_meta("tags_cursor:n:splunk") == "42"
+        # the duplicate avoidance of study jobs is untouched by the migration
+        assert queue.enqueue(study("s1", fp="fp1")).action == "unchanged"
+        assert queue.enqueue(study("s1", fp="fp2")).action == "requeued"
+    finally:
+        queue.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    SQLiteQueue(path).close()  # opening a current file again changes nothing
+
+
+def test_a_newer_queue_file_is_refused_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "queue.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(QueueError) as caught:
+        SQLiteQueue(path)
+    assert str(caught.value) == (
+        f"{path} was written by a newer dicomsync (schema {SCHEMA_VERSION + 1})"
+    )

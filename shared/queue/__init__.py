@@ -1,4 +1,5 @@
-"""The durable job queue: the interface (``base``) and its SQLite implementation.
+"""The durable job queue: its records (``records``), its rules (``base``, ``rules``) and
+their SQLite storage (``sqlite``, ``schema``).
 
 ``open_queue(state_dir, policy)`` opens the queue the plugin uses.
 """
@@ -7,14 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicomsync.queue.base import (
+from dicomsync.queue.base import Queue, RetryPolicy
+from dicomsync.queue.records import (
+    SINK_OUTCOMES,
     STATES,
+    Delivered,
     DestinationStats,
     Enqueued,
     Job,
     NewJob,
-    Queue,
-    RetryPolicy,
+    SinkDelivered,
 )
 
 
@@ -26,12 +29,15 @@ def open_queue(state_dir: Path, policy: RetryPolicy | None = None) -> Queue:
 
 
 __all__ = [
+    "SINK_OUTCOMES",
     "STATES",
+    "Delivered",
     "DestinationStats",
     "Enqueued",
     "Job",
     "NewJob",
     "Queue",
     "RetryPolicy",
+    "SinkDelivered",
     "open_queue",
 ]

@@ -1,66 +1,131 @@
-"""The durable job queue: its interface, the job record and the retry policy.
+"""The durable job queue: its rules, written once, and the retry policy.
 
-One record per ``(kind, resource, destination)``:
+One record per ``(kind, resource, destination)`` (``dicomsync.queue.records``):
+``kind`` ``"study"`` routes an Orthanc study to a place; ``"tags"`` feeds a sink (one
+record per instance, enqueued by the tags feed). A study job's success records the
+``fingerprint`` of what was delivered; a tags job's records an ``outcome``
+(``records.SinkDelivered``), never a fingerprint.
 
-- ``kind`` ``"study"`` routes an Orthanc study to a place; ``"tags"`` feeds a sink
-  (one record per instance, enqueued by the tags code).
-- ``state`` moves ``queued -> sending -> done``, or back to ``queued`` with a later
-  ``next_attempt_at`` (``retry_later``), or to ``failed`` (non-retryable error, or
-  the last attempt). ``failed`` and ``done`` records can be requeued.
-- ``fingerprint`` is the digest of the SOP UID set that was delivered
-  (``StudyIdentity.fingerprint()``).
+The state machine
+-----------------
+A record is created ``queued`` (attempts 0, due now). Every change after that is one of
+the transitions below, applied in one transaction, to a record whose state is in
+"from" (otherwise nothing changes and the caller hears ``False``). "held" means the
+caller must still hold the record's lease: the same lease token, the record still
+``sending``. So a slow worker whose lease expired cannot overwrite the work of the node
+that took the job over. ``a / b``: ``b`` when the record's ``rerun`` flag is set (it
+was enqueued again while it was being sent), ``a`` otherwise. Every transition but
+``extend`` sets ``updated_at``.
 
-The rules every implementation keeps (SQLite now, PostgreSQL next; several
-processes may share one queue, so nothing here relies on in-memory state):
+==========  ===============  =====  ===============  ========  ===============  ========
+transition  from             lease  to               attempts  next_attempt_at  lease
+==========  ===============  =====  ===============  ========  ===============  ========
+requeue     done, failed     -      queued           0         now              kept
+rerun       sending          -      sending          kept      kept             kept
+hurry       queued           -      queued           0         now              kept
+lease       queued, sending  -      sending          +1        kept             taken
+extend      sending          held   sending          kept      kept             extended
+done        sending          held   done / queued    kept / 0  now              cleared
+retry       sending          held   queued           kept      now + delay      cleared
+fail        sending          held   failed / queued  kept / 0  kept / now       cleared
+release     sending          held   queued           -1        now              cleared
+recover     sending          -      queued           kept      now              cleared
+==========  ===============  =====  ===============  ========  ===============  ========
 
-``enqueue(new)``
-    Idempotent. A record that is queued stays as it is. A ``done`` record is
-    requeued unless ``new.fingerprint`` equals the delivered fingerprint (an unknown
-    fingerprint, ``None``, always requeues: "something changed, check again").
-    A ``failed`` record is requeued. A ``sending`` record gets ``rerun`` set: when
-    its current send finishes it goes back to ``queued`` instead of ``done``.
-``lease(destination, n, lease_seconds, owner)``
-    Claims up to ``n`` due records atomically (``UPDATE … WHERE state='queued' …
-    RETURNING``; PostgreSQL adds ``FOR UPDATE SKIP LOCKED``), sets them ``sending``
-    with a lease token and a lease expiry, and counts the attempt. A ``sending``
-    record whose lease expired (its node died) is due again.
-``done / retry_later / fail``
-    Apply only while the caller still holds the lease (same token); otherwise they
-    return ``False`` and change nothing, so a slow worker whose lease expired cannot
-    overwrite the work of the node that took the job over.
-``release(job, error)``
-    Puts a leased record back to ``queued``, due at once, *without* counting the
-    attempt: the destination is on hold (a sink whose token Splunk refuses), the
-    job itself did nothing wrong. Lease rules as for ``done``.
-``recover(owner)``
-    After a restart: this node's ``sending`` records (and any expired lease) go
-    back to ``queued``.
-``prune(kind, before)``
-    Deletes old ``done`` records of a kind that needs no memory of them (``tags``:
-    the sink's ledger knows what it holds), folding them into per-destination totals
-    so ``stats()`` stays cumulative while the table stays small.
-``enqueue_many(jobs, meta={...})``
-    Also sets the ``meta`` keys, in the same transaction where the implementation
-    can (SQLite does): a producer that reads a change log stores its cursor together
-    with the jobs the changes produced.
+``RULES`` (``dicomsync.queue.rules``) is this table as data; ``tests/test_queue.py`` checks the two
+agree. What else each transition writes, and who calls it:
+
+``requeue``: ``queued_at`` now, ``last_error`` and ``rerun`` cleared, ``study_uid``
+    replaced when the caller knows one. ``enqueue`` of a ``failed`` record, or of a
+    ``done`` one unless ``new.fingerprint`` equals the delivered fingerprint (an
+    unknown fingerprint, ``None``, always requeues: "something changed, check again");
+    ``requeue(ids)``; ``requeue_failed`` (failed records only).
+``rerun``: sets ``rerun``: when the current send finishes (``done`` or ``fail``), the
+    record goes back to ``queued`` with a fresh attempt count and ``queued_at`` now.
+    ``enqueue`` or ``requeue(ids)`` of a ``sending`` record.
+``hurry``: ``last_error`` cleared, ``queued_at`` kept. ``requeue(ids)`` of a queued record.
+    (``enqueue`` of a queued record changes nothing: it is already waiting.)
+``lease``: claims up to ``n`` *due* records of a destination (and kind) in one
+    statement, oldest ``next_attempt_at`` first; sets ``lease_owner``, a fresh
+    ``lease_token`` and ``lease_expires_at`` = now + lease seconds. Due: ``queued`` with
+    ``next_attempt_at`` <= now, or ``sending`` with ``lease_expires_at`` < now (its node
+    died). PostgreSQL adds ``FOR UPDATE SKIP LOCKED`` to the claim.
+``extend``: ``lease_expires_at`` = now + lease seconds (the worker's heartbeat).
+``done``: records ``fingerprint`` and ``outcome``, adds the attempt's instances to
+    ``delivered_count``, clears ``last_error`` and ``rerun``.
+``retry``: ``retry_later``: the delay is ``RetryPolicy.delay(attempts)`` unless the
+    caller gives one; records ``last_error``, adds ``delivered``. A record that already
+    had ``policy.max_attempts`` attempts takes ``fail`` instead ("gave up after n").
+``fail``: records ``last_error``, adds ``delivered``; ``queued_at`` now on a rerun.
+``release``: the destination is on hold (a sink whose token Splunk refuses), the job did
+    nothing wrong: back to ``queued`` without counting the attempt (never below 0).
+``recover(owner)``: after a restart, this node's ``sending`` records (every one when
+    ``owner`` is empty) and any expired lease go back to ``queued``.
+
+Not transitions: ``prune(kind, before)`` deletes old ``done`` records of a kind that
+needs no memory of them (``tags``: the sink's ledger knows what it holds), folding them
+into per-destination totals so ``stats()`` stays cumulative while the table stays
+small. ``enqueue_many(jobs, meta={...})`` sets the ``meta`` keys in the same
+transaction as the jobs: a producer that reads a change log stores its cursor together
+with the jobs the changes produced.
+
+Backends implement storage, not rules: a ``Transaction`` (find, insert, apply a
+``Rule`` to one record or to the records a ``Where`` selects, set a meta key) and the
+readers. ``Queue`` here implements every producer, consumer and operator method on top
+of them, so SQLite (``queue.sqlite``) and PostgreSQL (next) keep the same rules.
+Several processes may share one queue: nothing relies on in-memory state. Thread-safe:
+a backend's transactions serialise writers; listeners are called on the writer's thread
+after its commit. Methods raise ``QueueError`` when the storage fails.
 """
 
 from __future__ import annotations
 
+import logging
 import random
-import time
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
 
 from dicomsync import options
 from dicomsync.config import is_finite_number
 from dicomsync.errors import ConfigError
+from dicomsync.queue.records import (
+    KINDS,
+    SINK_OUTCOMES,
+    STATES,
+    DestinationStats,
+    Enqueued,
+    Job,
+    NewJob,
+    State,
+    Success,
+    check_state,
+)
+from dicomsync.queue.rules import (
+    DONE,
+    EXTEND,
+    FAIL,
+    HURRY,
+    LEASE,
+    RECOVER,
+    RELEASE,
+    REQUEUE,
+    RERUN,
+    RETRY,
+    RULES,
+    Rule,
+    Transaction,
+    Where,
+    enqueue_rule,
+)
 
-State = Literal["queued", "sending", "done", "failed"]
-STATES: tuple[State, ...] = ("queued", "sending", "done", "failed")
-KINDS = ("study", "tags")
+__all__ = ["KINDS", "SINK_OUTCOMES", "STATES", "DestinationStats", "Enqueued", "Job", "NewJob"]
+__all__ += ["RULES", "Queue", "RetryPolicy", "Rule", "State", "Transaction", "Where", "check_state"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,98 +192,24 @@ class RetryPolicy:
         return ceiling / 2 + rng() * ceiling / 2
 
 
-@dataclass(frozen=True)
-class NewJob:
-    """What a producer enqueues. ``fingerprint`` is the content's current digest if known."""
-
-    kind: str
-    resource: str
-    destination: str
-    study_uid: str = ""
-    fingerprint: str | None = None
-
-
-@dataclass
-class Job:
-    """One queue record."""
-
-    id: int
-    kind: str
-    resource: str
-    destination: str
-    study_uid: str = ""
-    state: State = "queued"
-    attempts: int = 0
-    next_attempt_at: float = 0.0
-    last_error: str = ""
-    fingerprint: str = ""
-    delivered_count: int = 0
-    rerun: bool = False
-    lease_owner: str = ""
-    lease_token: str = ""
-    lease_expires_at: float | None = None
-    queued_at: float = 0.0
-    created_at: float = 0.0
-    updated_at: float = 0.0
-
-    def to_dict(self, now: float | None = None) -> dict[str, Any]:
-        """The JSON shape shown by ``/dicomsync/jobs``."""
-        now = time.time() if now is None else now
-        data = asdict(self)
-        data.pop("lease_token")
-        data["retry_delay"] = (
-            round(self.next_attempt_at - self.updated_at, 3)
-            if self.state == "queued" and self.attempts > 0
-            else None
-        )
-        data["due_in"] = (
-            round(max(0.0, self.next_attempt_at - now), 3) if self.state == "queued" else None
-        )
-        return data
-
-
-EnqueueAction = Literal["created", "requeued", "unchanged", "rerun"]
-
-
-@dataclass(frozen=True)
-class Enqueued:
-    job_id: int
-    action: EnqueueAction
-
-
-@dataclass
-class DestinationStats:
-    destination: str
-    queued: int = 0
-    sending: int = 0
-    done: int = 0
-    failed: int = 0
-    delivered: int = 0
-    oldest_queued_age: float | None = None
-    last_error: str = ""
-    last_error_at: float | None = None
-    kinds: list[str] = field(default_factory=list)
-
-    @property
-    def depth(self) -> int:
-        """Jobs not yet delivered or failed."""
-        return self.queued + self.sending
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["depth"] = self.depth
-        return data
-
-
 Listener = Callable[[str], None]
 
 
 class Queue(ABC):
-    """See the module docstring for the rules."""
+    """The rules of the module docstring over a backend's ``Transaction`` and readers."""
 
     def __init__(self, policy: RetryPolicy | None = None) -> None:
         self.policy = policy or RetryPolicy()
         self._listeners: list[Listener] = []
+
+    # --- storage (the backend) ------------------------------------------------------------
+    @abstractmethod
+    def _transaction(self) -> AbstractContextManager[Transaction]:
+        """A write transaction (writers wait for each other)."""
+
+    @abstractmethod
+    def _peek(self, new: NewJob) -> tuple[int, State, str] | None:
+        """``Transaction.find`` outside a transaction (the enqueue fast path)."""
 
     # --- notification (in-process wake-ups; other processes rely on polling) -------------
     def subscribe(self, listener: Listener) -> None:
@@ -235,19 +226,46 @@ class Queue(ABC):
                 listener(destination)
 
     # --- producers ------------------------------------------------------------------
-    @abstractmethod
-    def enqueue(self, new: NewJob) -> Enqueued: ...
+    def enqueue(self, new: NewJob) -> Enqueued:
+        return self.enqueue_many([new])[0]
 
     def enqueue_many(
         self, jobs: Sequence[NewJob], *, meta: Mapping[str, str] | None = None
     ) -> list[Enqueued]:
-        results = [self.enqueue(j) for j in jobs]
-        for key, value in (meta or {}).items():
-            self.set_meta(key, value)
-        return results
+        if not jobs and not meta:
+            return []
+        results: list[Enqueued | None] = [None] * len(jobs)
+        todo: list[int] = []
+        for i, new in enumerate(jobs):  # fast path without the write lock
+            row = self._peek(new)
+            if row is not None and enqueue_rule(row[1], row[2], new) is None:
+                results[i] = Enqueued(row[0], "unchanged")
+            else:
+                todo.append(i)
+        woken: list[str] = []
+        if todo or meta:
+            with self._transaction() as tx:
+                for i in todo:
+                    done = results[i] = self._enqueue(tx, jobs[i])
+                    if done.action in ("created", "requeued"):
+                        woken.append(jobs[i].destination)
+                for key, value in (meta or {}).items():
+                    tx.set_meta(key, value)
+        self._notify(woken)
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _enqueue(tx: Transaction, new: NewJob) -> Enqueued:
+        row = tx.find(new.kind, new.resource, new.destination)
+        if row is None:
+            return Enqueued(tx.insert(new), "created")
+        rule = enqueue_rule(row[1], row[2], new)
+        if rule is None:
+            return Enqueued(row[0], "unchanged")
+        tx.apply(rule, row[0], {"study_uid": new.study_uid})
+        return Enqueued(row[0], "rerun" if rule is RERUN else "requeued")
 
     # --- consumers ------------------------------------------------------------------
-    @abstractmethod
     def lease(
         self,
         destination: str,
@@ -256,45 +274,127 @@ class Queue(ABC):
         *,
         owner: str = "",
         kind: str | None = None,
-    ) -> list[Job]: ...
+    ) -> list[Job]:
+        where = Where(destination=destination, kind=kind or None, due=True, limit=max(1, n))
+        with self._transaction() as tx:
+            args = {"owner": owner, "token": uuid.uuid4().hex, "expires": tx.now + lease_seconds}
+            jobs = tx.apply_where(LEASE, where, args)
+        return sorted(jobs, key=lambda j: (j.next_attempt_at, j.id))
 
-    @abstractmethod
     def extend(self, jobs: Sequence[Job], lease_seconds: float) -> int:
         """Push the lease expiry of jobs still held; returns how many were extended."""
+        if not jobs:
+            return 0
+        with self._transaction() as tx:
+            expires = tx.now + lease_seconds
+            count = sum(
+                tx.apply(EXTEND, job.id, {"expires": expires}, job.lease_token) is not None
+                for job in jobs
+            )
+        for job in jobs:
+            job.lease_expires_at = expires
+        return count
 
-    @abstractmethod
-    def done(self, job: Job, fingerprint: str, delivered: int = 0) -> bool: ...
+    def done(
+        self, job: Job, fingerprint: str = "", delivered: int = 0, *, outcome: str = "delivered"
+    ) -> bool:
+        """A success: a study job records ``fingerprint``; other kinds an ``outcome``
+        (``records.SINK_OUTCOMES``) and no fingerprint (``ValueError``)."""
+        return self._done([(job, fingerprint, outcome, delivered)])[0]
 
-    def done_many(self, results: Sequence[tuple[Job, str, int]]) -> list[bool]:
-        """``done(job, fingerprint, delivered)`` for each, in one transaction where the
-        backend can (a batch lane finishes many jobs at once); one answer per job."""
-        return [self.done(job, fingerprint, delivered) for job, fingerprint, delivered in results]
+    def done_many(self, results: Sequence[tuple[Job, Success]]) -> list[bool]:
+        """``done`` for each ``(job, Delivered or SinkDelivered)``, in one transaction (a batch
+        lane finishes many jobs at once); one answer per job."""
+        return self._done([(job, r.fingerprint, r.outcome, r.sent) for job, r in results])
 
-    @abstractmethod
+    def _done(self, results: Sequence[tuple[Job, str, str, int]]) -> list[bool]:
+        for job, fingerprint, _, _ in results:
+            if fingerprint and job.kind != "study":
+                raise ValueError(f"a {job.kind} job records an outcome, not a fingerprint")
+        answers: list[bool] = []
+        rerun: dict[str, None] = {}
+        with self._transaction() as tx:
+            for job, fingerprint, outcome, sent in results:
+                args = {"fingerprint": fingerprint, "outcome": outcome, "delivered": max(0, sent)}
+                row = tx.apply(DONE, job.id, args, job.lease_token)
+                answers.append(row is not None)
+                if row is not None and row[0] == "queued":
+                    rerun[job.destination] = None
+        for (job, _, _, _), ok in zip(results, answers, strict=True):
+            if not ok:
+                _lease_lost(job, "done")
+        if rerun:
+            self._notify(rerun)
+        return answers
+
     def retry_later(
         self, job: Job, error: str, *, delay: float | None = None, delivered: int = 0
     ) -> bool:
         """Back to ``queued`` after the policy's delay; ``failed`` after the last attempt.
         ``delivered``: instances this failed attempt still wrote (added to the job's count)."""
+        if job.attempts >= self.policy.max_attempts:
+            return self.fail(
+                job, f"{error} (gave up after {job.attempts} attempts)", delivered=delivered
+            )
+        wait = self.policy.delay(job.attempts) if delay is None else max(0.0, delay)
+        args = {"delay": wait, "error": error[:2000], "delivered": max(0, delivered)}
+        return bool(self._finish(RETRY, job, args))
 
-    @abstractmethod
-    def fail(self, job: Job, error: str, *, delivered: int = 0) -> bool: ...
+    def fail(self, job: Job, error: str, *, delivered: int = 0) -> bool:
+        state = self._finish(FAIL, job, {"error": error[:2000], "delivered": max(0, delivered)})
+        if state == "queued":  # enqueued again while this send ran: not forgotten
+            self._notify([job.destination])
+        return bool(state)
 
-    @abstractmethod
     def release(self, job: Job, error: str) -> bool:
         """Back to ``queued`` and due now, the attempt not counted (the destination is on hold)."""
+        return bool(self._finish(RELEASE, job, {"error": error[:2000]}))
+
+    def _finish(self, rule: Rule, job: Job, args: Mapping[str, Any]) -> str:
+        """A held rule on ``job``: its new state, or '' when the lease was lost."""
+        with self._transaction() as tx:
+            row = tx.apply(rule, job.id, args, job.lease_token)
+        if row is None:
+            _lease_lost(job, rule.name)
+            return ""
+        return row[0]
 
     # --- operators ------------------------------------------------------------------
-    @abstractmethod
     def requeue(self, ids: Iterable[int]) -> int:
         """Make these jobs due now with a fresh attempt count; returns how many changed."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return 0
+        changed = 0
+        destinations: list[str] = []
+        with self._transaction() as tx:
+            for job_id in ids:
+                row = tx.state_of(job_id)
+                if row is None:
+                    continue
+                rule = {"sending": RERUN, "queued": HURRY}.get(row[0], REQUEUE)
+                tx.apply(rule, job_id, {"study_uid": ""})
+                if rule is not RERUN:
+                    destinations.append(row[1])
+                changed += 1
+        self._notify(destinations)
+        return changed
 
-    @abstractmethod
-    def requeue_failed(self, destination: str | None = None) -> int: ...
+    def requeue_failed(self, destination: str | None = None) -> int:
+        where = Where(destination=destination or None, states=("failed",))
+        with self._transaction() as tx:
+            jobs = tx.apply_where(REQUEUE, where, {"study_uid": ""})
+        self._notify(j.destination for j in jobs)
+        return len(jobs)
 
-    @abstractmethod
     def recover(self, owner: str = "") -> int:
         """Take back ``sending`` jobs of ``owner`` (all, if empty) and any expired lease."""
+        with self._transaction() as tx:
+            jobs = tx.apply_where(RECOVER, Where(owner=owner), {})
+        if jobs:
+            log.info("took back %d job(s) left 'sending' by a previous run", len(jobs))
+        self._notify(j.destination for j in jobs)
+        return len(jobs)
 
     def prune(self, kind: str, before: float) -> int:
         """Forget ``done`` jobs of ``kind`` last changed before ``before`` (epoch seconds),
@@ -335,15 +435,15 @@ class Queue(ABC):
     @abstractmethod
     def get_meta(self, key: str) -> str | None: ...
 
-    @abstractmethod
-    def set_meta(self, key: str, value: str) -> None: ...
+    def set_meta(self, key: str, value: str) -> None:
+        with self._transaction() as tx:
+            tx.set_meta(key, value)
 
     def close(self) -> None:  # noqa: B027
         pass
 
 
-def check_state(state: str | None) -> None:
-    if state is not None and state not in STATES:
-        from dicomsync.errors import QueueError
-
-        raise QueueError(f"unknown state {state!r} (one of: {', '.join(STATES)})")
+def _lease_lost(job: Job, what: str) -> None:
+    log.warning(
+        "job %d (%s -> %s): lease lost before %s", job.id, job.resource, job.destination, what
+    )

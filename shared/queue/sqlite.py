@@ -1,12 +1,19 @@
-"""The queue in one SQLite file (WAL mode), safe across threads and processes.
+"""The queue in one SQLite file (WAL mode), safe across threads and processes: the
+storage of ``dicomsync.queue.base`` (which holds the rules; this module applies none of
+its own).
 
 - A pool of at most ``POOL_SIZE`` connections shared by all threads; writes run in
-  ``BEGIN IMMEDIATE`` transactions, and
-  ``busy_timeout`` makes concurrent writers (threads or processes) wait their turn.
+  ``BEGIN IMMEDIATE`` transactions (``_transaction``, one per state change or batch),
+  and ``busy_timeout`` makes concurrent writers (threads or processes) wait their turn.
 - ``synchronous=NORMAL`` in WAL mode: a committed job survives a killed process
   (``kill -9``); after a power loss the last few commits may roll back.
-- Claims are a single ``UPDATE … WHERE id IN (SELECT … due …) RETURNING *``, the
-  statement shape PostgreSQL runs with ``FOR UPDATE SKIP LOCKED``.
+- Each transition is one ``UPDATE … RETURNING`` compiled from its rule
+  (``dicomsync.queue.schema``); claims are ``UPDATE … WHERE id IN (SELECT … due …
+  LIMIT n) RETURNING *``, the statement shape PostgreSQL runs with ``FOR UPDATE SKIP
+  LOCKED``.
+- Tables, migrations and the refusal of a newer file: ``dicomsync.queue.schema``.
+
+Every method raises ``QueueError`` (with the file's path) when SQLite fails.
 """
 
 from __future__ import annotations
@@ -15,69 +22,86 @@ import logging
 import sqlite3
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from dicomsync.errors import QueueError
-from dicomsync.queue.base import (
-    DestinationStats,
-    Enqueued,
-    Job,
-    NewJob,
-    Queue,
-    RetryPolicy,
-    check_state,
+from dicomsync.queue.base import DestinationStats, Job, NewJob, Queue, RetryPolicy, check_state
+from dicomsync.queue.records import State
+from dicomsync.queue.rules import Rule, Transaction, Where
+from dicomsync.queue.schema import (
+    COLUMNS,
+    FIELDS,
+    SCHEMA_VERSION,
+    prepare,
+    update_one,
+    update_where,
+    where_values,
 )
+
+__all__ = ["FILENAME", "POOL_SIZE", "SCHEMA_VERSION", "SQLiteQueue"]
 
 log = logging.getLogger(__name__)
 
 FILENAME = "queue.sqlite"
 PRUNED = "pruned:"  # meta key prefix: "pruned:<kind>:<destination>" -> "<done> <delivered>"
-SCHEMA_VERSION = 1
 POOL_SIZE = 4  # connections; SQLite runs one writer at a time anyway
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    kind             TEXT    NOT NULL,
-    resource         TEXT    NOT NULL,
-    destination      TEXT    NOT NULL,
-    study_uid        TEXT    NOT NULL DEFAULT '',
-    state            TEXT    NOT NULL,
-    attempts         INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at  REAL    NOT NULL,
-    last_error       TEXT    NOT NULL DEFAULT '',
-    fingerprint      TEXT    NOT NULL DEFAULT '',
-    delivered_count  INTEGER NOT NULL DEFAULT 0,
-    rerun            INTEGER NOT NULL DEFAULT 0,
-    lease_owner      TEXT    NOT NULL DEFAULT '',
-    lease_token      TEXT    NOT NULL DEFAULT '',
-    lease_expires_at REAL,
-    queued_at        REAL    NOT NULL,
-    created_at       REAL    NOT NULL,
-    updated_at       REAL    NOT NULL,
-    UNIQUE (kind, resource, destination)
-);
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated_at);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-
-_FIELDS = tuple(f.name for f in fields(Job))  # the jobs table has a column per field
-_COLUMNS = ", ".join(_FIELDS)
-_DUE = (
-    "((state = 'queued' AND next_attempt_at <= ?) OR (state = 'sending' AND lease_expires_at < ?))"
-)
 
 
 def _job(row: sqlite3.Row) -> Job:
-    values = {name: row[name] for name in _FIELDS}
+    values = {name: row[name] for name in FIELDS}
     values["rerun"] = bool(values["rerun"])
     return Job(**values)
+
+
+class _Transaction(Transaction):
+    """``Transaction`` on one connection inside ``BEGIN IMMEDIATE``."""
+
+    def __init__(self, db: sqlite3.Connection, now: float) -> None:
+        self.db = db
+        self.now = now
+
+    def find(self, kind: str, resource: str, destination: str) -> tuple[int, State, str] | None:
+        return _find(self.db, kind, resource, destination)
+
+    def state_of(self, job_id: int) -> tuple[State, str] | None:
+        row = self.db.execute("SELECT state, destination FROM jobs WHERE id=?", (job_id,))
+        found = row.fetchone()
+        return (found["state"], found["destination"]) if found is not None else None
+
+    def insert(self, new: NewJob) -> int:
+        cur = self.db.execute(
+            "INSERT INTO jobs (kind, resource, destination, study_uid, state, next_attempt_at,"
+            " queued_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+            (new.kind, new.resource, new.destination, new.study_uid, *[self.now] * 4),
+        )
+        return int(cur.lastrowid or 0)
+
+    def apply(
+        self, rule: Rule, job_id: int, args: Mapping[str, Any], token: str = ""
+    ) -> tuple[State, str] | None:
+        params = {**args, "_now": self.now, "_id": job_id, "_token": token}
+        row = self.db.execute(update_one(rule), params).fetchone()
+        return (row["state"], row["destination"]) if row is not None else None
+
+    def apply_where(self, rule: Rule, where: Where, args: Mapping[str, Any]) -> list[Job]:
+        params = {**args, **where_values(where), "_now": self.now}
+        return [_job(r) for r in self.db.execute(update_where(rule, where), params).fetchall()]
+
+    def set_meta(self, key: str, value: str) -> None:
+        _set_meta(self.db, key, value)
+
+
+def _find(
+    db: sqlite3.Connection, kind: str, resource: str, destination: str
+) -> tuple[int, State, str] | None:
+    row = db.execute(
+        "SELECT id, state, fingerprint FROM jobs WHERE kind=? AND resource=? AND destination=?",
+        (kind, resource, destination),
+    ).fetchone()
+    return (row["id"], row["state"], row["fingerprint"]) if row is not None else None
 
 
 class SQLiteQueue(Queue):
@@ -150,24 +174,7 @@ class SQLiteQueue(Queue):
 
     def _init_schema(self) -> None:
         with self._connection() as db:
-            self._create_schema(db)
-
-    def _create_schema(self, db: sqlite3.Connection) -> None:
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                db.execute("ROLLBACK")
-                raise QueueError(f"{self.path} was written by a newer dicomsync (schema {version})")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise QueueError(f"cannot initialise the queue {self.path}: {exc}") from None
+            prepare(db, self.path)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -184,6 +191,18 @@ class SQLiteQueue(Queue):
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Transaction]:
+        with self._write() as db:
+            yield _Transaction(db, self.clock())
+
+    def _peek(self, new: NewJob) -> tuple[int, State, str] | None:
+        try:
+            with self._connection() as db:
+                return _find(db, new.kind, new.resource, new.destination)
+        except sqlite3.Error as exc:
+            raise QueueError(f"queue {self.path}: {exc}") from None
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -202,202 +221,7 @@ class SQLiteQueue(Queue):
             self._all.clear()
             self._idle.clear()
 
-    # --- producers ----------------------------------------------------------------------
-    def enqueue(self, new: NewJob) -> Enqueued:
-        return self.enqueue_many([new])[0]
-
-    def enqueue_many(
-        self, jobs: Sequence[NewJob], *, meta: Mapping[str, str] | None = None
-    ) -> list[Enqueued]:
-        if not jobs and not meta:
-            return []
-        results: list[Enqueued | None] = [None] * len(jobs)
-        todo: list[int] = []
-        # Fast path without the write lock: already queued, or delivered with this content.
-        for i, new in enumerate(jobs):
-            rows = self._read(
-                "SELECT id, state, fingerprint FROM jobs WHERE kind=? AND resource=? AND destination=?",
-                (new.kind, new.resource, new.destination),
-            )
-            if rows and _unchanged(rows[0], new):
-                results[i] = Enqueued(rows[0]["id"], "unchanged")
-            else:
-                todo.append(i)
-        woken: list[str] = []
-        if todo or meta:
-            now = self.clock()
-            with self._write() as db:
-                for i in todo:
-                    results[i] = self._enqueue_locked(db, jobs[i], now)
-                    if results[i].action in ("created", "requeued"):  # type: ignore[union-attr]
-                        woken.append(jobs[i].destination)
-                for key, value in (meta or {}).items():
-                    _set_meta(db, key, value)
-        self._notify(woken)
-        return [r for r in results if r is not None]
-
-    def _enqueue_locked(self, db: sqlite3.Connection, new: NewJob, now: float) -> Enqueued:
-        row = db.execute(
-            "SELECT id, state, fingerprint FROM jobs WHERE kind=? AND resource=? AND destination=?",
-            (new.kind, new.resource, new.destination),
-        ).fetchone()
-        if row is None:
-            cur = db.execute(
-                "INSERT INTO jobs (kind, resource, destination, study_uid, state, next_attempt_at,"
-                " queued_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                (new.kind, new.resource, new.destination, new.study_uid, now, now, now, now),
-            )
-            return Enqueued(int(cur.lastrowid or 0), "created")
-        if _unchanged(row, new):
-            return Enqueued(row["id"], "unchanged")
-        if row["state"] == "sending":
-            db.execute("UPDATE jobs SET rerun=1, updated_at=? WHERE id=?", (now, row["id"]))
-            return Enqueued(row["id"], "rerun")
-        db.execute(
-            "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=?, queued_at=?,"
-            " last_error='', rerun=0, updated_at=?,"
-            " study_uid=CASE WHEN ?='' THEN study_uid ELSE ? END WHERE id=?",
-            (now, now, now, new.study_uid, new.study_uid, row["id"]),
-        )
-        return Enqueued(row["id"], "requeued")
-
-    # --- consumers ----------------------------------------------------------------------
-    def lease(
-        self,
-        destination: str,
-        n: int = 1,
-        lease_seconds: float = 300.0,
-        *,
-        owner: str = "",
-        kind: str | None = None,
-    ) -> list[Job]:
-        now = self.clock()
-        token = uuid.uuid4().hex
-        kind_sql = " AND kind = ?" if kind else ""
-        params: list[Any] = [owner, token, now + lease_seconds, now, destination]
-        if kind:
-            params.append(kind)
-        params += [now, now, max(1, n)]
-        with self._write() as db:
-            rows = db.execute(
-                f"UPDATE jobs SET state='sending', attempts=attempts+1, lease_owner=?,"
-                f" lease_token=?, lease_expires_at=?, updated_at=?"
-                f" WHERE id IN (SELECT id FROM jobs WHERE destination=?{kind_sql} AND {_DUE}"
-                f" ORDER BY next_attempt_at, id LIMIT ?) RETURNING {_COLUMNS}",
-                params,
-            ).fetchall()
-        return sorted((_job(r) for r in rows), key=lambda j: (j.next_attempt_at, j.id))
-
-    def extend(self, jobs: Sequence[Job], lease_seconds: float) -> int:
-        if not jobs:
-            return 0
-        expires = self.clock() + lease_seconds
-        count = 0
-        with self._write() as db:
-            for job in jobs:
-                cur = db.execute(
-                    "UPDATE jobs SET lease_expires_at=? WHERE id=? AND state='sending'"
-                    " AND lease_token=?",
-                    (expires, job.id, job.lease_token),
-                )
-                count += cur.rowcount
-        for job in jobs:
-            job.lease_expires_at = expires
-        return count
-
-    def done(self, job: Job, fingerprint: str, delivered: int = 0) -> bool:
-        return self.done_many([(job, fingerprint, delivered)])[0]
-
-    def done_many(self, results: Sequence[tuple[Job, str, int]]) -> list[bool]:
-        now = self.clock()
-        answers: list[bool] = []
-        rerun: dict[str, None] = {}
-        with self._write() as db:
-            for job, fingerprint, delivered in results:
-                row = db.execute(
-                    "UPDATE jobs SET"
-                    " state=CASE WHEN rerun=1 THEN 'queued' ELSE 'done' END,"
-                    " attempts=CASE WHEN rerun=1 THEN 0 ELSE attempts END,"
-                    " queued_at=CASE WHEN rerun=1 THEN ? ELSE queued_at END,"
-                    " next_attempt_at=?, rerun=0, fingerprint=?,"
-                    " delivered_count=delivered_count+?, last_error='', lease_token='',"
-                    " lease_expires_at=NULL, updated_at=?"
-                    " WHERE id=? AND state='sending' AND lease_token=? RETURNING state",
-                    (now, now, fingerprint, max(0, delivered), now, job.id, job.lease_token),
-                ).fetchone()
-                answers.append(row is not None)
-                if row is not None and row["state"] == "queued":
-                    rerun[job.destination] = None
-        for (job, _, _), ok in zip(results, answers, strict=True):
-            if not ok:
-                log.warning(
-                    "job %d (%s -> %s): lease lost before done",
-                    job.id,
-                    job.resource,
-                    job.destination,
-                )
-        if rerun:
-            self._notify(rerun)
-        return answers
-
-    def _finish_leased(self, job: Job, assignments: str, params: Sequence[Any], what: str) -> str:
-        """``UPDATE jobs SET <assignments>`` on ``job`` while its lease holds (same token, still
-        ``sending``); clears the lease. Returns the new state, or '' when the lease was lost."""
-        with self._write() as db:
-            row = db.execute(
-                f"UPDATE jobs SET {assignments}, lease_token='', lease_expires_at=NULL,"
-                " updated_at=? WHERE id=? AND state='sending' AND lease_token=? RETURNING state",
-                (*params, self.clock(), job.id, job.lease_token),
-            ).fetchone()
-        if row is None:
-            _applied(0, job, what)
-            return ""
-        return str(row["state"])
-
-    def retry_later(
-        self, job: Job, error: str, *, delay: float | None = None, delivered: int = 0
-    ) -> bool:
-        if job.attempts >= self.policy.max_attempts:
-            return self.fail(
-                job, f"{error} (gave up after {job.attempts} attempts)", delivered=delivered
-            )
-        wait = self.policy.delay(job.attempts) if delay is None else max(0.0, delay)
-        state = self._finish_leased(
-            job,
-            "state='queued', next_attempt_at=?, last_error=?, rerun=0,"
-            " delivered_count=delivered_count+?",
-            (self.clock() + wait, error[:2000], max(0, delivered)),
-            "retry",
-        )
-        return bool(state)
-
-    def fail(self, job: Job, error: str, *, delivered: int = 0) -> bool:
-        # A study enqueued again while this send ran (rerun) is not forgotten: it goes back
-        # to queued with a fresh attempt count instead of failed.
-        now = self.clock()
-        state = self._finish_leased(
-            job,
-            "state=CASE WHEN rerun=1 THEN 'queued' ELSE 'failed' END,"
-            " attempts=CASE WHEN rerun=1 THEN 0 ELSE attempts END,"
-            " next_attempt_at=CASE WHEN rerun=1 THEN ? ELSE next_attempt_at END,"
-            " queued_at=CASE WHEN rerun=1 THEN ? ELSE queued_at END,"
-            " last_error=?, rerun=0, delivered_count=delivered_count+?",
-            (now, now, error[:2000], max(0, delivered)),
-            "fail",
-        )
-        if state == "queued":
-            self._notify([job.destination])
-        return bool(state)
-
-    def release(self, job: Job, error: str) -> bool:
-        state = self._finish_leased(
-            job,
-            "state='queued', attempts=MAX(0, attempts-1), next_attempt_at=?, last_error=?, rerun=0",
-            (self.clock(), error[:2000]),
-            "release",
-        )
-        return bool(state)
-
+    # --- storage-wide ------------------------------------------------------------------
     def prune(self, kind: str, before: float) -> int:
         with self._write() as db:
             rows = db.execute(
@@ -415,71 +239,14 @@ class SQLiteQueue(Queue):
             )
         return int(cur.rowcount)
 
-    # --- operators ----------------------------------------------------------------------
-    def requeue(self, ids: Iterable[int]) -> int:
-        ids = [int(i) for i in ids]
-        if not ids:
-            return 0
-        now = self.clock()
-        changed = 0
-        destinations: list[str] = []
-        with self._write() as db:
-            for job_id in ids:
-                row = db.execute(
-                    "SELECT state, destination FROM jobs WHERE id=?", (job_id,)
-                ).fetchone()
-                if row is None:
-                    continue
-                if row["state"] == "sending":
-                    db.execute("UPDATE jobs SET rerun=1, updated_at=? WHERE id=?", (now, job_id))
-                else:
-                    db.execute(
-                        "UPDATE jobs SET state='queued', attempts=0, next_attempt_at=?,"
-                        " queued_at=CASE WHEN state='queued' THEN queued_at ELSE ? END,"
-                        " last_error='', updated_at=? WHERE id=?",
-                        (now, now, now, job_id),
-                    )
-                    destinations.append(row["destination"])
-                changed += 1
-        self._notify(destinations)
-        return changed
-
-    def requeue_failed(self, destination: str | None = None) -> int:
-        now = self.clock()
-        where = "state='failed'" + (" AND destination=?" if destination else "")
-        params: list[Any] = [now, now, now] + ([destination] if destination else [])
-        with self._write() as db:
-            rows = db.execute(
-                f"UPDATE jobs SET state='queued', attempts=0, next_attempt_at=?, queued_at=?,"
-                f" last_error='', updated_at=? WHERE {where} RETURNING destination",
-                params,
-            ).fetchall()
-        self._notify(r["destination"] for r in rows)
-        return len(rows)
-
-    def recover(self, owner: str = "") -> int:
-        now = self.clock()
-        with self._write() as db:
-            rows = db.execute(
-                "UPDATE jobs SET state='queued', next_attempt_at=?, lease_token='',"
-                " lease_expires_at=NULL, updated_at=?"
-                " WHERE state='sending' AND (?='' OR lease_owner=? OR lease_expires_at < ?)"
-                " RETURNING destination",
-                (now, now, owner, owner, now),
-            ).fetchall()
-        if rows:
-            log.info("took back %d job(s) left 'sending' by a previous run", len(rows))
-        self._notify(r["destination"] for r in rows)
-        return len(rows)
-
     # --- readers ------------------------------------------------------------------------
     def get(self, job_id: int) -> Job | None:
-        rows = self._read(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (int(job_id),))
+        rows = self._read(f"SELECT {COLUMNS} FROM jobs WHERE id=?", (int(job_id),))
         return _job(rows[0]) if rows else None
 
     def find(self, kind: str, resource: str, destination: str) -> Job | None:
         rows = self._read(
-            f"SELECT {_COLUMNS} FROM jobs WHERE kind=? AND resource=? AND destination=?",
+            f"SELECT {COLUMNS} FROM jobs WHERE kind=? AND resource=? AND destination=?",
             (kind, resource, destination),
         )
         return _job(rows[0]) if rows else None
@@ -506,7 +273,7 @@ class SQLiteQueue(Queue):
             if value is not None:
                 where.append(f"{column}=?")
                 params.append(value)
-        sql = f"SELECT {_COLUMNS} FROM jobs"
+        sql = f"SELECT {COLUMNS} FROM jobs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY updated_at DESC, id DESC LIMIT ?"
@@ -567,10 +334,6 @@ class SQLiteQueue(Queue):
         rows = self._read("SELECT value FROM meta WHERE key=?", (key,))
         return str(rows[0]["value"]) if rows else None
 
-    def set_meta(self, key: str, value: str) -> None:
-        with self._write() as db:
-            _set_meta(db, key, value)
-
 
 def _set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
     db.execute(
@@ -578,22 +341,3 @@ def _set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
         " ON CONFLICT (key) DO UPDATE SET value=excluded.value",
         (key, value),
     )
-
-
-def _unchanged(row: sqlite3.Row, new: NewJob) -> bool:
-    if row["state"] == "queued":
-        return True
-    return (
-        row["state"] == "done"
-        and new.fingerprint is not None
-        and new.fingerprint == row["fingerprint"]
-    )
-
-
-def _applied(rowcount: int, job: Job, what: str) -> bool:
-    if rowcount != 1:
-        log.warning(
-            "job %d (%s -> %s): lease lost before %s", job.id, job.resource, job.destination, what
-        )
-        return False
-    return True
