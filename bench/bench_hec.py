@@ -79,7 +79,7 @@ def run(url: str, events: list[Event], token: str, **options: object) -> float:
         start = time.perf_counter()
         delivered = 0
         for i in range(0, len(events), 2000):
-            delivered += len(sink.send(events[i : i + 2000]))
+            delivered += len(sink.send(events[i : i + 2000]).delivered)
         seconds = time.perf_counter() - start
         sink.close()
     assert delivered == len(events)

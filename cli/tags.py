@@ -48,7 +48,13 @@ from dicomsync.places.base import Place, StudyRef
 from dicomsync.printable import json_printable
 from dicomsync.query import StudyQuery
 from dicomsync.queue.base import RetryPolicy
-from dicomsync.sinks.base import Sink, delivered_before
+from dicomsync.sinks.base import (
+    SendResult,
+    Sink,
+    delivered_before,
+    rejected_before,
+    with_delivered,
+)
 from dicomsync.tags import Event, events_from_bytes, events_from_path
 from dicomsync.transfer import wait_to_retry
 
@@ -176,38 +182,40 @@ def _flush(sink: Sink, batch: list[Event], counts: dict[str, int], retry: RetryP
 
 
 def _count(
-    sink: Sink, call: Callable[[], set[str]], counts: dict[str, int], retry: RetryPolicy
+    sink: Sink, call: Callable[[], SendResult], counts: dict[str, int], retry: RetryPolicy
 ) -> None:
-    """Run ``call`` (a submit or the flush) with retries; count what the sink confirmed."""
+    """Run ``call`` (a submit or the flush) with retries; count what the sink confirmed
+    and print the events it refused for good."""
     try:
-        delivered = retried(call, f"sink {sink.key!r}", retry)
+        result = retried(call, f"sink {sink.key!r}", retry)
     except SinkError as exc:
         counts["events"] += len(delivered_before(exc))
         raise
-    counts["events"] += len(delivered)
-    counts["rejected"] += len(sink.rejected)
-    for event_id, reason in sink.rejected.items():
+    counts["events"] += len(result.delivered)
+    counts["rejected"] += len(result.rejected)
+    for event_id, reason in result.rejected.items():
         echo(f"rejected {event_id}: {reason}", err=True)
 
 
 def retried(
-    call: Callable[[], set[str]],
+    call: Callable[[], SendResult],
     what: str,
     retry: RetryPolicy,
     sleep: Callable[[float], None] = time.sleep,
-) -> set[str]:
+) -> SendResult:
     """``call()``, tried again after ``retry.delay(attempt)`` seconds while it raises
-    ``SinkRetryable``, at most ``retry.max_attempts`` times in all. The ids confirmed over
-    every attempt are returned (and set on the last error, as ``delivered_before``)."""
-    confirmed: set[str] = set()
+    ``SinkRetryable``, at most ``retry.max_attempts`` times in all. What every attempt
+    confirmed and rejected is returned (and set on the last error, as ``delivered_before``
+    and ``rejected_before``)."""
+    done = SendResult()
     attempt = 1
     while True:
         try:
-            return confirmed | call()
+            return done | call()
         except SinkError as exc:
-            confirmed |= delivered_before(exc)
+            done |= SendResult(frozenset(delivered_before(exc)), rejected_before(exc))
             if not exc.retryable or attempt >= retry.max_attempts:
-                exc.delivered = confirmed
+                with_delivered(exc, done.delivered, done.rejected)
                 raise
             wait_to_retry(what, str(exc), attempt, retry, sleep)
             attempt += 1

@@ -106,13 +106,16 @@ class TransferError(DicomSyncError):
 
 
 class SinkError(DicomSyncError):
-    """A tag sink failed to deliver. ``delivered`` holds the event ids it did deliver first."""
+    """A tag sink failed to deliver. ``delivered`` holds the event ids it did deliver first;
+    ``rejected`` (id -> reason) the events it saw refused for good first."""
 
     delivered: set[str]
+    rejected: dict[str, str]
 
     def __init__(self, message: str, *, retryable: bool | None = None) -> None:
         super().__init__(message, retryable=retryable)
         self.delivered = set()
+        self.rejected = {}
 
 
 class UnknownSinkError(SinkError):

@@ -276,23 +276,24 @@ def test_prometheus_labels_are_escaped_once_for_all() -> None:
 def test_concurrent_sends_to_one_sink_keep_their_own_rejections(
     orthanc: OrthancProcess, tmp_path: Path
 ) -> None:
-    from dicomsync.service.tag_lanes import FINGERPRINT, TagSinks
+    from dicomsync.service.tag_lanes import TagSinks
+    from dicomsync.sinks.base import SendResult
     from dicomsync.sinks.sqlite_index import SqliteIndex
-    from dicomsync.worker import Delivered
+    from dicomsync.worker import SinkDelivered
 
     first_in, second_in = threading.Event(), threading.Event()
 
     class RejectsEverything(SqliteIndex):
-        """A sink that refuses every event (each send lists its own in ``rejected``)."""
+        """A sink that refuses every event (each send returns its own in ``rejected``)."""
 
-        def send(self, events: Any) -> set[str]:
-            self.rejected = {e.id: "refused" for e in events}
+        def send(self, events: Any) -> SendResult:
+            rejected = {e.id: "refused" for e in events}
             if not first_in.is_set():
                 first_in.set()
                 second_in.wait(1.0)  # a second send may run now, unless sends are serialised
             else:
                 second_in.set()
-            return set()
+            return SendResult(frozenset(), rejected)
 
     cfg = routing.load(
         {
@@ -328,7 +329,7 @@ def test_concurrent_sends_to_one_sink_keep_their_own_rejections(
     try:
         for resource in (a, b):
             (result,) = results[resource]
-            assert isinstance(result, Delivered) and result.fingerprint == FINGERPRINT, result
+            assert isinstance(result, SinkDelivered) and result.outcome == "rejected", result
             assert result.sent == 0
         assert state.rejected > 0
     finally:

@@ -85,7 +85,7 @@ def test_batches_every_event_exactly_once(
 ) -> None:
     monkeypatch.setenv("TEST_HEC_TOKEN", GOOD)
     sink = make_sink(hec, tmp_path, Index="main", Host="test-host")
-    assert sink.send(events) == {e.id for e in events}
+    assert sink.send(events).delivered == {e.id for e in events}
     assert_once(hec, events)
     posts = [s for p, s in hec.state.requests if p == "/services/collector/event"]
     assert len(posts) >= len(events) // 20  # batched by count
@@ -102,12 +102,12 @@ def test_batches_every_event_exactly_once(
     }
     # a repeat sends nothing: the ledger knows
     before = len(hec.state.requests)
-    assert sink.send(events) == {e.id for e in events}
+    assert sink.send(events).delivered == {e.id for e in events}
     assert len(hec.state.requests) == before
     # a new sink object over the same ledger file knows too
     again = make_sink(hec, tmp_path)
     assert again.has([e.id for e in events]) == {e.id for e in events}
-    assert again.send(events) == {e.id for e in events}
+    assert again.send(events).delivered == {e.id for e in events}
     assert len(hec.state.requests) == before
 
 
@@ -151,7 +151,7 @@ def test_runs_of_503_deliver_exactly_once(
     """The sink does not retry: each 503 is one SinkRetryable, the caller tries again."""
     monkeypatch.setenv("TEST_HEC_TOKEN", GOOD)
     sink = make_sink(hec, tmp_path)
-    assert sink.send(events[:30]) == {e.id for e in events[:30]}
+    assert sink.send(events[:30]).delivered == {e.id for e in events[:30]}
     hec.busy(3)
     for _ in range(3):
         with pytest.raises(SinkRetryable) as info:
@@ -161,7 +161,7 @@ def test_runs_of_503_deliver_exactly_once(
         assert delivered_before(info.value) >= {e.id for e in events[:30]}
     assert [s for _, s in hec.state.requests].count(503) == 3
     # later, the same events again: each reaches Splunk exactly once in total
-    assert sink.send(events) == {e.id for e in events}
+    assert sink.send(events).delivered == {e.id for e in events}
     assert_once(hec, events)
 
 
@@ -209,7 +209,7 @@ def test_invalid_token_keeps_everything_until_fixed(
     # the token is fixed and the sink restarted: everything arrives, once
     monkeypatch.setenv("TEST_HEC_TOKEN", GOOD)
     restarted = make_sink(hec, tmp_path)
-    assert restarted.send(events) == {e.id for e in events}
+    assert restarted.send(events).delivered == {e.id for e in events}
     assert_once(hec, events)
 
 
@@ -220,10 +220,10 @@ def test_partial_batch_resends_after_the_bad_event(
     bad = {events[7].id, events[8].id, events[25].id}
     hec.state.reject_when = lambda env: env["fields"]["dicomsync_id"] in bad
     sink = make_sink(hec, tmp_path)
-    delivered = sink.send(events)
-    assert delivered == {e.id for e in events} - bad
-    assert set(sink.rejected) == bad
-    assert sink.rejected[events[7].id] == "400, code 6: Invalid data format"
+    result = sink.send(events)
+    assert result.delivered == {e.id for e in events} - bad
+    assert set(result.rejected) == bad
+    assert result.rejected[events[7].id] == "400, code 6: Invalid data format"
     assert sorted(hec.event_ids()) == sorted(e.id for e in events if e.id not in bad)
     assert sink.has(bad) == set()
 
@@ -234,7 +234,7 @@ def test_indexer_acknowledgement(
     monkeypatch.setenv("TEST_HEC_TOKEN", ACKED)
     hec.state.ack_after_polls = 2
     sink = make_sink(hec, tmp_path, Ack=True)
-    assert sink.send(events) == {e.id for e in events}
+    assert sink.send(events).delivered == {e.id for e in events}
     assert_once(hec, events)
     acks = [p for p, _ in hec.state.requests if p == "/services/collector/ack"]
     assert len(acks) >= 3

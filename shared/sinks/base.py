@@ -7,24 +7,28 @@ replication. Kinds: ``splunk_hec`` (Splunk HTTP Event Collector + search API) an
 
 Contract
 --------
-``send(events) -> set[str]``
-    Deliver the events; return the ids that the sink now holds: the ones sent now and
-    the ones it already had (a repeat is free: nothing goes over the wire). Events
-    the sink refuses for good (malformed for Splunk) are not in the result; they are
-    listed in ``sink.rejected`` (id -> reason) and logged. Any other failure raises:
+``send(events) -> SendResult``
+    Deliver the events; return ``SendResult(delivered, rejected)``. ``delivered``: the
+    ids that the sink now holds: the ones sent now and the ones it already had (a
+    repeat is free: nothing goes over the wire). ``rejected``: id -> reason for the
+    events the sink refuses for good (malformed for Splunk); they are not in
+    ``delivered``, and logged. The result belongs to this call alone, so concurrent
+    callers need no lock to read it. Any other failure raises:
 
     - ``SinkRetryable``: busy, 5xx, network; try the same events again later;
     - ``SinkFatal``: bad token, wrong index, bad TLS; stop this sink (keep its events)
       until the configuration or the environment is fixed.
 
     Events delivered before the failure are recorded, and available on the exception
-    as ``delivered_before(exc)``. A sink never drops events silently.
-``submit(events) -> set[str]`` and ``flush() -> set[str]``
+    as ``delivered_before(exc)``; those refused before it as ``rejected_before(exc)``.
+    A sink never drops events silently.
+``submit(events) -> SendResult`` and ``flush() -> SendResult``
     The pipelined form of ``send``, for long backfills (``dicomsync index``):
     ``submit`` starts delivering and may return before the sink has confirmed the
     events (Splunk with indexer acknowledgement keeps batches in flight); ``flush``
     waits for everything submitted. Each returns the ids confirmed during that call
-    (by it or by earlier submits), and raises as ``send`` does. By default ``submit``
+    (by it or by earlier submits) and the events refused during it, and raises as
+    ``send`` does. By default ``submit``
     is ``send`` and ``flush`` has nothing to wait for.
 ``has(ids) -> set[str]``
     Which of ``ids`` the sink already holds (the ledger), without sending anything.
@@ -53,10 +57,10 @@ For the plugin (how to use this API)
     sink = config.sink(key)                  # or build_sink(key, section, state_dir)
     events = events_from_bytes(data, source=f"orthanc:{instance_id}")
     try:
-        delivered = sink.send(events)
+        result = sink.send(events)
     except SinkRetryable:  -> queue.retry_later(job)     (delivered_before(exc) are done)
     except SinkFatal:      -> pause the sink's lane, keep its jobs, report the message
-    done when every event id is in delivered or in sink.rejected
+    done when every event id is in result.delivered or in result.rejected
 
 A sink never retries by itself: ``SinkRetryable`` goes straight to the caller, which
 retries in one layer with ``dicomsync.queue.base.RetryPolicy`` (the plugin's queue,
@@ -73,7 +77,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -94,14 +98,37 @@ class StudyHit:
     events: int = 0
 
 
+@dataclass(frozen=True)
+class SendResult:
+    """What one ``send``/``submit``/``flush`` call did: ``delivered``, the ids the sink now
+    holds; ``rejected``, id -> reason of the events it refused for good (never delivered).
+    ``a | b`` adds two calls' results up (a retry loop's attempts)."""
+
+    delivered: frozenset[str] = frozenset()
+    rejected: Mapping[str, str] = field(default_factory=dict)
+
+    def __or__(self, other: SendResult) -> SendResult:
+        return SendResult(self.delivered | other.delivered, {**self.rejected, **other.rejected})
+
+
 def delivered_before(exc: BaseException) -> set[str]:
     """The ids a failed ``send`` delivered (and recorded) before it raised."""
     value = getattr(exc, "delivered", None)
     return set(value) if value else set()
 
 
-def with_delivered(exc: SinkError, delivered: Iterable[str]) -> SinkError:
+def rejected_before(exc: BaseException) -> dict[str, str]:
+    """The events a failed ``send`` saw refused for good before it raised (id -> reason)."""
+    value = getattr(exc, "rejected", None)
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def with_delivered(
+    exc: SinkError, delivered: Iterable[str], rejected: Mapping[str, str] | None = None
+) -> SinkError:
+    """``exc`` carrying what its call still did (``delivered_before``/``rejected_before``)."""
     exc.delivered = set(delivered)
+    exc.rejected = dict(rejected or {})
     return exc
 
 
@@ -114,7 +141,6 @@ class Sink(ABC):
 
     def __init__(self, key: str) -> None:
         self.key = key
-        self.rejected: dict[str, str] = {}
 
     @classmethod
     @abstractmethod
@@ -130,15 +156,15 @@ class Sink(ABC):
         """One line for ``sink list``."""
 
     @abstractmethod
-    def send(self, events: Sequence[Event]) -> set[str]: ...
+    def send(self, events: Sequence[Event]) -> SendResult: ...
 
-    def submit(self, events: Sequence[Event]) -> set[str]:
+    def submit(self, events: Sequence[Event]) -> SendResult:
         """Start delivering; may return before the events are confirmed (see above)."""
         return self.send(events)
 
-    def flush(self) -> set[str]:
+    def flush(self) -> SendResult:
         """Wait for every submitted event; the ids confirmed by this wait."""
-        return set()
+        return SendResult()
 
     @abstractmethod
     def has(self, ids: Collection[str]) -> set[str]: ...

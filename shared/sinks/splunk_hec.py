@@ -50,8 +50,8 @@ Answers (every HTTP failure goes through ``dicomsync.http_errors`` with ``sink=T
   connections: ``SinkRetryable`` at once, events kept;
 - a TLS or certificate failure: ``SinkFatal`` (it does not fix itself);
 - 400 with ``invalid-event-number`` n and code 6/12/13: Splunk indexed the n events
-  before it; they count as delivered, event n is reported in ``sink.rejected`` and
-  logged, and the rest of the batch is resent;
+  before it; they count as delivered, event n is reported in the call's
+  ``SendResult.rejected`` and logged, and the rest of the batch is resent;
 - 401/403 (codes 1-4), 400 code 7 (index), 10/11 (channel), other 4xx: ``SinkFatal``
   with one clear line; undelivered events stay pending.
 
@@ -105,6 +105,7 @@ from dicomsync.index_query import IndexQuery
 from dicomsync.options import option, parse
 from dicomsync.sinks.base import (
     Ledger,
+    SendResult,
     Sink,
     StudyHit,
     default_state_file,
@@ -359,27 +360,27 @@ class SplunkHec(Sink):
     def has(self, ids: Collection[str]) -> set[str]:
         return self.ledger.known(ids)
 
-    def send(self, events: Sequence[Event]) -> set[str]:
+    def send(self, events: Sequence[Event]) -> SendResult:
         """Deliver ``events`` and wait for every acknowledgement (see ``Sink.send``)."""
         return self._deliver(events, wait=True)
 
-    def submit(self, events: Sequence[Event]) -> set[str]:
+    def submit(self, events: Sequence[Event]) -> SendResult:
         """Post ``events`` and return without waiting for their acks (see ``Sink.submit``)."""
         return self._deliver(events, wait=False)
 
-    def flush(self) -> set[str]:
+    def flush(self) -> SendResult:
         """Wait for every batch still in flight (see ``Sink.flush``)."""
         return self._deliver([], wait=True)
 
-    def _deliver(self, events: Sequence[Event], *, wait: bool) -> set[str]:
+    def _deliver(self, events: Sequence[Event], *, wait: bool) -> SendResult:
+        rejected: dict[str, str] = {}  # this call's: HEC refused these events for good
         with self._lock:
-            self.rejected: dict[str, str] = {}
             ids = [e.id for e in events]
             delivered = self.ledger.known(ids) if ids else set()
             pending = self._pending_ids()
             todo = [e for e in events if e.id not in delivered and e.id not in pending]
             if not todo and not self._resend and not (wait and self._flights):
-                return delivered
+                return SendResult(frozenset(delivered))
             token = self._token()
             try:
                 while self._resend:
@@ -387,17 +388,17 @@ class SplunkHec(Sink):
                     known = self.ledger.known(flight.ids)
                     again = [(i, d) for i, d in flight.items() if i not in known]
                     if again:
-                        self._post_batch(again, token, delivered)
+                        self._post_batch(again, token, delivered, rejected)
                     self._resend.pop(0)
                     self._after_post(token, delivered)
                 for batch in self._batches(todo):
-                    self._post_batch(batch, token, delivered)
+                    self._post_batch(batch, token, delivered, rejected)
                     self._after_post(token, delivered)
                 if wait:
                     self._wait_acks(token, delivered, keep=0)
             except SinkError as exc:
-                raise with_delivered(exc, delivered) from None
-            return delivered
+                raise with_delivered(exc, delivered, rejected) from None
+            return SendResult(frozenset(delivered), rejected)
 
     def _pending_ids(self) -> set[str]:
         out: set[str] = set()
@@ -469,7 +470,13 @@ class SplunkHec(Sink):
             )
         return _kept(err)
 
-    def _post_batch(self, batch: list[tuple[str, bytes]], token: str, delivered: set[str]) -> None:
+    def _post_batch(
+        self,
+        batch: list[tuple[str, bytes]],
+        token: str,
+        delivered: set[str],
+        rejected: dict[str, str],
+    ) -> None:
         pos = 0
         while pos < len(batch):
             rest = batch[pos:]
@@ -502,7 +509,7 @@ class SplunkHec(Sink):
                     # Splunk indexed the events before the bad one (no ackId for them).
                     self._record(ids[:bad], delivered)
                 reason = _describe(status, answer)
-                self.rejected[ids[bad]] = reason
+                rejected[ids[bad]] = reason
                 self.counters["rejected"] += 1
                 log.warning(
                     "splunk_hec %r: event %s rejected by HEC: %s", self.key, ids[bad], reason
@@ -688,7 +695,7 @@ def _kept(err: DicomSyncError) -> SinkError:
 
 
 def _describe(status: int | None, answer: Any) -> str:
-    """The reason recorded for an event HEC rejected (``sink.rejected``)."""
+    """The reason recorded for an event HEC rejected (``SendResult.rejected``)."""
     if isinstance(answer, dict) and "code" in answer:
         return f"{status}, code {answer['code']}: {answer.get('text', '')}"
     return f"HTTP {status}"

@@ -34,7 +34,14 @@ from dicomsync.config import resolve_path
 from dicomsync.errors import SinkFatal, SinkRetryable
 from dicomsync.index_query import IndexQuery, flatten_fields, to_number, value_text
 from dicomsync.options import option, parse
-from dicomsync.sinks.base import Sink, StudyHit, connect, existing_ids, with_delivered
+from dicomsync.sinks.base import (
+    SendResult,
+    Sink,
+    StudyHit,
+    connect,
+    existing_ids,
+    with_delivered,
+)
 from dicomsync.tags import Event
 
 log = logging.getLogger(__name__)
@@ -101,8 +108,8 @@ class SqliteIndex(Sink):
         return f"sqlite_index {self.path}"
 
     # --- writing ---------------------------------------------------------------------------
-    def send(self, events: Sequence[Event]) -> set[str]:
-        self.rejected: dict[str, str] = {}
+    def send(self, events: Sequence[Event]) -> SendResult:
+        """Store the events in one transaction (see ``Sink.send``); the index refuses none."""
         delivered: set[str] = set()
         with self._lock:
             try:
@@ -151,7 +158,7 @@ class SqliteIndex(Sink):
                 raise with_delivered(
                     SinkFatal(f"sqlite_index {self.key!r}: cannot write {self.path}: {exc}"), ()
                 ) from None
-        return delivered
+        return SendResult(frozenset(delivered))
 
     def _rollback(self) -> None:
         try:
