@@ -517,7 +517,12 @@ def test_the_change_callback_thread_is_settled_once_after_started(
     import os
 
     ensured: list[int] = []
-    monkeypatch.setattr(ctypes.pythonapi, "PyGILState_Ensure", lambda: ensured.append(1) or 1)
+
+    def ensure() -> int:
+        ensured.append(1)
+        return 1
+
+    monkeypatch.setattr(ctypes.pythonapi, "PyGILState_Ensure", ensure)
     # a new change thread may reuse the ident of an earlier test's (settled) one
     monkeypatch.setattr(callback_thread, "_settled_threads", set())
     fake = fake_glue.fake
