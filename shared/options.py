@@ -149,6 +149,14 @@ class Option:
             raise ValueError
         return value
 
+    def meaning(self) -> str:
+        """The help, with the limits a reader cannot guess: ``(1 to 64)``, ``(>= 1024)``."""
+        if self.high is not None:
+            return f"{self.help} ({_num(self.low or 0)} to {_num(self.high)})"
+        if self.type == "int" and self.low not in (None, 1):
+            return f"{self.help} (>= {_num(self.low or 0)})"
+        return self.help
+
     def default_text(self) -> str:
         if self.shown is not None:
             return self.shown
@@ -249,7 +257,9 @@ def kind_table(rows: Iterable[tuple[str, type]], what: str) -> str:
     ]
     for kind, cls in pairs:
         for o in declared(cls):
-            lines.append(f"| `{kind}` | `{o.name}` | {_cell(o.help)} | {_cell(o.default_text())} |")
+            lines.append(
+                f"| `{kind}` | `{o.name}` | {_cell(o.meaning())} | {_cell(o.default_text())} |"
+            )
     return "\n".join(lines)
 
 
@@ -258,7 +268,9 @@ def section_table(groups: Iterable[tuple[str, type]]) -> str:
     lines = ["| option | meaning | default |", "|---|---|---|"]
     for prefix, cls in groups:
         for o in declared(cls):
-            lines.append(f"| `{prefix}{o.name}` | {_cell(o.help)} | {_cell(o.default_text())} |")
+            lines.append(
+                f"| `{prefix}{o.name}` | {_cell(o.meaning())} | {_cell(o.default_text())} |"
+            )
     return "\n".join(lines)
 
 
@@ -275,7 +287,6 @@ def tables() -> dict[str, str]:
 
     return {
         "places": kind_table(_kinds(PLACES), "place"),
-        "retry": section_table([("Retry.", RetryOptions)]),
         "sync": section_table(
             [("", SyncOptions), ("Routes[].", RouteOptions), ("Retry.", RetryOptions)]
         ),
