@@ -19,9 +19,9 @@ Life cycle (the plugin's callbacks only hand over to these):
   workers, the feed, and the threads ``dicomsync-intake``, ``-metrics`` (metrics, held
   studies, cursor), ``-places`` (each destination built once to report bad settings)
   and ``-catch-up``; then publish the metrics once.
-- ``stop(timeout)`` (ORTHANC_STOPPED): signal every thread, close the transport (reads
-  in flight fail fast), then join the starter, the workers, the feed and the threads
-  within ONE deadline of ``timeout`` seconds (``STOP_TIMEOUT``) in all. A job still in
+- ``stop(timeout)`` (ORTHANC_STOPPED): signal every thread; wait for a start still
+  running; close the transport (reads in flight fail fast); join the workers, the feed
+  and the threads. All within ONE deadline of ``timeout`` seconds (``STOP_TIMEOUT``). A job still in
   flight stays ``sending`` for this node (the pool records nothing after a stop
   request) and is taken back at the next start. A stop that arrives while ``start`` is
   still running waits for it within the same deadline; if ``start`` outlasts it,
