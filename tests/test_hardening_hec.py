@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from dicomsync.errors import SinkFatal, SinkRetryable
-from dicomsync.sinks import splunk_hec
 from dicomsync.sinks.base import build_sink, delivered_before
 from dicomsync.sinks.splunk_hec import SplunkHec
+from dicomsync.sinks.splunk_hec import sink as splunk_hec
 from dicomsync.tags import Event
 
 from servers.hec import HecServer, Token
