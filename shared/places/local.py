@@ -1,4 +1,5 @@
-"""What the two folder-based places share: a root folder, listing, and cached headers.
+"""What the two folder-based places share: a root folder, listing, and cached headers
+(read by ``dicomsync.places.scan``, whose names are re-exported here).
 
 Also the rules both follow on disk:
 
@@ -27,35 +28,34 @@ import shutil
 import socket
 import stat
 import tempfile
-import zipfile
-import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, BinaryIO
+from typing import Any, BinaryIO
 
 from dicomsync.config import resolve_path
 from dicomsync.errors import (
     ConfigError,
-    DicomFileError,
     NotFound,
     PlaceError,
     RemoteRejected,
     StorageError,
 )
-from dicomsync.header_cache import CachedHeader, HeaderCache, shared_cache
+from dicomsync.header_cache import HeaderCache, shared_cache
 from dicomsync.identity import (
-    InstanceHeader,
     StudyIdentity,
     cut_to_bytes,
-    identity_of,
     name_bytes,
-    read_header,
     safe_component,
 )
 from dicomsync.options import option, parse
 from dicomsync.places.base import Place, StudyRef, split_key
+from dicomsync.places.scan import EMPTY_SCAN as EMPTY_SCAN  # re-exported, as below
+from dicomsync.places.scan import UNREADABLE_SCAN as UNREADABLE_SCAN
+from dicomsync.places.scan import Member as Member
+from dicomsync.places.scan import Scan, WarnOnce
+from dicomsync.places.scan import scan_members as scan_members
 from dicomsync.query import StudyQuery
 
 log = logging.getLogger(__name__)
@@ -239,131 +239,6 @@ def open_regular(path: str | os.PathLike[str]) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
-
-
-class WarnOnce:
-    """Keys already warned about, bounded (oldest forgotten first): one line per file a run."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self._seen: OrderedDict[Hashable, None] = OrderedDict()
-
-    def __call__(self, key: Hashable, msg: str, *args: object) -> None:
-        if key in self._seen:
-            self._seen.move_to_end(key)
-            log.debug(msg, *args)
-            return
-        self._seen[key] = None
-        if len(self._seen) > self.size:
-            self._seen.popitem(last=False)
-        log.warning(msg, *args)
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-
-@dataclass(frozen=True)
-class Member:
-    """One file of a study: its name inside the study, signature, and how to open it."""
-
-    name: str
-    size: int
-    mtime_ns: int
-    open: Callable[[], IO[bytes]]
-
-
-@dataclass
-class Scan:
-    """The readable instances of a study (SOP UID -> member name) and its identity.
-
-    ``study_uids`` is every StudyInstanceUID its instances name (usually one);
-    ``readable`` is False for a container (a zip) that could not be opened at all."""
-
-    identity: StudyIdentity
-    files: dict[str, str]
-    study_uids: frozenset[str] = field(default_factory=frozenset)
-    readable: bool = True
-
-
-EMPTY_SCAN = Scan(StudyIdentity("", frozenset()), {})
-UNREADABLE_SCAN = Scan(StudyIdentity("", frozenset()), {}, readable=False)
-
-
-def scan_members(
-    container: str,
-    members: Iterable[Member],
-    cache: HeaderCache,
-    warn: WarnOnce | None = None,
-) -> Scan:
-    """Headers of every member, from the cache when the signature is unchanged.
-
-    Each unreadable file is skipped with one warning that names it, on every run: a
-    failure is cached (so the file is not parsed again) with its reason, and the
-    warning is given from the cache too. ``warn`` keeps it to one line per file within
-    one place's life (a second scan of the same study in one run says nothing new).
-    """
-    if warn is None:
-        warn = WarnOnce()
-    cached = cache.load(container)
-    headers: list[InstanceHeader] = []
-    files: dict[str, str] = {}
-    fresh: list[CachedHeader] = []
-    seen: set[str] = set()
-    for m in members:
-        seen.add(m.name)
-        entry = cached.get(m.name)
-        if entry is None or entry.size != m.size or entry.mtime_ns != m.mtime_ns:
-            entry = _read_member(container, m, warn)
-            if entry is None:
-                continue
-            fresh.append(entry)
-        if entry.error:
-            warn(
-                ("unreadable", container, m.name, m.size, m.mtime_ns),
-                "skipping unreadable file %s/%s: %s",
-                container,
-                m.name,
-                entry.error,
-            )
-        if entry.sop_uid:
-            headers.append(
-                InstanceHeader(entry.sop_uid, entry.study_uid or "", entry.patient_id or "", "")
-            )
-            files.setdefault(entry.sop_uid, m.name)
-    if fresh:
-        cache.store(container, fresh)
-    stale = set(cached) - seen
-    if stale:
-        cache.forget(container, stale)
-    return Scan(
-        identity=identity_of(headers),
-        files=files,
-        study_uids=frozenset(h.study_uid for h in headers if h.study_uid),
-    )
-
-
-def _read_member(container: str, m: Member, warn: WarnOnce) -> CachedHeader | None:
-    """A fresh header entry for one member; failures become cached error entries."""
-    try:
-        with m.open() as f:
-            h = read_header(f)
-        return CachedHeader(m.name, m.size, m.mtime_ns, h.sop_uid, h.study_uid, h.patient_id, None)
-    except DicomFileError as exc:
-        reason = str(exc).split(": ", 1)[-1]
-    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # a damaged zip member
-        reason = f"damaged ({exc})"
-    except (RuntimeError, NotImplementedError) as exc:  # encrypted, unknown compression
-        reason = f"cannot be unpacked ({exc})"
-    except OSError as exc:  # vanished or unreadable: not cached, tried again next time
-        warn(
-            ("unreadable", container, m.name, m.size, m.mtime_ns),
-            "skipping unreadable file %s/%s: %s",
-            container,
-            m.name,
-            exc.strerror or exc,
-        )
-        return None
-    return CachedHeader(m.name, m.size, m.mtime_ns, None, None, None, reason)
 
 
 @dataclass(frozen=True)
