@@ -27,9 +27,10 @@ and a number that is not finite (the ``NaN``/``Infinity`` literals Python's json
 accepts, or ``1e999``, which overflows to infinity) is refused with its place in the
 file (``Retry.BaseDelay``).
 
-Numbers in options: every option parser takes its numbers through
-``finite_number`` (or tests them with ``is_finite_number``): a JSON number, not a
-boolean (``True`` is an ``int`` in Python), not a string, and finite.
+Numbers in options: every option is declared and checked in ``dicomsync.options``,
+whose number types go through ``is_finite_number``: a JSON number, not a boolean
+(``True`` is an ``int`` in Python), not a string, and finite. ``finite_number`` is the
+same rule for a caller that has one value to check.
 """
 
 from __future__ import annotations

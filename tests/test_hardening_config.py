@@ -7,7 +7,8 @@ numeric option takes a number that is not finite.
   becomes infinity) are refused anywhere in the file, with where they are.
 - Every numeric option of every place kind, sink kind, ``Retry`` and the plugin's
   ``DicomSync`` section refuses NaN, infinities, overflowing integers, strings and
-  booleans (``True`` is an ``int`` in Python). A new kind must be added to the table.
+  booleans (``True`` is an ``int`` in Python). A new kind must be added to the table, and
+  the tables must list every numeric option the kinds declare (``dicomsync.options``).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from typing import Any
 
 import pytest
 
-from dicomsync import jsonsafe, routing
+from dicomsync import jsonsafe, options, routing
 from dicomsync.config import Config, finite_number, is_finite_number, non_finite_path
 from dicomsync.errors import ConfigError
 from dicomsync.places.base import PLACES
 from dicomsync.queue import RetryPolicy
+from dicomsync.queue.base import RetryOptions
 from dicomsync.sinks.base import SINKS, build_sink
 
 from conftest import Cli
@@ -193,6 +195,15 @@ def sink_table(tmp: Path) -> dict[str, tuple[dict[str, Any], list[str]]]:
 def test_the_tables_cover_every_registered_kind(tmp_path: Path) -> None:
     assert set(place_table(tmp_path)) == set(PLACES.kinds())
     assert set(sink_table(tmp_path)) == set(SINKS.kinds())
+    # ... and every numeric option each kind declares (dicomsync.options)
+    for table, registry in ((place_table, PLACES), (sink_table, SINKS)):
+        for kind, (_, numeric) in table(tmp_path).items():
+            declared = options.declared(registry.get(kind).Options)
+            assert numeric == [o.name for o in declared if o.type in ("int", "seconds")], kind
+    sync = [o.name for o in options.declared(routing.SyncOptions) if o.type == "seconds"]
+    sync += [o.name for o in options.declared(routing.RouteOptions) if o.type == "int"]
+    sync += [o.name for o in options.declared(RetryOptions)]
+    assert sorted(sync) == sorted(name for name, _ in SYNC_OPTIONS)
 
 
 def _cases(table: Any) -> list[tuple[str, str]]:
