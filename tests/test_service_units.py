@@ -220,3 +220,19 @@ def test_the_rest_api_answers_without_orthanc(method: str, path: str, status: in
     else:
         assert reply.body["Configured"] is False
     assert service.api.routes is routes  # built once
+
+
+def test_every_core_package_is_listed_for_the_wheel() -> None:
+    """pyproject lists its packages by name: a folder with an ``__init__.py`` under shared/
+    that is not listed works in the editable install and is missing from a wheel."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parent.parent
+    listed = set(
+        tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    folders = {
+        ".".join(("dicomsync", *init.parent.relative_to(repo / "shared").parts))
+        for init in (repo / "shared").rglob("__init__.py")
+    }
+    assert folders - listed == set()
