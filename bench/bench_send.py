@@ -12,7 +12,6 @@ Run: ``.venv/bin/python bench/bench_send.py`` (or ``make bench``).
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -116,4 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

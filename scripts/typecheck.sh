@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # mypy cannot follow setuptools' editable finder, which maps dicomsync over shared/, cli/
-# and plugin/. Lay the same package out as symlinks under build/typecheck and check that.
+# and plugin/. Lay the same package out as symlinks under build/typecheck and check that;
+# then tests/ and bench/ with the same settings ([tool.mypy] in pyproject.toml). Their
+# modules import each other as top-level modules (tests/ and bench/ are on sys.path when
+# they run), so both folders are on MYPYPATH and name their modules from there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 farm=build/typecheck/dicomsync
@@ -11,4 +14,8 @@ for entry in shared/*; do
 done
 ln -s ../../../cli "$farm/cli"
 ln -s ../../../plugin "$farm/plugin"
-MYPYPATH=build/typecheck exec .venv/bin/mypy -p dicomsync "$@"
+status=0
+MYPYPATH=build/typecheck .venv/bin/mypy -p dicomsync "$@" || status=$?
+MYPYPATH=build/typecheck:tests:bench .venv/bin/mypy --explicit-package-bases tests bench "$@" \
+  || status=$?
+exit "$status"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,8 +76,8 @@ def make_instance(
     """A small valid DICOM instance (Secondary Capture), written to ``path`` if given."""
     sop_uid = sop_uid or generate_uid()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
+    meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path or "mem.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID = meta.MediaStorageSOPClassUID

@@ -7,6 +7,7 @@ Lets tests count real transfers, e.g. that only new instances were re-sent.
 
 import json
 import threading
+from typing import Any
 
 import orthanc
 
@@ -14,14 +15,14 @@ _lock = threading.Lock()
 _count = {"PostInstances": 0}
 
 
-def _filter(uri, **request):
+def _filter(uri: str, **request: Any) -> bool:
     if request.get("method") == orthanc.HttpMethod.POST and uri.rstrip("/") == "/instances":
         with _lock:
             _count["PostInstances"] += 1
     return True
 
 
-def _answer(output, uri, **request):
+def _answer(output: Any, uri: str, **request: Any) -> None:
     with _lock:
         output.AnswerBuffer(json.dumps(_count), "application/json")
 

@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import requests
 
@@ -88,7 +88,7 @@ class OrthancProcess:
     def write_config(self) -> None:
         self.config_path.write_text(json.dumps(self.full_config(), indent=2))
 
-    def start(self, timeout: float = 30.0) -> OrthancProcess:
+    def start(self, timeout: float = 30.0) -> Self:
         self.write_config()
         env = {**os.environ, **self.env}
         args = [ORTHANC_BIN]

@@ -454,7 +454,7 @@ def test_unreachable_prepare_stops_the_batch_with_one_line(tmp_path: Path) -> No
             calls.append("prepare")
             raise Unreachable("XNAT https://x is unreachable (no answer) during login")
 
-        def holds(self, key: str, identity: object) -> frozenset[str]:  # type: ignore[override]
+        def holds(self, key: str, identity: object) -> frozenset[str]:
             calls.append("holds")
             raise AssertionError("no study may be tried")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import subprocess
@@ -66,7 +67,7 @@ def within(seconds: float, fn: Callable[[], T], unblock: Iterable[Path] = ()) ->
         pytest.fail(f"still running after {seconds}s (blocked on a FIFO?)")
     if "error" in box:
         raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    return box["value"]
 
 
 def dest_place(kind: str, root: Path) -> RootPlace:
@@ -129,7 +130,7 @@ class MemorySource(Place):
         for i, data in enumerate(self._studies[ref.key]):
             sop = read_header(data).sop_uid
             if only is None or sop in only:
-                yield Instance(sop, f"im{i}.dcm", lambda data=data: data)
+                yield Instance(sop, f"im{i}.dcm", functools.partial(bytes, data))
 
 
 def dicom_bytes(tmp_path: Path, n: int, patient: str = "P") -> list[bytes]:
@@ -178,7 +179,7 @@ def test_member_names_that_look_alike_stay_apart(tmp_path: Path, kind: str) -> N
             self, ref: StudyRef, only: Collection[str] | None = None
         ) -> Iterator[Instance]:
             for name, data in zip(names, blobs, strict=True):
-                yield Instance(read_header(data).sop_uid, name, lambda data=data: data)
+                yield Instance(read_header(data).sop_uid, name, functools.partial(bytes, data))
 
     src = Named({"p/s": blobs})
     dest = dest_place(kind, tmp_path / "dst")
@@ -773,7 +774,7 @@ def mounted(*commands: list[str], at: Path) -> Iterator[Path]:
         yield at
     finally:
         if done:
-            r = subprocess.run(["umount", str(at)], capture_output=True, timeout=30)
+            r = subprocess.run(["umount", str(at)], capture_output=True, text=True, timeout=30)
             if r.returncode != 0:
                 subprocess.run(["umount", "-l", str(at)], capture_output=True, timeout=30)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from pydicom.uid import UID
 from test_xnat_place import PASSWORD, PROJECT, items, root_place, tls_server, xnat_place
 
 from dicomsync.config import build_place
@@ -179,6 +180,7 @@ def test_forbidden_listing_and_empty_reasons_read_well(
     server: XnatServer, tmp_path: Path, password: str
 ) -> None:
     with xnat_place(server, tmp_path) as place:
+        assert isinstance(place, XnatPreArchive)
         place.prepare([])  # logged in, the project is there
         server.store.projects[PROJECT] = {"someone else"}
         with pytest.raises(Exception) as info:
@@ -381,7 +383,7 @@ def test_rejected_member_message_is_xnats(
     layout = build_seed_tree(tmp_path / "root")
     ds = pydicom.dcmread(layout["patient1/study1"][0])
     del ds.SOPInstanceUID  # the folder place falls back to the file meta's UID
-    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.701"
+    ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.826.0.1.3680043.8.498.701")
     ds.save_as(tmp_path / "root" / "patient1" / "study1" / "zz.dcm")
     with root_place(tmp_path / "root") as src, xnat_place(server, tmp_path) as dest:
         (outcome, *_) = send(items(src)[:1], dest).outcomes

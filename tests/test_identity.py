@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import unicodedata
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
@@ -164,7 +165,7 @@ def test_orthanc_study_id_is_orthancs_own(orthanc: OrthancProcess) -> None:
     and compare ``orthanc_study_id`` with the study ID Orthanc gives the instance."""
     wrong = []
     for patient, charset in _AWKWARD_PATIENTS:
-        tags = {"SpecificCharacterSet": charset} if charset else {}
+        tags: dict[str, Any] = {"SpecificCharacterSet": charset} if charset else {}
         buf = io.BytesIO()
         make_instance(None, patient_id=patient, study_uid=generate_uid(), **tags).save_as(
             buf, enforce_file_format=True

@@ -10,6 +10,7 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -52,7 +53,7 @@ def pair(
         "ct": {"Kind": "dicom_root", "Path": str(root / "ct")},
         "scanner": {"Kind": "dicom_root", "Path": str(root / "scanner")},
     }
-    routes = [
+    routes: list[dict[str, Any]] = [
         {"Destination": "b", "Concurrency": 4},
         {"Destination": "zips"},
         {"Destination": "ct", "Filter": {"Modality": ["CT", "PT"], "SOPClassUID": CT_IMAGE}},

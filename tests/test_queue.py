@@ -159,6 +159,7 @@ def test_enqueue_while_sending_then_failing_for_good_is_queued_again(
 def test_retry_backoff_grows_with_jitter_up_to_cap_then_fails(q: SQLiteQueue, clock: Clock) -> None:
     job_id = q.enqueue(study()).job_id
     delays = []
+    job: Job | None
     for attempt in range(1, 6):
         job = q.lease("b", 1, 60)[0]
         assert job.attempts == attempt
@@ -175,7 +176,8 @@ def test_retry_backoff_grows_with_jitter_up_to_cap_then_fails(q: SQLiteQueue, cl
             assert q.lease("b") == []  # not due yet
             clock.now = job.next_attempt_at
     assert delays == sorted(delays) and delays[-1] > delays[0]
-    assert job.state == "failed" and "gave up after 5 attempts" in job.last_error
+    assert job is not None and job.state == "failed"
+    assert "gave up after 5 attempts" in job.last_error
     assert q.stats()["b"].failed == 1 and "down 5" in q.stats()["b"].last_error
     assert q.requeue_failed("other") == 0
     assert q.requeue_failed("b") == 1

@@ -85,10 +85,10 @@ def test_partial_destination_gets_only_missing(tmp_path: Path, cli: Cli) -> None
     # Remove one instance from each destination.
     (tmp_path / "dst" / "p" / "s" / "im2.dcm").unlink()
     zpath = tmp_path / "zips" / "p" / "s.zip"
-    with zipfile.ZipFile(zpath) as zf, zipfile.ZipFile(tmp_path / "cut.zip", "w") as out:
+    with zipfile.ZipFile(zpath) as zf, zipfile.ZipFile(tmp_path / "cut.zip", "w") as cut:
         for name in zf.namelist():
             if name != "im2.dcm":
-                out.writestr(name, zf.read(name))
+                cut.writestr(name, zf.read(name))
     shutil.move(tmp_path / "cut.zip", zpath)
     assert len(sop_uids_in_zip(zpath)) == 3
     for dest in ("zips", "dst"):

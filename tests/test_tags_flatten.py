@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import UID
 
 from dicomsync.errors import DicomFileError
 from dicomsync.tags import (
@@ -359,7 +360,7 @@ def _num(meaning: str, text: str | None, unit: str = "mGy") -> Dataset:
 
 def _synthetic_report(tmp_path: Path) -> bytes:
     ds = make_instance(None, patient_id="p", study_uid="1.2.3.4", modality="SR", pixel_bytes=0)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.88.67")
     ds.ValueType = "CONTAINER"
     ds.ConceptNameCodeSequence = Sequence([_code("113701", "DCM", "X-Ray Radiation Dose Report")])
     bad_num = _num("Broken", "9.9999")  # corrupted to "1.2.3" in the bytes below

@@ -16,6 +16,7 @@ import pytest
 from dicomsync.config import Config
 from dicomsync.errors import ConfigError
 from dicomsync.places.base import PLACES
+from dicomsync.registry import Registry
 from dicomsync.sinks.base import SINKS
 from dicomsync.urls import check_section, has_credentials
 
@@ -53,7 +54,7 @@ CREDENTIALED = [
     f"ftp://{USER}:{SECRET}@files.example.org",
 ]
 
-REGISTRIES = [("place", PLACES), ("sink", SINKS)]
+REGISTRIES: list[tuple[str, Registry[Any]]] = [("place", PLACES), ("sink", SINKS)]
 ALL_KINDS = [(what, reg, kind) for what, reg in REGISTRIES for kind in reg.kinds()]
 
 

@@ -125,9 +125,9 @@ def test_seed_walkthrough_through_orthanc(
     assert "only in pacs: 0" in out and "in both: 4" in out and "only in fresh: 0" in out
     # compare says what send would do: fresh holds these studies under other keys
     # (PatientID/StudyInstanceUID), so send would store them again, and compare says so
-    out = cli("compare", "my_studies", "fresh").output.splitlines()
-    assert out[0] == "only in my_studies: 4" and out[-2:] == ["in both: 0", "only in fresh: 0"]
-    assert all("(its StudyInstanceUID is at fresh:" in line for line in out[1:5])
+    lines = cli("compare", "my_studies", "fresh").output.splitlines()
+    assert lines[0] == "only in my_studies: 4" and lines[-2:] == ["in both: 0", "only in fresh: 0"]
+    assert all("(its StudyInstanceUID is at fresh:" in line for line in lines[1:5])
     dry = cli("send", "my_studies:*", "fresh", "--dry-run").output
     assert dry.splitlines()[-1].startswith("4 would be sent, 0 sent, 0 duplicate, 0 failed")
     out = cli("send", "pacs:*", "fresh").output

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import UID
 
 from conftest import Cli
 from dicomdata import build_seed_tree
@@ -111,7 +112,7 @@ def test_broken_file_fails_one_study_others_arrive(
     stores as it came)."""
     ds = pydicom.dcmread(seed["patient2/study1"][0])
     del ds.SOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.9"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.826.0.1.3680043.8.498.9")
     ds.save_as(tmp_path / "dicom_root" / "patient2" / "study1" / "file9.dcm")
     result = cli("send", "my_studies:*", "the_xnat_project", ok=False)
     assert result.exit_code == 1

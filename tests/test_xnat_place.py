@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import UID
 
 from dicomsync.config import build_place
 from dicomsync.errors import (
@@ -132,7 +133,12 @@ def test_config_round_trip_holds_no_secret(tmp_path: Path, password: str) -> Non
     ],
 )
 def test_config_errors(tmp_path: Path, change: dict[str, object], message: str) -> None:
-    section = {"Kind": "xnat_pre_archive", "Server": "https://x.org", "Project": "P", "User": "u"}
+    section: dict[str, object] = {
+        "Kind": "xnat_pre_archive",
+        "Server": "https://x.org",
+        "Project": "P",
+        "User": "u",
+    }
     section.update(change)
     section = {k: v for k, v in section.items() if v is not None}
     with pytest.raises(ConfigError, match=message):
@@ -261,7 +267,7 @@ def test_file_xnat_refuses_fails_its_study_and_the_others_arrive(
     layout = build_seed_tree(tmp_path / "root")
     ds = pydicom.dcmread(layout["patient1/study3"][0])
     del ds.SOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.9"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID("1.2.826.0.1.3680043.8.498.9")
     ds.save_as(tmp_path / "root" / "patient1" / "study3" / "zz_no_class.dcm")
     with root_place(tmp_path / "root") as src, xnat_place(server, tmp_path) as dest:
         summary = send(items(src), dest)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pydicom
@@ -42,7 +42,7 @@ def session(server: XnatServer) -> Iterator[xnat.session.XNATSession]:
     s.disconnect()
 
 
-def zip_of(files: list[Path | bytes]) -> bytes:
+def zip_of(files: Sequence[Path | bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for i, f in enumerate(files):

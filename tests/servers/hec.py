@@ -278,7 +278,9 @@ class _Handler(BaseHTTPRequestHandler):
         return token
 
     def _channel(self, query: dict[str, list[str]]) -> str | None:
-        return self.headers.get("X-Splunk-Request-Channel") or (query.get("channel") or [None])[0]
+        return self.headers.get("X-Splunk-Request-Channel") or next(
+            iter(query.get("channel") or []), None
+        )
 
     def _events(self, body: bytes, query: dict[str, list[str]]) -> None:
         token = self._token()

@@ -1060,11 +1060,14 @@ class XnatServer:
     ) -> None:
         """``tls``: (certificate, key) PEM files to serve https instead of http."""
         self.tls = tls
+        table: dict[str, set[str] | None]
         if projects is None:
-            projects = {"TESTPROJ": None}
-        if not isinstance(projects, dict):
-            projects = {p: None for p in projects}
-        self.store = XnatStore(users or {"tester": "s3cret-Pa55"}, projects)
+            table = {"TESTPROJ": None}
+        elif isinstance(projects, dict):
+            table = projects
+        else:
+            table = {p: None for p in projects}
+        self.store = XnatStore(users or {"tester": "s3cret-Pa55"}, table)
         self.port = port
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
