@@ -270,7 +270,7 @@ def test_an_orthanc_error_code_gives_the_error_of_its_http_status(
     fake = sys.modules["orthanc"]
 
     def fail(path: str) -> bytes:
-        raise fake.OrthancException(code, "simulated")  # type: ignore[attr-defined]
+        raise fake.OrthancException(code, "simulated")
 
     fake.RestApiGet = fail  # type: ignore[attr-defined]
     if code == 0:
