@@ -27,7 +27,8 @@ is the code) go through the same rule: ``orthanc_error`` takes the HTTP status O
 itself answers for that code over REST (``ORTHANC_STATUSES``, from Orthanc's
 ``ErrorCodes.json``; an unlisted code is 500) and hands it to ``status_error``. Four
 codes that Orthanc answers with 500 say that the request or the stored file is wrong
-(``ORTHANC_FINAL``: retrying gives the same answer), so they count as 400.
+(``ORTHANC_FINAL``: retrying gives the same answer), so they count as 400, over HTTP too:
+``orthanc_answer_status`` reads the ``OrthancStatus`` of a 500 answer's body.
 
 Every function here is pure (no I/O, no shared state): thread-safe, and none raises; each
 returns the error for the caller to raise.
@@ -148,6 +149,15 @@ def status_error(
 def orthanc_status(code: int) -> int:
     """The HTTP status our rule reads for Orthanc error ``code`` (see the module docstring)."""
     return ORTHANC_FINAL.get(code) or ORTHANC_STATUSES.get(code, 500)
+
+
+def orthanc_answer_status(status: int, code: object) -> int:
+    """The status our rule reads for an error answer of Orthanc's REST API: its HTTP
+    status, except a 500 whose ``OrthancStatus`` (``code``) is one of ``ORTHANC_FINAL``
+    (over HTTP as in-process, a query naming an unknown tag is final, not retried)."""
+    if status == 500 and isinstance(code, int) and not isinstance(code, bool):
+        return ORTHANC_FINAL.get(code, status)
+    return status
 
 
 def orthanc_error(code: int, what: str, detail: str = "") -> DicomSyncError:

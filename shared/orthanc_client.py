@@ -10,7 +10,9 @@ Two transports implement ``Transport``:
 Transports raise only ``dicomsync.errors``, by the rule of ``dicomsync.http_errors``:
 ``NotFound`` for 404, ``AuthenticationFailed`` for 401/403, ``RemoteRejected`` for other
 4xx, ``Unreachable`` (retryable) for network errors, 408, 429 and 5xx, and ``Unreachable``
-*not* retryable for a TLS/certificate failure (a wrong CA bundle does not heal).
+*not* retryable for a TLS/certificate failure (a wrong CA bundle does not heal). A 500
+whose body names one of the Orthanc error codes that are final (``ORTHANC_FINAL``: an
+unknown tag in a query, a corrupted file, ...) is ``RemoteRejected``, as it is in-process.
 
 Every answer is parsed with ``dicomsync.jsonsafe`` (nesting measured without recursion
 before ``json.loads``): the client runs on Orthanc's REST threads inside the plugin,
@@ -30,7 +32,13 @@ import requests
 
 from dicomsync import jsonsafe
 from dicomsync.errors import NotFound, RemoteRejected
-from dicomsync.http_errors import is_tls_failure, short_reason, status_error, transport_error
+from dicomsync.http_errors import (
+    is_tls_failure,
+    orthanc_answer_status,
+    short_reason,
+    status_error,
+    transport_error,
+)
 
 __all__ = ["HttpTransport", "OrthancClient", "Transport", "raise_for_status", "short_reason"]
 
@@ -121,7 +129,8 @@ class HttpTransport(Transport):
             where = what if is_tls_failure(exc) else f"cannot reach Orthanc at {self.url}"
             raise transport_error(exc, where) from None
         if r.status_code >= 300:
-            raise_for_status(r.status_code, what, _detail(r))
+            detail, code = _detail(r)
+            raise_for_status(orthanc_answer_status(r.status_code, code), what, detail)
         return r
 
     def get(self, path: str) -> bytes:
@@ -148,15 +157,17 @@ class HttpTransport(Transport):
         self._local = threading.local()
 
 
-def _detail(r: requests.Response) -> str:
-    """Orthanc's own reason in an error answer, short (the body is read with bounded depth)."""
+def _detail(r: requests.Response) -> tuple[str, object]:
+    """Orthanc's own reason in an error answer, short, and its ``OrthancStatus`` (None if
+    the body does not say; the body is read with bounded depth)."""
     try:
         body = jsonsafe.loads(r.content, max_bytes=1 << 20)
         if isinstance(body, dict):
-            return str(body.get("Details") or body.get("Message") or "")[:200]
+            reason = str(body.get("Details") or body.get("Message") or "")[:200]
+            return reason, body.get("OrthancStatus")
     except ValueError:
         pass
-    return " ".join(r.text[:200].split()) if r.text else ""
+    return (" ".join(r.text[:200].split()) if r.text else ""), None
 
 
 def _answer(data: bytes, what: str) -> Any:

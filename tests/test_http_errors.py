@@ -9,7 +9,9 @@ only in the names of the types (``dicomsync.http_errors``'s table): a place rais
 ``SinkRetryable``/``SinkFatal``; retryability is the same for both.
 
 The plugin's in-process transport reads Orthanc's error codes: it gives the error of the
-HTTP status Orthanc itself answers for that code.
+HTTP status Orthanc itself answers for that code; over HTTP, a real Orthanc's error
+answers give the same errors as in-process (a 500 for an unknown tag in a query is final
+both ways).
 """
 
 from __future__ import annotations
@@ -37,12 +39,18 @@ from dicomsync.errors import (
     SinkRetryable,
     Unreachable,
 )
-from dicomsync.http_errors import ORTHANC_FINAL, ORTHANC_STATUSES, orthanc_status, status_error
+from dicomsync.http_errors import (
+    ORTHANC_FINAL,
+    ORTHANC_STATUSES,
+    orthanc_error,
+    orthanc_status,
+    status_error,
+)
 from dicomsync.orthanc_client import HttpTransport
 from dicomsync.sinks.base import build_sink
 from dicomsync.tags import Event
 
-from orthanc_server import free_port
+from orthanc_server import OrthancProcess, free_port
 
 TIMEOUT = 1.0
 
@@ -300,3 +308,37 @@ def test_orthanc_codes_follow_orthancs_own_statuses(inprocess: types.ModuleType)
         assert isinstance(err(code), RemoteRejected) and not err(code).retryable, code
     for code in (36, 42):  # DATABASE_UNAVAILABLE, DATABASE_CANNOT_SERIALIZE: 503
         assert isinstance(err(code), Unreachable) and err(code).retryable, code
+
+
+# --- Orthanc over HTTP and in-process: the same error for the same failure -------------------
+
+REAL_FAILURES = [
+    ("POST", "/tools/find", b'{"Level": "Study", "Query": {"NoSuchTag": "x"}}'),  # 27, a 500
+    ("POST", "/tools/find", b""),  # 8
+    ("POST", "/tools/find", b'{"Level": "Bogus", "Query": {}}'),  # 3
+    ("GET", "/instances/nope/file", None),  # 17
+    ("POST", "/instances", b"not dicom at all"),  # 15
+    ("GET", "/studies/nope/archive", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), REAL_FAILURES)
+def test_orthanc_over_http_fails_as_the_inprocess_transport_does(
+    orthanc: OrthancProcess, method: str, path: str, body: bytes | None
+) -> None:
+    """A real Orthanc's error answer carries its ``OrthancStatus``; the HTTP transport
+    raises what the in-process transport raises for that code (orthanc_error)."""
+    import requests
+
+    raw = requests.request(method, orthanc.url + path, data=body, timeout=30)
+    assert raw.status_code >= 400
+    code = raw.json()["OrthancStatus"]
+    expected = orthanc_error(code, "x")
+    transport = HttpTransport(orthanc.url, timeout=30)
+    with pytest.raises(DicomSyncError) as info:
+        if method == "GET":
+            transport.get(path)
+        else:
+            transport.post(path, body or b"")
+    assert type(info.value) is type(expected), (code, str(info.value))
+    assert info.value.retryable is expected.retryable, (code, str(info.value))
