@@ -14,7 +14,7 @@ from test_tags_flatten import dose_files
 
 from dicomsync.errors import ConfigError, SinkFatal, SinkRetryable
 from dicomsync.index_query import IndexQuery
-from dicomsync.sinks.base import build_sink, delivered_before
+from dicomsync.sinks.base import build_sink, delivered_before, rejected_before
 from dicomsync.sinks.splunk_hec import SplunkHec
 from dicomsync.sinks.sqlite_index import SqliteIndex
 from dicomsync.tags import Event, events_from_path
@@ -226,6 +226,42 @@ def test_partial_batch_resends_after_the_bad_event(
     assert result.rejected[events[7].id] == "400, code 6: Invalid data format"
     assert sorted(hec.event_ids()) == sorted(e.id for e in events if e.id not in bad)
     assert sink.has(bad) == set()
+
+
+def test_a_send_failing_after_a_rejection_still_reports_it(
+    hec: HecServer, tmp_path: Path, events: list[Event], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rejection is the call's own (``SendResult``, or ``rejected_before`` on its error),
+    and the CLI's retry adds every attempt's result up."""
+    from dicomsync.cli.tags import retried
+    from dicomsync.queue import RetryPolicy
+
+    monkeypatch.setenv("TEST_HEC_TOKEN", GOOD)
+    bad = events[7].id
+    seen: list[str] = []
+
+    def reject(envelope: dict[str, Any]) -> bool:
+        if envelope["fields"]["dicomsync_id"] != bad:
+            return False
+        if not seen:
+            hec.busy(1)  # the rest of the batch, posted again, finds HEC busy
+        seen.append(bad)
+        return True
+
+    hec.state.reject_when = reject
+    sink = make_sink(hec, tmp_path)
+    with pytest.raises(SinkRetryable) as info:
+        sink.send(events)
+    assert rejected_before(info.value) == {bad: "400, code 6: Invalid data format"}
+    assert delivered_before(info.value) == {e.id for e in events[:7]}
+    assert not hasattr(sink, "rejected")  # nothing shared between calls
+    seen.clear()
+    result = retried(
+        lambda: sink.send(events), "sink", RetryPolicy(0.01, 0.01, 3), sleep=lambda _: None
+    )
+    assert result.delivered == {e.id for e in events} - {bad}
+    assert result.rejected == {bad: "400, code 6: Invalid data format"}
+    assert len(seen) == 2  # rejected by both attempts, reported once
 
 
 def test_indexer_acknowledgement(

@@ -13,7 +13,8 @@ refuses one written by a newer dicomsync with one ``QueueError`` line. Versions:
 ``update_one(rule)`` and ``update_where(rule, where)`` turn a ``dicomsync.queue.rules.Rule``
 into one ``UPDATE … RETURNING`` statement with named parameters (``:_now``, ``:_id``,
 ``:_token`` and the rule's arguments); the statements are built once per rule and shape,
-then cached. Pure functions: thread-safe; nothing but ``prepare`` raises.
+then cached (a benign race at worst builds one twice). Thread-safe; nothing but ``prepare``
+raises.
 """
 
 from __future__ import annotations
@@ -150,14 +151,21 @@ def _states(states: tuple[str, ...]) -> str:
     return f"state IN ({', '.join(_literal(s) for s in states)})"
 
 
-@functools.cache
+_ONE: dict[int, tuple[Rule, str]] = {}  # id(rule) -> (rule, statement): no hashing per call
+
+
 def update_one(rule: Rule) -> str:
     """``rule`` on the record ``:_id`` (held: only with lease token ``:_token``)."""
+    cached = _ONE.get(id(rule))
+    if cached is not None and cached[0] is rule:
+        return cached[1]
     held = " AND lease_token = :_token" if rule.held else ""
-    return (
+    sql = (
         f"UPDATE jobs SET {assignments(rule)} WHERE id = :_id AND {_states(rule.sources)}{held}"
         " RETURNING state, destination"
     )
+    _ONE[id(rule)] = (rule, sql)
+    return sql
 
 
 def update_where(rule: Rule, where: Where) -> str:
