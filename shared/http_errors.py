@@ -102,15 +102,32 @@ def short_reason(exc: BaseException) -> str:
     return text[:200] or type(exc).__name__
 
 
-def is_tls_failure(exc: BaseException) -> bool:
-    """True for certificate and TLS handshake failures, at any depth of the cause chain."""
+def tls_error_in(exc: BaseException) -> BaseException | None:
+    """The TLS error inside ``exc``: itself, or one found through the causes, contexts,
+    urllib3's ``reason`` and the ``args`` that requests and urllib3 wrap it in; an
+    ``ssl.SSLError`` (whose text says what failed) before a requests ``SSLError``."""
     seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
+    todo: list[BaseException] = [exc]
+    wrapper: BaseException | None = None
+    while todo:
+        cur = todo.pop(0)
+        if id(cur) in seen:
+            continue
         seen.add(id(cur))
-        if isinstance(cur, requests.exceptions.SSLError | ssl.SSLError):
-            return True
-        cur = cur.__cause__ or cur.__context__
+        if isinstance(cur, ssl.SSLError):
+            return cur
+        if wrapper is None and isinstance(cur, requests.exceptions.SSLError):
+            wrapper = cur
+        inner = (getattr(cur, "reason", None), cur.__cause__, cur.__context__, *cur.args)
+        todo.extend(x for x in inner if isinstance(x, BaseException))
+    return wrapper
+
+
+def is_tls_failure(exc: BaseException) -> bool:
+    """True for certificate and TLS handshake failures, at any depth (``tls_error_in``);
+    the text test is the last resort for a wrapper that kept only the message."""
+    if tls_error_in(exc) is not None:
+        return True
     text = str(exc)
     return "CERTIFICATE_VERIFY_FAILED" in text or "SSLError" in text
 

@@ -42,9 +42,12 @@ from dicomsync.errors import (
 from dicomsync.http_errors import (
     ORTHANC_FINAL,
     ORTHANC_STATUSES,
+    is_tls_failure,
     orthanc_error,
     orthanc_status,
     status_error,
+    tls_error_in,
+    transport_error,
 )
 from dicomsync.orthanc_client import HttpTransport
 from dicomsync.sinks.base import build_sink
@@ -342,3 +345,22 @@ def test_orthanc_over_http_fails_as_the_inprocess_transport_does(
             transport.post(path, body or b"")
     assert type(info.value) is type(expected), (code, str(info.value))
     assert info.value.retryable is expected.retryable, (code, str(info.value))
+
+
+def test_the_tls_error_is_found_inside_requests_and_urllib3_wrappers() -> None:
+    """requests wraps urllib3's MaxRetryError, whose ``reason`` wraps the ssl error: the
+    mapping finds it by structure (its text names the failure), not by parsing text."""
+    import requests
+    import urllib3
+
+    inner = ssl.SSLCertVerificationError(1, "certificate verify failed: self-signed")
+    reason = urllib3.exceptions.SSLError(inner)
+    pool_error = urllib3.exceptions.MaxRetryError(None, "/x", reason=reason)  # type: ignore[arg-type]
+    wrapped = requests.exceptions.SSLError(pool_error)
+    assert tls_error_in(wrapped) is inner
+    assert is_tls_failure(wrapped)
+    error = transport_error(wrapped, "GET x")
+    assert isinstance(error, Unreachable) and not error.retryable
+    assert isinstance(transport_error(wrapped, "POST y", sink=True), SinkFatal)
+    assert tls_error_in(requests.exceptions.ConnectionError("refused")) is None
+    assert transport_error(requests.exceptions.ConnectionError("refused"), "GET x").retryable

@@ -36,7 +36,6 @@ import html
 import logging
 import os
 import re
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,7 +50,7 @@ from dicomsync.errors import (
     RemoteRejected,
     Unreachable,
 )
-from dicomsync.http_errors import is_tls_failure, status_error, transport_error
+from dicomsync.http_errors import is_tls_failure, status_error, tls_error_in, transport_error
 from dicomsync.places.base import Place
 from dicomsync.places.local import storage_error
 
@@ -91,22 +90,6 @@ def _response_of(exc: BaseException) -> tuple[int | None, str]:
     if response is not None and isinstance(getattr(response, "status_code", None), int):
         return int(response.status_code), str(response.text or "")
     return None, ""
-
-
-def _ssl_error_in(exc: BaseException) -> BaseException:
-    """The ``ssl`` error inside requests' and urllib3's wrappers (its text says what failed)."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        cur = todo.pop(0)
-        if id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        if isinstance(cur, ssl.SSLError):
-            return cur
-        inner = (getattr(cur, "reason", None), cur.__cause__, cur.__context__, *cur.args)
-        todo.extend(x for x in inner if isinstance(x, BaseException))
-    return exc
 
 
 def _log_out(session: Any, timeout: float) -> None:
@@ -413,7 +396,7 @@ class XnatConnection(Place):
         if isinstance(exc, xe.XNATError) and isinstance(exc.__context__, requests.RequestException):
             exc = exc.__context__  # xnatpy re-raises requests' error with a generic text
         if is_tls_failure(exc):
-            error = transport_error(_ssl_error_in(exc), self._what(action))
+            error = transport_error(tls_error_in(exc) or exc, self._what(action))
             hint = "; give the CA in CaBundle" if self.verify_tls and not self.ca_bundle else ""
             return Unreachable(f"{error}{hint}", retryable=False)
         return transport_error(exc, f"{self._where} is unreachable during {action}")
