@@ -6,8 +6,9 @@ transition table, which ``tests/test_queue.py`` checks against ``RULES``) and ap
 which transition each queue operation takes. This module says what each transition
 does, column by column, in a form every SQL backend compiles into one ``UPDATE``
 (``dicomsync.queue.schema.update_one``/``update_where`` for SQLite), so no backend
-writes a rule of its own. Plain immutable data: safe to share between threads; nothing
-here raises.
+writes a rule of its own. The rules are immutable data, safe to share between threads,
+and raise nothing; a ``Transaction`` is one thread's, and raises ``QueueError`` when its
+storage fails.
 """
 
 from __future__ import annotations
