@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dicomsync-installed
 
-.PHONY: setup run test check lint typecheck bench clean
+.PHONY: setup run test check lint typecheck bench docs clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ check: lint typecheck test
 
 bench: setup
 	$(PY) -m bench
+
+# the README's option tables, generated from the option declarations (dicomsync.options)
+docs: setup
+	$(PY) -m dicomsync.options --write README.md
 
 clean:
 	rm -rf $(VENV) var
