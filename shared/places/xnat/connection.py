@@ -13,8 +13,8 @@ the others ``Timeout``. A 401 after login (XNAT forgot the session) logs in agai
 A refused login (password, project, unset variable) is remembered for
 ``REFUSED_SECONDS`` so that a batch does not try a bad password once per study; an
 unreachable XNAT found by ``prepare`` is remembered until the next ``prepare`` (at most
-``UNREACHABLE_SECONDS``), so the batch's other calls fail at once instead of waiting
-again.
+``UNREACHABLE_SECONDS``, set in ``destination``), so the batch's other calls fail at once
+instead of waiting again (``_call`` answers with the remembered error).
 
 Errors: every HTTP status and transport failure goes through ``dicomsync.http_errors``
 (``_from_xnat`` is the one mapping of xnatpy's and requests' exceptions): a certificate
@@ -24,7 +24,7 @@ failure is ``Unreachable`` and not retryable; timeouts, refused or reset connect
 
 Thread-safety: the session, the remembered refusal and the remembered unreachable XNAT
 are guarded by the place's ``RLock`` (``_lock``); worker lanes may share one place. A
-request itself runs outside the lock (xnatpy's session is a requests session).
+login runs under the lock (one at a time); the other requests run outside it.
 Raises only ``dicomsync.errors`` (``ConfigError`` for an unset password variable,
 ``PlaceKindUnavailable`` without the ``xnat`` package, and the mapped errors above).
 """
