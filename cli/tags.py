@@ -56,7 +56,7 @@ from dicomsync.sinks.base import (
     with_delivered,
 )
 from dicomsync.tags import Event, events_from_bytes, events_from_path
-from dicomsync.transfer import wait_to_retry
+from dicomsync.transfer import retry_call
 
 log = logging.getLogger(__name__)
 
@@ -203,22 +203,23 @@ def retried(
     retry: RetryPolicy,
     sleep: Callable[[float], None] = time.sleep,
 ) -> SendResult:
-    """``call()``, tried again after ``retry.delay(attempt)`` seconds while it raises
-    ``SinkRetryable``, at most ``retry.max_attempts`` times in all. What every attempt
+    """``call()``, tried again after ``retry.delay(attempt)`` seconds while it raises a
+    retryable error (``SinkRetryable``), at most ``retry.max_attempts`` times in all
+    (``dicomsync.transfer.retry_call``, the CLI's one retry loop). What every attempt
     confirmed and rejected is returned (and set on the last error, as ``delivered_before``
     and ``rejected_before``)."""
     done = SendResult()
-    attempt = 1
-    while True:
+
+    def attempt() -> SendResult:
+        nonlocal done
         try:
             return done | call()
         except SinkError as exc:
             done |= SendResult(frozenset(delivered_before(exc)), rejected_before(exc))
-            if not exc.retryable or attempt >= retry.max_attempts:
-                with_delivered(exc, done.delivered, done.rejected)
-                raise
-            wait_to_retry(what, str(exc), attempt, retry, sleep)
-            attempt += 1
+            with_delivered(exc, done.delivered, done.rejected)
+            raise
+
+    return retry_call(attempt, what, retry, sleep)
 
 
 # --- replicate -----------------------------------------------------------------------------

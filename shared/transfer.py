@@ -152,15 +152,17 @@ def send_study(
         return StudyOutcome(ref, "failed", error=error, identity=identity, retryable=True)
 
 
-def _retried(
+def retry_call(
     call: Callable[[], T],
     what: str,
     retry: RetryPolicy | None,
-    sleep: Sleep,
+    sleep: Sleep = time.sleep,
     attempts: int | None = None,
 ) -> T:
     """``call()``, tried again on retryable errors per ``retry`` (at most ``attempts`` times,
-    default ``retry.max_attempts``); the last error is raised."""
+    default ``retry.max_attempts``); the last error is raised. The CLI's one retry loop
+    for calls that raise (``send``'s reads and ``prepare``, ``dicomsync index``'s sink
+    calls); its waits are ``wait_to_retry``'s, the policy's ``RetryPolicy.delay``."""
     limit = 1 if retry is None else (attempts or retry.max_attempts)
     attempt = 1
     while True:
@@ -223,7 +225,7 @@ def send(
     for source, ref in items:
         read = functools.partial(source.identity, ref)
         try:
-            ident = _retried(read, str(ref), retry, sleep, 1 if source_failing else None)
+            ident = retry_call(read, str(ref), retry, sleep, 1 if source_failing else None)
         except DicomSyncError as exc:
             if isinstance(exc, ConfigError):
                 raise
@@ -236,7 +238,7 @@ def send(
     batch = [(ref.key, ident) for _, ref, ident in prepared]
     # Wrong password, unknown project, bad config, or unreachable after every attempt:
     # no study can succeed, so the batch stops here with one error.
-    _retried(functools.partial(dest.prepare, batch), dest.key, retry, sleep)
+    retry_call(functools.partial(dest.prepare, batch), dest.key, retry, sleep)
     failing = False  # the destination side, as source_failing above
     for source, ref, ident in prepared:
         attempts = 1 if retry is None or failing else retry.max_attempts

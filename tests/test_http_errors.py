@@ -16,6 +16,7 @@ both ways).
 
 from __future__ import annotations
 
+import ast
 import socket
 import ssl
 import subprocess
@@ -53,7 +54,7 @@ from dicomsync.orthanc_client import HttpTransport
 from dicomsync.sinks.base import build_sink
 from dicomsync.tags import Event
 
-from orthanc_server import OrthancProcess, free_port
+from orthanc_server import REPO_ROOT, OrthancProcess, free_port
 
 TIMEOUT = 1.0
 
@@ -364,3 +365,40 @@ def test_the_tls_error_is_found_inside_requests_and_urllib3_wrappers() -> None:
     assert isinstance(transport_error(wrapped, "POST y", sink=True), SinkFatal)
     assert tls_error_in(requests.exceptions.ConnectionError("refused")) is None
     assert transport_error(requests.exceptions.ConnectionError("refused"), "GET x").retryable
+
+
+# --- one backoff formula, one retry loop ------------------------------------------------------
+
+
+def _modules() -> Iterator[tuple[str, ast.Module]]:
+    for folder in ("shared", "cli", "plugin"):
+        for path in sorted((REPO_ROOT / folder).rglob("*.py")):
+            yield str(path.relative_to(REPO_ROOT)), ast.parse(path.read_text(encoding="utf-8"))
+
+
+def test_one_backoff_formula_and_one_retry_loop() -> None:
+    """Only ``RetryPolicy.delay`` (shared/queue/base.py) computes a growing or jittered
+    delay (a power with a variable exponent, ``random``), and only dicomsync.transfer
+    waits between attempts (``wait_to_retry``, which asks ``RetryPolicy.delay``)."""
+    powers, randoms, waits = set(), set(), set()
+    for name, tree in _modules():
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.BinOp)
+                and isinstance(node.op, ast.Pow)
+                and not isinstance(node.right, ast.Constant)
+            ):
+                powers.add(name)
+            if isinstance(node, ast.Import) and any(a.name == "random" for a in node.names):
+                randoms.add(name)
+            if isinstance(node, ast.ImportFrom) and node.module == "random":
+                randoms.add(name)
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name | ast.Attribute)
+                and getattr(node.func, "id", getattr(node.func, "attr", "")) == "wait_to_retry"
+            ):
+                waits.add(name)
+    assert powers == {"shared/queue/base.py"}
+    assert randoms == {"shared/queue/base.py"}
+    assert waits == {"shared/transfer.py"}
