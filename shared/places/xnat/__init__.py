@@ -1,14 +1,6 @@
 """``xnat_pre_archive``: an XNAT project's prearchive, through the ``xnat`` client (xnatpy).
 
-Config section (the same in ``dicomsync.json`` and in the plugin's ``DicomSync.Places``)::
-
-    {"Kind": "xnat_pre_archive", "Server": "https://xnat.example.org", "Project": "MYPROJ",
-     "User": "alice", "PasswordEnv": "XNAT_PASS", "VerifyTls": true, "CaBundle": "/etc/ca.pem",
-     "Timeout": 300}
-
-``PasswordEnv`` (default ``XNAT_PASS``) names the environment variable that holds the
-password. The password is read when the place first connects, and is never stored,
-logged or put into an error message. ``CaBundle`` and ``Timeout`` are optional.
+The config section and the password rule are in ``place``'s docstring.
 
 The place is built in three layers, each with its contract in its module docstring:
 
