@@ -63,9 +63,7 @@ def orthanc(orthanc_server: OrthancProcess) -> OrthancProcess:
 # Queue backends the queue contract tests run on: name -> open(folder, policy, clock).
 # PostgreSQL is one more entry here.
 QUEUE_BACKENDS: dict[str, Callable[[Path, RetryPolicy | None, Callable[[], float]], Queue]] = {
-    "sqlite": lambda where, policy, clock: SQLiteQueue(
-        where / "queue.sqlite", policy, clock=clock
-    ),
+    "sqlite": lambda where, policy, clock: SQLiteQueue(where / "queue.sqlite", policy, clock=clock),
 }
 
 
