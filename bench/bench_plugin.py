@@ -439,15 +439,36 @@ def upload_bytes(url: str, items: Iterator[bytes], threads: int = 2) -> list[str
     return studies
 
 
-def bench_studies(base: Path, total: int, batch: int = 1000) -> list[tuple[str, str]]:
+def delete_studies(server: OrthancProcess, studies: list[str]) -> None:
+    with requests.Session() as s:
+        for study in studies:
+            s.delete(f"{server.url}/studies/{study}", timeout=120).raise_for_status()
+
+
+def bench_studies(
+    base: Path,
+    total: int,
+    batch: int = 1000,
+    variants: set[str] | None = None,
+    delete: bool = False,
+) -> list[tuple[str, str]]:
     """RSS of A after each ``batch`` of one-instance studies: plugin routing every study to
     B, then Orthanc alone (no plugin) ingesting as many, as the control. Orthanc's storage
-    cache is off (``MaximumStorageCacheSize`` 0) so that only the process itself grows."""
+    cache is off (``MaximumStorageCacheSize`` 0) so that only the process itself grows.
+
+    ``delete``: each batch, once routed, is deleted from A and B (in every variant), so
+    that Orthanc's index stays at one batch while the plugin's queue still keeps a
+    ``done`` record per routed study; this keeps the time per batch flat on Orthanc's
+    side, but hides any memory of the plugin that grows with the size of A's index.
+    ``$DICOMSYNC_BENCH_SMAPS``: a folder where A's ``/proc`` ``smaps``,
+    ``smaps_rollup`` and ``status`` are copied at each sample."""
     batches = max(1, total // batch)
     rows = []
     # plugin routing every study to B; Orthanc's own peer store of each batch to B (the
     # native path, plugin off); Orthanc alone, ingesting only
     for tag, plugin, with_b in (("on", True, True), ("native", False, True), ("off", False, False)):
+        if variants and tag not in variants:
+            continue
         b = OrthancProcess(base / f"many-b-{tag}", "b").start() if with_b else None
         config: dict[str, Any] = {"StableAge": 1}
         if b is not None:
@@ -464,7 +485,8 @@ def bench_studies(base: Path, total: int, batch: int = 1000) -> list[tuple[str, 
             for i in range(batches):
                 studies = upload_bytes(a.url, tiny_studies(i * batch, batch, f"S{tag}"))
                 if plugin:
-                    wait(lambda a=a, i=i: drained(a, "b", (i + 1) * batch), interval=0.2)
+                    # each status call scans the queue's done jobs: poll gently
+                    wait(lambda a=a, i=i: drained(a, "b", (i + 1) * batch), interval=1.0)
                 elif b is not None:
                     requests.post(
                         f"{a.url}/peers/b/store",
@@ -472,7 +494,17 @@ def bench_studies(base: Path, total: int, batch: int = 1000) -> list[tuple[str, 
                         timeout=3600,
                     ).raise_for_status()
                 assert a.pid is not None
+                if delete:
+                    delete_studies(a, studies)
+                    if b is not None:
+                        delete_studies(b, studies)  # same IDs: PatientID + StudyInstanceUID
                 samples.append(((i + 1) * batch, rss_mb(a.pid)))
+                dump = os.environ.get("DICOMSYNC_BENCH_SMAPS")
+                if dump:
+                    Path(dump).mkdir(parents=True, exist_ok=True)
+                    n = (i + 1) * batch
+                    for what in ("smaps", "smaps_rollup", "status"):
+                        shutil.copy(f"/proc/{a.pid}/{what}", f"{dump}/{tag}-{n:06d}.{what}")
                 if i % 10 == 9 or i == batches - 1:
                     print(
                         f"  {tag}: {(i + 1) * batch} studies, RSS {samples[-1][1]:.0f} MB, "
@@ -517,6 +549,17 @@ def main() -> None:
     p.add_argument(
         "--memory-studies", type=int, default=100_000, help="one-instance studies in (e)"
     )
+    p.add_argument(
+        "--memory-variant",
+        choices=["on", "native", "off"],
+        action="append",
+        help="run only these variants of (e) (default: all)",
+    )
+    p.add_argument(
+        "--memory-delete",
+        action="store_true",
+        help="(e): delete each routed batch from A and B (Orthanc's index stays small)",
+    )
     p.add_argument("--only", choices=["a", "b", "c", "d", "e"], action="append")
     p.add_argument(
         "--ingest-variant",
@@ -558,7 +601,12 @@ def main() -> None:
         report(
             f"(e) Orthanc RSS over {args.memory_studies} routed one-instance studies, "
             "storage cache off",
-            bench_studies(base, args.memory_studies),
+            bench_studies(
+                base,
+                args.memory_studies,
+                variants=set(args.memory_variant or ()),
+                delete=args.memory_delete,
+            ),
         )
 
 

@@ -5,6 +5,8 @@ its own).
 - A pool of at most ``POOL_SIZE`` connections shared by all threads; writes run in
   ``BEGIN IMMEDIATE`` transactions (``_transaction``, one per state change or batch),
   and ``busy_timeout`` makes concurrent writers (threads or processes) wait their turn.
+- Each connection keeps a small page cache (``CACHE_KIB``): bounded memory in a
+  plugin that runs for months.
 - ``synchronous=NORMAL`` in WAL mode: a committed job survives a killed process
   (``kill -9``); after a power loss the last few commits may roll back.
 - Each transition is one ``UPDATE … RETURNING`` compiled from its rule
@@ -41,13 +43,21 @@ from dicomsync.queue.schema import (
     where_values,
 )
 
-__all__ = ["FILENAME", "POOL_SIZE", "SCHEMA_VERSION", "SQLiteQueue"]
+__all__ = ["CACHE_KIB", "FILENAME", "POOL_SIZE", "SCHEMA_VERSION", "SQLiteQueue"]
 
 log = logging.getLogger(__name__)
 
 FILENAME = "queue.sqlite"
 PRUNED = "pruned:"  # meta key prefix: "pruned:<kind>:<destination>" -> "<done> <delivered>"
 POOL_SIZE = 4  # connections; SQLite runs one writer at a time anyway
+CACHE_KIB = 128
+"""Page cache of each pooled connection, in KiB (SQLite's default is 2,000). In WAL mode a
+connection drops its whole cache whenever another connection has committed, so with
+several connections and a write per job the default cache is mostly refilled, 4 KiB
+malloc at a time, from whichever thread holds the connection: inside Orthanc that churn
+fragmented glibc's arenas, and A's RSS grew by 22 MB over 10,000 routed one-instance
+studies (7 MB with 128 KiB, no slower: the queue's statements each touch a few pages,
+and a scan such as ``stats()`` reads past any cache this size anyway)."""
 
 
 def _job(row: sqlite3.Row) -> Job:
@@ -144,6 +154,7 @@ class SQLiteQueue(Queue):
             db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
+            db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         except sqlite3.Error as exc:
             raise QueueError(f"cannot open the queue {self.path}: {exc}") from None
         return db
