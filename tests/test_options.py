@@ -279,3 +279,25 @@ def test_integer_options_refuse_fractions(value: Any, tmp_path: Path) -> None:
         "p", {"Kind": "orthanc", "Url": "http://h", "UploadThreads": 3.0}, tmp_path
     )
     assert place.upload_threads == 3  # type: ignore[attr-defined]
+
+
+TIMEOUT_CASES = [
+    (kind, opt)
+    for kind, opt in [*PLACE_CASES, *SINK_CASES]
+    if opt.type == "seconds" and opt.name.endswith(("Timeout", "TimeoutSeconds"))
+]
+
+
+@pytest.mark.parametrize(("kind", "opt"), TIMEOUT_CASES, ids=_ids(TIMEOUT_CASES))
+def test_no_timeout_may_be_zero(
+    kind: str, opt: options.Option, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zero timeout cannot work: requests refuses one (every call an internal error), and
+    a zero ack timeout posts every batch again at its first poll (duplicates in Splunk)."""
+    monkeypatch.setenv("XNAT_PASS", "secret")
+    if kind in PLACE_SECTIONS:
+        section, build = PLACE_SECTIONS[kind], lambda s: PLACES.build("x", s, tmp_path)
+    else:
+        section, build = SINK_SECTIONS[kind], lambda s: build_sink("x", s, tmp_path)
+    with pytest.raises(ConfigError, match=f"{opt.name} must be"):
+        build({"Kind": kind, **section, opt.name: 0})

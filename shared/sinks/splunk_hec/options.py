@@ -74,7 +74,7 @@ class HecOptions:
         "seconds",
         "how long a batch waits for its ack before it is posted again",
         default=120.0,
-        low=0,
+        above=0,  # 0 would count every batch late at its first poll and post it again
     )
     ack_poll: float = option(
         "AckPollSeconds",
@@ -86,7 +86,13 @@ class HecOptions:
     ack_in_flight: int = option(
         "AckInFlight", "int", "batches that wait for their ack together", default=64, low=1
     )
-    timeout: float = option("TimeoutSeconds", "seconds", "per request", default=30.0, low=0)
+    timeout: float = option(
+        "TimeoutSeconds",
+        "seconds",
+        "per request",
+        default=30.0,
+        above=0,  # requests refuses 0
+    )
     verify_tls: bool = option("VerifyTls", "bool", "verify TLS certificates", default=True)
     ca_bundle: str | None = option("CaBundle", "path", "CA bundle file to verify with")
     state_file: str | None = option(
