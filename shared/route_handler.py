@@ -29,7 +29,8 @@ class RouteHandler:
     destination place by key. Each worker thread gets its own place objects (their
     keep-alive sessions and upload threads are reused job after job); those of a thread
     that ended are closed when another thread first asks, so the handler holds at most
-    (threads alive + 1) x 2 places. Caches inside a place are bounded by the place.
+    (threads alive + 1) x 2 places. ``close`` closes those of the threads not sending;
+    a thread still sending closes its own when its send ends. Caches inside a place are bounded by the place.
     ``send_study`` diffs identities, so only missing instances travel, and verifies
     that the destination holds every SOP UID before the job counts as done. Each job
     is its own batch: ``dest.prepare`` runs before every send, so a place that caches
@@ -45,6 +46,8 @@ class RouteHandler:
         self._dest_factory = dest_factory
         # thread -> its places; the places of threads that ended are closed and dropped
         self._by_thread: dict[threading.Thread, dict[str, Place]] = {}
+        self._busy: set[threading.Thread] = set()  # threads inside ``__call__``
+        self._closed = False
         self._lock = threading.Lock()
 
     def _place(self, key: str, factory: Callable[[], Place]) -> Place:
@@ -71,6 +74,18 @@ class RouteHandler:
         return self._place("\0source", self._source_factory)
 
     def __call__(self, job: Job) -> Delivered:
+        me = threading.current_thread()
+        with self._lock:
+            self._busy.add(me)
+        try:
+            return self._send(job)
+        finally:
+            with self._lock:
+                self._busy.discard(me)
+                mine = self._by_thread.pop(me, {}) if self._closed else {}
+            _close_all(mine.values())  # ``close`` came while this send ran
+
+    def _send(self, job: Job) -> Delivered:
         from dicomsync.transfer import send_study
 
         source = self.source()
@@ -91,11 +106,25 @@ class RouteHandler:
         error.delivered = outcome.sent  # type: ignore[attr-defined]  # see worker.delivered_by
         raise error
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Close the places of the threads that are not sending; a thread still inside a
+        send closes its own when that send ends (closing them under it would fail the send
+        for nothing). ``timeout``: seconds to wait for the closing (an XNAT logout may
+        hang); the rest goes on on a ``dicomsync-close`` thread. Never raises."""
         with self._lock:
-            places = [p for ps in self._by_thread.values() for p in ps.values()]
-            self._by_thread.clear()
-        _close_all(places)
+            self._closed = True
+            idle = [t for t in self._by_thread if t not in self._busy]
+            places = [p for t in idle for p in self._by_thread.pop(t).values()]
+        if timeout is None or not places:
+            _close_all(places)
+            return
+        closer = threading.Thread(
+            target=_close_all, args=(places,), name="dicomsync-close", daemon=True
+        )
+        closer.start()
+        closer.join(timeout)
+        if closer.is_alive():
+            log.info("closing %d place(s) goes on after the stop", len(places))
 
 
 def _close_all(places: Collection[Place]) -> None:

@@ -173,6 +173,11 @@ class WorkerPool:
         return clean
 
     @property
+    def lingering(self) -> list[threading.Thread]:
+        """Threads a ``stop`` did not see end that are still alive (a send in progress)."""
+        return [t for t in self._lingering if t.is_alive()]
+
+    @property
     def running(self) -> bool:
         return self.started_at is not None and not self._stop.is_set()
 
@@ -231,8 +236,7 @@ class WorkerPool:
             lower_thread_priority(self.nice)
         while not self._stop.is_set():
             if state.paused is not None:
-                state.event.wait(self.poll_interval)
-                state.event.clear()
+                self._wait(state, self.poll_interval)
                 continue
             try:
                 jobs = self.queue.lease(
@@ -272,8 +276,15 @@ class WorkerPool:
             due = None
         if due is not None:
             timeout = min(timeout, max(0.05, due - time.time()))
+        self._wait(state, timeout)
+
+    def _wait(self, state: LaneState, timeout: float) -> None:
+        """Sleep on the lane's event. The lane's threads share it: once a stop is requested
+        it stays set, or the first thread to wake would swallow the others' stop signal
+        (they would sleep on until ``poll_interval``, past the stop's deadline)."""
         state.event.wait(timeout)
-        state.event.clear()
+        if not self._stop.is_set():
+            state.event.clear()
 
     def _handler(self, job: Job) -> Handler | None:
         return self.handlers.get(job.kind)

@@ -62,6 +62,7 @@ from dicomsync.worker import WorkerPool
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 5.0  # seconds ORTHANC_STOPPED waits for every thread, in all
+LEFTOVER_WAIT = 10.0  # seconds ``start()`` waits for threads an earlier stop left running
 
 
 class Service:
@@ -86,9 +87,13 @@ class Service:
         self.intake: Intake | None = None
         self.cursor: RouteCursor | None = None
         self.place_errors: dict[str, str] = {}
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # the current run's; each start makes its own
         self._threads: list[threading.Thread] = []
+        self._leftovers: list[threading.Thread] = []  # threads a stop did not see end
+        self.start_blocked: str | None = None  # why a start waits (for the status)
         self._life = threading.Lock()  # start and stop, one at a time
+        # held briefly: ``_wanted``, the transport's opening/closing, every thread start
+        self._gate = threading.Lock()
         self._wanted = False  # between start_in_background()/start() and stop()
         self._started = False  # between a completed start and stop
         self._starter: threading.Thread | None = None
@@ -164,77 +169,142 @@ class Service:
 
     # --- life cycle ---------------------------------------------------------------------
     def start_in_background(self) -> None:
-        self._wanted = True
+        with self._gate:
+            self._wanted = True
         self._starter = threading.Thread(
             target=self._guard(self._start_then_publish), name="dicomsync-start", daemon=True
         )
         self._starter.start()
 
     def _start_then_publish(self) -> None:
-        self._start()
-        self.publish_metrics()
+        self._start(wait=None, publish=True)
 
     def start(self) -> None:
-        self._wanted = True
-        self._start()
+        with self._gate:
+            self._wanted = True
+        self._start(wait=LEFTOVER_WAIT)
 
-    def _start(self) -> None:
+    def _start(self, wait: float | None, publish: bool = False) -> bool:
+        """Start unless a stop came in; True when the start completed and is still wanted.
+        Threads an earlier stop left running are waited for first (``wait`` seconds, None:
+        as long as the start is wanted); ``start`` raises if they outlast it."""
         with self._life:
             if not self._wanted or not self.active or self._started:
-                return
-            self._started = True
-            cfg, queue = self.config, self.queue
-            assert cfg is not None and queue is not None and self.intake and self.cursor
-            self._stop.clear()
-            reopen = getattr(self.transport, "reopen", None)
-            if reopen is not None:
-                reopen()  # a stop closed it; Orthanc started again in this process
-            self.cursor.reset()
-            queue.recover(cfg.node_id)
-            self.handler = routing.RouteHandler(
-                lambda: OrthancPlace("local", OrthancClient(self.transport)), cfg.build_place
-            )
-            sinks = self.sinks
+                return False
+            if not self._await_leftovers(wait):
+                if self._wanted and wait is not None:
+                    raise DicomSyncError(self.start_blocked or "still stopping", retryable=True)
+                return False
+            run = threading.Event()  # this run's own stop signal
+            with self._gate:
+                if not self._wanted:
+                    return False
+                self._stop = run
+                self._started = True
+                reopen = getattr(self.transport, "reopen", None)
+                if reopen is not None:
+                    reopen()  # a stop closed it; Orthanc started again in this process
+            try:
+                if not self._run(run, publish):  # a stop came in: stop what was started
+                    self._shutdown(time.monotonic() + STOP_TIMEOUT)
+                    return False
+            except BaseException:
+                self._shutdown(time.monotonic() + STOP_TIMEOUT)
+                raise
+            return True
+
+    def _cut(self, run: threading.Event) -> bool:
+        """A stop came in since this run began (call under ``_gate`` to act on the answer)."""
+        return run.is_set() or not self._wanted
+
+    def _run(self, run: threading.Event, publish: bool) -> bool:
+        """The body of ``_start`` under ``_life``; False as soon as a stop came in. Every
+        thread starts under ``_gate``, after a last check, so none starts after a stop."""
+        cfg, queue, intake, cursor = self.config, self.queue, self.intake, self.cursor
+        assert cfg is not None and queue is not None and intake and cursor
+        intake.stop = cursor.stop = run
+        cursor.reset()
+        queue.recover(cfg.node_id)  # no sender of this process is alive (_await_leftovers)
+        if self._cut(run):
+            return False
+        self.handler = routing.RouteHandler(
+            lambda: OrthancPlace("local", OrthancClient(self.transport)), cfg.build_place
+        )
+        sinks = self.sinks
+        if sinks is not None:
+            sinks.build()
+        pool = WorkerPool(
+            queue,
+            [*cfg.lanes(), *(sinks.lanes() if sinks else [])],
+            {"study": self.handler},
+            batch_handlers={TAGS: sinks.handle} if sinks else {},
+            owner=cfg.node_id,
+            lease_seconds=cfg.lease_seconds,
+            poll_interval=cfg.poll_interval,
+            hold_on=(SinkFatal,),
+            on_pause=sinks.on_pause if sinks else None,
+            nice=WORKER_NICE,
+        )
+        with self._gate:
+            if self._cut(run):
+                return False
+            self.pool = pool
+            pool.start()
             if sinks is not None:
-                sinks.build()
-            self.pool = WorkerPool(
-                queue,
-                [*cfg.lanes(), *(sinks.lanes() if sinks else [])],
-                {"study": self.handler},
-                batch_handlers={TAGS: sinks.handle} if sinks else {},
-                owner=cfg.node_id,
-                lease_seconds=cfg.lease_seconds,
-                poll_interval=cfg.poll_interval,
-                hold_on=(SinkFatal,),
-                on_pause=sinks.on_pause if sinks else None,
-                nice=WORKER_NICE,
-            )
-            self.pool.start()
-            if sinks is not None:
-                sinks.start(self.pool)
-            for target, name in (
-                (self.intake.run, "intake"),
-                (self._metrics_loop, "metrics"),
-                (self._check_places, "places"),
-                (self.cursor.run_catch_up, "catch-up"),
-            ):
-                t = threading.Thread(
-                    target=self._guard(target), name=f"dicomsync-{name}", daemon=True
-                )
+                sinks.start(pool)
+        for target, name in (
+            (intake.run, "intake"),
+            (lambda: self._metrics_loop(run), "metrics"),
+            (self._check_places, "places"),
+            (cursor.run_catch_up, "catch-up"),
+        ):
+            t = threading.Thread(target=self._guard(target), name=f"dicomsync-{name}", daemon=True)
+            with self._gate:
+                if self._cut(run):
+                    return False
                 self._threads.append(t)
                 t.start()
-            if not self._wanted:  # a stop gave up waiting for this start: stop here
-                self._shutdown(time.monotonic() + STOP_TIMEOUT)
+        with self._gate:
+            if self._cut(run):
+                return False
+            if publish:
+                self.publish_metrics()
+        return True
+
+    def _await_leftovers(self, wait: float | None) -> bool:
+        """Wait for the threads an earlier stop did not see end (a send in progress): a new
+        run beside them would send their jobs a second time. One log line; the status shows
+        ``StartBlocked`` meanwhile. False if they outlast ``wait`` or the start is dropped."""
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            self._leftovers = [t for t in self._leftovers if t.is_alive()]
+            if not self._leftovers:
+                self.start_blocked = None
+                return True
+            if self.start_blocked is None:
+                names = ", ".join(sorted({t.name for t in self._leftovers}))
+                self.start_blocked = (
+                    f"{len(self._leftovers)} thread(s) of the last run are still busy "
+                    f"({names}); the start waits for them"
+                )
+                log.warning("not starting yet: %s", self.start_blocked)
+            left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+            if not self._wanted or left <= 0:
+                return False
+            self._leftovers[0].join(left)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Signal every thread and join them within ``timeout`` seconds in all (by default
-        ``STOP_TIMEOUT``); True when everything ended in time."""
+        ``STOP_TIMEOUT``); True when everything ended in time. The transport is closed at
+        once, before waiting for a start still running."""
         timeout = STOP_TIMEOUT if timeout is None else timeout
-        self._wanted = False
-        self._stop.set()
         deadline = time.monotonic() + timeout
-        if self.pool is not None:
-            self.pool.request_stop()
+        with self._gate:  # from here on a start still running starts nothing more
+            self._wanted = False
+            self._stop.set()
+            if self.pool is not None:
+                self.pool.request_stop()
+            self.transport.close()  # in-flight reads of this Orthanc now fail fast
         if not self._life.acquire(timeout=max(0.0, deadline - time.monotonic())):
             log.warning("still starting after %.0fs; it stops when it is done", timeout)
             return False
@@ -244,26 +314,35 @@ class Service:
             self._life.release()
 
     def _shutdown(self, deadline: float) -> bool:
-        """Stop what ``_start`` started, joining within ``deadline``; under ``_life``."""
+        """Stop what ``_start`` started, joining within ``deadline``; under ``_life``. What
+        did not end in time is kept in ``_leftovers`` for the next start to wait for; sinks
+        and places still in use by such threads are closed when those are done with them."""
 
         def left() -> float:
             return max(0.0, deadline - time.monotonic())
 
-        self._stop.set()
-        if self.pool is not None:
-            self.pool.request_stop()
-        self.transport.close()  # in-flight reads of this Orthanc now fail fast
+        with self._gate:
+            self._stop.set()
+            pool = self.pool
+            if pool is not None:
+                pool.request_stop()
+            self.transport.close()
         clean = True
-        if self.pool is not None:
-            clean = self.pool.stop(timeout=left())
+        if pool is not None:
+            clean = pool.stop(timeout=left())
+            self._leftovers += pool.lingering
         if self.sinks is not None:
-            self.sinks.stop(left())
+            feed = self.sinks.stop(left())
+            if feed is not None:
+                self._leftovers.append(feed)
         for t in self._threads:
             t.join(left())
-            clean = clean and not t.is_alive()
+            if t.is_alive():
+                clean = False
+                self._leftovers.append(t)
         self._threads.clear()
         if self.handler is not None:
-            self.handler.close()
+            self.handler.close(left())
         # back to the state before start(), so a later ORTHANC_STARTED starts again with a
         # new pool (the stopped one stays for the status); the queue reconnects on its next use
         self._started = False
@@ -272,7 +351,8 @@ class Service:
             self.cursor.reset()
         if self.queue is not None:
             self.queue.close()
-        return clean
+        self._leftovers = list(dict.fromkeys(t for t in self._leftovers if t.is_alive()))
+        return clean and not self._leftovers
 
     def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -287,7 +367,7 @@ class Service:
     def publish_metrics(self) -> None:
         self.metrics.publish(self.config_error, self.config, self.queue, self.sinks)
 
-    def _metrics_loop(self) -> None:
+    def _metrics_loop(self, stop: threading.Event) -> None:
         assert self.config is not None and self.intake is not None and self.cursor is not None
         while True:
             try:
@@ -296,7 +376,7 @@ class Service:
                 self.cursor.advance()
             except DicomSyncError as exc:
                 log.warning("metrics: %s", exc)
-            if self._stop.wait(self.config.metrics_interval):
+            if stop.wait(self.config.metrics_interval):
                 return
 
     def _check_places(self) -> None:

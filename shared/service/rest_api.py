@@ -172,6 +172,7 @@ class RestApi:
             "Configured": service.active,
             "ConfigError": service.config_error,
             "Workers": service.pool.state() if service.pool else {"running": False, "lanes": {}},
+            "StartBlocked": service.start_blocked,  # why a start waits for the last run
         }
         if not service.active:
             return out

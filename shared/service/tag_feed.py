@@ -77,11 +77,13 @@ class TagFeed:
         self._thread = threading.Thread(target=self._guarded, name="dicomsync-feed", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> threading.Thread | None:
+        """Stop the feed thread; returns it if it did not end within ``timeout``."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout)
+        return thread if thread is not None and thread.is_alive() else None
 
     def _guarded(self) -> None:
         try:

@@ -89,6 +89,10 @@ class TagSinks:
         self.pool: WorkerPool | None = None
         self.events = EventCache(CACHED_INSTANCES * (len(self.states) - 1))
         self.feed = TagFeed(cfg, queue, changes or ChangeLog(client), self.states, self.events)
+        # sends in progress; a stop under running lanes leaves the closing to the last one
+        self._busy = 0
+        self._closing = False
+        self._busy_lock = threading.Lock()
 
     @property
     def keys(self) -> list[str]:
@@ -104,6 +108,8 @@ class TagSinks:
     # --- life cycle -----------------------------------------------------------------------
     def build(self) -> None:
         """Build the sinks (local files only, no network); before the workers start."""
+        with self._busy_lock:
+            self._closing = False
         for state in self.states.values():
             self._build(state)
 
@@ -112,9 +118,22 @@ class TagSinks:
         self.pool = pool
         self.feed.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the feed; call after the worker pool stopped. Closes the sinks."""
-        self.feed.stop(timeout)
+    def stop(self, timeout: float = 10.0) -> threading.Thread | None:
+        """Stop the feed (returns its thread if it outlasted ``timeout``); call after the
+        worker pool stopped. Closes the sinks, or, while a lane that did not stop in time
+        is still inside ``handle``, lets the last such call close them when it ends (a
+        sink closed under a send would lose what the send delivered)."""
+        feed = self.feed.stop(timeout)
+        with self._busy_lock:
+            self._closing = True
+            busy = self._busy
+        if busy:
+            log.info("%d sink send(s) still running; the sinks close when they end", busy)
+        else:
+            self._close_sinks()
+        return feed
+
+    def _close_sinks(self) -> None:
         for state in self.states.values():
             with state.lock:
                 sink, state.sink = state.sink, None
@@ -168,6 +187,20 @@ class TagSinks:
     # --- the worker's batch handler --------------------------------------------------------
     def handle(self, jobs: list[Job]) -> list[SinkDelivered | BaseException]:
         """Events of each leased instance, sent in one ``sink.send``; one result per job."""
+        with self._busy_lock:
+            if self._closing:  # stopped: the pool records nothing now; taken back at start
+                return [SinkRetryable("the sinks are stopping")] * len(jobs)
+            self._busy += 1
+        try:
+            return self._handle(jobs)
+        finally:
+            with self._busy_lock:
+                self._busy -= 1
+                last = self._closing and self._busy == 0
+            if last:
+                self._close_sinks()
+
+    def _handle(self, jobs: list[Job]) -> list[SinkDelivered | BaseException]:
         state = self.states.get(jobs[0].destination)
         sink = state.sink if state is not None else None
         if state is None or sink is None:

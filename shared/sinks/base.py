@@ -81,7 +81,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from dicomsync.errors import SinkError, SinkFatal
+from dicomsync.errors import SinkError, SinkFatal, SinkRetryable
 from dicomsync.identity import safe_component
 from dicomsync.index_query import IndexQuery
 from dicomsync.registry import Registry
@@ -233,6 +233,7 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._closed = False
         self._conn = connect(path, "delivered ledger")
         with self._lock:
             self._conn.execute(
@@ -249,6 +250,8 @@ class Ledger:
         if not rows:
             return
         with self._lock:
+            if self._closed:  # a stop closed it under this send: the job stays and is retried
+                raise SinkRetryable(f"delivered ledger {self.path} is closed (stopping)")
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._conn.executemany(
@@ -256,7 +259,10 @@ class Ledger:
                 )
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._conn.execute("ROLLBACK")
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error:  # no transaction began, or the connection is gone
+                    pass
                 raise SinkFatal(f"delivered ledger {self.path}: cannot write: {exc}") from None
 
     def count(self) -> int:
@@ -265,4 +271,5 @@ class Ledger:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._conn.close()
