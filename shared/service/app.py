@@ -14,25 +14,34 @@ Life cycle (the plugin's callbacks only hand over to these):
   service is still starting waits there, and the catch-up cursor covers whatever a
   crash swallows.
 - ``start_in_background()`` (ORTHANC_STARTED): ``start`` on a ``dicomsync-start``
-  thread, so the change-callback thread returns at once. ``start``: take back this
-  node's jobs a crash left ``sending`` (``Queue.recover``), build the sinks, start the
-  workers, the feed, and the threads ``dicomsync-intake``, ``-metrics`` (metrics, held
-  studies, cursor), ``-places`` (each destination built once to report bad settings)
-  and ``-catch-up``; then publish the metrics once.
-- ``stop(timeout)`` (ORTHANC_STOPPED): signal every thread; wait for a start still
-  running; close the transport (reads in flight fail fast); join the workers, the feed
-  and the threads. All within ONE deadline of ``timeout`` seconds (``STOP_TIMEOUT``). A job still in
-  flight stays ``sending`` for this node (the pool records nothing after a stop
-  request) and is taken back at the next start. A stop that arrives while ``start`` is
-  still running waits for it within the same deadline; if ``start`` outlasts it,
-  ``start`` stops what it started itself when it ends. After a stop the service is as
-  before ``start`` (the stopped pool stays for the status), so a later ORTHANC_STARTED
-  in the same process starts again.
+  thread, so the change-callback thread returns at once. ``start``: wait for threads an
+  earlier stop left running (below); take back this node's jobs a crash or a stop left
+  ``sending`` (``Queue.recover``), build the sinks, start the workers, the feed, and the
+  threads ``dicomsync-intake``, ``-metrics`` (metrics, held studies, cursor), ``-places``
+  (each destination built once to report bad settings) and ``-catch-up``; then (the
+  background start only) publish the metrics once. Each run has its own stop Event.
+- ``stop(timeout)`` (ORTHANC_STOPPED): first, under a short lock (``_gate``), mark the
+  start unwanted, signal every thread and close the transport (reads in flight fail
+  fast); then wait for a start still running, and join the workers, the feed and the
+  threads. All within ONE deadline of ``timeout`` seconds (``STOP_TIMEOUT``), closing
+  the sinks and places included. A job still in flight stays ``sending`` for this node
+  (the pool records nothing after a stop request) and is taken back at the next start.
+  If a start outlasts the stop, it starts nothing more: it checks after the recovery,
+  after building the sinks and before the pool and each thread (every thread starts
+  under ``_gate``), stops what it started, and publishes nothing. After a stop the
+  service is as before ``start`` (the stopped pool stays for the status), so a later
+  ORTHANC_STARTED in the same process starts again.
+- Threads a stop did not see end (a send past the deadline) are kept (``_leftovers``);
+  the next start waits for them (``start``: ``LEFTOVER_WAIT`` seconds, then it raises;
+  the background start: as long as it is wanted), says so in one log line and in the
+  status (``StartBlocked``), so no job is sent twice at once and no job of a live
+  sender is recovered. Sinks and places such a thread still uses are closed when it
+  is done with them (``TagSinks.stop``, ``RouteHandler.close``).
 
-Thread-safety: ``start``/``stop`` are serialised by a lock; ``handle`` and
+Thread-safety: ``start``/``stop`` are serialised by a lock (``_life``); ``handle`` and
 ``on_stable_study`` may be called from any thread at any time. Nothing here raises into
-the caller except ``start`` (``DicomSyncError`` of the queue or the pool; the background
-starter logs it).
+the caller except ``start`` (``DicomSyncError`` of the queue or the pool, or threads of
+the last run still busy; the background starter logs it).
 """
 
 from __future__ import annotations

@@ -26,6 +26,9 @@ Thread-safety: ``handle`` runs on every sink lane at once; each ``SinkState`` gu
 sink with ``lock``; sends need no lock of their own (``Sink.send`` is thread-safe and
 returns its own rejections in its ``SendResult``). ``build``/``start``/``stop`` come from one controlling thread.
 ``handle`` never raises: it returns one result (``SinkDelivered`` or an exception) per job.
+``stop`` never closes a sink under a ``handle`` still running (a lane that outlasted the
+stop's deadline): the last such call closes the sinks when it ends; ``handle`` calls that
+begin after ``stop`` answer ``SinkRetryable`` (the pool records nothing then).
 """
 
 from __future__ import annotations
