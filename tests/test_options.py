@@ -295,9 +295,8 @@ def test_no_timeout_may_be_zero(
     """A zero timeout cannot work: requests refuses one (every call an internal error), and
     a zero ack timeout posts every batch again at its first poll (duplicates in Splunk)."""
     monkeypatch.setenv("XNAT_PASS", "secret")
-    if kind in PLACE_SECTIONS:
-        section, build = PLACE_SECTIONS[kind], lambda s: PLACES.build("x", s, tmp_path)
-    else:
-        section, build = SINK_SECTIONS[kind], lambda s: build_sink("x", s, tmp_path)
     with pytest.raises(ConfigError, match=f"{opt.name} must be"):
-        build({"Kind": kind, **section, opt.name: 0})
+        if kind in PLACE_SECTIONS:
+            PLACES.build("x", {"Kind": kind, **PLACE_SECTIONS[kind], opt.name: 0}, tmp_path)
+        else:
+            build_sink("x", {"Kind": kind, **SINK_SECTIONS[kind], opt.name: 0}, tmp_path)
