@@ -30,7 +30,8 @@ class RouteHandler:
     keep-alive sessions and upload threads are reused job after job); those of a thread
     that ended are closed when another thread first asks, so the handler holds at most
     (threads alive + 1) x 2 places. ``close`` closes those of the threads not sending;
-    a thread still sending closes its own when its send ends. Caches inside a place are bounded by the place.
+    a thread still sending closes its own when its send ends. Caches inside a place are
+    bounded by the place.
     ``send_study`` diffs identities, so only missing instances travel, and verifies
     that the destination holds every SOP UID before the job counts as done. Each job
     is its own batch: ``dest.prepare`` runs before every send, so a place that caches
