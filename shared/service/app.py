@@ -198,6 +198,8 @@ class Service:
         Threads an earlier stop left running are waited for first (``wait`` seconds, None:
         as long as the start is wanted); ``start`` raises if they outlast it."""
         with self._life:
+            if not self.active and publish and self._wanted:
+                self.publish_metrics()  # dicomsync_config_error 1: routing is off
             if not self._wanted or not self.active or self._started:
                 return False
             if not self._await_leftovers(wait):
