@@ -84,28 +84,8 @@ class XnatPreArchive(XnatDestination):
     label = "XNAT pre-archive"
     Options = XnatOptions
 
-    def __init__(
-        self,
-        key: str,
-        server: str,
-        project: str,
-        user: str,
-        *,
-        password_env: str = DEFAULT_PASSWORD_ENV,
-        verify_tls: bool = True,
-        ca_bundle: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-    ) -> None:
-        super().__init__(
-            key,
-            server,
-            project,
-            user,
-            password_env=password_env,
-            verify_tls=verify_tls,
-            ca_bundle=ca_bundle,
-            timeout=timeout,
-        )
+    def __init__(self, key: str, server: str, project: str, user: str, **options: Any) -> None:
+        super().__init__(key, server, project, user, **options)
         self._downloads: dict[str, _Download] = {}
 
     # --- configuration ----------------------------------------------------------------
