@@ -44,3 +44,22 @@ def test_core_and_cli_never_import_orthanc() -> None:
                 if any(n == "orthanc" or n.startswith("orthanc.") for n in names):
                     offenders.append(str(path.relative_to(REPO_ROOT)))
     assert not offenders
+
+
+PLUGIN_LINES = 250  # issue 10: plugin/ is only the callbacks, register() and the transport
+MODULE_LINES = 450  # issue 10: no module of the core or the CLI grows into a god object
+
+
+def test_the_plugin_glue_stays_thin_and_no_module_grows_past_its_limit() -> None:
+    def lines(path: Path) -> int:
+        return len(path.read_text(encoding="utf-8").splitlines())
+
+    plugin = sum(lines(p) for p in (REPO_ROOT / "plugin").rglob("*.py"))
+    assert plugin <= PLUGIN_LINES, f"plugin/ has {plugin} lines"
+    big = {
+        str(p.relative_to(REPO_ROOT)): lines(p)
+        for folder in ("shared", "cli")
+        for p in (REPO_ROOT / folder).rglob("*.py")
+        if lines(p) > MODULE_LINES
+    }
+    assert not big, big
