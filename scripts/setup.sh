@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent setup for a fresh Debian machine:
-#   1. the Debian packages orthanc and orthanc-python (root or sudo), when missing;
+#   1. the Debian packages (root or sudo), when missing: orthanc and its python, dicomweb and
+#      postgresql plugins; postgresql (tests run their own cluster; a shared queue for several
+#      nodes); chromium and its driver (the console's browser tests); chart.js (the console's
+#      charts, served by the plugin);
 #   2. .venv from Debian's python3.11, the interpreter the Orthanc Python plugin embeds;
 #   3. the project in editable mode with its test extras.
 set -euo pipefail
@@ -16,6 +19,12 @@ as_root() {
 need=()
 [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancPython.so ] || need+=(orthanc-python)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+[ -f /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so ] || need+=(orthanc-postgresql)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
+[ -f /usr/share/javascript/chart.js/chart.umd.js ] || [ -f /usr/share/javascript/chart.js/chart.min.js ] || need+=(libjs-chart.js)
 [ -x "$PY_SYSTEM" ] || need+=(python3.11)
 "$PY_SYSTEM" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3.11-venv)
 command -v dcmdump >/dev/null || need+=(dcmtk)      # tests read reference values with dcmdump
