@@ -22,9 +22,11 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dicomsync.errors import NotFound
+from dicomsync import options
+from dicomsync.errors import DicomSyncError, NotFound
 from dicomsync.options import option
 from dicomsync.orthanc_client import OrthancClient
+from dicomsync.places.base import PLACES
 from dicomsync.query import glob_to_regex
 
 PATIENT_KEYS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "OtherPatientIDs")
@@ -154,3 +156,63 @@ def study_facts(client: OrthancClient, study_id: str, keys: Collection[str]) -> 
                     if value is not None:
                         facts[key].add(str(value))
     return facts
+
+
+def is_destination_kind(section: Mapping[str, Any]) -> bool:
+    """Whether a place section's kind can receive studies (False for an unknown kind)."""
+    try:
+        return bool(PLACES.get(str(section.get("Kind"))).is_destination)
+    except DicomSyncError:
+        return False
+
+
+def parse_routes(value: Any, places: Mapping[str, Any], problems: list[str]) -> list[Route]:
+    """The ``Routes`` list checked against ``places``; each problem is appended to ``problems``."""
+    where = "DicomSync.Routes"
+    if not isinstance(value, list):
+        problems.append(f"{where} must be a list of {{Destination, Filter, Concurrency}}")
+        return []
+    routes: list[Route] = []
+    for i, item in enumerate(value):
+        here = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            problems.append(f"{here} must be an object {{Destination, Filter, Concurrency}}")
+            continue
+        unknown = options.unknown(item, options.names(RouteOptions))
+        if unknown:
+            problems.append(f"{here}: unknown option(s) {', '.join(unknown)}")
+        opts = options.parse(RouteOptions, item, here, problems)
+        dest = opts.destination
+        if not dest:
+            continue
+        if dest not in places:
+            known = ", ".join(sorted(places)) or "none"
+            problems.append(f"{here}: route to a missing destination {dest!r} (places: {known})")
+            continue
+        if not is_destination_kind(places[dest]):
+            problems.append(
+                f"{here}: place {dest!r} ({places[dest].get('Kind')}) cannot receive studies"
+            )
+        filt = parse_filter(opts.filter, here, problems)
+        routes.append(Route(dest, filt, opts.concurrency))
+    return routes
+
+
+def parse_filter(value: Any, here: str, problems: list[str]) -> dict[str, tuple[str, ...]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"{here}.Filter must be an object of tag -> glob or list of globs")
+        return {}
+    out: dict[str, tuple[str, ...]] = {}
+    for key, globs in value.items():
+        if key not in FILTER_KEYS:
+            problems.append(f"{here}.Filter: unknown key {key!r} (known: {', '.join(FILTER_KEYS)})")
+            continue
+        if isinstance(globs, str):
+            globs = [globs]
+        if not isinstance(globs, list) or not globs or not all(isinstance(g, str) for g in globs):
+            problems.append(f"{here}.Filter[{key!r}] must be a glob or a non-empty list of globs")
+            continue
+        out[key] = tuple(globs)
+    return out

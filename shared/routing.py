@@ -24,7 +24,7 @@ file are relative to that file's folder.
 Every option is declared once: ``SyncOptions`` (the section), ``RouteOptions``
 (``dicomsync.route_facts``), ``RetryOptions`` (``dicomsync.queue.base``), checked with
 ``dicomsync.options.parse``; ``load`` raises one ``ConfigError`` listing every problem,
-``validate`` returns them. Route filters and ``study_facts`` live in
+``validate`` returns them. Route filters, the ``Routes`` parser and ``study_facts`` live in
 ``dicomsync.route_facts``, the job handler in ``dicomsync.route_handler``; both are
 re-exported here.
 """
@@ -58,6 +58,8 @@ from dicomsync.route_facts import (
     STUDY_KEYS,
     Route,
     RouteOptions,
+    is_destination_kind,
+    parse_routes,
     study_facts,
 )
 from dicomsync.route_handler import RouteHandler
@@ -184,7 +186,7 @@ class SyncConfig:
         """Places that can receive: every route destination, then other destination kinds."""
         out = list(dict.fromkeys(r.destination for r in self.routes))
         for key, section in self.places.items():
-            if key not in out and _is_destination_kind(section):
+            if key not in out and is_destination_kind(section):
                 out.append(key)
         return out
 
@@ -221,13 +223,6 @@ class SyncConfig:
 
     def matching_routes(self, facts: Mapping[str, Collection[str]]) -> list[Route]:
         return [r for r in self.routes if r.matches(facts)]
-
-
-def _is_destination_kind(section: Mapping[str, Any]) -> bool:
-    try:
-        return bool(PLACES.get(str(section.get("Kind"))).is_destination)
-    except DicomSyncError:
-        return False
 
 
 def config_base_dir(config_path: str | Path | None) -> Path:
@@ -311,7 +306,7 @@ def _parse(
         if credentials := credential_problem("place", key, place):  # /places lists sections
             problems.append(f"{where}.Places[{key!r}]: {credentials}")
 
-    routes = _parse_routes([] if opts.routes is None else opts.routes, places, problems)
+    routes = parse_routes([] if opts.routes is None else opts.routes, places, problems)
 
     state = opts.state_directory
     state_dir = (
@@ -396,54 +391,3 @@ def _check_sinks(
             problems.append(f"{here}: a place has the same key; give the sink another name")
         if credentials := credential_problem("sink", key, sink):
             problems.append(f"{here}: {credentials}")
-
-
-def _parse_routes(value: Any, places: Mapping[str, Any], problems: list[str]) -> list[Route]:
-    where = f"{SECTION}.Routes"
-    if not isinstance(value, list):
-        problems.append(f"{where} must be a list of {{Destination, Filter, Concurrency}}")
-        return []
-    routes: list[Route] = []
-    for i, item in enumerate(value):
-        here = f"{where}[{i}]"
-        if not isinstance(item, dict):
-            problems.append(f"{here} must be an object {{Destination, Filter, Concurrency}}")
-            continue
-        unknown = options.unknown(item, options.names(RouteOptions))
-        if unknown:
-            problems.append(f"{here}: unknown option(s) {', '.join(unknown)}")
-        opts = options.parse(RouteOptions, item, here, problems)
-        dest = opts.destination
-        if not dest:
-            continue
-        if dest not in places:
-            known = ", ".join(sorted(places)) or "none"
-            problems.append(f"{here}: route to a missing destination {dest!r} (places: {known})")
-            continue
-        if not _is_destination_kind(places[dest]):
-            problems.append(
-                f"{here}: place {dest!r} ({places[dest].get('Kind')}) cannot receive studies"
-            )
-        filt = _parse_filter(opts.filter, here, problems)
-        routes.append(Route(dest, filt, opts.concurrency))
-    return routes
-
-
-def _parse_filter(value: Any, here: str, problems: list[str]) -> dict[str, tuple[str, ...]]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        problems.append(f"{here}.Filter must be an object of tag -> glob or list of globs")
-        return {}
-    out: dict[str, tuple[str, ...]] = {}
-    for key, globs in value.items():
-        if key not in FILTER_KEYS:
-            problems.append(f"{here}.Filter: unknown key {key!r} (known: {', '.join(FILTER_KEYS)})")
-            continue
-        if isinstance(globs, str):
-            globs = [globs]
-        if not isinstance(globs, list) or not globs or not all(isinstance(g, str) for g in globs):
-            problems.append(f"{here}.Filter[{key!r}] must be a glob or a non-empty list of globs")
-            continue
-        out[key] = tuple(globs)
-    return out
