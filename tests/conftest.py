@@ -17,6 +17,8 @@ from dicomsync.queue.sqlite import SQLiteQueue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from pg_cluster import PgCluster
+
 from dicomdata import data_dir
 from orthanc_server import OrthancProcess
 
@@ -123,3 +125,11 @@ def password(monkeypatch: pytest.MonkeyPatch) -> str:
     """The XNAT stand-in's password for user ``tester``, in ``$XNAT_PASS`` for this test."""
     monkeypatch.setenv("XNAT_PASS", XNAT_PASSWORD)
     return XNAT_PASSWORD
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One throw-away PostgreSQL 15 cluster for the session (see tests/pg_cluster.py);
+    ``pg_cluster.create_database()`` gives each test a fresh database's URL."""
+    with PgCluster() as cluster:
+        yield cluster
