@@ -4,7 +4,6 @@ docstring says what each change does (STOPPED waits at most ``STOP_TIMEOUT`` s).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,29 +36,30 @@ def _on_change(change_type: int, level: int, resource_id: str) -> None:
         log.exception("cannot settle the change-callback thread")
 
 
-def _send(output: Any, status: int, body: Any) -> None:
-    text = json.dumps(body, indent=2, default=str)
-    if status == 200:
-        output.AnswerBuffer(text, "application/json")
-    else:
-        output.SetHttpHeader("Content-Type", "application/json")
-        output.SendHttpStatus(status, text, len(text.encode()))
+def _send(output: Any, reply: Reply) -> None:
+    data = reply.payload()
+    for name, value in reply.headers.items():
+        output.SetHttpHeader(name, value)
+    if reply.status == 200:
+        return output.AnswerBuffer(data, reply.content_type)
+    output.SetHttpHeader("Content-Type", reply.content_type)
+    output.SendHttpStatus(reply.status, data, len(data))
 
 
 def _rest(output: Any, uri: str, **request: Any) -> None:
     reply = Reply(503, {"Message": "dicomsync failed to start; see Orthanc's log"})
     try:
         if APP is not None:
-            groups = request.get("groups") or ("",)
-            method, get = str(request.get("method", "GET")), request.get("get") or {}
-            reply = APP.handle(method, groups[0], get, request.get("body"))
+            groups, get = request.get("groups") or ("",), request.get("get") or {}
+            method, headers = str(request.get("method", "GET")), request.get("headers") or {}
+            reply = APP.handle(method, groups[0], get, request.get("body"), headers)
         if reply.status != 405:
-            return _send(output, reply.status, reply.body)
+            return _send(output, reply)
         output.SendMethodNotAllowed(reply.allow)  # the SDK refuses a body with 405
     except Exception:
         log.exception("REST %s failed", uri[:200])
         with contextlib.suppress(Exception):
-            _send(output, 500, {"Message": "internal error; see Orthanc's log"})
+            _send(output, Reply(500, {"Message": "internal error; see Orthanc's log"}))
 
 
 def register() -> None:

@@ -53,6 +53,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dicomsync import routing
+from dicomsync.console.throughput import Throughput
 from dicomsync.errors import ConfigError, DicomSyncError, QueueError, SinkFatal
 from dicomsync.orthanc_client import OrthancClient, Transport
 from dicomsync.places.orthanc import OrthancPlace
@@ -86,6 +87,7 @@ class Service:
         self.client = OrthancClient(transport)
         self.changes = ChangeLog(self.client)
         self.metrics = Metrics(metric)
+        self.throughput = Throughput()  # the console's instances/s record
         self.stable_age = routing.stable_age(orthanc_config)
         self.config: routing.SyncConfig | None = None
         self.config_error: str | None = None
@@ -167,8 +169,15 @@ class Service:
         if self.intake is not None and self.active:
             self.intake.hand_over(study_id)
 
-    def handle(self, method: str, path: str, get: Mapping[str, str], body: bytes | None) -> Reply:
-        return self.api.handle(method, path, get, body)
+    def handle(
+        self,
+        method: str,
+        path: str,
+        get: Mapping[str, str],
+        body: bytes | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Reply:
+        return self.api.handle(method, path, get, body, headers)
 
     def unrouted(self) -> dict[str, str]:
         return self.intake.unrouted() if self.intake is not None else {}
@@ -377,6 +386,8 @@ class Service:
     # --- the periodic threads ------------------------------------------------------------
     def publish_metrics(self) -> None:
         self.metrics.publish(self.config_error, self.config, self.queue, self.sinks)
+        if self.queue is not None:
+            self.throughput.sample(self.queue)
 
     def _metrics_loop(self, stop: threading.Event) -> None:
         assert self.config is not None and self.intake is not None and self.cursor is not None

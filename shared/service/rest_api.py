@@ -21,6 +21,11 @@ Endpoints (``path`` is what follows ``/dicomsync/``; answers are JSON objects):
   "LastError", "Cursor", "Details"}``.
 - ``POST sinks/{key}/restart``: builds and resumes the sink, answers its status; 503
   before the workers run.
+- ``GET ui[/page]``, ``GET ui/static/{file}``, ``GET ui/api/overview``: the console
+  (``dicomsync.console.pages``: HTML pages, their files, the overview's JSON);
+  ``POST ui/api/jobs/{id}/retry`` and ``POST ui/api/retry-failed`` are the two retry
+  endpoints above for the console's buttons: refused (403) without the header
+  ``X-DicomSync-Console: 1`` (``pages.guard``: no cross-site POST).
 
 Errors are ``{"Message": …}`` with one bounded line (``short_message``): 400 for a bad
 request (``HttpError``, ``ConfigError``, ``QueryError``, ``UnknownPlaceError``), 404
@@ -46,6 +51,8 @@ from urllib.parse import unquote
 
 import dicomsync
 from dicomsync import routing
+from dicomsync.console import overview
+from dicomsync.console.pages import Console, guard
 from dicomsync.errors import (
     ConfigError,
     DicomSyncError,
@@ -80,6 +87,7 @@ class RestApi:
     def __init__(self, service: Service) -> None:
         self.service = service
         self.studies = StudyJobs(service.client, service.fingerprint)
+        self.console = Console(service)
         self.routes: list[Route] = [
             (verb, re.compile(pattern), fn)
             for verb, pattern, fn in (
@@ -94,12 +102,24 @@ class RestApi:
                 ("GET", r"sinks", self.rest_sinks),
                 ("GET", r"sinks/([^/]+)", self.rest_sink),
                 ("POST", r"sinks/([^/]+)/restart", self.rest_sink_restart),
+                ("GET", r"ui(?:/([a-z-]+))?(/?)", self.console.page),
+                ("GET", r"ui/static/([^/]+)", self.console.static),
+                ("GET", r"ui/api/overview", lambda get: overview.data(service)),
+                ("POST", r"ui/api/jobs/(\d+)/retry", self.rest_retry),
+                ("POST", r"ui/api/retry-failed", self.rest_retry_failed),
             )
         ]
 
-    def handle(self, method: str, path: str, get: Mapping[str, str], body: bytes | None) -> Reply:
+    def handle(
+        self,
+        method: str,
+        path: str,
+        get: Mapping[str, str],
+        body: bytes | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Reply:
         """Dispatch ``/dicomsync/<path>``; never raises."""
-        reply = self._dispatch(method, path, get, body)
+        reply = guard(method, path, headers) or self._dispatch(method, path, get, body)
         if reply.status != 200 and isinstance(reply.body, dict) and "Message" in reply.body:
             reply.body["Message"] = short_message(str(reply.body["Message"]))
         return reply
@@ -109,7 +129,8 @@ class RestApi:
     ) -> Reply:
         allowed = []
         for verb, pattern, fn in self.routes:
-            m = pattern.fullmatch(path.strip("/"))
+            # a trailing "/" is ignored, except by a pattern that matches it (the console's)
+            m = pattern.fullmatch(path.lstrip("/")) or pattern.fullmatch(path.strip("/"))
             if m is None:
                 continue
             if verb != method:
@@ -117,8 +138,10 @@ class RestApi:
                 continue
             try:
                 if verb == "GET":
-                    return Reply(200, fn(*m.groups(), get=get))
-                return Reply(200, fn(*m.groups(), body=parse_body(body)))
+                    result = fn(*m.groups(), get=get)
+                else:
+                    result = fn(*m.groups(), body=parse_body(body))
+                return result if isinstance(result, Reply) else Reply(200, result)
             except HttpError as exc:
                 return Reply(exc.status, {"Message": exc.message})
             except (ConfigError, QueryError, UnknownPlaceError) as exc:

@@ -18,9 +18,10 @@ thread-safe; the checks raise ``HttpError`` and nothing else.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -46,13 +47,26 @@ class HttpError(Exception):
         self.message = message
 
 
+JSON = "application/json"
+
+
 @dataclass
 class Reply:
-    """An answer: ``status``, a JSON-able ``body``, and for 405 the ``Allow`` header."""
+    """An answer: ``status``, a JSON-able ``body``, and for 405 the ``Allow`` header. A
+    body of another ``content_type`` (the console's HTML, scripts, CSV) is ``str`` or
+    ``bytes``; ``headers`` are extra response headers (``Content-Type`` excluded)."""
 
     status: int
     body: Any
     allow: str = ""
+    content_type: str = JSON
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def payload(self) -> bytes:
+        """The bytes to send: JSON bodies serialised, text encoded as UTF-8."""
+        if self.content_type == JSON:
+            return json.dumps(self.body, indent=2, default=str).encode()
+        return self.body if isinstance(self.body, bytes) else str(self.body).encode()
 
 
 def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
