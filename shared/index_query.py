@@ -1,4 +1,5 @@
-"""The index query language, and its translations to SQL (sqlite_index) and SPL (Splunk).
+"""The index query language, and its translations to SQL (sqlite_index, postgresql_index) and SPL
+(Splunk).
 
 Used by ``dicomsync replicate --where`` to pick studies from what a sink has indexed.
 
@@ -30,7 +31,7 @@ Values:
   (any run of characters) for ``=`` and ``!=``; no other character is special;
 - ``<``/``>`` with text compare lexicographically.
 
-Semantics (the same in SQLite and in SPL, and in the HEC stand-in's search): all
+Semantics (the same in SQLite, in PostgreSQL and in SPL, and in the HEC stand-in's search): all
 conditions must hold **in the same event**; a field with several values (a list)
 matches when any value matches; ``!=`` matches events that have the field and no
 value equal to the given one; ``null`` values are not indexed and never match.
@@ -65,6 +66,7 @@ _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
 
 Op = Literal["=", "!=", "<", ">", "<=", ">="]
 Kind = Literal["number", "text", "glob"]
+Dialect = Literal["sqlite", "postgresql"]
 OPS: tuple[Op, ...] = ("!=", "<=", ">=", "=", "<", ">")
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -163,24 +165,32 @@ class IndexQuery:
         return all(c.matches(flat.get(c.field, [])) for c in self.conditions)
 
     # --- SQL ---------------------------------------------------------------------------------
-    def to_sql(self) -> tuple[str, list[Any]]:
+    def to_sql(self, dialect: Dialect = "sqlite") -> tuple[str, list[Any]]:
         """A WHERE expression over ``events e`` with a ``fields`` table, and its parameters.
 
-        Schema assumed: ``fields(event INTEGER, path TEXT, text TEXT, num REAL)`` where
-        ``event`` is ``events.rowid``.
+        Schema assumed: ``fields(event, path, text, num)`` where ``event`` is
+        ``events.rowid``. ``dialect``: ``"sqlite"`` (``?`` parameters, ``GLOB``) or
+        ``"postgresql"`` (psycopg's ``%s`` parameters, ``LIKE`` with ``\\`` escapes, text
+        compared ``COLLATE "C"``: by code point, as SQLite's BINARY does, whatever the
+        database's locale).
         """
+        mark = "?" if dialect == "sqlite" else "%s"
         parts: list[str] = []
         params: list[Any] = []
         for c in self.conditions:
-            pred, pred_params = _sql_predicate(c)
-            exists = "EXISTS (SELECT 1 FROM fields f WHERE f.event = e.rowid AND f.path = ?{})"
+            pred, pred_params = _sql_predicate(c, dialect)
+            exists = (
+                "EXISTS (SELECT 1 FROM fields f WHERE f.event = e.rowid AND f.path = "
+                + mark
+                + "{})"
+            )
             if c.op == "!=":
                 parts.append(f"({exists.format('')} AND NOT {exists.format(' AND ' + pred)})")
                 params += [c.field, c.field, *pred_params]
             else:
                 parts.append(exists.format(" AND " + pred))
                 params += [c.field, *pred_params]
-        return " AND ".join(parts) or "1", params
+        return " AND ".join(parts) or ("1" if dialect == "sqlite" else "TRUE"), params
 
     # --- SPL ---------------------------------------------------------------------------------
     def to_spl(self, index: str | None = None, sourcetype: str = "dicomsync:*") -> str:
@@ -197,13 +207,33 @@ class IndexQuery:
         return self.text
 
 
-def _sql_predicate(c: Condition) -> tuple[str, list[Any]]:
+def _sql_predicate(c: Condition, dialect: Dialect = "sqlite") -> tuple[str, list[Any]]:
     op = "=" if c.op == "!=" else c.op
+    if dialect == "postgresql":
+        if c.kind == "number":
+            return f"f.num {op} %s", [float(c.value)]
+        if c.kind == "glob":
+            return 'f.text LIKE %s COLLATE "C"', [_like_pattern(str(c.value))]
+        return f'f.text COLLATE "C" {op} %s', [str(c.value)]
     if c.kind == "number":
         return f"f.num {op} ?", [float(c.value)]
     if c.kind == "glob":
         return "f.text GLOB ?", [_sqlite_glob(str(c.value))]
     return f"f.text {op} ?", [str(c.value)]
+
+
+def _like_pattern(pattern: str) -> str:
+    """Our glob (only ``*`` special) as a PostgreSQL LIKE pattern (``%``, ``_`` and the
+    escape ``\\`` escaped; ``*`` becomes ``%``)."""
+    out = []
+    for ch in pattern:
+        if ch in "%_\\":
+            out.append("\\" + ch)
+        elif ch == "*":
+            out.append("%")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _sqlite_glob(pattern: str) -> str:

@@ -17,8 +17,10 @@ What counts as a URL with credentials (``has_credentials``):
   scheme (``alice:s3cret@splunk:8088``), with the same ``@`` rule.
 
 A user without a password (``https://alice@host``) is refused too: the user belongs in
-``User``. The error names the section and the option, never the value, so neither the
-password nor the ``user:pass`` part can reach a message.
+``User``. One exception: a PostgreSQL URL (``postgresql://``, ``postgres://``) may name
+its user, as libpq URLs do (``postgresql://dicomsync@db/orthanc``); a password never.
+The error names the section and the option, never the value, so neither the password
+nor the ``user:pass`` part can reach a message.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dicomsync.errors import ConfigError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[/\\]{2}")
 _AUTHORITY_END = re.compile(r"[/?#\\]")
+_PG_SCHEMES = ("postgresql:", "postgres:")
 
 
 def _authority(text: str) -> str:
@@ -47,7 +50,10 @@ def has_credentials(value: str, *, url_option: bool = False) -> bool:
     text = value.strip()
     scheme = _SCHEME.match(text)
     if scheme:
-        return "@" in _authority(text[scheme.end() :])
+        authority = _authority(text[scheme.end() :])
+        if text.lower().startswith(_PG_SCHEMES):
+            return ":" in authority.rpartition("@")[0]
+        return "@" in authority
     if url_option:
         return "@" in _authority(text.removeprefix("//"))
     return False

@@ -1,7 +1,9 @@
-"""The embedded index: stores events, repeats send nothing, answers the query language."""
+"""The embedded index and its PostgreSQL form: store events, repeats send nothing, answer the
+query language (every test of an ``index`` runs on both kinds)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,10 +14,13 @@ from dicomsync.config import Config
 from dicomsync.errors import ConfigError
 from dicomsync.index_query import IndexQuery
 from dicomsync.sinks.base import build_sink
+from dicomsync.sinks.postgresql_index import PostgresIndex
 from dicomsync.sinks.sqlite_index import SqliteIndex
 from dicomsync.tags import Event, events_from_path
 
 from dicomdata import data
+
+Index = SqliteIndex | PostgresIndex
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +33,26 @@ def all_events() -> list[Event]:
     return events
 
 
-@pytest.fixture
-def index(tmp_path: Path) -> SqliteIndex:
-    sink = build_sink("local", {"Kind": "sqlite_index", "Path": "idx.sqlite"}, tmp_path)
-    assert isinstance(sink, SqliteIndex)
-    assert sink.path == tmp_path / "idx.sqlite"
-    return sink
+@pytest.fixture(params=["sqlite_index", "postgresql_index"])
+def index(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Index]:
+    """The embedded index, and the same contract on PostgreSQL (tests/pg_cluster.py)."""
+    if request.param == "sqlite_index":
+        sink = build_sink("local", {"Kind": "sqlite_index", "Path": "idx.sqlite"}, tmp_path)
+        assert isinstance(sink, SqliteIndex)
+        assert sink.path == tmp_path / "idx.sqlite"
+    else:
+        pg = request.getfixturevalue("pg_cluster")
+        monkeypatch.setenv("TEST_PG_PASSWORD", pg.password)
+        section = {"Kind": "postgresql_index", "Url": pg.create_database()}
+        sink = build_sink("local", {**section, "PasswordEnv": "TEST_PG_PASSWORD"}, tmp_path)
+        assert isinstance(sink, PostgresIndex)
+    yield sink
+    sink.close()
 
 
-def test_stores_everything_once(index: SqliteIndex, all_events: list[Event]) -> None:
+def test_stores_everything_once(index: Index, all_events: list[Event]) -> None:
     ids = {e.id for e in all_events}
     assert index.has(ids) == set()
     assert index.send(all_events).delivered == ids
@@ -50,7 +66,7 @@ def test_stores_everything_once(index: SqliteIndex, all_events: list[Event]) -> 
     assert stored is not None and stored["event"] == all_events[1].fields
 
 
-def test_changed_event_is_replaced(index: SqliteIndex) -> None:
+def test_changed_event_is_replaced(index: Index) -> None:
     ev = Event(
         "x:instance", "dicomsync:instance", 1.0, "study+tz", {"StudyInstanceUID": "1.2", "A": "1"}
     )
@@ -63,7 +79,7 @@ def test_changed_event_is_replaced(index: SqliteIndex) -> None:
     assert list(index.query(IndexQuery.parse("A=1"))) == []
 
 
-def test_queries_match_in_memory_semantics(index: SqliteIndex, all_events: list[Event]) -> None:
+def test_queries_match_in_memory_semantics(index: Index, all_events: list[Event]) -> None:
     index.send(all_events)
     queries = [
         "Modality=SR",
@@ -95,7 +111,7 @@ def test_queries_match_in_memory_semantics(index: SqliteIndex, all_events: list[
     }
 
 
-def test_synthetic_event_query(index: SqliteIndex) -> None:
+def test_synthetic_event_query(index: Index) -> None:
     index.send(
         [
             Event(

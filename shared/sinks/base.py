@@ -2,8 +2,9 @@
 
 A sink receives ``dicomsync.tags.Event`` objects (instance tags, dose summaries,
 per-irradiation-event records) and can answer index queries for conditional
-replication. Kinds: ``splunk_hec`` (Splunk HTTP Event Collector + search API) and
-``sqlite_index`` (the embedded index).
+replication. Kinds: ``splunk_hec`` (Splunk HTTP Event Collector + search API),
+``sqlite_index`` (the embedded index) and ``postgresql_index`` (the same index in a
+PostgreSQL database several nodes share).
 
 Contract
 --------
@@ -191,6 +192,7 @@ class Sink(ABC):
 SINKS: Registry[Sink] = Registry("sink")
 SINKS.register("splunk_hec", "dicomsync.sinks.splunk_hec:SplunkHec")
 SINKS.register("sqlite_index", "dicomsync.sinks.sqlite_index:SqliteIndex")
+SINKS.register("postgresql_index", "dicomsync.sinks.postgresql_index:PostgresIndex")
 
 
 def build_sink(key: str, section: Mapping[str, Any], base_dir: Path) -> Sink:

@@ -1,0 +1,150 @@
+"""PostgreSQL connections for the parts of dicomsync that several nodes share.
+
+Used by the ``postgresql_index`` sink and by the sinks' delivered ledger when the queue
+is on PostgreSQL (``dicomsync.sinks.base.open_ledger``). ``psycopg`` is imported only
+when a connection is made, so nothing else pays for it.
+
+A ``PgTarget`` is what a section such as ::
+
+    {"Url": "postgresql://dicomsync@db:5432/orthanc", "PasswordEnv": "DICOMSYNC_DB_PASSWORD"}
+
+says (each section declares these options itself, with ``dicomsync.options``):
+
+- ``Url`` is a libpq URL. It may name the user (not a secret), never a password: a
+  ``user:password@`` part is refused by ``dicomsync.urls`` for every section, and a
+  ``password=`` query parameter by ``check_url`` here.
+- ``PasswordEnv`` names the environment variable holding the password; it is read at
+  each connection and handed to libpq as its own parameter, so it never lands in a URL,
+  a log line or an error (``describe`` shows the URL, which has none).
+- the schema: dicomsync's tables live in their own schema of the shared database (the
+  Orthanc index keeps ``public``); it is created on first use; every connection has it
+  first on its ``search_path``.
+
+Errors (``is_transient``): a lost or refused connection, a server shutting down, too many
+connections, a serialization failure or a deadlock may pass: retryable. An authentication
+failure, a TLS/certificate failure, a missing database or a bad statement will not pass
+by waiting (the same rule as ``dicomsync.http_errors``: TLS is never transient).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from dicomsync.errors import ConfigError
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg_pool import ConnectionPool
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCHEMES = ("postgresql", "postgres")
+# SQLSTATE classes/codes that may pass by waiting
+_TRANSIENT_STATES = ("08", "53", "57P01", "57P02", "57P03", "40001", "40P01", "55P03")
+_FATAL_WORDS = ("password", "authentication", "ssl", "certificate", "does not exist")
+
+
+def check_url(url: str, where: str) -> str:
+    """``url`` when it is a PostgreSQL URL without a password; ConfigError otherwise."""
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() not in _SCHEMES:
+        raise ConfigError(f"{where}: Url must start with postgresql:// (a libpq URL)")
+    if parts.password is not None or "password" in {
+        k.lower() for k in parse_qs(parts.query, keep_blank_values=True)
+    }:
+        raise ConfigError(
+            f"{where}: Url must carry no password; put it in an environment variable "
+            "named by PasswordEnv"
+        )
+    return url.strip()
+
+
+def check_schema(schema: str, where: str) -> str:
+    if not _IDENT.match(schema):
+        raise ConfigError(
+            f"{where}: Schema must be a lower-case SQL name (letters, digits, _), not {schema!r}"
+        )
+    return schema
+
+
+@dataclass(frozen=True)
+class PgTarget:
+    """Where to connect: a URL without a password, the variable holding it, the schema."""
+
+    url: str
+    password_env: str | None = None
+    schema: str = "dicomsync"
+    what: str = "PostgreSQL"
+
+    @classmethod
+    def checked(
+        cls, url: str, password_env: str | None, schema: str, what: str = "PostgreSQL"
+    ) -> PgTarget:
+        """A target whose URL and schema passed ``check_url`` and ``check_schema``."""
+        return cls(check_url(url, what), password_env, check_schema(schema, what), what)
+
+    def ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
+        """``CREATE SCHEMA IF NOT EXISTS`` (two nodes creating it at once: the loser's
+        unique violation is ignored)."""
+        import psycopg
+
+        try:
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
+        except psycopg.errors.UniqueViolation:
+            if not conn.autocommit:
+                conn.rollback()
+
+    def describe(self) -> str:
+        return f"{self.url} (schema {self.schema})"
+
+    def _kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "connect_timeout": 10,
+            "application_name": "dicomsync",
+            "options": f"-c search_path={self.schema},public",
+        }
+        if self.password_env:
+            password = os.environ.get(self.password_env)
+            if password:
+                kwargs["password"] = password
+        return kwargs
+
+    def connect(self, autocommit: bool = True) -> psycopg.Connection[Any]:
+        """One connection; psycopg's errors pass through (map them with ``is_transient``)."""
+        import psycopg
+
+        return psycopg.connect(self.url, autocommit=autocommit, **self._kwargs())
+
+    def pool(self, min_size: int = 1, max_size: int = 4) -> ConnectionPool:
+        """A connection pool in autocommit mode, opened lazily (``open=False``: the first
+        ``connection()`` waits for it)."""
+        from psycopg_pool import ConnectionPool
+
+        kwargs = {**self._kwargs(), "autocommit": True}
+        return ConnectionPool(
+            self.url, min_size=min_size, max_size=max_size, kwargs=kwargs, open=False, timeout=30
+        )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """May this psycopg error pass by waiting? (see the module docstring)"""
+    state = getattr(exc, "sqlstate", None)
+    if isinstance(state, str) and state:
+        return state.startswith(_TRANSIENT_STATES)
+    text = str(exc).lower()
+    if any(word in text for word in _FATAL_WORDS):
+        return False
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    # no SQLSTATE: libpq could not connect or lost the connection
+    return isinstance(exc, psycopg.OperationalError | PoolTimeout)
+
+
+def short(exc: BaseException) -> str:
+    """The first line of a psycopg error (libpq adds hints and context lines)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
