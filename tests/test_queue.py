@@ -520,7 +520,7 @@ def test_a_version_1_queue_is_migrated(tmp_path: Path) -> None:
     finally:
         queue.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     SQLiteQueue(path).close()  # opening a current file again changes nothing
 
 

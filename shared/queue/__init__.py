@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicomsync.queue.base import Queue, RetryPolicy
+from dicomsync.queue.base import STUDY_JOBS_KEPT, Queue, RetryPolicy
 from dicomsync.queue.records import (
     SINK_OUTCOMES,
     STATES,
@@ -31,6 +31,7 @@ def open_queue(state_dir: Path, policy: RetryPolicy | None = None) -> Queue:
 __all__ = [
     "SINK_OUTCOMES",
     "STATES",
+    "STUDY_JOBS_KEPT",
     "Delivered",
     "DestinationStats",
     "Enqueued",

@@ -62,10 +62,14 @@ agree. What else each transition writes, and who calls it:
 ``recover(owner)``: after a restart, this node's ``sending`` records (every one when
     ``owner`` is empty) and any expired lease go back to ``queued``.
 
-Not transitions: ``prune(kind, before)`` deletes old ``done`` records of a kind that
-needs no memory of them (``tags``: the sink's ledger knows what it holds), folding them
-into per-destination totals so ``stats()`` stays cumulative while the table stays
-small. ``enqueue_many(jobs, meta={...})`` sets the ``meta`` keys in the same
+Not transitions: ``prune(kind, before)`` deletes ``done`` records last changed before
+``before``, folding them into per-destination totals so ``stats()`` stays cumulative while
+the table stays small. A ``tags`` record leaves nothing (the sink's ledger knows what it
+holds); a ``study`` record leaves what duplicate avoidance needs (its id, fingerprint,
+outcome, delivered count): ``enqueue`` and ``fingerprints`` still see it, and enqueuing it
+with another fingerprint brings the same record back and requeues it. ``get``, ``jobs`` and
+``requeue(ids)`` no longer see a pruned record. The service prunes done study jobs after
+``STUDY_JOBS_KEPT``. ``enqueue_many(jobs, meta={...})`` sets the ``meta`` keys in the same
 transaction as the jobs: a producer that reads a change log stores its cursor together
 with the jobs the changes produced.
 
@@ -81,17 +85,12 @@ after its commit. Methods raise ``QueueError`` when the storage fails.
 from __future__ import annotations
 
 import logging
-import random
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
-from dicomsync import options
-from dicomsync.config import is_finite_number
-from dicomsync.errors import ConfigError
 from dicomsync.queue.records import (
     KINDS,
     SINK_OUTCOMES,
@@ -104,6 +103,7 @@ from dicomsync.queue.records import (
     Success,
     check_state,
 )
+from dicomsync.queue.retry import RetryOptions, RetryPolicy
 from dicomsync.queue.rules import (
     DONE,
     EXTEND,
@@ -123,73 +123,21 @@ from dicomsync.queue.rules import (
 )
 
 __all__ = ["KINDS", "SINK_OUTCOMES", "STATES", "DestinationStats", "Enqueued", "Job", "NewJob"]
-__all__ += ["RULES", "Queue", "RetryPolicy", "Rule", "State", "Transaction", "Where", "check_state"]
+__all__ += [
+    "RULES",
+    "Queue",
+    "RetryOptions",
+    "RetryPolicy",
+    "Rule",
+    "State",
+    "Transaction",
+    "Where",
+    "check_state",
+]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class RetryOptions:
-    """The options of a ``Retry`` section (``RetryPolicy.from_config``); the ranges
-    (``BaseDelay > 0``, ``MaxDelay >= BaseDelay``) are the policy's own check."""
-
-    base_delay: float = options.option(
-        "BaseDelay",
-        "seconds",
-        "backoff: attempt *k* waits between d/2 and d, d = min(`MaxDelay`, `BaseDelay`·2^(k-1))",
-        default=5.0,
-    )
-    max_delay: float = options.option(
-        "MaxDelay", "seconds", "the longest wait (at least `BaseDelay`)", default=600.0
-    )
-    max_attempts: int = options.option(
-        "MaxAttempts", "int", "attempts before a job fails", default=10, low=1
-    )
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with "equal jitter": attempt k waits between d/2 and d,
-    where d = min(max_delay, base_delay * 2**(k-1)). Delays therefore never shrink
-    from one attempt to the next. After ``max_attempts`` attempts a job fails."""
-
-    base_delay: float = 5.0
-    max_delay: float = 600.0
-    max_attempts: int = 10
-
-    def __post_init__(self) -> None:
-        # The plugin's Retry comes from Orthanc's JSON, which may pass an overflowed 1e999
-        # through as infinity: refuse non-finite numbers (and booleans) here, whatever the
-        # caller. NaN would pass every comparison below.
-        for name, value in (("BaseDelay", self.base_delay), ("MaxDelay", self.max_delay)):
-            if not is_finite_number(value):
-                raise ConfigError(f"Retry: {name} must be a finite number of seconds")
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
-            raise ConfigError("Retry: MaxAttempts must be an integer")
-        if self.base_delay <= 0 or self.max_delay < self.base_delay or self.max_attempts < 1:
-            raise ConfigError(
-                "Retry: need BaseDelay > 0, MaxDelay >= BaseDelay and MaxAttempts >= 1 "
-                f"(got {self.base_delay}, {self.max_delay}, {self.max_attempts})"
-            )
-
-    @classmethod
-    def from_config(cls, section: Any) -> RetryPolicy:
-        """The ``Retry`` section (None: the defaults), checked with ``RetryOptions``."""
-        if section is None:
-            return cls()
-        if not isinstance(section, dict):
-            raise ConfigError("Retry must be an object {BaseDelay, MaxDelay, MaxAttempts}")
-        extra = options.unknown(section, options.names(RetryOptions))
-        if extra:
-            raise ConfigError(f"Retry: unknown option(s) {', '.join(extra)}")
-        opts = options.parse(RetryOptions, section, "Retry")
-        return cls(opts.base_delay, opts.max_delay, opts.max_attempts)
-
-    def delay(self, attempts: int, rng: Callable[[], float] = random.random) -> float:
-        """Seconds to wait after the ``attempts``-th failed attempt (1-based)."""
-        exponent = min(max(attempts, 1) - 1, 60)
-        ceiling = min(self.max_delay, self.base_delay * (2.0**exponent))
-        return ceiling / 2 + rng() * ceiling / 2
+STUDY_JOBS_KEPT = 86400.0  # seconds a done study job stays listed before it is pruned
 
 
 Listener = Callable[[str], None]
@@ -399,7 +347,8 @@ class Queue(ABC):
     def prune(self, kind: str, before: float) -> int:
         """Forget ``done`` jobs of ``kind`` last changed before ``before`` (epoch seconds),
         keeping their counts in ``stats()``. For kinds whose done records carry nothing the
-        destination does not keep itself (``tags``: the sink's ledger). Returns how many."""
+        destination does not keep itself (``tags``: the sink's ledger), or whose memory the
+        backend keeps apart (``study``: see the module docstring). Returns how many."""
         return 0
 
     # --- readers --------------------------------------------------------------------

@@ -1,35 +1,41 @@
-"""The SQLite queue's tables, their migrations, and the rules compiled to SQL.
+"""The SQLite queue's tables, indexes, counters and migrations.
 
 ``prepare(db, path)`` creates the tables of a new ``queue.sqlite``, migrates an older one
-to ``SCHEMA_VERSION`` in the same ``BEGIN IMMEDIATE`` transaction (all or nothing), and
-refuses one written by a newer dicomsync with one ``QueueError`` line. Versions:
+to ``SCHEMA_VERSION`` (``PRAGMA user_version``) in the same ``BEGIN IMMEDIATE``
+transaction (all or nothing), and refuses one written by a newer dicomsync with one
+``QueueError`` line. Versions:
 
 1. the first ``jobs`` and ``meta`` tables;
 2. ``jobs.outcome``: what a done job's last success recorded. A tags job used to fake a
    study fingerprint (``"events"``, or ``"gone"`` for a deleted instance); these move to
    ``outcome`` (``delivered`` / ``gone``) and the fingerprint is emptied. Done study jobs
-   get ``delivered``. Study fingerprints (the duplicate avoidance) are untouched.
+   get ``delivered``. Study fingerprints (the duplicate avoidance) are untouched;
+3. the queue at scale: indexes for the claim's ranges (``dicomsync.queue.compile``),
+   ``counts`` kept by triggers, ``done_studies`` for pruned study jobs. The migration
+   counts the records once, and moves the pruned totals from ``meta`` into ``counts``.
 
-``update_one(rule)`` and ``update_where(rule, where)`` turn a ``dicomsync.queue.rules.Rule``
-into one ``UPDATE … RETURNING`` statement with named parameters (``:_now``, ``:_id``,
-``:_token`` and the rule's arguments); the statements are built once per rule and shape,
-then cached (a benign race at worst builds one twice). Thread-safe; nothing but ``prepare``
-raises.
+``counts`` holds, per destination, kind and state, the number of records and the sum of
+their ``delivered_count``; the triggers on ``jobs`` keep it in the same transaction as
+every insert, state change and delete, whatever rule made it (the rules stay written
+once, in ``dicomsync.queue.rules``). The state ``pruned`` counts the done records that
+``prune`` removed. ``stats()`` reads ``counts`` and a few index lookups: O(destinations).
+
+``done_studies`` keeps what duplicate avoidance needs of a pruned done study job (its id,
+fingerprint, outcome, delivered count): ``enqueue`` finds it there, and a study that
+changed is restored as the same record (``RESTORE``), as if it had never left.
 """
 
 from __future__ import annotations
 
-import functools
 import sqlite3
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 from dicomsync.errors import QueueError
-from dicomsync.queue.records import Job
-from dicomsync.queue.rules import Effect, Rule, Where
+from dicomsync.queue.compile import COLUMNS, FIELDS
 
-SCHEMA_VERSION = 2
+__all__ = ["COLUMNS", "FIELDS", "SCHEMA_VERSION", "prepare"]
+
+SCHEMA_VERSION = 3
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -54,10 +60,54 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at       REAL    NOT NULL,
     UNIQUE (kind, resource, destination)
 );
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, state, next_attempt_at);
+DROP INDEX IF EXISTS jobs_due;
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (destination, kind, state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (destination, kind, lease_expires_at)
+    WHERE state = 'sending';
+CREATE INDEX IF NOT EXISTS jobs_age ON jobs (destination, kind, state, queued_at);
+CREATE INDEX IF NOT EXISTS jobs_errors ON jobs (destination, kind, updated_at)
+    WHERE last_error != '';
 CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counts (
+    destination TEXT    NOT NULL,
+    kind        TEXT    NOT NULL,
+    state       TEXT    NOT NULL,
+    n           INTEGER NOT NULL DEFAULT 0,
+    delivered   INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (destination, kind, state)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS done_studies (
+    destination     TEXT    NOT NULL,
+    resource        TEXT    NOT NULL,
+    id              INTEGER NOT NULL,
+    study_uid       TEXT    NOT NULL,
+    fingerprint     TEXT    NOT NULL,
+    outcome         TEXT    NOT NULL,
+    delivered_count INTEGER NOT NULL,
+    created_at      REAL    NOT NULL,
+    updated_at      REAL    NOT NULL,
+    PRIMARY KEY (destination, resource)
+) WITHOUT ROWID
 """
+
+_ADD = (
+    "INSERT INTO counts (destination, kind, state, n, delivered)"
+    " VALUES (NEW.destination, NEW.kind, NEW.state, 1, NEW.delivered_count)"
+    " ON CONFLICT (destination, kind, state)"
+    " DO UPDATE SET n = n + 1, delivered = delivered + excluded.delivered;"
+)
+_REMOVE = (
+    "UPDATE counts SET n = n - 1, delivered = delivered - OLD.delivered_count"
+    " WHERE destination = OLD.destination AND kind = OLD.kind AND state = OLD.state;"
+)
+TRIGGERS = (
+    f"CREATE TRIGGER IF NOT EXISTS jobs_counted AFTER INSERT ON jobs BEGIN {_ADD} END",
+    "CREATE TRIGGER IF NOT EXISTS jobs_recounted AFTER UPDATE OF state, delivered_count"
+    " ON jobs WHEN OLD.state != NEW.state OR OLD.delivered_count != NEW.delivered_count"
+    f" BEGIN {_REMOVE} {_ADD} END",
+    f"CREATE TRIGGER IF NOT EXISTS jobs_uncounted AFTER DELETE ON jobs BEGIN {_REMOVE} END",
+)
 
 # Version 1 -> 2: the outcome column; tags jobs' fake fingerprints become outcomes.
 TO_2 = """
@@ -67,11 +117,29 @@ UPDATE jobs SET outcome = CASE fingerprint WHEN 'gone' THEN 'gone' ELSE 'deliver
 UPDATE jobs SET outcome = 'delivered' WHERE kind = 'study' AND state = 'done'
 """
 
-FIELDS = tuple(f.name for f in fields(Job))  # the jobs table has a column per field
-COLUMNS = ", ".join(FIELDS)
-DUE = (
-    "((state = 'queued' AND next_attempt_at <= :_now)"
-    " OR (state = 'sending' AND lease_expires_at < :_now))"
+# Version 2 -> 3 (after TABLES): count the records once; pruned totals from meta.
+PRUNED_META = "pruned:"  # schema 2: "pruned:<kind>:<destination>" -> "<done> <delivered>"
+TO_3 = """
+UPDATE jobs SET next_attempt_at = updated_at WHERE state = 'done';
+DELETE FROM counts;
+INSERT INTO counts (destination, kind, state, n, delivered)
+    SELECT destination, kind, state, COUNT(*), SUM(delivered_count) FROM jobs
+    GROUP BY destination, kind, state;
+INSERT INTO counts (destination, kind, state, n, delivered)
+    SELECT substr(rest, instr(rest, ':') + 1), substr(rest, 1, instr(rest, ':') - 1), 'pruned',
+        CAST(substr(value, 1, instr(value, ' ') - 1) AS INTEGER),
+        CAST(substr(value, instr(value, ' ') + 1) AS INTEGER)
+    FROM (SELECT substr(key, 8) AS rest, value FROM meta WHERE key LIKE 'pruned:%');
+DELETE FROM meta WHERE key LIKE 'pruned:%'
+"""
+
+# A pruned study job back in ``jobs`` (``:destination``, ``:resource``), as it was.
+RESTORE = (
+    "INSERT INTO jobs (id, kind, resource, destination, study_uid, state, next_attempt_at,"
+    " fingerprint, outcome, delivered_count, queued_at, created_at, updated_at)"
+    " SELECT id, 'study', resource, destination, study_uid, 'done', updated_at, fingerprint,"
+    " outcome, delivered_count, updated_at, created_at, updated_at FROM done_studies"
+    " WHERE destination = :destination AND resource = :resource"
 )
 
 
@@ -87,6 +155,10 @@ def prepare(db: sqlite3.Connection, path: Path) -> None:
         if columns and "outcome" not in columns:
             _script(db, TO_2)
         _script(db, TABLES)
+        if version < 3:
+            _script(db, TO_3)
+        for trigger in TRIGGERS:
+            db.execute(trigger)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
     except sqlite3.Error as exc:
@@ -99,119 +171,3 @@ def _script(db: sqlite3.Connection, script: str) -> None:
     for statement in script.split(";"):
         if statement.strip():
             db.execute(statement)
-
-
-def _literal(value: Any) -> str:
-    if value is None:
-        return "NULL"
-    if isinstance(value, int):
-        return str(int(value))
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def _expression(column: str, effect: Effect) -> str:
-    op, value = effect.op, effect.value
-    if op == "const":
-        return _literal(value)
-    if op == "now":
-        return ":_now"
-    if op == "arg":
-        return f":{value}"
-    if op == "arg_or_keep":
-        return f"CASE WHEN :{value} = '' THEN {column} ELSE :{value} END"
-    if op == "add":
-        return f"{column} + :{value}"
-    if op == "after":
-        return f":_now + :{value}"
-    if op == "inc":
-        return f"{column} + 1"
-    if op == "dec":
-        return f"MAX(0, {column} - 1)"
-    raise ValueError(f"unknown effect {op!r}")
-
-
-def assignments(rule: Rule) -> str:
-    """The ``SET`` list of a rule; ``on_rerun`` effects as ``CASE WHEN rerun = 1`` (the old
-    row's flag: SQL evaluates every right-hand side before it assigns)."""
-    plain, rerun = dict(rule.sets), dict(rule.on_rerun)
-    parts = []
-    for column in dict.fromkeys([*plain, *rerun]):
-        normal = _expression(column, plain[column]) if column in plain else column
-        if column in rerun:
-            normal = (
-                f"CASE WHEN rerun = 1 THEN {_expression(column, rerun[column])} ELSE {normal} END"
-            )
-        parts.append(f"{column} = {normal}")
-    if rule.touch:
-        parts.append("updated_at = :_now")
-    return ", ".join(parts)
-
-
-def _states(states: tuple[str, ...]) -> str:
-    return f"state IN ({', '.join(_literal(s) for s in states)})"
-
-
-_ONE: dict[int, tuple[Rule, str]] = {}  # id(rule) -> (rule, statement): no hashing per call
-
-
-def update_one(rule: Rule) -> str:
-    """``rule`` on the record ``:_id`` (held: only with lease token ``:_token``)."""
-    cached = _ONE.get(id(rule))
-    if cached is not None and cached[0] is rule:
-        return cached[1]
-    held = " AND lease_token = :_token" if rule.held else ""
-    sql = (
-        f"UPDATE jobs SET {assignments(rule)} WHERE id = :_id AND {_states(rule.sources)}{held}"
-        " RETURNING state, destination"
-    )
-    _ONE[id(rule)] = (rule, sql)
-    return sql
-
-
-def update_where(rule: Rule, where: Where) -> str:
-    """``rule`` on the records ``where`` selects (its values bound as ``:_destination``,
-    ``:_kind``, ``:_owner``, ``:_limit``), returning every column."""
-    return _update_where(
-        rule,
-        where.states or rule.sources,
-        where.due,
-        where.destination is not None,
-        where.kind is not None,
-        where.owner is not None,
-        where.limit is not None,
-    )
-
-
-@functools.cache
-def _update_where(
-    rule: Rule,
-    states: tuple[str, ...],
-    due: bool,
-    destination: bool,
-    kind: bool,
-    owner: bool,
-    limit: bool,
-) -> str:
-    if not set(states) <= set(rule.sources):
-        raise ValueError(f"{rule.name}: {states} are not among its sources {rule.sources}")
-    conditions = ["destination = :_destination"] if destination else []
-    conditions += ["kind = :_kind"] if kind else []
-    conditions.append(DUE if due else _states(states))
-    if owner:
-        conditions.append("(:_owner = '' OR lease_owner = :_owner OR lease_expires_at < :_now)")
-    condition = " AND ".join(conditions)
-    if limit:
-        condition = (
-            f"id IN (SELECT id FROM jobs WHERE {condition}"
-            " ORDER BY next_attempt_at, id LIMIT :_limit)"
-        )
-    return f"UPDATE jobs SET {assignments(rule)} WHERE {condition} RETURNING {COLUMNS}"
-
-
-def where_values(where: Where) -> dict[str, Any]:
-    return {
-        "_destination": where.destination,
-        "_kind": where.kind,
-        "_owner": where.owner,
-        "_limit": where.limit,
-    }

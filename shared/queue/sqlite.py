@@ -10,10 +10,13 @@ its own).
 - ``synchronous=NORMAL`` in WAL mode: a committed job survives a killed process
   (``kill -9``); after a power loss the last few commits may roll back.
 - Each transition is one ``UPDATE … RETURNING`` compiled from its rule
-  (``dicomsync.queue.schema``); claims are ``UPDATE … WHERE id IN (SELECT … due …
-  LIMIT n) RETURNING *``, the statement shape PostgreSQL runs with ``FOR UPDATE SKIP
-  LOCKED``.
-- Tables, migrations and the refusal of a newer file: ``dicomsync.queue.schema``.
+  (``dicomsync.queue.compile``, shared with PostgreSQL); a claim selects its rows from
+  index ranges, never a scan, so lease, enqueue, done, retry and ``next_due`` cost the
+  same at a million pending jobs as at a thousand.
+- ``stats()`` reads the ``counts`` table the triggers keep, plus an index lookup per
+  destination and kind: O(destinations).
+- Tables, counters, pruned studies, migrations and the refusal of a newer file:
+  ``dicomsync.queue.schema``.
 
 Every method raises ``QueueError`` (with the file's path) when SQLite fails.
 """
@@ -31,24 +34,16 @@ from typing import Any
 
 from dicomsync.errors import QueueError
 from dicomsync.queue.base import DestinationStats, Job, NewJob, Queue, RetryPolicy, check_state
-from dicomsync.queue.records import State
+from dicomsync.queue.compile import COLUMNS, FIELDS, SQLITE, update_one, update_where, where_values
+from dicomsync.queue.records import KINDS, State
 from dicomsync.queue.rules import Rule, Transaction, Where
-from dicomsync.queue.schema import (
-    COLUMNS,
-    FIELDS,
-    SCHEMA_VERSION,
-    prepare,
-    update_one,
-    update_where,
-    where_values,
-)
+from dicomsync.queue.schema import RESTORE, SCHEMA_VERSION, prepare
 
 __all__ = ["CACHE_KIB", "FILENAME", "POOL_SIZE", "SCHEMA_VERSION", "SQLiteQueue"]
 
 log = logging.getLogger(__name__)
 
 FILENAME = "queue.sqlite"
-PRUNED = "pruned:"  # meta key prefix: "pruned:<kind>:<destination>" -> "<done> <delivered>"
 POOL_SIZE = 4  # connections; SQLite runs one writer at a time anyway
 CACHE_KIB = 128
 """Page cache of each pooled connection, in KiB (SQLite's default is 2,000). In WAL mode a
@@ -74,7 +69,27 @@ class _Transaction(Transaction):
         self.now = now
 
     def find(self, kind: str, resource: str, destination: str) -> tuple[int, State, str] | None:
-        return _find(self.db, kind, resource, destination)
+        found = _find(self.db, kind, resource, destination)
+        if found is None and kind == "study" and _pruned(self.db, resource, destination):
+            self._restore(resource, destination)
+            found = _find(self.db, kind, resource, destination)
+        return found
+
+    def _restore(self, resource: str, destination: str) -> None:
+        """A pruned done study back into ``jobs`` as it was, so every rule applies to it;
+        its insert is counted (the trigger), so it leaves the pruned totals."""
+        params = {"destination": destination, "resource": resource}
+        self.db.execute(RESTORE, params)
+        self.db.execute(
+            "UPDATE counts SET n = n - 1, delivered = delivered - (SELECT delivered_count"
+            " FROM done_studies WHERE destination = :destination AND resource = :resource)"
+            " WHERE destination = :destination AND kind = 'study' AND state = 'pruned'",
+            params,
+        )
+        self.db.execute(
+            "DELETE FROM done_studies WHERE destination = :destination AND resource = :resource",
+            params,
+        )
 
     def state_of(self, job_id: int) -> tuple[State, str] | None:
         row = self.db.execute("SELECT state, destination FROM jobs WHERE id=?", (job_id,))
@@ -93,12 +108,14 @@ class _Transaction(Transaction):
         self, rule: Rule, job_id: int, args: Mapping[str, Any], token: str = ""
     ) -> tuple[State, str] | None:
         params = {**args, "_now": self.now, "_id": job_id, "_token": token}
-        row = self.db.execute(update_one(rule), params).fetchone()
+        row = self.db.execute(update_one(rule, SQLITE), params).fetchone()
         return (row["state"], row["destination"]) if row is not None else None
 
     def apply_where(self, rule: Rule, where: Where, args: Mapping[str, Any]) -> list[Job]:
         params = {**args, **where_values(where), "_now": self.now}
-        return [_job(r) for r in self.db.execute(update_where(rule, where), params).fetchall()]
+        return [
+            _job(r) for r in self.db.execute(update_where(rule, where, SQLITE), params).fetchall()
+        ]
 
     def set_meta(self, key: str, value: str) -> None:
         _set_meta(self.db, key, value)
@@ -112,6 +129,14 @@ def _find(
         (kind, resource, destination),
     ).fetchone()
     return (row["id"], row["state"], row["fingerprint"]) if row is not None else None
+
+
+def _pruned(db: sqlite3.Connection, resource: str, destination: str) -> sqlite3.Row | None:
+    """The ``done_studies`` row of a pruned done study job."""
+    return db.execute(
+        "SELECT id, fingerprint FROM done_studies WHERE destination=? AND resource=?",
+        (destination, resource),
+    ).fetchone()
 
 
 class SQLiteQueue(Queue):
@@ -211,7 +236,12 @@ class SQLiteQueue(Queue):
     def _peek(self, new: NewJob) -> tuple[int, State, str] | None:
         try:
             with self._connection() as db:
-                return _find(db, new.kind, new.resource, new.destination)
+                found = _find(db, new.kind, new.resource, new.destination)
+                if found is None and new.kind == "study":
+                    row = _pruned(db, new.resource, new.destination)
+                    if row is not None:
+                        return (row["id"], "done", row["fingerprint"])
+                return found
         except sqlite3.Error as exc:
             raise QueueError(f"queue {self.path}: {exc}") from None
 
@@ -234,21 +264,41 @@ class SQLiteQueue(Queue):
 
     # --- storage-wide ------------------------------------------------------------------
     def prune(self, kind: str, before: float) -> int:
-        with self._write() as db:
-            rows = db.execute(
-                "SELECT destination, COUNT(*) AS n, SUM(delivered_count) AS delivered FROM jobs"
-                " WHERE kind=? AND state='done' AND updated_at < ? GROUP BY destination",
-                (kind, before),
-            ).fetchall()
-            for r in rows:
-                key = f"{PRUNED}{kind}:{r['destination']}"
-                old = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-                done, delivered = (int(x) for x in (old["value"] if old else "0 0").split())
-                _set_meta(db, key, f"{done + r['n']} {delivered + (r['delivered'] or 0)}")
-            cur = db.execute(
-                "DELETE FROM jobs WHERE kind=? AND state='done' AND updated_at < ?", (kind, before)
-            )
-        return int(cur.rowcount)
+        """``study`` jobs leave their fingerprint in ``done_studies`` (``schema``)."""
+        pruned = 0
+        for destination in self._destinations(kind, "done"):
+            # a done record's next_attempt_at is its done time (``rules.DONE``): an index range
+            where = "destination=? AND kind=? AND state='done' AND next_attempt_at < ?"
+            params = (destination, kind, before)
+            with self._write() as db:
+                if kind == "study":
+                    db.execute(
+                        "INSERT OR REPLACE INTO done_studies SELECT destination, resource, id,"
+                        " study_uid, fingerprint, outcome, delivered_count, created_at, updated_at"
+                        f" FROM jobs WHERE {where}",
+                        params,
+                    )
+                n, delivered = db.execute(
+                    f"SELECT COUNT(*), TOTAL(delivered_count) FROM jobs WHERE {where}", params
+                ).fetchone()
+                if not n:
+                    continue
+                db.execute(
+                    "INSERT INTO counts VALUES (?, ?, 'pruned', ?, ?) ON CONFLICT DO UPDATE"
+                    " SET n = n + excluded.n, delivered = delivered + excluded.delivered",
+                    (destination, kind, n, int(delivered)),
+                )
+                pruned += db.execute(f"DELETE FROM jobs WHERE {where}", params).rowcount
+        return pruned
+
+    def _destinations(self, kind: str | None, *states: str) -> list[str]:
+        kind_sql = " AND kind=?" if kind else ""
+        rows = self._read(
+            f"SELECT DISTINCT destination FROM counts WHERE n > 0{kind_sql}"
+            f" AND state IN ({', '.join('?' * len(states))})",
+            ([kind] if kind else []) + list(states),
+        )
+        return [r["destination"] for r in rows]
 
     # --- readers ------------------------------------------------------------------------
     def get(self, job_id: int) -> Job | None:
@@ -267,7 +317,13 @@ class SQLiteQueue(Queue):
             "SELECT resource, fingerprint FROM jobs WHERE destination=? AND kind=? AND state='done'",
             (destination, kind),
         )
-        return {r["resource"]: r["fingerprint"] for r in rows}
+        found = {r["resource"]: r["fingerprint"] for r in rows}
+        if kind == "study":
+            for r in self._read(
+                "SELECT resource, fingerprint FROM done_studies WHERE destination=?", (destination,)
+            ):
+                found.setdefault(r["resource"], r["fingerprint"])
+        return found
 
     def jobs(
         self,
@@ -292,51 +348,53 @@ class SQLiteQueue(Queue):
         return [_job(r) for r in self._read(sql, params)]
 
     def stats(self, kind: str | None = None) -> dict[str, DestinationStats]:
+        """From ``counts`` (``schema``), plus an index lookup per destination and kind for
+        the oldest waiting job and the last error: O(destinations), whatever the backlog."""
         now = self.clock()
         out: dict[str, DestinationStats] = {}
-        where = " WHERE kind=?" if kind else ""
+        kind_sql = " AND c.kind=?" if kind else ""
         params = [kind] if kind else []
         for r in self._read(
-            "SELECT destination, kind, state, COUNT(*) AS n, SUM(delivered_count) AS delivered,"
-            f" MIN(queued_at) AS oldest FROM jobs{where} GROUP BY destination, kind, state",
+            "SELECT c.destination, c.kind, c.state, c.n, c.delivered, CASE WHEN c.state IN"
+            " ('queued', 'sending') THEN (SELECT MIN(queued_at) FROM jobs j WHERE"
+            " j.destination=c.destination AND j.kind=c.kind AND j.state=c.state) END AS oldest"
+            f" FROM counts c WHERE c.n > 0{kind_sql} ORDER BY c.destination, c.kind",
             params,
         ):
             s = out.setdefault(r["destination"], DestinationStats(r["destination"]))
-            setattr(s, r["state"], getattr(s, r["state"]) + r["n"])
-            s.delivered += r["delivered"] or 0
+            state = "done" if r["state"] == "pruned" else r["state"]
+            setattr(s, state, getattr(s, state) + r["n"])
+            s.delivered += r["delivered"]
             if r["kind"] not in s.kinds:
                 s.kinds.append(r["kind"])
-            if r["state"] in ("queued", "sending") and r["oldest"] is not None:
+            if r["oldest"] is not None:
                 age = max(0.0, now - r["oldest"])
                 s.oldest_queued_age = max(s.oldest_queued_age or 0.0, age)
-        for r in self._read("SELECT key, value FROM meta WHERE key LIKE ?", (f"{PRUNED}%",)):
-            pruned_kind, _, destination = r["key"][len(PRUNED) :].partition(":")
-            if kind and pruned_kind != kind:
-                continue
-            done, delivered = (int(x) for x in r["value"].split())
-            s = out.setdefault(destination, DestinationStats(destination))
-            s.done += done
-            s.delivered += delivered
-            if pruned_kind not in s.kinds:
-                s.kinds.append(pruned_kind)
-        for r in self._read(
-            "SELECT destination, last_error, MAX(updated_at) AS at FROM jobs"
-            f" WHERE last_error != ''{' AND kind=?' if kind else ''} GROUP BY destination",
-            params,
-        ):
-            s = out.setdefault(r["destination"], DestinationStats(r["destination"]))
-            s.last_error, s.last_error_at = r["last_error"], r["at"]
+        for s in out.values():
+            for k in s.kinds:
+                rows = self._read(
+                    "SELECT last_error, updated_at FROM jobs WHERE destination=? AND kind=?"
+                    " AND last_error != '' ORDER BY updated_at DESC LIMIT 1",
+                    (s.destination, k),
+                )
+                if rows and (s.last_error_at is None or rows[0]["updated_at"] > s.last_error_at):
+                    s.last_error, s.last_error_at = rows[0]["last_error"], rows[0]["updated_at"]
         return out
 
     def next_due(self, destination: str, kind: str | None = None) -> float | None:
-        kind_sql = " AND kind=?" if kind else ""
-        params: list[Any] = [destination] + ([kind] if kind else [])
-        rows = self._read(
-            "SELECT MIN(CASE WHEN state='queued' THEN next_attempt_at"
-            " WHEN state='sending' THEN lease_expires_at END) AS due"
-            f" FROM jobs WHERE destination=?{kind_sql} AND state IN ('queued', 'sending')",
-            params,
-        )
+        """The earliest of two index lookups per kind (queued: next_attempt_at; sending:
+        lease_expires_at), never a scan."""
+        branches = []
+        params: list[Any] = []
+        for k in [kind] if kind else KINDS:
+            branches += [
+                "SELECT MIN(next_attempt_at) AS due FROM jobs"
+                " WHERE destination=? AND kind=? AND state='queued'",
+                "SELECT MIN(lease_expires_at) AS due FROM jobs"
+                " WHERE destination=? AND kind=? AND state='sending'",
+            ]
+            params += [destination, k, destination, k]
+        rows = self._read(f"SELECT MIN(due) AS due FROM ({' UNION ALL '.join(branches)})", params)
         due = rows[0]["due"] if rows else None
         return float(due) if due is not None else None
 

@@ -57,7 +57,7 @@ from dicomsync.console.throughput import Throughput
 from dicomsync.errors import ConfigError, DicomSyncError, QueueError, SinkFatal
 from dicomsync.orthanc_client import OrthancClient, Transport
 from dicomsync.places.orthanc import OrthancPlace
-from dicomsync.queue import Queue, open_queue
+from dicomsync.queue import STUDY_JOBS_KEPT, Queue, open_queue
 from dicomsync.service.callback_thread import WORKER_NICE
 from dicomsync.service.catch_up import RouteCursor
 from dicomsync.service.changelog import ChangeLog
@@ -396,6 +396,8 @@ class Service:
                 self.publish_metrics()
                 self.intake.retry_unrouted()
                 self.cursor.advance()
+                if self.queue is not None:  # done study jobs leave their fingerprint only
+                    self.queue.prune("study", time.time() - STUDY_JOBS_KEPT)
             except DicomSyncError as exc:
                 log.warning("metrics: %s", exc)
             if stop.wait(self.config.metrics_interval):
