@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,48 @@ def add_orthanc(
         section["User"] = user
     if password_env:
         section["PasswordEnv"] = password_env
+    section.update(tls_section(no_verify, ca_bundle))
+    save_place(ctx, key, section)
+
+
+@add.command("dicomweb")
+@click.argument("key")
+@click.argument("url")
+@click.option("--user", help="HTTP basic-auth user (with --password-env).")
+@click.option("--password-env", metavar="VAR", help="Variable that holds the password.")
+@click.option("--token-env", metavar="VAR", help="Variable that holds a bearer token.")
+@click.option(
+    "--token-command",
+    metavar="ARGV",
+    help="Command that prints a bearer token, split like a shell line but run without one "
+    "(e.g. 'gcloud auth print-access-token'); run again when a 401 says the token expired.",
+)
+@tls_options
+@click.pass_context
+def add_dicomweb(
+    ctx: click.Context,
+    key: str,
+    url: str,
+    user: str | None,
+    password_env: str | None,
+    token_env: str | None,
+    token_command: str | None,
+    no_verify: bool,
+    ca_bundle: str | None,
+) -> None:
+    """A DICOMweb service at URL (QIDO-RS, WADO-RS, STOW-RS), e.g. http://host/dicom-web."""
+    section: dict[str, Any] = {"Kind": "dicomweb", "Url": url}
+    if user:
+        section["User"] = user
+    if password_env:
+        section["PasswordEnv"] = password_env
+    if token_env:
+        section["TokenEnv"] = token_env
+    if token_command:
+        try:
+            section["TokenCommand"] = shlex.split(token_command)
+        except ValueError as exc:
+            raise ConfigError(f"--token-command: {exc}") from None
     section.update(tls_section(no_verify, ca_bundle))
     save_place(ctx, key, section)
 

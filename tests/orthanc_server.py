@@ -21,6 +21,7 @@ import requests
 
 ORTHANC_BIN = os.environ.get("ORTHANC_BIN", "/usr/sbin/Orthanc")
 PYTHON_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPython.so"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_SCRIPT = REPO_ROOT / "plugin" / "entry.py"
 
@@ -40,6 +41,8 @@ class OrthancProcess:
     name: str = "orthanc"
     config: dict[str, Any] = field(default_factory=dict)
     plugin: bool = False
+    # load Debian's DICOMweb plugin, served at /dicom-web/ (``dicomweb_url``)
+    dicomweb: bool = False
     env: dict[str, str] = field(default_factory=dict)
     # None: --verbose when the plugin is loaded (tests read its info lines)
     verbose: bool | None = None
@@ -56,6 +59,10 @@ class OrthancProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     @property
     def config_path(self) -> Path:
@@ -83,6 +90,9 @@ class OrthancProcess:
             cfg["Plugins"] = [PYTHON_PLUGIN]
             cfg["PythonScript"] = str(PLUGIN_SCRIPT)
         cfg.update(self.config)
+        if self.dicomweb:
+            cfg["Plugins"] = [*cfg.get("Plugins", []), DICOMWEB_PLUGIN]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", **cfg.get("DicomWeb", {})}
         return cfg
 
     def write_config(self) -> None:

@@ -36,6 +36,7 @@ PLACE_SECTIONS: dict[str, dict[str, Any]] = {
     "zipped_root": {"Path": "root"},
     "orthanc": {"Url": "http://127.0.0.1:9"},
     "xnat_pre_archive": {"Server": "http://127.0.0.1:9", "Project": "P", "User": "u"},
+    "dicomweb": {"Url": "http://127.0.0.1:9/dicom-web"},
 }
 SINK_SECTIONS: dict[str, dict[str, Any]] = {
     "sqlite_index": {"Path": "index.sqlite"},
