@@ -15,7 +15,7 @@
 - ``replicate SOURCE DEST --where 'QUERY' [--sink KEY]``: CopyDICOM's conditional
   replicate: the studies of SOURCE that have an event matching the index query in
   the sink KEY are sent to DEST (duplicates skipped, as ``send`` does).
-- ``sink add splunk_hec|sqlite_index``, ``sink list``, ``sink remove``.
+- ``sink add splunk_hec|sqlite_index|postgresql_index``, ``sink list``, ``sink remove``.
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def replicate_command(
 # --- sink ----------------------------------------------------------------------------------
 @click.group("sink")
 def sink_group() -> None:
-    """Manage tag sinks: Splunk HEC and the embedded SQLite index."""
+    """Manage tag sinks: Splunk HEC, the embedded SQLite index and its PostgreSQL form."""
 
 
 @sink_group.group("add")
@@ -359,6 +359,28 @@ def add_splunk_hec(
 def add_sqlite_index(ctx: click.Context, key: str, path: Path) -> None:
     """The embedded index in the SQLite file PATH (created if missing)."""
     _save_sink(ctx, key, {"Kind": "sqlite_index", "Path": str(path.resolve())})
+
+
+@sink_add.command("postgresql_index")
+@click.argument("key")
+@click.argument("url")
+@click.option(
+    "--password-env",
+    metavar="VAR",
+    help="Environment variable that holds the database password (never stored).",
+)
+@click.option("--schema", metavar="NAME", help="Schema of the index tables (dicomsync_index).")
+@click.pass_context
+def add_postgresql_index(
+    ctx: click.Context, key: str, url: str, password_env: str | None, schema: str | None
+) -> None:
+    """The index in PostgreSQL at URL (postgresql://USER@HOST:PORT/DB, no password)."""
+    section: dict[str, Any] = {"Kind": "postgresql_index", "Url": url}
+    if password_env:
+        section["PasswordEnv"] = password_env
+    if schema:
+        section["Schema"] = schema
+    _save_sink(ctx, key, section)
 
 
 @sink_group.command("list")

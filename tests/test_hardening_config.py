@@ -178,6 +178,7 @@ def place_table(tmp: Path) -> dict[str, tuple[dict[str, Any], list[str]]]:
 def sink_table(tmp: Path) -> dict[str, tuple[dict[str, Any], list[str]]]:
     return {
         "sqlite_index": ({"Path": str(tmp / "index.sqlite")}, []),
+        "postgresql_index": ({"Url": "postgresql://dicomsync@127.0.0.1:9/x"}, []),
         "splunk_hec": (
             {"Url": "http://127.0.0.1:9"},
             [

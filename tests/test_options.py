@@ -40,6 +40,7 @@ PLACE_SECTIONS: dict[str, dict[str, Any]] = {
 }
 SINK_SECTIONS: dict[str, dict[str, Any]] = {
     "sqlite_index": {"Path": "index.sqlite"},
+    "postgresql_index": {"Url": "postgresql://dicomsync@127.0.0.1:9/x"},
     "splunk_hec": {"Url": "http://127.0.0.1:9"},
 }
 # a value of the wrong type for each option type ("any" options are checked by their owner)

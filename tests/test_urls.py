@@ -40,6 +40,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "SearchUrl": "https://splunk.example.org:8089",
     },
     "sqlite_index": {"Kind": "sqlite_index", "Path": "index.sqlite"},
+    "postgresql_index": {"Kind": "postgresql_index", "Url": "postgresql://dicomsync@db:5432/o"},
 }
 
 # Ways of writing credentials into a URL; each must be refused.
@@ -52,6 +53,9 @@ CREDENTIALED = [
     f"https://{USER}:p@ss{SECRET}@host.example.org",  # an '@' inside the password
     f"  https://{USER}:{SECRET}@host  ",
     f"ftp://{USER}:{SECRET}@files.example.org",
+    f"postgresql://{USER}:{SECRET}@db:5432/orthanc",  # a libpq URL may name a user, no password
+    f"POSTGRES://:{SECRET}@db/orthanc",
+    f"postgresql://{USER}@x:{SECRET}@db/orthanc",
 ]
 
 REGISTRIES: list[tuple[str, Registry[Any]]] = [("place", PLACES), ("sink", SINKS)]
@@ -104,6 +108,8 @@ def test_scheme_less_url_options_are_read_as_urls(kind: str, tmp_path: Path) -> 
         "https://host.example.org/?q=a@b",
         "alice@example.org",  # not a URL (an e-mail in a User option)
         "/data/studies@2024",
+        "postgresql://dicomsync@db:5432/orthanc",  # libpq URLs name their user (not a secret)
+        "postgres://db/orthanc",
     ],
 )
 def test_urls_without_credentials_pass(good: str) -> None:
