@@ -133,10 +133,10 @@ def cli(
 
 
 def _attach() -> None:
-    from dicomsync.cli import find, init, place, send
+    from dicomsync.cli import deid, find, init, place, send
     from dicomsync.cli.common import optional_module
 
-    for module in (init, place, find, send):
+    for module in (init, place, find, send, deid):
         module.register(cli)
     # Command groups of the plugin (queue) and tags features.
     for name in ("tags", "queue"):

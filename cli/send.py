@@ -29,10 +29,20 @@ log = logging.getLogger(__name__)
 @click.argument("query")
 @click.argument("destination")
 @click.option("--dry-run", is_flag=True, help="Show what would be sent; send nothing.")
+@click.option(
+    "--deidentify",
+    metavar="PROFILE",
+    help="De-identify on the way out with this profile of the Deidentify section.",
+)
 @retry_option
 @click.pass_context
 def send(
-    ctx: click.Context, query: str, destination: str, dry_run: bool, retries: int | None
+    ctx: click.Context,
+    query: str,
+    destination: str,
+    dry_run: bool,
+    deidentify: str | None,
+    retries: int | None,
 ) -> None:
     """Send every study matching QUERY to the place DESTINATION.
 
@@ -45,6 +55,10 @@ def send(
     policy = retry_policy(cfg, retries)
     with ExitStack() as stack:
         dest = stack.enter_context(cfg.place(destination))
+        if deidentify:
+            from dicomsync.deid import for_config
+
+            dest = for_config(cfg, dest, deidentify)
         items = source_items(cfg, q, destination, stack)
         log.info("sending %d studies matching %s to %s", len(items), q, destination)
         if not items:

@@ -276,6 +276,12 @@ class Config:
     def remove_sink(self, key: str) -> None:
         self._remove("sink", key)
 
+    def deid_profiles(self) -> dict[str, Any]:
+        """The ``Deidentify`` section's profiles (``dicomsync.deid.options``), checked."""
+        from dicomsync.deid.options import parse_profiles
+
+        return parse_profiles(self.extra.get("Deidentify"), f"{self.path}: Deidentify")
+
 
 def build_place(key: str, section: Mapping[str, Any], base_dir: Path) -> Any:
     """Instantiate a place from its section through the registry."""

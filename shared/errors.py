@@ -21,6 +21,8 @@ through Orthanc's log. Messages never contain secrets.
     │   ├── AuthenticationFailed    401/403, wrong password
     │   └── RemoteRejected          the remote refused the data (4xx other than auth)
     ├── TransferError               the destination does not hold what was sent
+    ├── DeidentificationRefused     an instance de-identification cannot make safe
+    │                               (burned-in identity): its study fails, not retried
     ├── SinkError                   a tag sink failed, or cannot be had
     │   ├── UnknownSinkError        no sink with that key (or none configured)
     │   ├── SinkKindUnavailable     the sink kind exists but cannot be used here (missing dependency)
@@ -103,6 +105,11 @@ class TransferError(DicomSyncError):
     """After a send, the destination does not hold every instance."""
 
     retryable = True
+
+
+class DeidentificationRefused(DicomSyncError):
+    """An instance that de-identification refuses to send (``dicomsync.deid``):
+    ``BurnedInAnnotation`` YES, or a SOP class that carries burned-in identity."""
 
 
 class SinkError(DicomSyncError):

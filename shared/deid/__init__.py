@@ -1,0 +1,60 @@
+"""De-identification on the way out: PS3.15 Annex E's Basic Application Level
+Confidentiality Profile, with its options, a keyed and repeatable remap, and pseudonyms.
+
+==================  =====================================================================
+module              what
+==================  =====================================================================
+``table``           Table E.1-1 (``table_e1_1.tsv``, generated from the standard by
+                    ``scripts/gen_deid_table.py``), resolved per set of options
+``options``         the ``Deidentify`` section: named profiles, CID 7050 codes
+``keys``            HMAC-SHA256 of the secret: ``2.25.`` UIDs, date offsets, pseudonyms
+``pseudonyms``      the durable PatientID map (SQLite), CSV import and export
+``transform``       one instance's bytes in, de-identified bytes out
+``place``           ``Deidentified(place, profile)``: the destination wrapper
+==================  =====================================================================
+
+``deidentified(place, profile, map_path)`` builds the wrapper; ``docs/deid.md`` says
+what is done to each attribute, why the table is generated, and how to protect the
+secret and the map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dicomsync.deid.options import Profile, parse_profiles, profile_named
+from dicomsync.deid.pseudonyms import PseudonymMap
+
+__all__ = [
+    "Profile",
+    "PseudonymMap",
+    "deidentified",
+    "for_config",
+    "parse_profiles",
+    "profile_named",
+]
+
+CLI_STATE_DIR = "dicomsync-state"
+CLI_MAP_FILE = "deid.sqlite"
+
+
+def for_config(cfg: Any, place: Any, name: str) -> Any:
+    """``place`` wrapped by profile ``name`` of ``cfg`` (a ``Config``: ``dicomsync.json``),
+    its pseudonym map in ``dicomsync-state/deid.sqlite`` beside the file; the secret is
+    checked at once (``ConfigError`` when it is not set, before anything is read)."""
+    profile = profile_named(cfg.deid_profiles(), name, f"{cfg.path}: Deidentify")
+    wrapped = deidentified(place, profile, cfg.base_dir / CLI_STATE_DIR / CLI_MAP_FILE)
+    wrapped.check_environment()
+    return wrapped
+
+
+def deidentified(place: Any, profile: Profile, map_path: Path | None) -> Any:
+    """``place`` wrapped by ``Deidentified``; with the profile's ``PatientIds`` table in
+    the SQLite file ``map_path`` (none: keyed-derived pseudonyms)."""
+    from dicomsync.deid.place import Deidentified
+
+    pseudonyms = None
+    if profile.patient_ids and map_path is not None:
+        pseudonyms = PseudonymMap(map_path, profile.patient_ids)
+    return Deidentified(place, profile, pseudonyms)

@@ -1,0 +1,337 @@
+"""The instance transform: one DICOM instance's bytes in, its de-identified bytes out.
+
+``Deidentifier(profile, keys).instance(data, study)`` parses the instance, refuses it
+when it may carry burned-in identity (``DeidentificationRefused``), applies the
+profile's resolved Table E.1-1 to every attribute at every depth, and writes it in
+its own transfer syntax. Pixel data is never touched. Pure (no I/O), thread-safe.
+
+How each action is applied (PS3.15 Table E.1-1a):
+
+- ``X`` removes, ``Z`` empties (a sequence: no items), ``K`` keeps (a sequence: its
+  items are still de-identified), ``U`` replaces each UID by ``Keys.uid``;
+- ``D``: a dummy of the VR (``ANONYMIZED``, ``19000101``, ``0``); PatientID and
+  PatientName get the study's pseudonym. On a sequence, ``D`` keeps the items with
+  every value in them replaced by a dummy, except the Content Sequence of a structured
+  report, whose tree is walked as content (below);
+- ``C``: dates (DA, DT) move back by the patient's offset, times stay; text keeps its
+  value with every identifying value of the instance (names, IDs, birth date,
+  accession, institution, physicians, station, serial number) cut out; a sequence is
+  walked as for ``K``;
+- compound codes take the variant that keeps the IOD conformant: ``X/Z`` is ``Z``;
+  ``X/D``, ``Z/D`` and ``X/Z/D`` are ``D``; ``X/Z/U*`` keeps the sequence and replaces
+  the UIDs inside it.
+
+Attributes the table does not list are kept, except UIDs (any UI value that is not one
+of DICOM's own ``1.2.840.10008.`` UIDs is replaced, so no original UID survives),
+group lengths (dropped) and private attributes (the table's private row: removed; with
+``retain-safe-private``, the numeric private values and their creators are kept).
+
+SR content items: codes, numbers and units stay (so dose values survive); ``TEXT``
+values become a dummy (with ``clean-structured-content``: cleaned as above; with
+``retain-device-identity``: the device observer's name, manufacturer, model, serial
+number and location are kept); ``PNAME`` items are dummies, ``UIDREF`` items and
+references are replaced, dates follow the date options.
+
+Records added: PatientIdentityRemoved YES, DeidentificationMethod, the CID 7050 codes
+of the profile and options in DeidentificationMethodCodeSequence, and
+LongitudinalTemporalInformationModified.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian
+
+from dicomsync.deid import table
+from dicomsync.deid.keys import Keys
+from dicomsync.deid.options import Profile
+from dicomsync.errors import DeidentificationRefused, DicomFileError
+
+PATIENT_ID, PATIENT_NAME = 0x00100020, 0x00100010
+CONTENT_SEQUENCE, TEXT_VALUE = 0x0040A730, 0x0040A160
+CONCEPT_NAME = 0x0040A043
+# SOP classes that carry burned-in text as a rule: the Secondary Capture family and
+# ultrasound (PS3.15 E.1.1 lets no de-identifier claim it cleaned their pixels).
+BURNED_IN_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.1": "Multi-frame Single Bit Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound",
+    "1.2.840.10008.5.1.4.1.1.6.2": "Enhanced US Volume",
+    "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame",
+    "1.2.840.10008.5.1.4.1.1.6": "Ultrasound (retired)",
+    "1.2.840.10008.5.1.4.1.1.3": "Ultrasound Multi-frame (retired)",
+}
+# DCM concepts of TID 1004 Device Observer Identifying Attributes
+DEVICE_CONCEPTS = frozenset({"121013", "121014", "121015", "121016", "121017"})
+# Values that name the patient, staff, site or device: cut out of cleaned text.
+IDENTIFYING = (
+    "PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber",
+    "InstitutionName", "InstitutionAddress", "ReferringPhysicianName",
+    "PerformingPhysicianName", "OperatorsName", "StationName", "DeviceSerialNumber",
+    "NameOfPhysiciansReadingStudy", "RequestingPhysician",
+)  # fmt: skip
+NUMERIC_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "IS", "DS", "AT"})
+TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "CS", "AE", "UR"})
+BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+DUMMY = {"PN": "ANONYMOUS", "DA": "19000101", "TM": "000000", "DT": "19000101000000",
+         "AS": "000D", "IS": "0", "DS": "0"}  # fmt: skip
+META_DROPPED = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028)
+
+
+@dataclass(frozen=True)
+class StudyKeys:
+    """What one study's instances share: the pseudonym and the patient's date offset."""
+
+    pseudonym: str
+    pseudonym_name: str
+    date_offset: int
+
+
+@dataclass
+class _Instance:
+    study: StudyKeys
+    scrub: re.Pattern[str] | None
+
+
+class Deidentifier:
+    def __init__(self, profile: Profile, keys: Keys) -> None:
+        self.profile = profile
+        self.keys = keys
+        resolved = table.actions(profile.options)
+        by_tag = dict(resolved.by_tag)
+        by_tag.update({t: "K" for t in profile.keep})
+        by_tag.update({t: "X" for t in profile.remove})
+        self.actions = table.Actions(by_tag, resolved.groups, resolved.private)
+        self.retain_uids = "retain-uids" in profile.options
+        self.clean_content = "clean-structured-content" in profile.options
+        self.device_identity = "retain-device-identity" in profile.options
+        self._codes = profile.codes()
+
+    def uid(self, uid: str) -> str:
+        return uid if self.retain_uids else self.keys.uid(uid)
+
+    # --- one instance ---------------------------------------------------------------------
+    def instance(self, data: bytes, study: StudyKeys, name: str = "instance") -> bytes:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        except Exception as exc:  # pydicom raises many kinds on corrupt data
+            raise DicomFileError(f"{name}: not readable DICOM ({type(exc).__name__})") from None
+        self.check_burned_in(ds, name)
+        ctx = _Instance(study, _scrubber(ds))
+        self._walk(ds, ctx, "normal")
+        ds[PATIENT_ID] = DataElement(PATIENT_ID, "LO", study.pseudonym)
+        ds[PATIENT_NAME] = DataElement(PATIENT_NAME, "PN", study.pseudonym_name)
+        self._records(ds)
+        self._meta(ds)
+        out = io.BytesIO()
+        try:
+            ds.save_as(out, enforce_file_format=False)
+        except Exception as exc:
+            raise DicomFileError(f"{name}: cannot be written ({type(exc).__name__})") from None
+        return out.getvalue()
+
+    def check_burned_in(self, ds: Dataset, name: str) -> None:
+        if self.profile.allow_burned_in:
+            return
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+        reason = ""
+        if burned == "YES":
+            reason = "BurnedInAnnotation is YES"
+        elif sop_class in BURNED_IN_CLASSES:
+            reason = f"its SOP class ({BURNED_IN_CLASSES[sop_class]}) often has identity burned in"
+        if reason:
+            raise DeidentificationRefused(
+                f"{name}: not de-identified: {reason}; the profile's 'allow-burned-in' option "
+                "sends such instances, if you take responsibility for their pixels"
+            )
+
+    # --- the walk -------------------------------------------------------------------------
+    def _walk(self, ds: Dataset, ctx: _Instance, mode: str) -> None:
+        """``mode``: ``normal``, ``dummy`` (inside a ``D`` sequence) or ``content`` (an SR
+        content item)."""
+        concept = _concept(ds) if mode == "content" else ""
+        for elem in list(ds):
+            tag = int(elem.tag)
+            if tag & 0xFFFF == 0:  # a group length: wrong once values change
+                del ds[tag]
+                continue
+            if elem.tag.is_private:
+                self._private(ds, elem)
+                continue
+            action = self.actions.get(tag)
+            if action is None:
+                if mode == "content" and tag == TEXT_VALUE:
+                    action = self._text_action(concept)
+                elif elem.VR == "SQ":
+                    action = "D" if mode == "dummy" else "K"
+                elif elem.VR == "UI":
+                    action = "U"
+                else:
+                    action = "D" if mode == "dummy" else "K"
+            self._apply(ds, elem, action, ctx, mode)
+
+    def _text_action(self, concept: str) -> str:
+        if self.device_identity and concept in DEVICE_CONCEPTS:
+            return "K"
+        return "C" if self.clean_content else "D"
+
+    def _apply(
+        self, ds: Dataset, elem: DataElement, action: str, ctx: _Instance, mode: str
+    ) -> None:
+        tag, vr = int(elem.tag), elem.VR
+        if action == "X/Z/U*":
+            action = "K" if vr == "SQ" else ("U" if vr == "UI" else "Z")
+        elif action == "X/Z":
+            action = "Z"
+        elif "D" in action:  # X/D, Z/D, X/Z/D
+            action = "D"
+        if action == "X":
+            del ds[tag]
+        elif action == "Z":
+            elem.value = Sequence() if vr == "SQ" else (b"" if vr in BINARY_VRS else None)
+        elif vr == "SQ":
+            if tag == CONTENT_SEQUENCE:
+                inner = "content"
+            else:
+                inner = "dummy" if action == "D" else mode
+            for item in elem.value:
+                self._walk(item, ctx, inner)
+        elif vr == "UI":
+            if action != "K":
+                elem.value = _map_values(elem.value, self.uid)
+        elif action == "D":
+            elem.value = self._dummy(tag, vr, ctx)
+        elif action == "C":
+            elem.value = self._clean(elem, ctx)
+
+    def _dummy(self, tag: int, vr: str, ctx: _Instance) -> Any:
+        if tag == PATIENT_ID:
+            return ctx.study.pseudonym
+        if tag == PATIENT_NAME:
+            return ctx.study.pseudonym_name
+        if vr in DUMMY:
+            return DUMMY[vr]
+        if vr in NUMERIC_VRS:
+            return 0
+        if vr in BINARY_VRS:
+            return b"\0\0"
+        return "ANONYMIZED"
+
+    def _clean(self, elem: DataElement, ctx: _Instance) -> Any:
+        vr, value = elem.VR, elem.value
+        if value is None or value == "":
+            return value
+        if vr == "DA":
+            return _map_values(value, lambda v: _shift(v, ctx.study.date_offset, 8))
+        if vr == "DT":
+            return _map_values(value, lambda v: _shift(v, ctx.study.date_offset, 8))
+        if vr == "PN":
+            return DUMMY["PN"]
+        if vr in TEXT_VRS and ctx.scrub is not None:
+            scrub = ctx.scrub
+            return _map_values(value, lambda v: scrub.sub("XXXX", str(v)))
+        return value
+
+    def _private(self, ds: Dataset, elem: DataElement) -> None:
+        if self.actions.private == "C":
+            element = int(elem.tag) & 0xFFFF
+            if (0x10 <= element <= 0xFF and elem.VR == "LO") or elem.VR in NUMERIC_VRS:
+                return  # a private creator, or a number: nothing that names anyone
+        del ds[elem.tag]
+
+    # --- records and file meta ------------------------------------------------------------
+    def _records(self, ds: Dataset) -> None:
+        options = self.profile.options
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = [self.profile.method().split(";")[0]] + [
+            o for o in table.COLUMNS if o in options
+        ]
+        items = []
+        for value, meaning in self._codes:
+            item = Dataset()
+            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+            items.append(item)
+        ds.DeidentificationMethodCodeSequence = Sequence(items)
+        if "retain-longitudinal-full-dates" in options:
+            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+        elif "retain-longitudinal-modified-dates" in options:
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        else:
+            ds.LongitudinalTemporalInformationModified = "REMOVED"
+
+    def _meta(self, ds: Dataset) -> None:
+        meta = getattr(ds, "file_meta", None)
+        if meta is None:
+            meta = ds.file_meta = pydicom.dataset.FileMetaDataset()
+        if "TransferSyntaxUID" not in meta:
+            meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        for tag in META_DROPPED:
+            if tag in meta:
+                del meta[tag]
+        if "SOPInstanceUID" in ds:
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if "SOPClassUID" in ds:
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = "DICOMSYNC_DEID"
+
+
+def _map_values(value: Any, fn: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        return [fn(str(v)) for v in value]
+    return fn(str(value))
+
+
+def _shift(value: str, days: int, width: int) -> str:
+    """A DA or DT value's date moved back ``days``; a value that is no date becomes the dummy."""
+    head, tail = value[:width], value[width:]
+    try:
+        date = datetime.datetime.strptime(head, "%Y%m%d").date()
+        return (date - datetime.timedelta(days=days)).strftime("%Y%m%d") + tail
+    except ValueError:
+        return DUMMY["DA"] + tail[: max(0, len(value) - width)]
+
+
+def _concept(item: Dataset) -> str:
+    seq = item.get(CONCEPT_NAME)
+    try:
+        return str(seq.value[0].CodeValue) if seq is not None and seq.value else ""
+    except (AttributeError, IndexError):
+        return ""
+
+
+def _scrubber(ds: Dataset) -> re.Pattern[str] | None:
+    """One pattern of the instance's identifying values (3 characters and longer)."""
+    values: set[str] = set()
+    for keyword in IDENTIFYING:
+        elem = ds.data_element(keyword) if keyword in ds else None
+        if elem is None or elem.value in (None, ""):
+            continue
+        raw = (
+            elem.value
+            if isinstance(elem.value, list | pydicom.multival.MultiValue)
+            else [elem.value]
+        )
+        for v in raw:
+            for part in re.split(r"[\^=]", str(v)):
+                if len(part.strip()) >= 3:
+                    values.add(part.strip())
+    if not values:
+        return None
+    alternatives = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+    return re.compile(alternatives, re.IGNORECASE)
