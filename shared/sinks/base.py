@@ -47,7 +47,9 @@ is its own ledger (its ``events`` table). ``splunk_hec`` keeps a small SQLite fi
 (``Ledger``) of the ids Splunk accepted (or acknowledged, with ``Ack``): option
 ``StateFile``, default ``<base_dir>/.dicomsync/sinks/<key>.ledger.sqlite``, where
 ``base_dir`` is the config file's folder for the CLI and the plugin's
-``StateDirectory`` inside Orthanc. Ids are stable (``<SOP UID>:instance``,
+``StateDirectory`` inside Orthanc. When the plugin's queue is on PostgreSQL, every node's
+sinks share one ledger table there instead (``open_ledger``, ``shared_ledger``,
+``dicomsync.sinks.pg_ledger``). Ids are stable (``<SOP UID>:instance``,
 ``…:dose_report``, ``…:event:<Irradiation Event UID>``), so the same instance read
 from a folder or from Orthanc is recognised.
 
@@ -78,15 +80,21 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dicomsync.errors import SinkError, SinkFatal, SinkRetryable
 from dicomsync.identity import safe_component
 from dicomsync.index_query import IndexQuery
 from dicomsync.registry import Registry
 from dicomsync.tags import Event
+
+if TYPE_CHECKING:
+    from dicomsync.pg import PgTarget
+    from dicomsync.sinks.pg_ledger import PgLedger
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +235,31 @@ def connect(path: Path, what: str) -> sqlite3.Connection:
         return conn
     except (OSError, sqlite3.Error) as exc:
         raise SinkFatal(f"{what}: cannot open {path}: {exc}") from None
+
+
+_SHARED_LEDGER: ContextVar[PgTarget | None] = ContextVar("shared_ledger", default=None)
+
+
+@contextmanager
+def shared_ledger(target: PgTarget | None) -> Iterator[None]:
+    """Sinks built inside this block keep their delivered ledger in ``target`` (PostgreSQL,
+    shared by every node), not in their SQLite file; ``None`` changes nothing."""
+    token = _SHARED_LEDGER.set(target)
+    try:
+        yield
+    finally:
+        _SHARED_LEDGER.reset(token)
+
+
+def open_ledger(path: Path, sink: str) -> Ledger | PgLedger:
+    """The delivered ledger of sink ``sink``: the SQLite file ``path``, or the shared
+    PostgreSQL table inside ``shared_ledger`` (``dicomsync.sinks.pg_ledger``)."""
+    target = _SHARED_LEDGER.get()
+    if target is None:
+        return Ledger(path)
+    from dicomsync.sinks.pg_ledger import PgLedger
+
+    return PgLedger(target, sink)
 
 
 class Ledger:

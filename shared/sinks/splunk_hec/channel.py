@@ -32,7 +32,7 @@ import requests
 from dicomsync import jsonsafe
 from dicomsync.errors import DicomSyncError, SinkError, SinkFatal, SinkRetryable
 from dicomsync.http_errors import status_error, transport_error
-from dicomsync.sinks.base import Ledger, Sink
+from dicomsync.sinks.base import Sink, open_ledger
 
 EVENT_PATH = "/services/collector/event"
 ACK_PATH = "/services/collector/ack"
@@ -108,7 +108,7 @@ class HecChannel(Sink):
         self.search_user_env = search_user_env
         self.search_password_env = search_password_env
         self.channel = str(uuid.uuid4())
-        self.ledger = Ledger(state_file)
+        self.ledger = open_ledger(state_file, key)
         self._section = dict(section or {"Kind": self.kind, "Url": url})
         self._lock = threading.Lock()
         self._session = requests.Session()
