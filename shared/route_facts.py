@@ -92,6 +92,14 @@ class RouteOptions:
         low=1,
         high=MAX_CONCURRENCY,
     )
+    deidentify: str | None = option(
+        "Deidentify",
+        "str",
+        "a profile of `DicomSync.Deidentify`: studies leave de-identified, made on the way "
+        "out (nothing de-identified is stored in Orthanc); every route to that destination "
+        "names the same one",
+        shown="none",
+    )
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,7 @@ class Route:
     destination: str
     filter: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     concurrency: int = DEFAULT_CONCURRENCY
+    deidentify: str | None = None  # a profile name (dicomsync.deid)
 
     def matches(self, facts: Mapping[str, Collection[str]]) -> bool:
         for key, globs in self.filter.items():
@@ -112,6 +121,7 @@ class Route:
             "Destination": self.destination,
             "Filter": {k: list(v) for k, v in self.filter.items()},
             "Concurrency": self.concurrency,
+            **({"Deidentify": self.deidentify} if self.deidentify else {}),
         }
 
 
@@ -194,7 +204,7 @@ def parse_routes(value: Any, places: Mapping[str, Any], problems: list[str]) -> 
                 f"{here}: place {dest!r} ({places[dest].get('Kind')}) cannot receive studies"
             )
         filt = parse_filter(opts.filter, here, problems)
-        routes.append(Route(dest, filt, opts.concurrency))
+        routes.append(Route(dest, filt, opts.concurrency, opts.deidentify))
     return routes
 
 
