@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicomsync import options
+from dicomsync import deid, options
 from dicomsync.config import build_place, is_finite_number, load_sections, resolve_path
 from dicomsync.errors import ConfigError, DicomSyncError, UnknownPlaceError
 from dicomsync.header_cache import HeaderCache, default_cache_dir
@@ -150,6 +150,13 @@ class SyncOptions:
         "MetricsInterval", "seconds", "seconds between metric updates", default=5.0, above=0
     )
     enabled: bool = option("Enabled", "bool", "`false` turns routing off", default=True)
+    deidentify: Mapping[str, Any] | None = option(
+        "Deidentify",
+        "any",
+        "de-identification profiles by name, as in `dicomsync.json` (`docs/deid.md`); a "
+        "route's `Deidentify` names one; `PatientIds` tables live in `queue.sqlite`",
+        shown="`{}`",
+    )
 
 
 KNOWN_OPTIONS = options.names(SyncOptions)
@@ -176,6 +183,8 @@ class SyncConfig:
     sinks_backfill: bool = True
     enabled: bool = True
     warnings: list[str] = field(default_factory=list)
+    profiles: dict[str, Any] = field(default_factory=dict)  # name -> deid Profile
+    deidentify: dict[str, str] = field(default_factory=dict)  # destination -> profile name
     _header_cache: HeaderCache | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -205,6 +214,11 @@ class SyncConfig:
         place: Place = build_place(key, section, self.places_base)
         if isinstance(place, RootPlace) and place._cache is None:
             place._cache = self.header_cache()
+        if key in self.deidentify:  # studies leave de-identified (dicomsync.deid)
+            from dicomsync.deid import deidentified
+
+            profile = self.profiles[self.deidentify[key]]
+            place = deidentified(place, profile, self.state_dir / "queue.sqlite")
         return place
 
     def header_cache(self) -> HeaderCache:
@@ -307,6 +321,8 @@ def _parse(
             problems.append(f"{where}.Places[{key!r}]: {credentials}")
 
     routes = parse_routes([] if opts.routes is None else opts.routes, places, problems)
+    profiles = deid.parse_profiles(opts.deidentify, f"{where}.Deidentify", problems)
+    deidentify = deid.route_profiles(routes, profiles, where, problems)
 
     state = opts.state_directory
     state_dir = (
@@ -345,6 +361,8 @@ def _parse(
         sinks_backfill=opts.sinks_backfill,
         enabled=opts.enabled,
         warnings=warnings,
+        profiles=profiles,
+        deidentify=deidentify,
     )
 
 

@@ -33,10 +33,36 @@ __all__ = [
     "for_config",
     "parse_profiles",
     "profile_named",
+    "route_profiles",
 ]
 
 CLI_STATE_DIR = "dicomsync-state"
 CLI_MAP_FILE = "deid.sqlite"
+
+
+def route_profiles(
+    routes: Any, profiles: dict[str, Profile], where: str, problems: list[str]
+) -> dict[str, str]:
+    """Destination -> the profile its routes name, checked: the profile exists, and every
+    route to one destination names the same one (its jobs are one queue lane, so a
+    destination receives either de-identified studies or the originals)."""
+    chosen: dict[str, str | None] = {}
+    for i, route in enumerate(routes):
+        name = route.deidentify
+        if name is not None and name not in profiles:
+            known = ", ".join(sorted(profiles)) or "none"
+            problems.append(
+                f"{where}.Routes[{i}]: Deidentify names an unknown profile {name!r} "
+                f"(DicomSync.Deidentify has: {known})"
+            )
+        if route.destination in chosen and chosen[route.destination] != name:
+            problems.append(
+                f"{where}.Routes[{i}]: another route to {route.destination!r} has "
+                f"Deidentify {chosen[route.destination]!r}; all routes to one destination "
+                "must name the same profile"
+            )
+        chosen.setdefault(route.destination, name)
+    return {dest: name for dest, name in chosen.items() if name}
 
 
 def for_config(cfg: Any, place: Any, name: str) -> Any:

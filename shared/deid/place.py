@@ -130,4 +130,8 @@ class Deidentified(Place):
         return self.inner.instances(ref, only)
 
     def close(self) -> None:
-        self.inner.close()
+        try:
+            self.inner.close()
+        finally:
+            if self.pseudonyms is not None:
+                self.pseudonyms.close()
