@@ -21,6 +21,10 @@ returned as is, except:
 - **No chunked uploads**: a request with ``Transfer-Encoding: chunked`` answers 411
   (Length Required), as a strict server or proxy does, so a test sees it.
 
+An upstream that does not answer gives 502 (Bad Gateway). ``stowed`` lists the
+SOPInstanceUID of every part of every STOW-RS request the upstream accepted (2xx), so a
+test can count what reached the server, duplicates included.
+
 ``seen`` records ``(method, path, Authorization scheme, content length)`` of every request,
 never the credentials themselves; ``seen_tokens`` the bearer tokens offered (tests check
 which were tried, the test owns them).
@@ -32,9 +36,32 @@ import json
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
 from typing import Any
 
 import requests
+
+
+def stowed_sop_uids(content_type: str, body: bytes) -> list[str]:
+    """The SOPInstanceUID of each part of a multipart/related STOW-RS body."""
+    import pydicom
+
+    boundary = ""
+    for item in content_type.split(";"):
+        name, _, value = item.strip().partition("=")
+        if name.lower() == "boundary":
+            boundary = value.strip('"')
+    if not boundary:
+        return []
+    uids = []
+    for part in body.split(b"--" + boundary.encode())[1:]:
+        _head, sep, data = part.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        data = data.removesuffix(b"\r\n")
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, force=True)
+        uids.append(str(ds.SOPInstanceUID))
+    return uids
 
 
 @dataclass
@@ -47,6 +74,7 @@ class Gate:
     inject_times: int | None = None
     seen: list[tuple[str, str, str, int]] = field(default_factory=list)
     seen_tokens: list[str] = field(default_factory=list)
+    stowed: list[str] = field(default_factory=list)
     _fired: dict[int, int] = field(default_factory=dict)
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -123,13 +151,21 @@ class Gate:
                     k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")
                 }
                 headers["Accept-Encoding"] = "identity"
-                r = upstream.request(
-                    self.command,
-                    gate.upstream + path,
-                    data=body or None,
-                    headers=headers,
-                    timeout=60,
-                )
+                try:
+                    r = upstream.request(
+                        self.command,
+                        gate.upstream + path,
+                        data=body or None,
+                        headers=headers,
+                        timeout=60,
+                    )
+                except requests.RequestException:
+                    self._answer(502, b"upstream down", {})
+                    return
+                if self.command == "POST" and r.status_code < 300:
+                    uids = stowed_sop_uids(self.headers.get("Content-Type", ""), body)
+                    with gate._lock:
+                        gate.stowed.extend(uids)
                 out = {"Content-Type": r.headers.get("Content-Type", "application/octet-stream")}
                 self._answer(r.status_code, r.content, out)
 
