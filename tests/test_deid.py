@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +181,7 @@ def test_seed_tree_and_rdsr_sent_deidentified(
         assert str(ds.SOPInstanceUID).startswith("2.25.")
 
     # Counts kept: studies, series, instances.
-    def counts(datasets: list[Dataset]) -> tuple[int, int, int]:
+    def counts(datasets: Sequence[Dataset]) -> tuple[int, int, int]:
         return (
             len({str(d.StudyInstanceUID) for d in datasets}),
             len({str(d.SeriesInstanceUID) for d in datasets}),
