@@ -43,7 +43,7 @@ def _send(output: Any, reply: Reply) -> None:
     if reply.status == 200:
         return output.AnswerBuffer(data, reply.content_type)
     output.SetHttpHeader("Content-Type", reply.content_type)
-    output.SendHttpStatus(reply.status, data, len(data))
+    output.SendHttpStatus(reply.status, data.decode(errors="replace"), len(data))  # not bytes
 
 
 def _rest(output: Any, uri: str, **request: Any) -> None:

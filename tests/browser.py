@@ -183,14 +183,67 @@ class Browser:
     def screenshot(self, name: str) -> Path:
         """The whole page as ``<artefacts>/<name>.png`` (and in ``DICOMSYNC_SCREENSHOTS``)."""
         height = int(self.js("return Math.ceil(document.documentElement.scrollHeight)"))
-        self.driver.set_window_size(WIDTH, max(600, min(height + 20, 4000)))
-        time.sleep(0.3)  # Chart.js redraws on resize (no animation)
+        metrics = {"width": WIDTH, "deviceScaleFactor": 1, "mobile": False}
+        # the viewport itself, not the window: a headless window's resize is not awaited
+        self.driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride", {**metrics, "height": min(height, 6000)}
+        )
+        time.sleep(0.5)  # Chart.js redraws on resize (no animation)
         path = self.artefacts / f"{name}.png"
-        self.driver.save_screenshot(str(path))
+        try:
+            self.driver.save_screenshot(str(path))
+        finally:
+            self.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
         self.shots.append(path)
         folder = screenshot_folder()
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, folder / f"{name}.png")
-        self.driver.set_window_size(WIDTH, 900)
         return path
+
+
+# --- the acceptance set-up: `make run`'s Orthanc, and the studies the issue uploads ----------
+ACCEPTANCE_FILES = (
+    ("study_petct_siemens", "NM-CT-RDSR-Siemens.dcm"),
+    ("study_petct_siemens", "NM-RRDSR-Siemens.dcm"),
+    ("study_petct_siemens", "NM-PetIm-Siemens.dcm"),
+    ("rdsr", "CT-RDSR-Siemens_Flash-TAP-SS.dcm"),
+    ("rdsr", "CT-RDSR-Toshiba_DoseCheck.dcm"),
+)
+
+
+def make_run_orthanc(workdir: Path, **sync: Any) -> Any:
+    """An ``OrthancProcess`` configured by the repository's ``orthanc.json`` (what
+    ``make run`` starts: the ``zips`` destination, the ``index`` sink), in ``workdir``
+    playing the repository root (``var/...`` inside it), on free ports, ``StableAge`` 1
+    and ``MetricsInterval`` 0.5 s so a test need not wait. ``sync`` entries are merged
+    into the ``DicomSync`` section (``Places`` and ``Routes`` are added to, not replaced).
+    Call ``.start()`` and, at the end, ``.stop()``."""
+    import json
+
+    from orthanc_server import OrthancProcess, free_port
+
+    config = json.loads((REPO_ROOT / "orthanc.json").read_text())
+    config["HttpPort"], config["DicomPort"] = free_port(), free_port()
+    config["PythonScript"] = str(REPO_ROOT / config["PythonScript"])
+    config["StableAge"] = 1
+    section = config["DicomSync"]
+    section["MetricsInterval"] = 0.5
+    section["Places"].update(sync.pop("Places", {}))
+    section["Routes"] += sync.pop("Routes", [])
+    section.update(sync)
+    server = OrthancProcess(
+        workdir, "orthanc", http_port=config["HttpPort"], dicom_port=config["DicomPort"]
+    )
+    server.full_config = lambda: config  # type: ignore[method-assign]
+    (workdir / "var" / "zips").mkdir(parents=True, exist_ok=True)
+    return server
+
+
+def upload_acceptance_set(server: Any) -> list[Path]:
+    """The PET/CT study (3 instances) and two CT RDSRs (TAP-SS, Toshiba): 3 studies."""
+    from dicomdata import data
+
+    paths = [data(*parts) for parts in ACCEPTANCE_FILES]
+    server.upload_files(paths)
+    return paths

@@ -116,8 +116,8 @@ def document(
     standalone: bool = False,
     nav: Sequence[tuple[str, str]] = NAV,
 ) -> str:
-    """A whole page. ``root`` is the relative prefix to ``/dicomsync/ui/`` (links stay
-    relative: Orthanc may sit behind a proxy under another path). ``standalone`` inlines
+    """A whole page. ``root`` is the prefix of links, ``/dicomsync/ui/`` (``pages.ROOT``)
+    in the console; the stylesheet, the scripts and the navigation are under it. ``standalone`` inlines
     the stylesheet and the scripts and leaves the navigation out (a file, not a site)."""
     missing = assets.chart_js_problem()
     warn = notice(f"Charts cannot be drawn: {missing}", "warning") if missing else ""
@@ -136,7 +136,7 @@ def document(
             f'<script src="{esc(root)}static/console.js"></script>'
         )
         links = "".join(
-            tag("a", label, href=root + (path or "./"), class_="active" if path == active else None)
+            tag("a", label, href=root + path, class_="active" if path == active else None)
             for path, label in nav
         )
         menu = f'<nav><span class="brand">dicomsync</span>{links}</nav>'

@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from dicomsync.service.app import Service
 
 CONSOLE_HEADER = "X-DicomSync-Console"
+# Links are absolute: Orthanc drops a trailing "/" before the plugin sees the path, so
+# the plugin cannot tell /dicomsync/ui from /dicomsync/ui/, which a relative link needs.
+ROOT = "/dicomsync/ui/"
 HTML = "text/html; charset=utf-8"
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
@@ -64,11 +67,11 @@ PAGES: dict[str, str] = {
 class PageContext:
     """What a page function gets: the service (its ``config``, ``queue``, ``sinks``,
     ``throughput``...; ``config``/``queue`` are None while not configured), the query
-    string, the relative prefix to ``/dicomsync/ui/`` for links, and the time."""
+    string, the prefix of the console's links (``ROOT``) and the time."""
 
     service: Service
     get: Mapping[str, str]
-    root: str = ""
+    root: str = ROOT
     now: float = field(default_factory=time.time)
 
 
@@ -118,23 +121,19 @@ class Console:
                 self._pages[name] = f"this page is not available: {type(exc).__name__}: {exc}"
         return self._pages[name]
 
-    def page(self, name: str | None, slash: str, *, get: Mapping[str, str]) -> Reply:
-        """``GET ui[/name][/]`` (the route's two groups). Links are relative to
-        ``/dicomsync/ui/``: from ``.../ui`` they need ``ui/``, from ``.../ui/jobs/`` ``../``."""
-        if name is None:
-            name, root = "", ("" if slash else "ui/")
-        else:
-            root = "../" if slash else ""
+    def page(self, name: str | None, *, get: Mapping[str, str]) -> Reply:
+        """``GET ui[/name]``."""
+        name = name or ""
         if name not in PAGES:
             raise HttpError(404, f"no console page {name[:64]!r}")
         fn = self._load(name)
         if isinstance(fn, str):
             view: View | Reply = View("Unavailable", notice(fn), name, 503)
         else:
-            view = fn(PageContext(self.service, get, root))
+            view = fn(PageContext(self.service, get))
         if isinstance(view, Reply):
             return view
-        text = document(view.title, view.body, root=root, active=view.active or name)
+        text = document(view.title, view.body, root=ROOT, active=view.active or name)
         return html_reply(view.status, text)
 
     def static(self, name: str, get: Mapping[str, str]) -> Reply:

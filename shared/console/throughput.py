@@ -4,7 +4,8 @@ for the last day: the record behind the overview's instances/s charts.
 The service's metrics thread calls ``sample(queue)`` every ``MetricsInterval`` seconds.
 A sample reads the queue's per-destination totals (``stats()``, O(destinations): no scan
 of the jobs table) and adds what grew since the last sample to the current minute's
-bucket: a destination's ``delivered`` instances (study jobs), a sink's ``done`` jobs
+bucket (the first sample only sets the baseline; a key that appears later, such as a
+destination's first job, grew from 0): a destination's ``delivered`` instances (study jobs), a sink's ``done`` jobs
 (one instance each). A total that shrinks (jobs pruned, a queue rebuilt) counts as no
 progress. At most ``KEEP_MINUTES`` buckets per key are kept, in memory: the record
 starts afresh when Orthanc restarts (the charts say since when they count).
@@ -59,10 +60,12 @@ class Throughput:
         now = self.clock() if now is None else now
         minute = int(now // 60)
         with self._lock:
-            if self.since is None:
+            first = self.since is None
+            if first:
                 self.since = now
             for key, total in totals.items():
-                last = self._last.get(key)
+                # a key the queue did not know at an earlier sample started from 0
+                last = self._last.get(key, None if first else 0)
                 self._last[key] = total
                 buckets = self._buckets.setdefault(key, {})
                 if last is not None and total > last:

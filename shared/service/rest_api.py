@@ -47,7 +47,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_plus
 
 import dicomsync
 from dicomsync import routing
@@ -102,7 +102,7 @@ class RestApi:
                 ("GET", r"sinks", self.rest_sinks),
                 ("GET", r"sinks/([^/]+)", self.rest_sink),
                 ("POST", r"sinks/([^/]+)/restart", self.rest_sink_restart),
-                ("GET", r"ui(?:/([a-z-]+))?(/?)", self.console.page),
+                ("GET", r"ui(?:/([a-z-]+))?", self.console.page),
                 ("GET", r"ui/static/([^/]+)", self.console.static),
                 ("GET", r"ui/api/overview", lambda get: overview.data(service)),
                 ("POST", r"ui/api/jobs/(\d+)/retry", self.rest_retry),
@@ -118,7 +118,10 @@ class RestApi:
         body: bytes | None,
         headers: Mapping[str, str] | None = None,
     ) -> Reply:
-        """Dispatch ``/dicomsync/<path>``; never raises."""
+        """Dispatch ``/dicomsync/<path>``; never raises. ``get`` is the query string as
+        Orthanc's plugin SDK hands it: still percent-encoded (Orthanc 1.10 does not decode
+        a plugin's GET arguments), decoded here once; ``headers`` has lower-case names."""
+        get = {unquote_plus(k): unquote_plus(v) for k, v in get.items()}
         reply = guard(method, path, headers) or self._dispatch(method, path, get, body)
         if reply.status != 200 and isinstance(reply.body, dict) and "Message" in reply.body:
             reply.body["Message"] = short_message(str(reply.body["Message"]))
@@ -129,8 +132,7 @@ class RestApi:
     ) -> Reply:
         allowed = []
         for verb, pattern, fn in self.routes:
-            # a trailing "/" is ignored, except by a pattern that matches it (the console's)
-            m = pattern.fullmatch(path.lstrip("/")) or pattern.fullmatch(path.strip("/"))
+            m = pattern.fullmatch(path.strip("/"))
             if m is None:
                 continue
             if verb != method:

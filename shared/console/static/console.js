@@ -51,8 +51,9 @@
     }).then(function (data) {
       var what = data.Requeued !== undefined ? data.Requeued + " job(s) requeued"
         : "job " + data.Id + " is " + data.State;
-      say(what, "info");
-      window.setTimeout(function () { window.location.reload(); }, 600);
+      say(what, "info");  // and again after the reload, which shows the new states
+      try { window.sessionStorage.setItem("dicomsync-message", what); } catch (e) { /* off */ }
+      window.setTimeout(function () { window.location.reload(); }, 400);
     }).catch(function (error) {
       button.disabled = false;
       say(String(error.message || error), "error");
@@ -65,7 +66,16 @@
     });
   }
 
-  function init() { wireButtons(); drawCharts(); }
+  function init() {
+    var said = null;
+    try {
+      said = window.sessionStorage.getItem("dicomsync-message");
+      window.sessionStorage.removeItem("dicomsync-message");
+    } catch (e) { said = null; }
+    if (said) { say(said, "info"); }
+    wireButtons();
+    drawCharts();
+  }
   if (document.readyState === "loading") {
     document.addEventListener("DOMContentLoaded", init);
   } else {
