@@ -48,6 +48,7 @@ from dicomsync.options import option
 from dicomsync.places.base import PLACES, Place
 from dicomsync.places.local import RootPlace
 from dicomsync.queue.base import RetryPolicy
+from dicomsync.queue.config import QueueConfig
 from dicomsync.route_facts import (
     DEFAULT_CONCURRENCY,
     FILTER_KEYS,
@@ -150,6 +151,13 @@ class SyncOptions:
         "MetricsInterval", "seconds", "seconds between metric updates", default=5.0, above=0
     )
     enabled: bool = option("Enabled", "bool", "`false` turns routing off", default=True)
+    queue: Mapping[str, Any] | None = option(
+        "Queue",
+        "any",
+        "where the queue lives (`Queue.` below): this node's SQLite file, or a PostgreSQL "
+        "database every node shares",
+        shown="`queue.sqlite` in `StateDirectory`",
+    )
     deidentify: Mapping[str, Any] | None = option(
         "Deidentify",
         "any",
@@ -174,6 +182,7 @@ class SyncConfig:
     state_dir: Path
     retry: RetryPolicy
     sinks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    queue: QueueConfig = field(default_factory=QueueConfig)  # dicomsync.queue.config
     sinks_base: Path = Path(".")
     node_id: str = ""
     node_id_given: bool = False  # NodeId set in the section (else stored_node_id applies)
@@ -345,7 +354,9 @@ def _parse(
     except ConfigError as exc:
         problems.append(f"{where}.{exc}")
 
+    queue = QueueConfig.parse(opts.queue, f"{where}.Queue", problems)
     return SyncConfig(
+        queue=queue,
         places=places,
         places_base=places_base,
         routes=routes,

@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -63,9 +64,27 @@ def orthanc(orthanc_server: OrthancProcess) -> OrthancProcess:
 
 
 # Queue backends the queue contract tests run on: name -> open(folder, policy, clock).
-# PostgreSQL is one more entry here.
+_PG: dict[str, Any] = {}  # "cluster": the session's PgCluster, "urls": folder -> database
+
+
+def _postgres_queue(where: Path, policy: RetryPolicy | None, clock: Callable[[], float]) -> Queue:
+    """A PostgreSQL queue in a database of its own per folder (the same folder: the same
+    queue), password through ``PasswordEnv`` as in production."""
+    from dicomsync.pg import PgTarget
+    from dicomsync.queue.postgres import PostgresQueue
+
+    cluster = _PG["cluster"]
+    urls = _PG.setdefault("urls", {})
+    if str(where) not in urls:
+        urls[str(where)] = cluster.create_database()
+    os.environ["DICOMSYNC_TEST_PG_PASSWORD"] = cluster.password
+    target = PgTarget.checked(urls[str(where)], "DICOMSYNC_TEST_PG_PASSWORD", "dicomsync")
+    return PostgresQueue(target, policy, clock=clock)
+
+
 QUEUE_BACKENDS: dict[str, Callable[[Path, RetryPolicy | None, Callable[[], float]], Queue]] = {
     "sqlite": lambda where, policy, clock: SQLiteQueue(where / "queue.sqlite", policy, clock=clock),
+    "postgresql": _postgres_queue,
 }
 
 
@@ -76,6 +95,8 @@ def queue_backend(
     """Opens a queue of one backend: ``queue_backend(folder, policy=None, clock=time.time)``.
     Tests using it (or ``q``) run once per backend of ``QUEUE_BACKENDS``."""
     factory = QUEUE_BACKENDS[request.param]
+    if request.param == "postgresql":
+        _PG["cluster"] = request.getfixturevalue("pg_cluster")
 
     def open_backend(
         where: Path, policy: RetryPolicy | None = None, clock: Callable[[], float] = time.time

@@ -1,7 +1,9 @@
-"""The durable job queue: its records (``records``), its rules (``base``, ``rules``) and
-their SQLite storage (``sqlite``, ``schema``).
+"""The durable job queue: its records (``records``), its rules (``base``, ``rules``), the
+rules compiled to SQL (``compile``) and the SQL both backends share (``sql``), their
+storage in SQLite (``sqlite``, ``schema``) or PostgreSQL (``postgres``, ``pg_schema``),
+and where the plugin's queue lives (``config``: the ``DicomSync.Queue`` option).
 
-``open_queue(state_dir, policy)`` opens the queue the plugin uses.
+``open_queue(state_dir, policy, config)`` opens the queue the plugin uses.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dicomsync.queue.base import STUDY_JOBS_KEPT, Queue, RetryPolicy
+from dicomsync.queue.config import QueueConfig
 from dicomsync.queue.records import (
     SINK_OUTCOMES,
     STATES,
@@ -21,8 +24,15 @@ from dicomsync.queue.records import (
 )
 
 
-def open_queue(state_dir: Path, policy: RetryPolicy | None = None) -> Queue:
-    """The queue under ``state_dir`` (``queue.sqlite``; PostgreSQL comes later)."""
+def open_queue(
+    state_dir: Path, policy: RetryPolicy | None = None, config: QueueConfig | None = None
+) -> Queue:
+    """The queue ``config`` names: ``state_dir/queue.sqlite`` (the default) or PostgreSQL.
+    ``QueueError`` (one line) when it cannot be opened."""
+    if config is not None and config.target is not None:
+        from dicomsync.queue.postgres import PostgresQueue
+
+        return PostgresQueue(config.target, policy)
     from dicomsync.queue.sqlite import FILENAME, SQLiteQueue
 
     return SQLiteQueue(Path(state_dir) / FILENAME, policy)
@@ -38,6 +48,7 @@ __all__ = [
     "Job",
     "NewJob",
     "Queue",
+    "QueueConfig",
     "RetryPolicy",
     "SinkDelivered",
     "open_queue",

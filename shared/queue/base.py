@@ -206,7 +206,12 @@ class Queue(ABC):
     def _enqueue(tx: Transaction, new: NewJob) -> Enqueued:
         row = tx.find(new.kind, new.resource, new.destination)
         if row is None:
-            return Enqueued(tx.insert(new), "created")
+            job_id = tx.insert(new)
+            if job_id is not None:
+                return Enqueued(job_id, "created")
+            # another node inserted it since (PostgreSQL): the rules as for any record
+            row = tx.find(new.kind, new.resource, new.destination)
+            assert row is not None
         rule = enqueue_rule(row[1], row[2], new)
         if rule is None:
             return Enqueued(row[0], "unchanged")

@@ -260,8 +260,9 @@ class Transaction(ABC):
         """``(state, destination)`` of the record, if there is one."""
 
     @abstractmethod
-    def insert(self, new: NewJob) -> int:
-        """Create the record ``queued``, due now; its id."""
+    def insert(self, new: NewJob) -> int | None:
+        """Create the record ``queued``, due now; its id (None: another transaction has
+        created it since ``find``)."""
 
     @abstractmethod
     def apply(

@@ -22,7 +22,8 @@ once, in ``dicomsync.queue.rules``). The state ``pruned`` counts the done record
 
 ``done_studies`` keeps what duplicate avoidance needs of a pruned done study job (its id,
 fingerprint, outcome, delivered count): ``enqueue`` finds it there, and a study that
-changed is restored as the same record (``RESTORE``), as if it had never left.
+changed is restored as the same record (``dicomsync.queue.sql.RESTORE``), as if it had
+never left.
 """
 
 from __future__ import annotations
@@ -132,15 +133,6 @@ INSERT INTO counts (destination, kind, state, n, delivered)
     FROM (SELECT substr(key, 8) AS rest, value FROM meta WHERE key LIKE 'pruned:%');
 DELETE FROM meta WHERE key LIKE 'pruned:%'
 """
-
-# A pruned study job back in ``jobs`` (``:destination``, ``:resource``), as it was.
-RESTORE = (
-    "INSERT INTO jobs (id, kind, resource, destination, study_uid, state, next_attempt_at,"
-    " fingerprint, outcome, delivered_count, queued_at, created_at, updated_at)"
-    " SELECT id, 'study', resource, destination, study_uid, 'done', updated_at, fingerprint,"
-    " outcome, delivered_count, updated_at, created_at, updated_at FROM done_studies"
-    " WHERE destination = :destination AND resource = :resource"
-)
 
 
 def prepare(db: sqlite3.Connection, path: Path) -> None:

@@ -128,7 +128,7 @@ class Service:
         for warning in cfg.warnings:
             log.warning("%s", warning)
         try:
-            queue = self.queue = open_queue(cfg.state_dir, cfg.retry)
+            queue = self.queue = open_queue(cfg.state_dir, cfg.retry, cfg.queue)
         except QueueError as exc:
             self.config_error = str(exc)
             log.error("cannot open the queue, routing is OFF: %s", exc)
