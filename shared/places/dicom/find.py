@@ -1,0 +1,90 @@
+"""C-FIND (Study Root) against one peer: listings, identities, the duplicate check.
+
+``Finder.supported()`` decides once whether the peer answers C-FIND: an association
+proposing the Study Root FIND context is accepted with that context, or not (dcmtk's
+``storescp`` refuses it). The answer is cached for the place's life.
+
+Queries reuse the place's associations (``Connections``, shared with C-STORE); an
+idle one the peer has meanwhile closed is replaced once, transparently.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from dicomsync.errors import DicomSyncError, Unreachable
+from dicomsync.places.dicom import failures
+from dicomsync.places.dicom.association import (
+    STUDY_FIND,
+    Connections,
+    Pooled,
+    accepted_sop,
+    answer_code,
+    refusal,
+)
+
+PENDING = (0xFF00, 0xFF01)
+
+
+class Finder:
+    """C-FIND queries through the place's ``connections``."""
+
+    def __init__(self, connections: Connections) -> None:
+        self.connections = connections
+        self.peer = connections.peer
+        self._supported: bool | None = None
+        self._lock = threading.Lock()
+
+    def supported(self) -> bool:
+        """Whether the peer accepts the Study Root FIND context (probed once)."""
+        with self._lock:
+            if self._supported is None:
+                pooled = self.connections.acquire()
+                self._supported = accepted_sop(pooled.assoc, STUDY_FIND)
+                self.connections.give(pooled)
+            return self._supported
+
+    def find(self, level: str, keys: Mapping[str, Any]) -> list[Dataset]:
+        """Every match of a C-FIND at ``level`` (STUDY, SERIES, IMAGE) for ``keys``."""
+        query = Dataset()
+        query.QueryRetrieveLevel = level
+        for name, value in keys.items():
+            setattr(query, name, value)
+        for _attempt in (1, 2):
+            pooled = self.connections.acquire()
+            fresh = pooled.uses == 0
+            if not accepted_sop(pooled.assoc, STUDY_FIND):
+                self.connections.give(pooled)
+                raise failures.refused_context(
+                    self.peer.label, "Study Root Q/R FIND", refusal(pooled.assoc, STUDY_FIND)
+                )
+            try:
+                found = list(self._answers(pooled, query, level))
+            except Unreachable:
+                self.connections.discard(pooled)
+                if fresh:
+                    raise
+                continue  # an idle association the peer had closed: once more
+            except DicomSyncError:
+                self.connections.give(pooled)
+                raise
+            self.connections.give(pooled)
+            return found
+        raise AssertionError("not reached")
+
+    def _answers(self, pooled: Pooled, query: Dataset, level: str) -> Iterator[Dataset]:
+        what = f"C-FIND {level}"
+        for status, identifier in pooled.assoc.send_c_find(query, STUDY_FIND):
+            code = answer_code(status, self.peer.label, what)
+            if code in PENDING:
+                if identifier is not None:
+                    yield identifier
+            elif failures.status_ok(code):
+                return
+            else:
+                comment = str(getattr(status, "ErrorComment", "") or "")
+                raise failures.status_error(code, f"{self.peer.label}: {what}", comment)
