@@ -21,6 +21,9 @@ A place stores studies under keys ``<patient>/<study>``. Every kind implements:
     Called once per batch before ``holds``, so a place can list once, not per study.
 ``check_environment()``  (optional)
     Offline check of what the config does not hold (an unset password variable).
+``probe()``  (optional)
+    Online check that the remote answers (C-ECHO for ``dicom``): one line, or the
+    mapped error; None when a kind has nothing to probe.
 
 ``is_source`` / ``is_destination`` say what a kind can do. Errors are
 ``dicomsync.errors`` types only.
@@ -135,6 +138,11 @@ class Place(ABC):
         startup, so ``place add`` need not have the secret but a misconfigured route is
         reported before its first job."""
 
+    def probe(self) -> str | None:
+        """One line saying the remote answers (``place ls``, ``status``, the plugin's
+        startup check), or None when there is nothing to probe; raises the mapped error."""
+        return None
+
     def close(self) -> None:  # noqa: B027
         """Release sessions and files."""
 
@@ -160,4 +168,5 @@ PLACES.register("dicom_root", "dicomsync.places.dicom_root:DicomRoot")
 PLACES.register("zipped_root", "dicomsync.places.zipped_root:ZippedRoot")
 PLACES.register("orthanc", "dicomsync.places.orthanc:OrthancPlace")
 PLACES.register("xnat_pre_archive", "dicomsync.places.xnat:XnatPreArchive")
+PLACES.register("dicom", "dicomsync.places.dicom:DicomPlace")
 PLACES.register("dicomweb", "dicomsync.places.dicomweb:DicomWebPlace")
