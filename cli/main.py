@@ -139,7 +139,7 @@ def _attach() -> None:
     for module in (init, place, find, send, deid):
         module.register(cli)
     # Command groups of the plugin (queue) and tags features.
-    for name in ("tags", "queue"):
+    for name in ("tags", "queue", "dose"):
         optional = optional_module(name)
         if optional is not None:
             optional.register(cli)

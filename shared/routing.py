@@ -42,6 +42,7 @@ from typing import Any
 
 from dicomsync import deid, options
 from dicomsync.config import build_place, is_finite_number, load_sections, resolve_path
+from dicomsync.console import dose_levels
 from dicomsync.errors import ConfigError, DicomSyncError, UnknownPlaceError
 from dicomsync.header_cache import HeaderCache, default_cache_dir
 from dicomsync.options import option
@@ -165,6 +166,12 @@ class SyncOptions:
         "route's `Deidentify` names one; `PatientIds` tables live in `queue.sqlite`",
         shown="`{}`",
     )
+    dose: Mapping[str, Any] | None = option(
+        "Dose",
+        "any",
+        "the console's dose page: `Index`, `ReferenceLevels` (`Dose.` below)",
+        shown="the first index sink; head 50/75, chest and abdomen 20/25 mGy",
+    )
 
 
 KNOWN_OPTIONS = options.names(SyncOptions)
@@ -194,6 +201,7 @@ class SyncConfig:
     warnings: list[str] = field(default_factory=list)
     profiles: dict[str, Any] = field(default_factory=dict)  # name -> deid Profile
     deidentify: dict[str, str] = field(default_factory=dict)  # destination -> profile name
+    dose: dict[str, Any] = field(default_factory=dict)  # dicomsync.console.dose_levels
     _header_cache: HeaderCache | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -374,6 +382,7 @@ def _parse(
         warnings=warnings,
         profiles=profiles,
         deidentify=deidentify,
+        dose=dose_levels.check(opts.dose, f"{where}.Dose", problems),
     )
 
 

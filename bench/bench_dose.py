@@ -1,0 +1,186 @@
+"""Dose page benchmark (issue 14): the dose page rendered over 100,000 dose events.
+
+An embedded index (``sqlite_index``) is filled with events made from the real vendor
+RDSRs of the shared test data (``rdsr/`` and ``study_petct_siemens/``): each generated
+study copies one file's events (its ``instance``, ``dose_report`` and ``dose_event``
+events, flattened by our own code) with new UIDs, a study date spread over a year, one
+of six scanners, one of six CT protocols and CTDIvol/DLP scaled by a random factor,
+until there are ``--events`` dose events (100,000 by default). Image instances are not
+generated: the dose page reads only dose events, dose reports and the per-study
+``Modality`` of the instances it finds.
+
+Then the dose page (``dicomsync.console.dose.render_page``, the same function the plugin
+and ``dicomsync dose report`` call) is rendered: cold (a new reader: what the first
+request after a start costs) and warm (the reader's cache is current: every later
+request), for the whole range and for one quarter. Target: < 500 ms.
+
+Run: ``.venv/bin/python bench/bench_dose.py [--events 100000] [--keep DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from dicomsync.sinks.sqlite_index import SqliteIndex
+from dicomsync.tags import SOURCETYPE_DOSE_EVENT, Event, events_from_bytes
+
+from common import report, workdir
+
+SCANNERS = ["CT-ROOM-1", "CT-ROOM-2", "CT-ER", "PETCT-1", "CT-ONCO", "CT-PAEDS"]
+PROTOCOLS = ["Head routine", "Chest", "Abdomen", "Thorax^TAP (Adult)", "Sinus", "CTA Neck"]
+
+
+def templates() -> list[list[Event]]:
+    from dicomdata import data_dir
+
+    base = data_dir()
+    files = sorted((base / "rdsr").glob("*.dcm")) + sorted(
+        (base / "study_petct_siemens").glob("*RDSR*.dcm")
+    )
+    return [events_from_bytes(f.read_bytes(), source=str(f)) for f in files]
+
+
+def _copy(value: Any, old: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v, old) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v, old) for v in value]
+    if isinstance(value, str) and value in old:
+        return old[value]
+    return value
+
+
+def study(template: list[Event], n: int, rng: random.Random) -> list[Event]:
+    """``template``'s events as study ``n``: new UIDs, date, scanner, protocol, doses."""
+    uids: dict[str, str] = {}
+    for ev in template:
+        for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            uid = ev.fields.get(key)
+            if isinstance(uid, str):
+                uids.setdefault(uid, f"2.25.{n}{len(uids):02d}{rng.randrange(10**8)}")
+        uid = ev.fields.get("Irradiation Event UID")
+        if isinstance(uid, str):
+            uids.setdefault(uid, f"2.25.9{n}{len(uids):03d}{rng.randrange(10**8)}")
+    t = 1735689600 + rng.randrange(365) * 86400 + rng.randrange(86400)  # during 2025
+    date = time.strftime("%Y%m%d", time.gmtime(t))
+    scanner = rng.choice(SCANNERS)
+    factor = rng.uniform(0.5, 2.5)
+    out = []
+    for ev in template:
+        fields = _copy(ev.fields, uids)
+        fields["StudyDate"] = date
+        fields["StationName"] = scanner
+        if ev.sourcetype == SOURCETYPE_DOSE_EVENT:
+            if "Acquisition Protocol" in fields or "CT Dose" in fields:
+                fields["Acquisition Protocol"] = rng.choice(PROTOCOLS)
+            dose = fields.get("CT Dose")
+            if isinstance(dose, dict):
+                for key in ("Mean CTDIvol", "DLP"):
+                    if isinstance(dose.get(key), float):
+                        dose[key] = round(dose[key] * factor, 2)
+        sop = str(fields.get("SOPInstanceUID"))
+        new_id = sop + ev.id[ev.id.index(":") :]
+        for old_uid, new_uid in uids.items():
+            new_id = new_id.replace(old_uid, new_uid)
+        out.append(Event(new_id, ev.sourcetype, t, ev.time_source, fields, "bench"))
+    return out
+
+
+def generate(path: Path, dose_events: int, seed: int = 14) -> dict[str, int]:
+    """Fill the index at ``path`` until it holds ``dose_events`` dose events."""
+    rng = random.Random(seed)
+    tmpl = templates()
+    index = SqliteIndex("bench", path)
+    made = n = 0
+    batch: list[Event] = []
+    while made < dose_events:
+        events = study(rng.choice(tmpl), n, rng)
+        n += 1
+        dose = [e for e in events if e.sourcetype == SOURCETYPE_DOSE_EVENT]
+        if made + len(dose) > dose_events:  # exactly the requested number
+            keep = set(e.id for e in dose[: dose_events - made])
+            events = [e for e in events if e.sourcetype != SOURCETYPE_DOSE_EVENT or e.id in keep]
+            dose = dose[: dose_events - made]
+        made += len(dose)
+        batch.extend(events)
+        if len(batch) >= 2000:
+            index.send(batch)
+            batch = []
+    if batch:
+        index.send(batch)
+    stats = index.stats()
+    index.close()
+    return {"studies": n, **{k.split(":")[1]: v for k, v in stats["events"].items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--keep", type=Path, help="reuse/keep the index in this folder")
+    args = parser.parse_args()
+
+    from dicomsync.console.dose import render
+    from dicomsync.console.dose_levels import Levels
+    from dicomsync.console.dose_query import DoseReader
+    from dicomsync.console.dose_view import DoseFilter
+
+    base = args.keep or workdir("dose")
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / f"index-{args.events}.sqlite"
+    if not path.exists():
+        start = time.perf_counter()
+        counts = generate(path, args.events)
+        print(f"generated {counts} in {time.perf_counter() - start:.0f} s", flush=True)
+    size = path.stat().st_size
+    cache = base / f"dose-cache-{args.events}.sqlite"
+    cache.unlink(missing_ok=True)
+    levels = Levels()
+
+    def timed_render(reader: DoseReader, flt: DoseFilter) -> tuple[float, int]:
+        start = time.perf_counter()
+        page = render(reader, flt, levels, root="")  # what GET /dicomsync/ui/dose renders
+        return time.perf_counter() - start, len(page)
+
+    whole = DoseFilter()
+    quarter = DoseFilter(since="20250401", until="20250630")
+    reader = DoseReader.sqlite(path, cache=cache)
+    first, _ = timed_render(reader, whole)  # reads the index's fields once, fills the cache
+    reader.close()
+    restart = []
+    for _ in range(3):  # a new process: the summary cache is read, the index only for news
+        reader = DoseReader.sqlite(path, cache=cache)
+        restart.append(timed_render(reader, whole)[0])
+        reader.close()
+    reader = DoseReader.sqlite(path, cache=cache)
+    timed_render(reader, whole)
+    warm = [timed_render(reader, whole)[0] for _ in range(5)]
+    warm_q = [timed_render(reader, quarter)[0] for _ in range(5)]
+    _, length = timed_render(reader, whole)
+    snap = reader.snapshot()
+    assert snap is not None
+    reader.close()
+    ms = 1000.0
+    report(
+        f"Dose page over {args.events:,} dose events ({len(snap.events):,} CT events after"
+        f" dedup, {len(snap.totals):,} studies; index {size / 1e9:.1f} GB; target < 500 ms)",
+        [
+            ("first read of the index (once)", f"{first:.1f} s"),
+            (
+                "after a restart (summary cache), median of 3",
+                f"{statistics.median(restart) * ms:.0f} ms",
+            ),
+            ("warm, whole year, median of 5", f"{statistics.median(warm) * ms:.0f} ms"),
+            ("warm, one quarter, median of 5", f"{statistics.median(warm_q) * ms:.0f} ms"),
+            ("page size", f"{length / 1e3:.0f} kB"),
+            ("summary cache size", f"{cache.stat().st_size / 1e6:.1f} MB"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
