@@ -46,9 +46,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pydicom
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian
 
 from dicomsync.deid import table
@@ -87,6 +89,9 @@ TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "CS", "AE", "UR"})
 BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 DUMMY = {"PN": "ANONYMOUS", "DA": "19000101", "TM": "000000", "DT": "19000101000000",
          "AS": "000D", "IS": "0", "DS": "0"}  # fmt: skip
+# VRs whose values the fast path rewrites as ASCII bytes (``Deidentifier._raw``)
+RAW_VRS = frozenset({"UI", "DA", "DT", "TM", "LO", "SH", "CS", "AE", "AS", "IS", "DS", "PN",
+                     "LT", "ST", "UT", "UC"})  # fmt: skip
 META_DROPPED = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028)
 
 
@@ -99,10 +104,20 @@ class StudyKeys:
     date_offset: int
 
 
-@dataclass
 class _Instance:
-    study: StudyKeys
-    scrub: re.Pattern[str] | None
+    """One instance's walk: its study's keys, and the pattern of its identifying values
+    (made only when a value is cleaned)."""
+
+    def __init__(self, study: StudyKeys, ds: Dataset) -> None:
+        self.study = study
+        self._ds: Dataset | None = ds
+        self._scrub: re.Pattern[str] | None = None
+
+    @property
+    def scrub(self) -> re.Pattern[str] | None:
+        if self._ds is not None:
+            self._scrub, self._ds = _scrubber(self._ds), None
+        return self._scrub
 
 
 class Deidentifier:
@@ -117,7 +132,7 @@ class Deidentifier:
         self.retain_uids = "retain-uids" in profile.options
         self.clean_content = "clean-structured-content" in profile.options
         self.device_identity = "retain-device-identity" in profile.options
-        self._codes = profile.codes()
+        self._records_template = self._make_records()
 
     def uid(self, uid: str) -> str:
         return uid if self.retain_uids else self.keys.uid(uid)
@@ -129,7 +144,7 @@ class Deidentifier:
         except Exception as exc:  # pydicom raises many kinds on corrupt data
             raise DicomFileError(f"{name}: not readable DICOM ({type(exc).__name__})") from None
         self.check_burned_in(ds, name)
-        ctx = _Instance(study, _scrubber(ds))
+        ctx = _Instance(study, ds)
         self._walk(ds, ctx, "normal")
         ds[PATIENT_ID] = DataElement(PATIENT_ID, "LO", study.pseudonym)
         ds[PATIENT_NAME] = DataElement(PATIENT_NAME, "PN", study.pseudonym_name)
@@ -163,25 +178,76 @@ class Deidentifier:
         """``mode``: ``normal``, ``dummy`` (inside a ``D`` sequence) or ``content`` (an SR
         content item)."""
         concept = _concept(ds) if mode == "content" else ""
-        for elem in list(ds):
-            tag = int(elem.tag)
+        for tag in list(ds.keys()):
+            tag = int(tag)
             if tag & 0xFFFF == 0:  # a group length: wrong once values change
                 del ds[tag]
                 continue
-            if elem.tag.is_private:
-                self._private(ds, elem)
+            if tag >> 16 & 1:  # an odd group: private
+                if self.actions.private == "C":
+                    self._private(ds, ds[tag])
+                else:
+                    del ds[tag]
                 continue
             action = self.actions.get(tag)
             if action is None:
                 if mode == "content" and tag == TEXT_VALUE:
                     action = self._text_action(concept)
-                elif elem.VR == "SQ":
-                    action = "D" if mode == "dummy" else "K"
-                elif elem.VR == "UI":
-                    action = "U"
                 else:
-                    action = "D" if mode == "dummy" else "K"
-            self._apply(ds, elem, action, ctx, mode)
+                    vr = _vr(ds, tag)
+                    if vr == "UI":
+                        action = "U"
+                    elif mode == "dummy":
+                        action = "D"
+                    elif vr != "SQ":
+                        continue  # kept as read: never decoded, written back raw
+                    else:
+                        action = "K"
+            if self._raw(ds, tag, action, ctx):
+                continue
+            self._apply(ds, ds[tag], action, ctx, mode)
+
+    def _raw(self, ds: Dataset, tag: int, action: str, ctx: _Instance) -> bool:
+        """The fast path: the common actions on a value still as read (ASCII VRs), without
+        decoding it, the new value written back raw. False: take the general path."""
+        raw = ds.get_item(tag)
+        if not isinstance(raw, RawDataElement) or raw.value is None:
+            return False
+        if "D" in action and action != "D":  # X/D, Z/D, X/Z/D
+            action = "D"
+        elif action == "X/Z":
+            action = "Z"
+        if action == "X":
+            del ds[tag]
+            return True
+        vr = _vr(ds, tag)
+        if vr not in RAW_VRS or action not in ("Z", "D", "U", "K", "C"):
+            return False
+        if action == "K" and vr != "UI":
+            return True
+        text = raw.value.decode("ascii", "replace").rstrip("\0 ")
+        if action == "Z":
+            new = ""
+        elif vr == "UI":
+            if action == "K" or self.retain_uids:
+                return True
+            new = "\\".join(self.keys.uid(u.strip("\0 ")) for u in text.split("\\"))
+        elif action == "D":
+            if tag == PATIENT_ID or tag == PATIENT_NAME:
+                return False
+            new = DUMMY.get(vr, "ANONYMIZED")
+        elif vr in ("DA", "DT"):
+            days = ctx.study.date_offset
+            new = "\\".join(_shift(v.strip(), days, 8) for v in text.split("\\"))
+        elif vr == "TM":
+            return True
+        else:
+            return False
+        value = new.encode("ascii")
+        if len(value) % 2:
+            value += b"\0" if vr == "UI" else b" "
+        ds._dict[BaseTag(tag)] = raw._replace(value=value, length=len(value))
+        return True
 
     def _text_action(self, concept: str) -> str:
         if self.device_identity and concept in DEVICE_CONCEPTS:
@@ -253,14 +319,16 @@ class Deidentifier:
         del ds[elem.tag]
 
     # --- records and file meta ------------------------------------------------------------
-    def _records(self, ds: Dataset) -> None:
+    def _make_records(self) -> Dataset:
+        """The records every output carries, made once per profile."""
         options = self.profile.options
+        ds = Dataset()
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = [self.profile.method().split(";")[0]] + [
             o for o in table.COLUMNS if o in options
         ]
         items = []
-        for value, meaning in self._codes:
+        for value, meaning in self.profile.codes():
             item = Dataset()
             item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
             items.append(item)
@@ -271,6 +339,11 @@ class Deidentifier:
             ds.LongitudinalTemporalInformationModified = "MODIFIED"
         else:
             ds.LongitudinalTemporalInformationModified = "REMOVED"
+        return ds
+
+    def _records(self, ds: Dataset) -> None:
+        for elem in self._records_template:  # shared elements: writing never changes them
+            ds[elem.tag] = elem
 
     def _meta(self, ds: Dataset) -> None:
         meta = getattr(ds, "file_meta", None)
@@ -305,6 +378,18 @@ def _shift(value: str, days: int, width: int) -> str:
         return (date - datetime.timedelta(days=days)).strftime("%Y%m%d") + tail
     except ValueError:
         return DUMMY["DA"] + tail[: max(0, len(value) - width)]
+
+
+def _vr(ds: Dataset, tag: int) -> str:
+    """An element's VR without decoding its value (implicit VR: the dictionary's)."""
+    raw = ds.get_item(tag)
+    vr = getattr(raw, "VR", None)
+    if vr:
+        return str(vr)
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return "UN"
 
 
 def _concept(item: Dataset) -> str:
