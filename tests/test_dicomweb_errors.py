@@ -7,6 +7,7 @@ protocol-faithful gate of ``tests/servers/dicomweb_gate.py`` stands in front of 
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomsync.errors import AuthenticationFailed, RemoteRejected, Unreachable
+from dicomsync.errors import AuthenticationFailed, DicomSyncError, RemoteRejected, Unreachable
 from dicomsync.identity import StudyIdentity
 from dicomsync.places.base import Instance
 from dicomsync.places.dicomweb import DicomWebPlace
@@ -120,7 +121,7 @@ def _instances(n: int, pixel_bytes: int = 64) -> tuple[StudyIdentity, list[Insta
         buf = BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         data = buf.getvalue()
-        out.append(Instance(str(ds.SOPInstanceUID), "x.dcm", lambda d=data: d))
+        out.append(Instance(str(ds.SOPInstanceUID), "x.dcm", functools.partial(bytes, data)))
     return StudyIdentity(st, frozenset(i.sop_uid for i in out), "GATE"), out
 
 
@@ -159,7 +160,7 @@ def _place(url: str, tmp_path: Path, **extra: object) -> DicomWebPlace:
     ],
 )
 def test_failure_reasons_decide_retryable(
-    tmp_path: Path, gate: Gate, code: int, error: type, retryable: bool
+    tmp_path: Path, gate: Gate, code: int, error: type[DicomSyncError], retryable: bool
 ) -> None:
     identity, instances = _instances(3)
     uids = sorted(identity.sop_uids)
@@ -193,7 +194,12 @@ def test_duplicate_reason_and_warnings_count_as_stored(tmp_path: Path, gate: Gat
     ],
 )
 def test_error_status_without_failed_sop_sequence(
-    tmp_path: Path, gate: Gate, status: int, error: type, retryable: bool, text: str
+    tmp_path: Path,
+    gate: Gate,
+    status: int,
+    error: type[DicomSyncError],
+    retryable: bool,
+    text: str,
 ) -> None:
     identity, instances = _instances(2)
     gate.inject = [("POST", "/studies", status, "")]
@@ -353,4 +359,23 @@ def test_wrong_base_url_and_unreachable_server(
         result.output.strip()
         .splitlines()[-1]
         .startswith("Error: QIDO-RS http://127.0.0.1:9/dicom-web/studies: no answer (")
+    )
+
+
+def test_host_header_keeps_the_port_and_probe_answers(tmp_path: Path, gate: Gate) -> None:
+    """dicomweb-client sends ``Host: 127.0.0.1`` without the port; a name-based virtual
+    host on another port would route that elsewhere."""
+    identity, instances = _instances(1)
+    port = gate.url.split(":")[2].split("/")[0]
+    with _place(gate.url, tmp_path) as place:
+        assert place.probe() == f"DICOMweb at '{gate.url}' answers QIDO-RS"
+        place.receive("GATE/x", instances, identity)
+        assert place.holds("GATE/x", identity) == identity.sop_uids
+        assert list(place.studies())
+    assert gate.hosts == {f"127.0.0.1:{port}"}
+    gate.inject = [("GET", "/studies", 403, "")]
+    with _place(gate.url, tmp_path) as place, pytest.raises(AuthenticationFailed) as err:
+        place.probe()
+    assert (
+        str(err.value) == f"QIDO-RS {gate.url}/studies: not authorised (403); check the credentials"
     )

@@ -26,7 +26,7 @@ SOPInstanceUID of every part of every STOW-RS request the upstream accepted (2xx
 test can count what reached the server, duplicates included.
 
 ``seen`` records ``(method, path, Authorization scheme, content length)`` of every request,
-never the credentials themselves; ``seen_tokens`` the bearer tokens offered (tests check
+never the credentials themselves; ``hosts`` the ``Host`` headers seen; ``seen_tokens`` the bearer tokens offered (tests check
 which were tried, the test owns them).
 """
 
@@ -75,6 +75,7 @@ class Gate:
     seen: list[tuple[str, str, str, int]] = field(default_factory=list)
     seen_tokens: list[str] = field(default_factory=list)
     stowed: list[str] = field(default_factory=list)
+    hosts: set[str] = field(default_factory=set)
     _fired: dict[int, int] = field(default_factory=dict)
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -107,6 +108,7 @@ class Gate:
                 length = int(self.headers.get("Content-Length") or 0)
                 with gate._lock:
                     gate.seen.append((self.command, self.path, auth.split(" ")[0], length))
+                    gate.hosts.add(self.headers.get("Host", ""))
                 if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
                     self.close_connection = True
                     self._answer(411, b"chunked uploads are refused", {})

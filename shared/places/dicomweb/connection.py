@@ -8,7 +8,8 @@
   only (nothing process-wide changes);
 - ``Accept-Encoding: identity`` on every request: Orthanc (and others) would otherwise gzip
   each DICOM file on the fly (26 ms per file against 1.4 ms, ORTHANC_NOTES);
-- dicomweb-client's own retries are off: retries are the queue's (``RetryPolicy``);
+- dicomweb-client's own retries are off: retries are the queue's (``RetryPolicy``); its
+  ``Host`` header gets the port back (it sends the bare host name);
 - auth, at most one of: basic (``User`` + the password in ``$PasswordEnv``), a bearer
   token in ``$TokenEnv``, or ``TokenCommand``, an argv list run without a shell whose
   stdout is the token. The secret is read at the first request (``place add`` needs
@@ -42,6 +43,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -360,6 +362,8 @@ class Connection:
 
                 client = DICOMwebClient(self.url, session=session, timeout=self.timeout)
                 client.set_http_retry_params(retry=False)
+                # it sends ``Host: <host>`` without the port; RFC 9110 wants host:port
+                client.host = urlsplit(self.url).netloc
                 self._client = client
             return self._client
 

@@ -133,6 +133,14 @@ class DicomWebPlace(Place):
     def describe(self) -> str:
         return f"DICOMweb at '{self.url}'{described_auth(self.connection.auth)}"
 
+    def probe(self) -> str | None:
+        """One QIDO-RS request for one study: the service answers, and accepts our login."""
+        client = self.connection.client()
+        self.connection.call(
+            f"QIDO-RS {self.url}/studies", functools.partial(client.search_for_studies, limit=1)
+        )
+        return f"DICOMweb at '{self.url}' answers QIDO-RS"
+
     # --- QIDO-RS ----------------------------------------------------------------------
     def _pages(self, what: str, search: Any, **kwargs: Any) -> list[dict[str, Any]]:
         """Every result of a QIDO-RS search, page by page."""

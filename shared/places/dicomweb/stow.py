@@ -3,8 +3,9 @@
 ``store(connection, study_uid, instances, per_request, in_flight)`` sends a study's
 instances to ``{Url}/studies/{StudyInstanceUID}`` as ``multipart/related;
 type="application/dicom"`` bodies of at most ``per_request`` instances and
-``MAX_REQUEST_BYTES`` (a larger instance goes alone), ``in_flight`` requests at a time.
-At most ``in_flight + 1`` bodies are in memory. Each body is one ``bytes`` object with
+``MAX_REQUEST_BYTES`` (a batch's body is posted early when its next instance would take
+it past that; a larger instance goes alone), ``in_flight`` requests at a time. At most
+``in_flight`` bodies are in memory (each thread reads its batch's instances itself). Each body is one ``bytes`` object with
 a ``Content-Length``, never chunked (``Transfer-Encoding: chunked``, which
 dicomweb-client's own ``store_instances`` switches to above its chunk size, breaks
 against Orthanc's DICOMweb plugin), so the STOW request is made here on the place's
