@@ -249,6 +249,11 @@ def _pick_sink(cfg: Config, key: str | None) -> str:
     "--sink", "sink_key", metavar="KEY", help="The sink to query (default: the only one)."
 )
 @click.option("--dry-run", is_flag=True, help="Show what would be sent; send nothing.")
+@click.option(
+    "--deidentify",
+    metavar="PROFILE",
+    help="De-identify on the way out with this profile of the Deidentify section.",
+)
 @click.pass_context
 def replicate_command(
     ctx: click.Context,
@@ -257,6 +262,7 @@ def replicate_command(
     where: str,
     sink_key: str | None,
     dry_run: bool,
+    deidentify: str | None,
 ) -> None:
     """Send the studies of SOURCE that match an index query to DESTINATION.
 
@@ -273,6 +279,10 @@ def replicate_command(
         wanted = {hit.study_uid for hit in sink.query(where_q)}
         log.info("%d studies match %s in the index", len(wanted), where_q)
         dest = stack.enter_context(cfg.place(destination))
+        if deidentify:
+            from dicomsync.deid import for_config
+
+            dest = for_config(cfg, dest, deidentify)
         items: list[tuple[Place, StudyRef]] = []
         if wanted:
             for place in places_for(cfg, src_q):

@@ -349,3 +349,32 @@ def test_our_table_agrees_with_the_standard_copy_on_the_rows_of_the_files() -> N
         for elem in pydicom.dcmread(data(folder, name)):
             if int(elem.tag) in standard:
                 assert ours.get(int(elem.tag)) == standard[int(elem.tag)], elem.keyword
+
+
+def test_replicate_deidentifies_the_matching_studies_and_a_late_instance_goes_alone(
+    tmp_path: Path, cli: Cli, seed: dict[str, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEID_SECRET", SECRET)
+    cli("sink", "add", "sqlite_index", "local", str(tmp_path / "idx.sqlite"))
+    cli("index", "my_studies:*", "--sink", "local")
+    args = ("replicate", "my_studies", "research", "--where", "Modality=SR")
+    out = cli(*args, "--deidentify", "research").output
+    assert out.splitlines()[-1].startswith("1 sent, 0 duplicate, 0 failed")
+    (sent,) = files_under(tmp_path / "out")
+    assert pydicom.dcmread(sent).PatientIdentityRemoved == "YES"
+    assert (
+        cli(*args, "--deidentify", "research")
+        .output.splitlines()[-1]
+        .startswith("0 sent, 1 duplicate")
+    )
+    # A late instance of a study sent before: only that instance travels, into the same
+    # de-identified study.
+    cli("send", "my_studies:patient1/study1", "research", "--deidentify", "research")
+    study = [p for p in files_under(tmp_path / "out") if p != sent]
+    late = pydicom.dcmread(seed["patient1/study1"][0])
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8.9"
+    late.save_as(tmp_path / "dicom_root" / "patient1" / "study1" / "late.dcm")
+    out = cli("send", "my_studies:patient1/study1", "research", "--deidentify", "research")
+    assert out.output.splitlines()[-1].startswith("1 sent, 0 duplicate, 0 failed (1 instances")
+    now = [p for p in files_under(tmp_path / "out") if p != sent]
+    assert len(now) == len(study) + 1 and {p.parent for p in now} == {study[0].parent}
