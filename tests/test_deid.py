@@ -378,3 +378,36 @@ def test_replicate_deidentifies_the_matching_studies_and_a_late_instance_goes_al
     assert out.output.splitlines()[-1].startswith("1 sent, 0 duplicate, 0 failed (1 instances")
     now = [p for p in files_under(tmp_path / "out") if p != sent]
     assert len(now) == len(study) + 1 and {p.parent for p in now} == {study[0].parent}
+
+
+def test_pseudonym_map_preloaded_from_csv_used_by_send_and_exported(
+    tmp_path: Path, cli: Cli, seed: dict[str, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DEID_SECRET", SECRET)
+    configure(cli, tmp_path, PatientIds="pseudonyms")
+    patient = str(pydicom.dcmread(seed["patient2/study1"][0]).PatientID)
+    csv_in = tmp_path / "subjects.csv"
+    csv_in.write_text(
+        f"original_id,pseudonym_id,pseudonym_name\n{patient},SUBJ-007,Subject^Seven\n"
+    )
+    out = cli("deid", "map", "import", "research", str(csv_in)).output
+    assert out.startswith("1 pseudonyms added")
+    cli("send", "my_studies:*", "research", "--deidentify", "research")
+    ids = {str(pydicom.dcmread(p).PatientID) for p in files_under(tmp_path / "out")}
+    assert "SUBJ-007" in ids and len(ids) >= 3
+    assert (tmp_path / "SUBJ-007").exists() is False  # the key is under the destination root
+    assert (tmp_path / "out" / "SUBJ-007").is_dir()
+    names = {
+        str(pydicom.dcmread(p).PatientName) for p in files_under(tmp_path / "out" / "SUBJ-007")
+    }
+    assert names == {"Subject^Seven"}
+    exported = tmp_path / "map.csv"
+    cli("deid", "map", "export", "research", str(exported))
+    rows = exported.read_text().splitlines()
+    assert rows[0] == "original_id,pseudonym_id,pseudonym_name"
+    assert f"{patient},SUBJ-007,Subject^Seven" in rows and len(rows) == len(ids) + 1
+    assert exported.stat().st_mode & 0o077 == 0
+    state = tmp_path / "dicomsync-state" / "deid.sqlite"
+    assert state.exists() and state.stat().st_mode & 0o077 == 0
+    refused = cli("deid", "map", "export", "research", str(exported), ok=False)
+    assert refused.exit_code == 1 and "exists" in refused.output
