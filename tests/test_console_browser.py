@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -131,16 +132,13 @@ def test_a_failed_job_shows_its_error_and_is_retried_from_the_page(
     first = failed[0]["Id"]
     browser.click(f'button[data-job="{first}"]')
     browser.wait(
-        lambda: f"job {first} is queued" in browser.text("#console-message"), "the retry answer"
+        lambda: f"job {first} requeued" in browser.text("#console-message"), "the retry answer"
     )
     wait_for(lambda: server.get(f"/dicomsync/jobs/{first}")["State"] == "done", 60, "job done")
     assert {j["Id"] for j in jobs(server, state="failed")} == {j["Id"] for j in failed[1:]}
 
-    browser.get(
-        server.url
-        + "/dicomsync/ui/jobs?"
-        + f"state=failed&destination={requests.utils.quote(HOSTILE)}"
-    )
+    query = urlencode({"state": "failed", "destination": HOSTILE})
+    browser.get(f"{server.url}/dicomsync/ui/jobs?{query}")
     browser.click("#retry-failed")
     browser.driver.switch_to.alert.accept()  # "Requeue every failed job of ...?"
     browser.wait(lambda: "3 job(s) requeued" in browser.text("#console-message"), "retry all")
@@ -168,3 +166,41 @@ def test_a_cross_site_post_without_the_console_header_is_refused(
         assert r.status_code == 403, (headers, r.text)
     r = requests.post(target, data=b"{}", headers={"X-DicomSync-Console": "1"}, timeout=30)
     assert r.status_code == 200 and "Requeued" in r.json()
+
+
+def test_the_console_is_behind_orthanc_s_authentication(tmp_path: Path) -> None:
+    """Orthanc authenticates the plugin's routes like its own: no credentials, no page."""
+    from plugin_helpers import plugin_orthanc
+
+    (tmp_path / "zips").mkdir()
+    server = plugin_orthanc(
+        tmp_path,
+        "auth",
+        {"zips": {"Kind": "zipped_root", "Path": str(tmp_path / "zips")}},
+        [{"Destination": "zips"}],
+        config={"AuthenticationEnabled": True, "RegisteredUsers": {"alice": "secret"}},
+    )
+    auth = ("alice", "secret")
+
+    def ready(timeout: float = 30.0) -> None:
+        wait_for(lambda: _answers(server.url + "/system", auth), timeout, "Orthanc up")
+
+    server.wait_ready = ready  # type: ignore[method-assign]
+    server.start()
+    try:
+        for path in ("/dicomsync/ui", "/dicomsync/ui/jobs", "/dicomsync/ui/static/console.js"):
+            assert requests.get(server.url + path, timeout=30).status_code == 401, path
+            assert requests.get(server.url + path, auth=auth, timeout=30).status_code == 200
+        target = server.url + "/dicomsync/ui/api/retry-failed"
+        assert requests.post(target, data=b"{}", timeout=30).status_code == 401
+        # authenticated but without the console's header (a forged request): refused
+        assert requests.post(target, data=b"{}", auth=auth, timeout=30).status_code == 403
+    finally:
+        server.stop()
+
+
+def _answers(url: str, auth: tuple[str, str]) -> bool:
+    try:
+        return requests.get(url, auth=auth, timeout=1).ok
+    except requests.RequestException:
+        return False

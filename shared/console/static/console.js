@@ -50,7 +50,7 @@
       });
     }).then(function (data) {
       var what = data.Requeued !== undefined ? data.Requeued + " job(s) requeued"
-        : "job " + data.Id + " is " + data.State;
+        : "job " + data.Id + " requeued (now " + data.State + ")";
       say(what, "info");  // and again after the reload, which shows the new states
       try { window.sessionStorage.setItem("dicomsync-message", what); } catch (e) { /* off */ }
       window.setTimeout(function () { window.location.reload(); }, 400);
