@@ -29,7 +29,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
     for key in sorted(cfg.places):
         entry: dict[str, object] = {"key": key, "kind": cfg.places[key].get("Kind")}
         try:
-            entry["description"] = cfg.place(key).describe()
+            with cfg.place(key) as built:
+                entry["description"] = built.describe()
+                probe = built.probe()  # C-ECHO for a DICOM node
+                if probe:
+                    entry["probe"] = probe
         except DicomSyncError as exc:
             entry["error"] = str(exc)
         places.append(entry)
@@ -50,6 +54,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     echo(f"places: {len(places)}")
     for p in places:
         echo(f"  {p['key']:<16} {p.get('description') or 'error: ' + str(p.get('error'))}")
+        if p.get("description") and (p.get("probe") or p.get("error")):
+            echo(f"  {'':<16} {p.get('probe') or 'error: ' + str(p.get('error'))}")
     echo(f"sinks: {len(sinks)}")
     for s in sinks:
         echo(f"  {s['key']:<16} {s['kind']}")

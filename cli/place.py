@@ -163,6 +163,9 @@ def ls_place(ctx: click.Context, key: str, as_json: bool) -> None:
     """List a place's studies with their StudyInstanceUID and instance count."""
     cfg = load_config(ctx)
     with cfg.place(key) as p:
+        probe = p.probe()  # C-ECHO for a DICOM node: a wrong AE title is one line here
+        if probe and not as_json:
+            echo(probe)
         rows = []
         for ref in p.studies(StudyQuery(key)):
             ident = p.identity(ref)
@@ -178,7 +181,8 @@ def ls_place(ctx: click.Context, key: str, as_json: bool) -> None:
 
 
 def register(group: click.Group) -> None:
-    xnat = optional_module("xnat")
-    if xnat is not None:
-        xnat.register(add)
+    for name in ("xnat", "dicom"):
+        module = optional_module(name)
+        if module is not None:
+            module.register(add)
     group.add_command(place)

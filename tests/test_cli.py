@@ -46,7 +46,7 @@ def test_corrupted_config(cli: Cli) -> None:
     )
     cli.config.write_text('{"Places": {"a": {"Kind": "ftp"}}}')
     assert error_line(cli("find", "a:*", ok=False)) == (
-        "Error: unknown place kind 'ftp'; known kinds: dicom_root, orthanc, xnat_pre_archive, zipped_root"
+        "Error: unknown place kind 'ftp'; known kinds: dicom, dicom_root, dicomweb, orthanc, xnat_pre_archive, zipped_root"
     )
 
 

@@ -411,6 +411,12 @@ class Service:
             try:
                 with self.config.build_place(key) as place:
                     place.check_environment()
+                    probed = place.probe()  # C-ECHO for a DICOM node
+                    if probed:
+                        log.info("destination %r: %s", key, probed)
             except DicomSyncError as exc:
+                if exc.retryable:  # down for now: its jobs wait and retry, nothing is wrong
+                    log.warning("destination %r does not answer yet: %s", key, exc)
+                    continue
                 self.place_errors[key] = str(exc)
                 log.error("destination %r is unusable: %s", key, exc)

@@ -157,6 +157,10 @@ class DicomPlace(Place):
     # --- source ---------------------------------------------------------------------------
     def studies(self, query: StudyQuery | None = None) -> Iterator[StudyRef]:
         query = query or StudyQuery(self.key)
+        if not self.finder.supported():
+            raise RemoteRejected(
+                f"{self.peer.label} answers no C-FIND: it can receive studies, not list them"
+            )
         keys: dict[str, Any] = {"PatientID": "", "StudyInstanceUID": ""}
         patient = query.patient if query.study is not None else ""
         if patient and not (_DICOM_WILDCARDS & set(patient)) and safe_component(patient) == patient:
