@@ -23,7 +23,7 @@ from typing import Any
 import pydicom
 import requests
 from bench_plugin import COUNTER, PYTHON_PLUGIN, clear, count, drained, noisy_pixels, upload, wait
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 
 from common import OrthancProcess, make_instance, report, workdir
 
@@ -57,7 +57,7 @@ def ct_instance(patient: str, study_uid: str, series_uid: str, size: int) -> byt
         ContentDate="20240101",
         FrameOfReferenceUID=generate_uid(),
     )
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(CT_IMAGE)
     if size > 64:
         ds.PixelData = noisy_pixels(len(ds.PixelData))
     buf = io.BytesIO()

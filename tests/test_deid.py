@@ -13,6 +13,7 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from dicomsync.deid.keys import Keys
 from dicomsync.tags import SOURCETYPE_DOSE_EVENT, SOURCETYPE_DOSE_REPORT, events_from_bytes
@@ -372,10 +373,10 @@ def test_replicate_deidentifies_the_matching_studies_and_a_late_instance_goes_al
     cli("send", "my_studies:patient1/study1", "research", "--deidentify", "research")
     study = [p for p in files_under(tmp_path / "out") if p != sent]
     late = pydicom.dcmread(seed["patient1/study1"][0])
-    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7.8.9"
+    late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = UID("1.2.3.4.5.6.7.8.9")
     late.save_as(tmp_path / "dicom_root" / "patient1" / "study1" / "late.dcm")
-    out = cli("send", "my_studies:patient1/study1", "research", "--deidentify", "research")
-    assert out.output.splitlines()[-1].startswith("1 sent, 0 duplicate, 0 failed (1 instances")
+    result = cli("send", "my_studies:patient1/study1", "research", "--deidentify", "research")
+    assert result.output.splitlines()[-1].startswith("1 sent, 0 duplicate, 0 failed (1 instances")
     now = [p for p in files_under(tmp_path / "out") if p != sent]
     assert len(now) == len(study) + 1 and {p.parent for p in now} == {study[0].parent}
 

@@ -195,12 +195,12 @@ def test_records_and_cid_7050_codes() -> None:
 
     from dicomsync.deid.options import CID_7050
 
-    cid_7050 = {
-        code: meaning
-        for entry in concepts["DCM"].values()
-        for code, (meaning, cids) in entry.items()
-        if 7050 in cids
-    }
+    cid_7050: dict[str, str] = {}
+    entries: dict[str, dict[str, tuple[str, list[int]]]] = concepts["DCM"]  # type: ignore[assignment]
+    for entry in entries.values():
+        for code, (meaning, cids) in entry.items():
+            if 7050 in cids:
+                cid_7050[code] = meaning
     for code in out.DeidentificationMethodCodeSequence:  # PS3.16 CID 7050's own codes
         assert code.CodeMeaning == cid_7050[code.CodeValue]
     assert dict(CID_7050.values()).items() <= cid_7050.items()

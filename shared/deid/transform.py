@@ -178,8 +178,8 @@ class Deidentifier:
         """``mode``: ``normal``, ``dummy`` (inside a ``D`` sequence) or ``content`` (an SR
         content item)."""
         concept = _concept(ds) if mode == "content" else ""
-        for tag in list(ds.keys()):
-            tag = int(tag)
+        for key in list(ds.keys()):
+            tag = int(key)
             if tag & 0xFFFF == 0:  # a group length: wrong once values change
                 del ds[tag]
                 continue
