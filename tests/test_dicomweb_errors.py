@@ -379,3 +379,34 @@ def test_host_header_keeps_the_port_and_probe_answers(tmp_path: Path, gate: Gate
     assert (
         str(err.value) == f"QIDO-RS {gate.url}/studies: not authorised (403); check the credentials"
     )
+
+
+def test_no_secret_in_debug_logs(
+    tmp_path: Path, gate: Gate, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every logger at DEBUG (ours, dicomweb-client's, urllib3's) over a full round trip."""
+    import logging
+
+    gate.tokens = {"tok-Secret-77"}
+    monkeypatch.setenv("WEB_TOKEN", "tok-Secret-77")
+    identity, instances = _instances(2)
+    caplog.set_level(logging.DEBUG)
+    with _place(gate.url, tmp_path, TokenEnv="WEB_TOKEN") as place:
+        place.receive("GATE/x", instances, identity)
+        assert place.holds("GATE/x", identity) == identity.sop_uids
+        (ref,) = [r for r in place.studies() if r.handle == identity.study_uid]
+        assert {i.sop_uid for i in place.instances(ref)} == identity.sop_uids
+        assert all(i.read()[128:132] == b"DICM" for i in place.instances(ref))
+    assert caplog.records and "Secret" not in caplog.text
+
+
+def test_wado_answer_sent_bare_as_application_dicom(tmp_path: Path, gate: Gate) -> None:
+    """A server may answer a one-instance WADO-RS request with the file itself."""
+    identity, instances = _instances(1)
+    data = instances[0].read()
+    with _place(gate.url, tmp_path) as place:
+        place.receive("GATE/x", instances, identity)
+        (ref,) = [r for r in place.studies() if r.handle == identity.study_uid]
+        gate.inject = [("GET", f"/studies/{identity.study_uid}/series/", 200, data)]
+        (inst,) = place.instances(ref)
+        assert inst.read() == data

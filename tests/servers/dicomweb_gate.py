@@ -16,8 +16,8 @@ returned as is, except:
   401 with ``WWW-Authenticate: Basic realm="gate"``.
 - **Injected answers** (``inject``): a list of ``(method, path_prefix, status, body)``;
   the first that matches answers instead of the upstream (``body`` is sent as
-  ``application/dicom+json`` when it is a dict or list). ``inject_times`` limits how often
-  each entry fires (None: always).
+  ``application/dicom+json`` when it is a dict or list, as a bare ``application/dicom``
+  when it is bytes). ``inject_times`` limits how often each entry fires (None: always).
 - **No chunked uploads**: a request with ``Transfer-Encoding: chunked`` answers 411
   (Length Required), as a strict server or proxy does, so a test sees it.
 
@@ -143,7 +143,9 @@ class Gate:
                             if gate.inject_times is not None and fired >= gate.inject_times:
                                 continue
                             gate._fired[i] = fired + 1
-                        if isinstance(answer, (dict, list)):
+                        if isinstance(answer, bytes):
+                            self._answer(status, answer, {"Content-Type": "application/dicom"})
+                        elif isinstance(answer, (dict, list)):
                             data = json.dumps(answer).encode()
                             self._answer(status, data, {"Content-Type": "application/dicom+json"})
                         else:

@@ -259,6 +259,8 @@ class DicomWebPlace(Place):
                 stream=True,
             )
             self.connection.check(response, what)
+            if response.headers.get("Content-Type", "").startswith("application/dicom"):
+                return response.content  # a single part sent bare, as some servers do
             for part in client._decode_multipart_message(response, stream=True):
                 return bytes(part)
             raise RemoteRejected(f"{what}: the answer holds no instance")
