@@ -103,8 +103,19 @@ def csv_text(summary: Summary, name: str) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(header)
-    writer.writerows(rows)
+    writer.writerows([[_cell(v) for v in row] for row in rows])
     return out.getvalue()
+
+
+def _cell(value: str) -> str:
+    """A text cell that a spreadsheet would run as a formula gets a leading quote
+    (values come from DICOM files: ``=HYPERLINK(…)`` in an accession number is input)."""
+    if value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
 
 
 def render(
@@ -121,7 +132,7 @@ def render(
     """The dose page (or, ``standalone``, the report file) as HTML."""
     summary = summarize(reader.snapshot(), flt, levels)
     return document(TITLE, body(summary, standalone=standalone, index=index, indexes=indexes,
-                                problem=problem), root=root, active="dose",
+                                problem=problem, root=root), root=root, active="dose",
                     standalone=standalone)  # fmt: skip
 
 
@@ -132,7 +143,9 @@ def body(
     index: str = "",
     indexes: tuple[str, ...] = (),
     problem: str = "",
+    root: str = "",
 ) -> Html:
+    """The page's body; links are ``root`` + ``dose?…`` (``root`` ends with a slash)."""
     flt = summary.flt
     if standalone:
 
@@ -144,13 +157,14 @@ def body(
 
         def link(name: str) -> str:
             query = {"csv": name, "since": flt.since, "until": flt.until, "index": index}
-            return "dose?" + urlencode({k: v for k, v in query.items() if v})
+            return f"{root}dose?" + urlencode({k: v for k, v in query.items() if v})
 
-        head = Html((notice(problem, "warning") if problem else "") + _form(flt, index, indexes))
+        form = _form(flt, index, indexes, root)
+        head = Html((notice(problem, "warning") if problem else "") + form)
     return dose_view.body(summary, head=head, csv_link=link)
 
 
-def _form(flt: DoseFilter, index: str, indexes: tuple[str, ...]) -> Html:
+def _form(flt: DoseFilter, index: str, indexes: tuple[str, ...], root: str) -> Html:
     fields = [
         f'<label>From <input type="date" name="since" value="{esc(show_date(flt.since))}"></label>',
         f'<label>To <input type="date" name="until" value="{esc(show_date(flt.until))}"></label>',
@@ -161,7 +175,8 @@ def _form(flt: DoseFilter, index: str, indexes: tuple[str, ...]) -> Html:
     elif index:
         fields.append(f'<input type="hidden" name="index" value="{esc(index)}">')
     fields.append('<button type="submit">Show</button>')
-    return Html(f'<form class="filters" method="get" action="dose">{"".join(fields)}</form>')
+    action = esc(f"{root}dose")
+    return Html(f'<form class="filters" method="get" action="{action}">{"".join(fields)}</form>')
 
 
 def page(ctx: PageContext) -> View | Reply:
@@ -212,7 +227,8 @@ def page(ctx: PageContext) -> View | Reply:
             )
     except DicomSyncError as exc:
         return View(TITLE, notice(f"index {key!r}: {exc}"), "dose", 503)
-    return View(TITLE, body(summary, standalone=False, index=key, indexes=indexes), "dose")
+    page_body = body(summary, standalone=False, index=key, indexes=indexes, root=ctx.root)
+    return View(TITLE, page_body, "dose")
 
 
 def _safe(key: str) -> str:

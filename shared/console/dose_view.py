@@ -21,6 +21,7 @@ Pure functions over immutable data; thread-safe.
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -58,8 +59,12 @@ def parse_date(text: str | None, what: str) -> str:
     value = (text or "").strip().replace("-", "")
     if not value:
         return ""
-    if len(value) != 8 or not value.isdigit():
-        raise ValueError(f"{what} must be a date, YYYY-MM-DD (got {str(text)[:40]!r})")
+    try:
+        if len(value) != 8 or not value.isdigit():
+            raise ValueError
+        datetime.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        raise ValueError(f"{what} must be a date, YYYY-MM-DD (got {str(text)[:40]!r})") from None
     return value
 
 
