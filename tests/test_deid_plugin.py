@@ -89,6 +89,9 @@ def test_deidentifying_route_delivers_once_resends_nothing_and_leaves_a_untouche
         assert posted(b) == len(files)
         assert all(j["State"] == "done" for j in jobs(a, destination="b"))
         assert stored(a) == originals
+        a.stop()
+        assert SECRET not in a.log_path.read_text(errors="replace")  # never in a log
+        assert SECRET not in a.config_path.read_text()
     finally:
         try:
             a.stop()
