@@ -56,7 +56,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancProce
         wait_for(settled, 90, "zips done, the late destination failed, the index filled")
         # the throughput record has seen the deliveries (sampled every 0.5 s)
         wait_for(
-            lambda: sum(overview(server)["Throughput"]["Hour"]["Rates"]["zips"]) > 0,
+            lambda: all(
+                sum(overview(server)["Throughput"]["Hour"]["Rates"][key]) > 0
+                for key in ("zips", "sink:index")
+            ),
             30,
             "a throughput sample",
         )
@@ -86,7 +89,9 @@ def test_the_overview_shows_the_queue_s_numbers_and_draws_the_throughput_chart(
     assert browser.chart_has_pixels("throughput-day")
     hour = browser.chart_data("throughput-hour")
     zips = next(d for d in hour["datasets"] if d["label"] == "zips")
-    assert sum(zips["data"]) > 0  # the three studies' instances, per second
+    assert sum(zips["data"]) > 0  # the studies' instances, per second
+    index = next(d for d in hour["datasets"] if d["label"] == "index (sink)")
+    assert sum(index["data"]) > 0  # the index sink's instances
     st = status(server)
     tables = browser.js("return document.querySelectorAll('table.grid').length")
     assert tables == 2

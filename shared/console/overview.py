@@ -1,7 +1,7 @@
 """The overview page, ``/dicomsync/ui/``, and the JSON it shows (``GET
 /dicomsync/ui/api/overview``, the same numbers).
 
-``data(service)``: per destination (every route destination and destination place, and
+``data(service)``: the version and node, and per destination (every route destination and destination place, and
 any the queue still holds) the queue's ``Queued``, ``Sending``, ``Done``, ``Failed``,
 ``Delivered`` (instances), ``OldestQueuedAge``, ``LastError`` and the place's startup
 error; per sink the same from ``TagSinks.all_status`` (its ``Done`` jobs are instances,
@@ -11,7 +11,8 @@ the throughput series (``throughput.Throughput``) of the last hour (per minute) 
 in-memory throughput record: no scan of the jobs table, so the page stays fast with a
 million jobs (``bench/bench_console.py``).
 
-``page(ctx)`` renders it: errors first and plainly, then the two tables and the charts.
+``page(ctx)`` renders it: errors first and plainly, then the two tables (a failed count
+links to those jobs, where the Retry buttons are) and the charts.
 Every value is escaped (``html``). Raises the queue's ``QueueError`` (the API's 503).
 """
 
@@ -21,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
+import dicomsync
 from dicomsync.console.html import Html, chart, esc, notice, table, tag
 from dicomsync.console.pages import PageContext, View
 from dicomsync.queue import DestinationStats
@@ -37,6 +39,8 @@ def data(service: Service, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     cfg, queue = service.config, service.queue
     out: dict[str, Any] = {
+        "Version": dicomsync.__version__,
+        "Node": cfg.node_id if cfg else None,
         "Configured": service.active,
         "ConfigError": service.config_error,
         "StartBlocked": service.start_blocked,
@@ -89,6 +93,13 @@ def jobs_link(root: str, **query: str) -> str:
     return f"{root}jobs?{urlencode(query)}"
 
 
+def _failed(root: str, key: str, n: int, kind: str) -> Any:
+    """A failed count; above 0, a link to those jobs (where the Retry buttons are)."""
+    if not n:
+        return n
+    return tag("a", n, href=jobs_link(root, state="failed", destination=key, kind=kind))
+
+
 def _error(text: Any) -> Html:
     return tag("span", text, class_="error") if text else Html("")
 
@@ -108,6 +119,7 @@ def _charts(throughput: dict[str, Any] | None) -> Html:
                 "pointRadius": 0,
                 "borderWidth": 2,
                 "tension": 0.2,
+                "borderDash": [6, 4] if key.startswith("sink:") else [],  # sinks dashed
             }
             for i, (key, rates) in enumerate(series["Rates"].items())
         ]
@@ -150,6 +162,9 @@ def page(ctx: PageContext) -> View:
     if not d["Configured"]:
         return View("Overview", Html("".join(parts)), "")
     num = range(1, 6)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ctx.now))
+    line = f"dicomsync {d['Version']} · node {d['Node']} · as of {when}"
+    parts.append(tag("p", line, class_="muted"))
     parts.append("<h2>Destinations</h2>")
     parts.append(
         table(
@@ -169,7 +184,7 @@ def page(ctx: PageContext) -> View:
                     s["Queued"],
                     s["Sending"],
                     s["Done"],
-                    s["Failed"],
+                    _failed(ctx.root, key, s["Failed"], "study"),
                     s["Delivered"],
                     age(s["OldestQueuedAge"]),
                     _error(s["Error"] or s["LastError"]),
@@ -200,7 +215,7 @@ def page(ctx: PageContext) -> View:
                     s["Queued"],
                     s["Sending"],
                     s["Done"],
-                    s["Failed"],
+                    _failed(ctx.root, key, s["Failed"], "tags"),
                     s["DeliveredEvents"],
                     age(s["OldestQueuedAge"]),
                     s["State"],
