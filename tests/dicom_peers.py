@@ -35,6 +35,7 @@ class ScpPeer:
     port: int = 0
     contexts: dict[str, list[str]] | None = None  # SOP class -> syntaxes; None: all storage
     find: bool = False
+    verification: bool = True
     status: Callable[[Dataset], int] = lambda ds: 0x0000
     received: Counter[str] = field(default_factory=Counter)
     stored: dict[str, tuple[str, str]] = field(default_factory=dict)  # SOP -> (study, class)
@@ -83,7 +84,8 @@ class ScpPeer:
 
     def start(self) -> ScpPeer:
         ae = AE(ae_title=self.aet)
-        ae.add_supported_context(VERIFICATION)
+        if self.verification:
+            ae.add_supported_context(VERIFICATION)
         if self.find:
             ae.add_supported_context(STUDY_FIND)
         if self.contexts is None:

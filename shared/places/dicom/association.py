@@ -187,8 +187,7 @@ class Peer:
             raise failures.refused_context(
                 self.label, UID(str(first.abstract_syntax)).name, first.status
             )
-        if assoc.is_aborted:
-            raise failures.aborted(self.label, "association")
+        # no connection, or one the peer closed at once: pynetdicom only logs which
         raise failures.no_connection(self.label, self.host, self.port, self.timeout, tls)
 
     def echo(self, assoc: Association | None = None) -> float:

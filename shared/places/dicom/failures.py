@@ -55,7 +55,7 @@ def no_connection(
                     pass
     except (OSError, ssl.SSLError) as exc:
         return transport_error(exc, f"cannot reach DICOM node {peer}")
-    return Unreachable(f"cannot reach DICOM node {peer}: the connection was closed")
+    return Unreachable(f"{peer}: the peer closed the connection before answering")
 
 
 def aborted(peer: str, what: str) -> Unreachable:

@@ -127,13 +127,8 @@ class DicomPlace(Place):
 
     def probe(self) -> str:
         """C-ECHO, and how duplicates are checked: one line (raises the mapped error)."""
-        pooled = self.connections.acquire()
-        try:
-            seconds = self.peer.echo(pooled.assoc)
-        except DicomSyncError:
-            self.connections.discard(pooled)
-            raise
-        self.connections.give(pooled)
+        with self.connections.slot():  # its own association: says exactly what failed
+            seconds = self.peer.echo()
         line = f"C-ECHO {self.peer.label}: ok in {seconds * 1000:.0f} ms"
         if self.finder.supported():
             return f"{line}; duplicates checked by C-FIND"

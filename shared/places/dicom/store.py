@@ -188,7 +188,7 @@ class StoreScu:
             ds = pydicom.dcmread(path, force=True)
             syntax = UID(ts)
             if syntax.is_compressed:
-                ds.decompress()  # to Explicit VR Little Endian
+                ds.decompress(generate_instance_uid=False)  # to Explicit VR Little Endian
             elif syntax not in UNCOMPRESSED:  # deflated, big endian: decoded already
                 ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         except Exception as exc:
