@@ -247,7 +247,7 @@ def test_hostile_values_are_text_in_the_page_charts_and_csv(tmp_path: Path) -> N
     import csv
     import io
 
-    (header, row) = list(csv.reader(io.StringIO(dose.csv_text(summary, "outliers"))))
+    (_header, row) = list(csv.reader(io.StringIO(dose.csv_text(summary, "outliers"))))
     assert row[1] == HOSTILE and row[4] == f"Head {HOSTILE}"  # CSV is data: quoted, not escaped
     reader.close()
 
@@ -288,11 +288,11 @@ def test_a_refresh_reads_new_events_and_forgets_replaced_ones(tmp_path: Path) ->
     reader = DoseReader.sqlite(path)
     assert [e.ctdivol for e in reader.snapshot().events] == [5.0]
     index.send([synthetic(2, 6.0, 60.0)])
-    assert sorted(e.ctdivol for e in reader.snapshot().events) == [5.0, 6.0]
+    assert sorted(e.ctdivol or 0 for e in reader.snapshot().events) == [5.0, 6.0]
     index.send([synthetic(3, 1.0, 10.0)])
-    assert sorted(e.ctdivol for e in reader.snapshot().events) == [1.0, 5.0, 6.0]
+    assert sorted(e.ctdivol or 0 for e in reader.snapshot().events) == [1.0, 5.0, 6.0]
     index.send([synthetic(2, 7.0, 70.0)])  # the same event id, a new body: replaced
-    assert sorted(e.ctdivol for e in reader.snapshot().events) == [1.0, 5.0, 7.0]
+    assert sorted(e.ctdivol or 0 for e in reader.snapshot().events) == [1.0, 5.0, 7.0]
     index.close()
     reader.close()
 
@@ -450,7 +450,7 @@ def test_the_postgresql_index_gives_the_same_snapshot(
     url = pg_cluster.create_database()
     monkeypatch.setenv("DICOMSYNC_DB_PASSWORD", pg_cluster.password)
     section = {"Kind": "postgresql_index", "Url": url, "PasswordEnv": "DICOMSYNC_DB_PASSWORD"}
-    events = rdsr_events() + [synthetic(1, 5.0, 50.0)]
+    events = [*rdsr_events(), synthetic(1, 5.0, 50.0)]
     sink = PostgresIndex.from_config("pg", section, base_dir=tmp_path)
     sink.send(events)
     reader = dose.reader_for("postgresql_index", section, tmp_path, shared=False)
@@ -462,6 +462,8 @@ def test_the_postgresql_index_gives_the_same_snapshot(
     assert got.modalities == want.modalities
     assert 724.52 in {t.total_dlp for t in got.totals}
     sink.send([synthetic(1, 7.0, 70.0)])  # replaced: the old row is deleted
-    assert sorted(e.ctdivol for e in reader.snapshot().events if e.study_uid == "2.25.1") == [7.0]
+    assert sorted(e.ctdivol or 0 for e in reader.snapshot().events if e.study_uid == "2.25.1") == [
+        7.0
+    ]
     reader.close()
     sink.close()

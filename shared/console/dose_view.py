@@ -319,6 +319,11 @@ def charts(summary: Summary) -> Html:
 
 
 # --- the body --------------------------------------------------------------------------------
+EMPTY = {
+    "outliers": "no event above its reference level in this range",
+    "studies": "no CT dose report in this range",
+    "days": "no studies in this range",
+}
 TITLES = {
     "protocols": "CTDIvol and DLP by protocol",
     "scanners": "Per scanner",
@@ -347,7 +352,7 @@ def section(summary: Summary, name: str, csv_link: Callable[[str], str] | None) 
         if csv_link
         else ""
     )
-    empty = "no CT dose events in this range" if name != "days" else "no studies in this range"
+    empty = EMPTY.get(name, "no CT dose events in this range")
     return Html(
         f'<section id="dose-{esc(name)}"><h2>{esc(TITLES[name])} {link}</h2>'
         f"{table(header, shown, numeric=NUMERIC[name], empty=empty)}{more}</section>"
