@@ -140,7 +140,11 @@ class Deidentifier:
     # --- one instance ---------------------------------------------------------------------
     def instance(self, data: bytes, study: StudyKeys, name: str = "instance") -> bytes:
         try:
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            fp = io.BytesIO(data)
+            ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True)
+            tail = _pixel_tail(data, fp.tell(), ds)
+            if tail is None:  # not the last element as read: the whole file, decoded
+                ds = pydicom.dcmread(io.BytesIO(data), force=True)
         except Exception as exc:  # pydicom raises many kinds on corrupt data
             raise DicomFileError(f"{name}: not readable DICOM ({type(exc).__name__})") from None
         self.check_burned_in(ds, name)
@@ -155,6 +159,8 @@ class Deidentifier:
             ds.save_as(out, enforce_file_format=False)
         except Exception as exc:
             raise DicomFileError(f"{name}: cannot be written ({type(exc).__name__})") from None
+        if tail is not None:  # the pixel data, untouched, after the de-identified header
+            out.write(tail)
         return out.getvalue()
 
     def check_burned_in(self, ds: Dataset, name: str) -> None:
@@ -378,6 +384,32 @@ def _shift(value: str, days: int, width: int) -> str:
         return (date - datetime.timedelta(days=days)).strftime("%Y%m%d") + tail
     except ValueError:
         return DUMMY["DA"] + tail[: max(0, len(value) - width)]
+
+
+_PIXEL_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+_LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN")
+
+
+def _pixel_tail(data: bytes, pos: int, ds: Dataset) -> memoryview | None:
+    """The Pixel Data element's bytes, when it is the file's last element with a defined
+    length in a little-endian, not deflated encoding: then it is copied as it is, never
+    decoded. None otherwise (no pixel data, encapsulated, elements after it, big endian,
+    deflate): the caller reads the whole file."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
+        return None
+    if data[pos : pos + 4] != _PIXEL_TAG:
+        return None
+    if syntax == "1.2.840.10008.1.2":  # implicit VR: tag, 4-byte length
+        header, length = 8, int.from_bytes(data[pos + 4 : pos + 8], "little")
+    elif data[pos + 4 : pos + 6] in _LONG_VRS:  # tag, VR, 2 reserved, 4-byte length
+        header, length = 12, int.from_bytes(data[pos + 8 : pos + 12], "little")
+    else:
+        return None
+    if length == 0xFFFFFFFF or pos + header + length != len(data):
+        return None
+    return memoryview(data)[pos:]
 
 
 def _vr(ds: Dataset, tag: int) -> str:
