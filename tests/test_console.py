@@ -268,3 +268,24 @@ def test_throughput_ignores_a_shrinking_total_and_forgets_after_a_day() -> None:
     clock[0] += KEEP_MINUTES * 60
     t.add({"zips": 70})
     assert t._buckets["zips"] == {}  # older than a day
+
+
+def test_the_overview_reads_only_the_queue_s_counters(tmp_path: Path) -> None:
+    """What keeps it fast at 1M jobs (bench/bench_console.py): no listing of jobs."""
+    service = hostile_service(tmp_path)
+    queue = service.queue
+    assert queue is not None
+    called: list[str] = []
+
+    class Recorder:
+        def __getattr__(self, name: str) -> Any:
+            called.append(name)
+            return getattr(queue, name)
+
+    service.queue = Recorder()  # type: ignore[assignment]
+    if service.sinks is not None:
+        service.sinks.queue = service.queue
+    for path in ("ui", "ui/api/overview"):
+        called.clear()
+        assert get(service, path).status == 200
+        assert set(called) == {"stats"}, called
