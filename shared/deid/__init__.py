@@ -10,6 +10,7 @@ module              what
 ``keys``            HMAC-SHA256 of the secret: ``2.25.`` UIDs, date offsets, pseudonyms
 ``pseudonyms``      the durable PatientID map (SQLite), CSV import and export
 ``transform``       one instance's bytes in, de-identified bytes out
+``values``          dummies per VR, date shifts, the text scrubber, raw VRs and pixel bytes
 ``place``           ``Deidentified(place, profile)``: the destination wrapper
 ==================  =====================================================================
 

@@ -39,14 +39,12 @@ LongitudinalTemporalInformationModified.
 
 from __future__ import annotations
 
-import datetime
 import io
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import pydicom
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -56,11 +54,23 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian
 from dicomsync.deid import table
 from dicomsync.deid.keys import Keys
 from dicomsync.deid.options import Profile
+from dicomsync.deid.values import (
+    BINARY_VRS,
+    DUMMY,
+    NUMERIC_VRS,
+    RAW_VRS,
+    TEXT_VRS,
+    concept_of,
+    map_values,
+    pixel_tail,
+    scrubber,
+    shift,
+    vr_of,
+)
 from dicomsync.errors import DeidentificationRefused, DicomFileError
 
 PATIENT_ID, PATIENT_NAME = 0x00100020, 0x00100010
 CONTENT_SEQUENCE, TEXT_VALUE = 0x0040A730, 0x0040A160
-CONCEPT_NAME = 0x0040A043
 # SOP classes that carry burned-in text as a rule: the Secondary Capture family and
 # ultrasound (PS3.15 E.1.1 lets no de-identifier claim it cleaned their pixels).
 BURNED_IN_CLASSES = {
@@ -77,21 +87,6 @@ BURNED_IN_CLASSES = {
 }
 # DCM concepts of TID 1004 Device Observer Identifying Attributes
 DEVICE_CONCEPTS = frozenset({"121013", "121014", "121015", "121016", "121017"})
-# Values that name the patient, staff, site or device: cut out of cleaned text.
-IDENTIFYING = (
-    "PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber",
-    "InstitutionName", "InstitutionAddress", "ReferringPhysicianName",
-    "PerformingPhysicianName", "OperatorsName", "StationName", "DeviceSerialNumber",
-    "NameOfPhysiciansReadingStudy", "RequestingPhysician",
-)  # fmt: skip
-NUMERIC_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "IS", "DS", "AT"})
-TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "CS", "AE", "UR"})
-BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
-DUMMY = {"PN": "ANONYMOUS", "DA": "19000101", "TM": "000000", "DT": "19000101000000",
-         "AS": "000D", "IS": "0", "DS": "0"}  # fmt: skip
-# VRs whose values the fast path rewrites as ASCII bytes (``Deidentifier._raw``)
-RAW_VRS = frozenset({"UI", "DA", "DT", "TM", "LO", "SH", "CS", "AE", "AS", "IS", "DS", "PN",
-                     "LT", "ST", "UT", "UC"})  # fmt: skip
 META_DROPPED = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028)
 
 
@@ -116,7 +111,7 @@ class _Instance:
     @property
     def scrub(self) -> re.Pattern[str] | None:
         if self._ds is not None:
-            self._scrub, self._ds = _scrubber(self._ds), None
+            self._scrub, self._ds = scrubber(self._ds), None
         return self._scrub
 
 
@@ -142,7 +137,7 @@ class Deidentifier:
         try:
             fp = io.BytesIO(data)
             ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True)
-            tail = _pixel_tail(data, fp.tell(), ds)
+            tail = pixel_tail(data, fp.tell(), ds)
             if tail is None:  # not the last element as read: the whole file, decoded
                 ds = pydicom.dcmread(io.BytesIO(data), force=True)
         except Exception as exc:  # pydicom raises many kinds on corrupt data
@@ -183,7 +178,7 @@ class Deidentifier:
     def _walk(self, ds: Dataset, ctx: _Instance, mode: str) -> None:
         """``mode``: ``normal``, ``dummy`` (inside a ``D`` sequence) or ``content`` (an SR
         content item)."""
-        concept = _concept(ds) if mode == "content" else ""
+        concept = concept_of(ds) if mode == "content" else ""
         for key in list(ds.keys()):
             tag = int(key)
             if tag & 0xFFFF == 0:  # a group length: wrong once values change
@@ -200,7 +195,7 @@ class Deidentifier:
                 if mode == "content" and tag == TEXT_VALUE:
                     action = self._text_action(concept)
                 else:
-                    vr = _vr(ds, tag)
+                    vr = vr_of(ds, tag)
                     if vr == "UI":
                         action = "U"
                     elif mode == "dummy":
@@ -226,7 +221,7 @@ class Deidentifier:
         if action == "X":
             del ds[tag]
             return True
-        vr = _vr(ds, tag)
+        vr = vr_of(ds, tag)
         if vr not in RAW_VRS or action not in ("Z", "D", "U", "K", "C"):
             return False
         if action == "K" and vr != "UI":
@@ -244,7 +239,7 @@ class Deidentifier:
             new = DUMMY.get(vr, "ANONYMIZED")
         elif vr in ("DA", "DT"):
             days = ctx.study.date_offset
-            new = "\\".join(_shift(v.strip(), days, 8) for v in text.split("\\"))
+            new = "\\".join(shift(v.strip(), days, 8) for v in text.split("\\"))
         elif vr == "TM":
             return True
         else:
@@ -283,7 +278,7 @@ class Deidentifier:
                 self._walk(item, ctx, inner)
         elif vr == "UI":
             if action != "K":
-                elem.value = _map_values(elem.value, self.uid)
+                elem.value = map_values(elem.value, self.uid)
         elif action == "D":
             elem.value = self._dummy(tag, vr, ctx)
         elif action == "C":
@@ -307,14 +302,14 @@ class Deidentifier:
         if value is None or value == "":
             return value
         if vr == "DA":
-            return _map_values(value, lambda v: _shift(v, ctx.study.date_offset, 8))
+            return map_values(value, lambda v: shift(v, ctx.study.date_offset, 8))
         if vr == "DT":
-            return _map_values(value, lambda v: _shift(v, ctx.study.date_offset, 8))
+            return map_values(value, lambda v: shift(v, ctx.study.date_offset, 8))
         if vr == "PN":
             return DUMMY["PN"]
         if vr in TEXT_VRS and ctx.scrub is not None:
             scrub = ctx.scrub
-            return _map_values(value, lambda v: scrub.sub("XXXX", str(v)))
+            return map_values(value, lambda v: scrub.sub("XXXX", str(v)))
         return value
 
     def _private(self, ds: Dataset, elem: DataElement) -> None:
@@ -366,89 +361,3 @@ class Deidentifier:
             meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         meta.ImplementationVersionName = "DICOMSYNC_DEID"
-
-
-def _map_values(value: Any, fn: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
-        return [fn(str(v)) for v in value]
-    return fn(str(value))
-
-
-def _shift(value: str, days: int, width: int) -> str:
-    """A DA or DT value's date moved back ``days``; a value that is no date becomes the dummy."""
-    head, tail = value[:width], value[width:]
-    try:
-        date = datetime.datetime.strptime(head, "%Y%m%d").date()
-        return (date - datetime.timedelta(days=days)).strftime("%Y%m%d") + tail
-    except ValueError:
-        return DUMMY["DA"] + tail[: max(0, len(value) - width)]
-
-
-_PIXEL_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
-_LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN")
-
-
-def _pixel_tail(data: bytes, pos: int, ds: Dataset) -> memoryview | None:
-    """The Pixel Data element's bytes, when it is the file's last element with a defined
-    length in a little-endian, not deflated encoding: then it is copied as it is, never
-    decoded. None otherwise (no pixel data, encapsulated, elements after it, big endian,
-    deflate): the caller reads the whole file."""
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
-        return None
-    if data[pos : pos + 4] != _PIXEL_TAG:
-        return None
-    if syntax == "1.2.840.10008.1.2":  # implicit VR: tag, 4-byte length
-        header, length = 8, int.from_bytes(data[pos + 4 : pos + 8], "little")
-    elif data[pos + 4 : pos + 6] in _LONG_VRS:  # tag, VR, 2 reserved, 4-byte length
-        header, length = 12, int.from_bytes(data[pos + 8 : pos + 12], "little")
-    else:
-        return None
-    if length == 0xFFFFFFFF or pos + header + length != len(data):
-        return None
-    return memoryview(data)[pos:]
-
-
-def _vr(ds: Dataset, tag: int) -> str:
-    """An element's VR without decoding its value (implicit VR: the dictionary's)."""
-    raw = ds.get_item(tag)
-    vr = getattr(raw, "VR", None)
-    if vr:
-        return str(vr)
-    try:
-        return str(dictionary_VR(tag))
-    except KeyError:
-        return "UN"
-
-
-def _concept(item: Dataset) -> str:
-    seq = item.get(CONCEPT_NAME)
-    try:
-        return str(seq.value[0].CodeValue) if seq is not None and seq.value else ""
-    except (AttributeError, IndexError):
-        return ""
-
-
-def _scrubber(ds: Dataset) -> re.Pattern[str] | None:
-    """One pattern of the instance's identifying values (3 characters and longer)."""
-    values: set[str] = set()
-    for keyword in IDENTIFYING:
-        elem = ds.data_element(keyword) if keyword in ds else None
-        if elem is None or elem.value in (None, ""):
-            continue
-        raw = (
-            elem.value
-            if isinstance(elem.value, list | pydicom.multival.MultiValue)
-            else [elem.value]
-        )
-        for v in raw:
-            for part in re.split(r"[\^=]", str(v)):
-                if len(part.strip()) >= 3:
-                    values.add(part.strip())
-    if not values:
-        return None
-    alternatives = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
-    return re.compile(alternatives, re.IGNORECASE)
