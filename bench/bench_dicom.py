@@ -1,6 +1,8 @@
 """``dicom`` place benchmarks (issue 12), each against the native path in the same run.
 
-(a) route A->B over C-STORE: the plugin's ``dicom`` route (backfill of the studies, the
+(a) route A->B over C-STORE (and, for reference, ``dicomsync send`` of the same
+    studies from the CLI process, whose threads are not lowered to nice 10 as the
+    plugin's workers are): the plugin's ``dicom`` route (backfill of the studies, the
     queue's workers, ``Associations`` parallel associations with TCP_NODELAY) vs
     Orthanc's own ``POST /modalities/B/store`` (one association), with and without
     ``TCP_NODELAY=1`` in both Orthancs' environment (DCMTK reads it; see
@@ -73,6 +75,17 @@ def bench_route(base: Path, files: list[Path], nodelay: bool) -> dict[str, float
         wait(lambda: drained(a, "b", len(studies)))
         rates["route"] = n / (time.perf_counter() - t)
         assert count(b) == n
+        clear(b)
+        from dicomsync import transfer
+        from dicomsync.places.base import PLACES
+
+        src = PLACES.build("a", {"Kind": "orthanc", "Url": a.url}, base)
+        dst = PLACES.build("b", section(b), base)
+        with src, dst:
+            t = time.perf_counter()
+            summary = transfer.send([(src, ref) for ref in src.studies()], dst)
+            rates["cli"] = n / (time.perf_counter() - t)
+        assert summary.sent == len(studies) and count(b) == n
     finally:
         a.stop()
         b.stop()
@@ -119,6 +132,14 @@ def main() -> None:
         ("dicom route, Orthancs without TCP_NODELAY", f"{nagle['route']:7.1f} instances/s"),
         ("native /modalities/b/store, TCP_NODELAY=1", f"{nodelay['native']:7.1f} instances/s"),
         ("dicom route, Orthancs with TCP_NODELAY=1", f"{nodelay['route']:7.1f} instances/s"),
+        (
+            "dicomsync send A->B (CLI process, not niced), without",
+            f"{nagle['cli']:7.1f} instances/s",
+        ),
+        (
+            "dicomsync send A->B (CLI process, not niced), with",
+            f"{nodelay['cli']:7.1f} instances/s",
+        ),
         ("route / native, without", f"{nagle['route'] / nagle['native']:.2f}x (target >= 1.0)"),
         ("route / native, with", f"{nodelay['route'] / nodelay['native']:.2f}x (target >= 1.0)"),
         (

@@ -40,6 +40,8 @@ class ScpPeer:
     received: Counter[str] = field(default_factory=Counter)
     stored: dict[str, tuple[str, str]] = field(default_factory=dict)  # SOP -> (study, class)
     syntaxes: dict[str, str] = field(default_factory=dict)  # SOP -> transfer syntax received
+    open_now: int = 0
+    most_open: int = 0  # the most associations open at once
     _server: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -56,6 +58,15 @@ class ScpPeer:
                 self.stored[sop] = (str(ds.StudyInstanceUID), str(ds.SOPClassUID))
                 self.syntaxes[sop] = str(event.context.transfer_syntax)
         return code
+
+    def _on_open(self, event: Any) -> None:
+        with self._lock:
+            self.open_now += 1
+            self.most_open = max(self.most_open, self.open_now)
+
+    def _on_close(self, event: Any) -> None:
+        with self._lock:
+            self.open_now -= 1
 
     def _on_find(self, event: Any) -> Iterator[tuple[int, Dataset | None]]:
         q = event.identifier
@@ -95,7 +106,12 @@ class ScpPeer:
             for sop, syntaxes in self.contexts.items():
                 ae.add_supported_context(sop, syntaxes)
         ae.maximum_associations = 32
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_FIND, self._on_find)]
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+        ]
         self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
         return self
 

@@ -262,3 +262,44 @@ def test_more_pairs_than_128_contexts_are_sent_over_several_associations(tmp_pat
         p.close()
     finally:
         peer.stop()
+
+
+def test_sockets_have_nodelay_and_the_place_opens_at_most_associations(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    from dicomsync.places.dicom.association import VERIFICATION, build_context
+
+    peer = ScpPeer(find=True).start()
+    try:
+        p = place(dicom_section(peer, Associations=2), tmp_path)
+        assoc = p.peer.associate([build_context(VERIFICATION)])  # type: ignore[attr-defined]
+        sock = assoc.dul.socket.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assoc.release()
+        uid = generate_uid()
+        batches = []
+        for b in range(3):
+            blobs = []
+            for i in range(6):
+                ds = make_instance(None, patient_id="bound", study_uid=uid, pixel_bytes=20_000)
+                buf = BytesIO()
+                ds.save_as(buf, enforce_file_format=True)
+                blobs.append(
+                    Instance(str(ds.SOPInstanceUID), f"{b}{i}", lambda v=buf.getvalue(): v)
+                )
+            batches.append(blobs)
+        ident = StudyIdentity(uid, frozenset(i.sop_uid for b in batches for i in b))
+        threads = [
+            threading.Thread(target=p.receive, args=("a/b", batch, ident)) for batch in batches
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(peer.stored) == 18
+        assert peer.most_open <= 2  # three sends at once, never more than Associations
+        assert p.holds("a/b", ident) == ident.sop_uids
+        p.close()
+    finally:
+        peer.stop()
