@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from test_service_units import Memory
 
 from dicomsync.console import assets, html, pages
 from dicomsync.console.throughput import KEEP_MINUTES, Throughput
-from dicomsync.queue import DestinationStats, NewJob
+from dicomsync.queue import Delivered, DestinationStats, NewJob
 from dicomsync.service.app import Service
 from dicomsync.service.rest_common import Reply
 
@@ -232,9 +233,16 @@ class Stats:
     def __init__(self) -> None:
         self.study: dict[str, DestinationStats] = {}
         self.tags: dict[str, DestinationStats] = {}
+        self.meta: dict[str, str] = {}
 
     def stats(self, kind: str | None = None) -> dict[str, DestinationStats]:
         return self.study if kind == "study" else self.tags
+
+    def get_meta(self, key: str) -> str | None:
+        return self.meta.get(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.meta[key] = value
 
 
 def test_throughput_counts_what_grew_per_minute_from_a_destination_s_first_job() -> None:
@@ -282,10 +290,82 @@ def test_the_overview_reads_only_the_queue_s_counters(tmp_path: Path) -> None:
             called.append(name)
             return getattr(queue, name)
 
-    service.queue = Recorder()  # type: ignore[assignment]
+    recorder: Any = Recorder()
+    service.queue = recorder
     if service.sinks is not None:
-        service.sinks.queue = service.queue
+        service.sinks.queue = recorder
     for path in ("ui", "ui/api/overview"):
         called.clear()
         assert get(service, path).status == 200
         assert set(called) == {"stats"}, called
+
+
+def test_throughput_is_saved_once_a_minute_and_read_back_after_a_restart() -> None:
+    clock = [5000.0 * 60 + 5]
+    queue = Stats()
+    t = Throughput(lambda: clock[0])
+    t.sample(queue, "console:throughput:a")
+    queue.study["zips"] = DestinationStats("zips", delivered=300)
+    for _ in range(5):  # samples within one minute write nothing
+        clock[0] += 10
+        t.sample(queue, "console:throughput:a")
+    assert queue.meta == {}
+    clock[0] += 10  # the next minute: saved once
+    t.sample(queue, "console:throughput:a")
+    saved = queue.meta["console:throughput:a"]
+    clock[0] += 10
+    t.sample(queue, "console:throughput:a")
+    assert queue.meta["console:throughput:a"] == saved
+
+    # Orthanc restarts two minutes later; 100 more were delivered while it was down
+    clock[0] += 120
+    queue.study["zips"].delivered = 400
+    again = Throughput(lambda: clock[0])
+    again.sample(queue, "console:throughput:a")
+    assert sum(again.series(["zips"], 60).rates["zips"]) * 60 == pytest.approx(300)
+    assert again.since == t.since
+    queue.study["zips"].delivered = 460
+    clock[0] += 5
+    again.sample(queue, "console:throughput:a")
+    assert sum(again.series(["zips"], 60).rates["zips"]) * 60 == pytest.approx(360)
+    # another node's record, a record of another format, garbage: each starts afresh
+    for value in (None, '{"Format": 99, "Buckets": {}}', "not json", '{"Format": 1}', "[]"):
+        fresh = Throughput(lambda: clock[0])
+        fresh.load(value)
+        assert sum(fresh.series(["zips"], 60).rates["zips"]) == 0
+
+
+def test_a_saved_record_older_than_a_day_is_dropped() -> None:
+    clock = [9000.0 * 60]
+    t = Throughput(lambda: clock[0])
+    t.add({"zips": 0})
+    t.add({"zips": 50})
+    text = t.dump()
+    clock[0] += KEEP_MINUTES * 60
+    later = Throughput(lambda: clock[0])
+    later.load(text)
+    assert later._buckets == {"zips": {}}
+
+
+def test_the_service_keeps_its_throughput_in_its_queue_across_a_restart(tmp_path: Path) -> None:
+    clock = [time.time() - 300]  # in the past: the page's window ends now
+    service = make_service(tmp_path)
+    service.throughput.clock = lambda: clock[0]
+    queue = service.queue
+    assert queue is not None and service.config is not None
+    service.publish_metrics()  # the baseline: nothing yet
+    queue.enqueue_many([NewJob("study", f"s{i}", "zips") for i in range(3)])
+    queue.done_many([(j, Delivered(f"fp{j.id}", sent=40)) for j in queue.lease("zips", 3)])
+    clock[0] += 30
+    service.publish_metrics()
+    clock[0] += 60  # a new minute: saved
+    service.publish_metrics()
+    assert queue.get_meta(f"console:throughput:{service.config.node_id}")
+    queue.close()
+
+    restarted = make_service(tmp_path)
+    restarted.throughput.clock = lambda: clock[0]
+    restarted.publish_metrics()
+    data = get(restarted, "ui/api/overview").body
+    hour = data["Throughput"]["Hour"]["Rates"]["zips"]
+    assert sum(hour) * 60 == pytest.approx(120)  # 3 jobs x 40 instances

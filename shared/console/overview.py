@@ -136,7 +136,8 @@ def _charts(throughput: dict[str, Any] | None) -> Html:
         figures.append(chart(f"throughput-{name.lower()}", config, caption=f"Instances/s, {title}"))
     since = throughput["Hour"]["Since"]
     note = (
-        f"Counted since {time.strftime('%Y-%m-%d %H:%M', time.localtime(since))} (kept in memory)."
+        f"Counted since {time.strftime('%Y-%m-%d %H:%M', time.localtime(since))}"
+        " (what finished while Orthanc was stopped is not counted)."
         if since
         else "No sample yet: the first arrives within MetricsInterval seconds of the start."
     )

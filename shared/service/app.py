@@ -386,8 +386,8 @@ class Service:
     # --- the periodic threads ------------------------------------------------------------
     def publish_metrics(self) -> None:
         self.metrics.publish(self.config_error, self.config, self.queue, self.sinks)
-        if self.queue is not None:
-            self.throughput.sample(self.queue)
+        if self.queue is not None and self.config is not None:  # saved per node, once a minute
+            self.throughput.sample(self.queue, f"console:throughput:{self.config.node_id}")
 
     def _metrics_loop(self, stop: threading.Event) -> None:
         assert self.config is not None and self.intake is not None and self.cursor is not None
