@@ -5,19 +5,23 @@ Orthanc's own STOW-RS client, ``POST /dicom-web/servers/b/stow`` of A's DICOMweb
 (target >= 1.0x), on the same instances (default 1,000 x 0.5 MB, 20 studies of 50).
 
 A loads the dicomsync plugin and the DICOMweb plugin (for its STOW client); B loads the
-DICOMweb plugin only. The route's lane is filled by ``POST /dicomsync/backfill`` (the
-route's filter matches no new study), as in bench_plugin's (a). B is emptied between
-the two runs. Orthanc's client runs twice, with its default chunked uploads (server
-``b``) and with ``"ChunkedTransfers": false`` (server ``b-unchunked``); the ratio is
-against the faster of the two. ``--variant PER_REQUEST:IN_FLIGHT`` adds plugin runs with other
-``InstancesPerRequest`` / ``RequestsInFlight`` values.
+DICOMweb plugin only. Each round empties B before each of: Orthanc's client with its
+default chunked uploads (server ``b``), the same with ``"ChunkedTransfers": false``
+(server ``b-unchunked``), and the plugin's route. A route's lane is filled by ``POST
+/dicomsync/backfill``; every round backfills a place of its own (``r0``, ``r1``, … all
+pointing at B, each route's filter matching no new study), so no round finds its studies
+already delivered. The machine is shared, so the rounds interleave the paths and the
+ratio reported is the median over rounds of plugin / the faster native path of the same
+round. ``--variant PER_REQUEST:IN_FLIGHT`` adds a route with other
+``InstancesPerRequest`` / ``RequestsInFlight`` values to every round.
 
-Run: ``.venv/bin/python bench/bench_dicomweb.py [--quick]`` (or ``make bench``).
+Run: ``.venv/bin/python bench/bench_dicomweb.py [--quick] [--rounds N]`` (or ``make bench``).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +31,12 @@ from bench_plugin import clear, count, drained, generate, upload, wait
 
 from common import OrthancProcess, report, workdir
 
+NATIVE = ("b", "b-unchunked")
 
-def plugin_config(b: OrthancProcess, concurrency: int, place: dict[str, Any]) -> dict[str, Any]:
+
+def plugin_config(
+    b: OrthancProcess, concurrency: int, places: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     return {
         "StableAge": 1,
         "DicomWeb": {
@@ -38,13 +46,17 @@ def plugin_config(b: OrthancProcess, concurrency: int, place: dict[str, Any]) ->
             }
         },
         "DicomSync": {
-            "Places": {"b": {"Kind": "dicomweb", "Url": b.dicomweb_url, **place}},
+            "Places": {
+                key: {"Kind": "dicomweb", "Url": b.dicomweb_url, **extra}
+                for key, extra in places.items()
+            },
             "Routes": [
                 {
-                    "Destination": "b",
+                    "Destination": key,
                     "Concurrency": concurrency,
                     "Filter": {"PatientID": "no-such-patient"},
                 }
+                for key in places
             ],
             "PollInterval": 1,
             "MetricsInterval": 5,
@@ -52,97 +64,103 @@ def plugin_config(b: OrthancProcess, concurrency: int, place: dict[str, Any]) ->
     }
 
 
-def run_plugin(
-    base: Path,
-    files: list[Path],
-    b: OrthancProcess,
-    concurrency: int,
-    place: dict[str, Any],
-    tag: str,
-    native: bool,
-) -> dict[str, float]:
-    a = OrthancProcess(
-        base / f"a-{tag}",
-        "a",
-        plugin=True,
-        dicomweb=True,
-        config=plugin_config(b, concurrency, place),
-    ).start()
-    rates: dict[str, float] = {}
-    try:
-        upload(a.url, files, threads=4)
-        n = len(files)
-        studies = a.get("/studies")
-        for server in ("b", "b-unchunked") if native else ():
-            clear(b)
-            t = time.perf_counter()
-            r = requests.post(
-                f"{a.url}/dicom-web/servers/{server}/stow",
-                json={"Resources": studies, "Synchronous": True},
-                timeout=3600,
-            )
-            r.raise_for_status()
-            rates[f"native POST /dicom-web/servers/{server}/stow"] = n / (time.perf_counter() - t)
-            assert count(b) == n, (count(b), n)
-        clear(b)
-        t = time.perf_counter()
-        r = requests.post(f"{a.url}/dicomsync/backfill", json={"Destination": "b"}, timeout=600)
-        r.raise_for_status()
-        wait(lambda: drained(a, "b", len(studies)))
-        label = (
-            f"plugin route to dicomweb (Concurrency {concurrency}, "
-            f"{place.get('InstancesPerRequest', 10)} per request, "
-            f"{place.get('RequestsInFlight', 4)} in flight)"
-        )
-        rates[label] = n / (time.perf_counter() - t)
-        assert count(b) == n, (count(b), n)
-        failed = a.get("/dicomsync/status")["Destinations"]["b"]["Failed"]
-        assert failed == 0, f"{failed} failed jobs"
-    finally:
-        a.stop()
-    return rates
+def variant_label(extra: dict[str, Any]) -> str:
+    return (
+        f"{extra.get('InstancesPerRequest', 10)} per request, "
+        f"{extra.get('RequestsInFlight', 4)} in flight"
+    )
 
 
 def bench_stow(
-    base: Path, files: list[Path], concurrency: int, variants: list[str]
+    base: Path, files: list[Path], concurrency: int, variants: list[str], rounds: int
 ) -> list[tuple[str, str]]:
+    kinds: list[dict[str, Any]] = [{}]
+    for variant in variants:
+        per, _, flight = variant.partition(":")
+        kinds.append({"InstancesPerRequest": int(per), "RequestsInFlight": int(flight or 4)})
+    places = {f"r{r}-{k}": kind for r in range(rounds) for k, kind in enumerate(kinds)}
     b = OrthancProcess(base / "b", "b", dicomweb=True).start()
-    rates: dict[str, float] = {}
+    a = OrthancProcess(
+        base / "a", "a", plugin=True, dicomweb=True, config=plugin_config(b, concurrency, places)
+    ).start()
+    n = len(files)
+    rates: dict[str, list[float]] = {}
     try:
-        rates.update(run_plugin(base, files, b, concurrency, {}, "default", native=True))
-        for i, variant in enumerate(variants):
-            per, _, flight = variant.partition(":")
-            place: dict[str, Any] = {
-                "InstancesPerRequest": int(per),
-                "RequestsInFlight": int(flight or 4),
-            }
-            rates.update(run_plugin(base, files, b, concurrency, place, f"v{i}", native=False))
+        upload(a.url, files, threads=4)
+        studies = a.get("/studies")
+        for r in range(rounds):
+            for server in NATIVE:
+                clear(b)
+                t = time.perf_counter()
+                answer = requests.post(
+                    f"{a.url}/dicom-web/servers/{server}/stow",
+                    json={"Resources": studies, "Synchronous": True},
+                    timeout=3600,
+                )
+                answer.raise_for_status()
+                label = f"native POST /dicom-web/servers/{server}/stow"
+                rates.setdefault(label, []).append(n / (time.perf_counter() - t))
+                assert count(b) == n, (count(b), n)
+            for k, kind in enumerate(kinds):
+                key = f"r{r}-{k}"
+                clear(b)
+                t = time.perf_counter()
+                answer = requests.post(
+                    f"{a.url}/dicomsync/backfill", json={"Destination": key}, timeout=600
+                )
+                answer.raise_for_status()
+                wait(lambda key=key: drained(a, key, len(studies)))  # type: ignore[misc]
+                label = (
+                    f"plugin route to dicomweb (Concurrency {concurrency}, {variant_label(kind)})"
+                )
+                rates.setdefault(label, []).append(n / (time.perf_counter() - t))
+                assert count(b) == n, (count(b), n)
+                assert a.get("/dicomsync/status")["Destinations"][key]["Failed"] == 0
+            print(
+                f"round {r + 1}: " + ", ".join(f"{v[-1]:.0f}" for v in rates.values()), flush=True
+            )
     finally:
+        a.stop()
         b.stop()
-    best = max(v for k, v in rates.items() if k.startswith("native"))
-    rows = [(k, f"{v:7.1f} instances/s") for k, v in rates.items()]
+    best = [
+        max(rates[f"native POST /dicom-web/servers/{s}/stow"][r] for s in NATIVE)
+        for r in range(rounds)
+    ]
+    rows = [
+        (k, f"{statistics.median(v):7.1f} instances/s (rounds: {', '.join(f'{x:.0f}' for x in v)})")
+        for k, v in rates.items()
+    ]
     for k, v in rates.items():
         if k.startswith("plugin"):
-            rows.append((f"{k} / best native", f"{v / best:.2f}x (target >= 1.0)"))
+            ratios = [x / y for x, y in zip(v, best, strict=True)]
+            rows.append(
+                (
+                    f"{k} / faster native",
+                    f"{statistics.median(ratios):.2f}x median "
+                    f"({', '.join(f'{x:.2f}' for x in ratios)}) (target >= 1.0)",
+                )
+            )
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="100 instances, for a smoke run")
+    p.add_argument("--quick", action="store_true", help="100 instances, 1 round, a smoke run")
     p.add_argument("--instances", type=int, default=1000)
     p.add_argument("--size", type=int, default=500_000, help="pixel bytes per instance")
     p.add_argument("--concurrency", type=int, default=4, help="the route's Concurrency")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variant", action="append", default=[], metavar="PER_REQUEST:IN_FLIGHT")
     args = p.parse_args()
     if args.quick:
-        args.instances = 100
+        args.instances, args.rounds = 100, 1
     base = workdir("dicomweb")
     print(f"work folder: {base}", flush=True)
     files = generate(base / "data", max(1, args.instances // 50), 50, args.size, "W")
     report(
-        f"dicomweb route A->B, {len(files)} instances of {args.size / 1e6:.1f} MB",
-        bench_stow(base, files, args.concurrency, args.variant),
+        f"dicomweb route A->B, {len(files)} instances of {args.size / 1e6:.1f} MB, "
+        f"{args.rounds} rounds",
+        bench_stow(base, files, args.concurrency, args.variant, args.rounds),
     )
 
 
