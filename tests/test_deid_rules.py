@@ -309,3 +309,18 @@ def test_routes_must_name_a_known_profile_and_agree_per_destination(tmp_path: Pa
     place = cfg.build_place("b")
     assert type(place).__name__ == "Deidentified"
     assert json.dumps(cfg.routes[0].to_dict())
+
+
+def test_clean_structured_content_cuts_identifying_values_out_of_sr_text() -> None:
+    ds = pydicom.dcmread(data("rdsr", "CT-RDSR-Siemens-Multi-2.dcm"))
+    family = str(ds.PatientName).split("^")[0]
+    text_items = [i for i in _items(ds) if i.get("ValueType") == "TEXT"]
+    text_items[0].TextValue = f"scan of {family} at {ds.InstitutionName}, ok"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    cleaned = run(["clean-structured-content"], buf.getvalue())
+    value = next(str(i.TextValue) for i in _items(cleaned) if "scan of" in str(i.get("TextValue")))
+    assert family not in value and str(ds.InstitutionName) not in value
+    assert value == "scan of XXXX at XXXX, ok"
+    basic = run([], buf.getvalue())
+    assert not [i for i in _items(basic) if "scan of" in str(i.get("TextValue", ""))]

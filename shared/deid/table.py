@@ -21,6 +21,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from importlib import resources
 
+from pydicom.datadict import dictionary_VR
+
 COLUMNS = (
     "retain-safe-private",
     "retain-uids",
@@ -71,6 +73,32 @@ def action_of(row: Row, options: Collection[str]) -> str:
     if not chosen:
         return row.basic
     return max(chosen, key=lambda a: _RANK.get(a, 0))
+
+
+_TIME_VRS = frozenset({"DA", "DT", "TM"})
+_TIMEZONE = "00080201"  # Timezone Offset From UTC: shifting dates leaves it as it is
+
+
+@functools.cache
+def _is_text(tag: str) -> bool:
+    """Whether an attribute of the table holds text that cleaning scrubs (not a date, a
+    time, a private attribute, a repeating group or a sequence)."""
+    if tag == "private" or "x" in tag or tag == _TIMEZONE:
+        return False
+    try:
+        vr = dictionary_VR(int(tag, 16))
+    except KeyError:
+        return True
+    return vr not in _TIME_VRS and vr not in ("SQ", "OB")  # OB: timestamps
+
+
+def cleans_text(options: Collection[str]) -> bool:
+    """Whether a chosen option's column cleans (``C``) a text attribute: then the
+    instance's identifying values are read before the walk changes them."""
+    chosen = set(options)
+    if "clean-structured-content" in chosen:  # SR TEXT items
+        return True
+    return any(_is_text(row.tag) for row in rows() for o in chosen if row.options.get(o) == "C")
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ from dicomsync.deid.values import (
     RAW_VRS,
     TEXT_VRS,
     concept_of,
+    identifying_values,
     map_values,
     pixel_tail,
     scrubber,
@@ -101,17 +102,18 @@ class StudyKeys:
 
 class _Instance:
     """One instance's walk: its study's keys, and the pattern of its identifying values
-    (made only when a value is cleaned)."""
+    (read before any value changes, under a profile that cleans text; compiled when a
+    value is first cleaned)."""
 
-    def __init__(self, study: StudyKeys, ds: Dataset) -> None:
+    def __init__(self, study: StudyKeys, ds: Dataset, cleans_text: bool) -> None:
         self.study = study
-        self._ds: Dataset | None = ds
+        self._values = identifying_values(ds) if cleans_text else set()
         self._scrub: re.Pattern[str] | None = None
 
     @property
     def scrub(self) -> re.Pattern[str] | None:
-        if self._ds is not None:
-            self._scrub, self._ds = scrubber(self._ds), None
+        if self._scrub is None and self._values:
+            self._scrub, self._values = scrubber(self._values), set()
         return self._scrub
 
 
@@ -127,6 +129,9 @@ class Deidentifier:
         self.retain_uids = "retain-uids" in profile.options
         self.clean_content = "clean-structured-content" in profile.options
         self.device_identity = "retain-device-identity" in profile.options
+        # whether a chosen option's column cleans (C) a value that is no date or time;
+        # the Basic Profile alone never does
+        self.cleans_text = table.cleans_text(profile.options)
         self._records_template = self._make_records()
 
     def uid(self, uid: str) -> str:
@@ -143,7 +148,7 @@ class Deidentifier:
         except Exception as exc:  # pydicom raises many kinds on corrupt data
             raise DicomFileError(f"{name}: not readable DICOM ({type(exc).__name__})") from None
         self.check_burned_in(ds, name)
-        ctx = _Instance(study, ds)
+        ctx = _Instance(study, ds, self.cleans_text)
         self._walk(ds, ctx, "normal")
         ds[PATIENT_ID] = DataElement(PATIENT_ID, "LO", study.pseudonym)
         ds[PATIENT_NAME] = DataElement(PATIENT_NAME, "PN", study.pseudonym_name)

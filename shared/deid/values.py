@@ -94,22 +94,23 @@ def concept_of(item: Dataset) -> str:
         return ""
 
 
-def scrubber(ds: Dataset) -> re.Pattern[str] | None:
-    """One pattern of the instance's identifying values (3 characters and longer)."""
+def identifying_values(ds: Dataset) -> set[str]:
+    """The instance's identifying values (parts of 3 characters and longer)."""
     values: set[str] = set()
     for keyword in IDENTIFYING:
         elem = ds.data_element(keyword) if keyword in ds else None
         if elem is None or elem.value in (None, ""):
             continue
-        raw = (
-            elem.value
-            if isinstance(elem.value, list | pydicom.multival.MultiValue)
-            else [elem.value]
-        )
-        for v in raw:
+        many = isinstance(elem.value, list | pydicom.multival.MultiValue)
+        for v in elem.value if many else [elem.value]:
             for part in re.split(r"[\^=]", str(v)):
                 if len(part.strip()) >= 3:
                     values.add(part.strip())
+    return values
+
+
+def scrubber(values: set[str]) -> re.Pattern[str] | None:
+    """One pattern of ``values``, longest first, case-insensitive."""
     if not values:
         return None
     alternatives = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
