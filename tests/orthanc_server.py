@@ -22,6 +22,8 @@ import requests
 ORTHANC_BIN = os.environ.get("ORTHANC_BIN", "/usr/sbin/Orthanc")
 PYTHON_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPython.so"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+PG_INDEX_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so"
+PG_STORAGE_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPostgreSQLStorage.so"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_SCRIPT = REPO_ROOT / "plugin" / "entry.py"
 
@@ -43,6 +45,9 @@ class OrthancProcess:
     plugin: bool = False
     # load Debian's DICOMweb plugin, served at /dicom-web/ (``dicomweb_url``)
     dicomweb: bool = False
+    # the "PostgreSQL" section of Debian's orthanc-postgresql 4.0: loads its index plugin
+    # (and its storage plugin with "EnableStorage": true); see tests/test_multinode.py
+    postgresql: dict[str, Any] | None = None
     env: dict[str, str] = field(default_factory=dict)
     # None: --verbose when the plugin is loaded (tests read its info lines)
     verbose: bool | None = None
@@ -93,6 +98,10 @@ class OrthancProcess:
         if self.dicomweb:
             cfg["Plugins"] = [*cfg.get("Plugins", []), DICOMWEB_PLUGIN]
             cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", **cfg.get("DicomWeb", {})}
+        if self.postgresql is not None:
+            storage = [PG_STORAGE_PLUGIN] if self.postgresql.get("EnableStorage") else []
+            cfg["Plugins"] = [*cfg.get("Plugins", []), PG_INDEX_PLUGIN, *storage]
+            cfg["PostgreSQL"] = {"EnableIndex": True, "EnableStorage": False, **self.postgresql}
         return cfg
 
     def write_config(self) -> None:

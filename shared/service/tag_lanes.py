@@ -49,7 +49,13 @@ from dicomsync.service.event_cache import EventCache
 from dicomsync.service.metrics import MetricSink, label
 from dicomsync.service.storage import InstanceEvents
 from dicomsync.service.tag_feed import TAGS, TagFeed
-from dicomsync.sinks.base import Sink, build_sink, delivered_before, rejected_before
+from dicomsync.sinks.base import (
+    Sink,
+    build_sink,
+    delivered_before,
+    rejected_before,
+    shared_ledger,
+)
 from dicomsync.worker import Lane, SinkDelivered, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -151,7 +157,11 @@ class TagSinks:
             if state.sink is not None:
                 return
             try:
-                state.sink = build_sink(state.key, self.cfg.sinks[state.key], self.cfg.sinks_base)
+                # a shared (PostgreSQL) queue: the sinks' ledgers are shared there too
+                with shared_ledger(self.cfg.queue.target):
+                    state.sink = build_sink(
+                        state.key, self.cfg.sinks[state.key], self.cfg.sinks_base
+                    )
                 state.error = None
             except DicomSyncError as exc:
                 state.error = str(exc)
