@@ -78,7 +78,7 @@ def bench_stow(
     for variant in variants:
         per, _, flight = variant.partition(":")
         kinds.append({"InstancesPerRequest": int(per), "RequestsInFlight": int(flight or 4)})
-    places = {f"r{r}-{k}": kind for r in range(rounds) for k, kind in enumerate(kinds)}
+    places = {f"r{r}-{i}": kind for r in range(rounds) for i, kind in enumerate(kinds)}
     b = OrthancProcess(base / "b", "b", dicomweb=True).start()
     a = OrthancProcess(
         base / "a", "a", plugin=True, dicomweb=True, config=plugin_config(b, concurrency, places)
@@ -101,15 +101,15 @@ def bench_stow(
                 label = f"native POST /dicom-web/servers/{server}/stow"
                 rates.setdefault(label, []).append(n / (time.perf_counter() - t))
                 assert count(b) == n, (count(b), n)
-            for k, kind in enumerate(kinds):
-                key = f"r{r}-{k}"
+            for index, kind in enumerate(kinds):
+                key = f"r{r}-{index}"
                 clear(b)
                 t = time.perf_counter()
                 answer = requests.post(
                     f"{a.url}/dicomsync/backfill", json={"Destination": key}, timeout=600
                 )
                 answer.raise_for_status()
-                wait(lambda key=key: drained(a, key, len(studies)))  # type: ignore[misc]
+                wait(lambda key=key: drained(a, key, len(studies)))
                 label = (
                     f"plugin route to dicomweb (Concurrency {concurrency}, {variant_label(kind)})"
                 )

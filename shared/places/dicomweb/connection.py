@@ -105,7 +105,7 @@ class DicomWebOptions:
     requests_in_flight: int = option(
         "RequestsInFlight",
         "int",
-        "STOW-RS requests sent in parallel",
+        "STOW-RS requests in parallel, shared by the place's lanes",
         default=DEFAULT_IN_FLIGHT,
         low=1,
         high=64,
