@@ -2,8 +2,9 @@
 so a restart reads a few MB instead of the index's fields again.
 
 One SQLite file per index (``DoseReader(..., cache=path)``): ``meta`` (the index's
-fingerprint, the last event rowid read), ``events`` (one row per dose event: its dedup
-key and, for a CT event, the ``DoseEvent``), ``reports`` (``StudyTotal`` per CT dose
+fingerprint, the last event rowid read), ``events`` (one row per CT dose event: its dedup
+key and its ``DoseEvent``), ``others`` (the rowids of the other dose events, which only
+count), ``reports`` (``StudyTotal`` per CT dose
 report) and ``modalities`` (distinct date, modality, study). Written in one transaction
 per refresh, after the reader's own state; a file that cannot be read, or that belongs
 to another index (the fingerprint: the index's first event id), is started again. The
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from dicomsync.console.dose_query import DoseEvent, StudyTotal
 
 log = logging.getLogger(__name__)
-VERSION = "1"
+VERSION = "2"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -35,6 +36,7 @@ CREATE TABLE IF NOT EXISTS events (
     study_uid TEXT, date TEXT, accession TEXT, scanner TEXT, protocol TEXT, region TEXT,
     ctdivol REAL, dlp REAL
 );
+CREATE TABLE IF NOT EXISTS others (rowid INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS reports (
     rowid INTEGER PRIMARY KEY, ok INTEGER NOT NULL,
     study_uid TEXT, date TEXT, accession TEXT, description TEXT, scanner TEXT, total_dlp REAL
@@ -94,9 +96,12 @@ class SummaryCache:
             if meta.get("version") != VERSION or meta.get("fingerprint") != fingerprint:
                 return None
             out = Loaded(int(meta.get("last", "0")))
-            for row in db.execute("SELECT * FROM events"):
-                event = DoseEvent(*row[4:]) if row[3] else None
-                out.events[row[0]] = ((row[1], row[2]), event)
+            out.events = {
+                row[0]: ((row[1], row[2]), DoseEvent(*row[4:]))
+                for row in db.execute("SELECT * FROM events").fetchall()
+            }
+            none = (("", ""), None)  # a dose event that is not a CT event: only counted
+            out.events.update((r[0], none) for r in db.execute("SELECT rowid FROM others"))
             for row in db.execute("SELECT * FROM reports"):
                 out.reports[row[0]] = StudyTotal(*row[2:]) if row[1] else None
             out.modalities = {(r[0], r[1], r[2]) for r in db.execute("SELECT * FROM modalities")}
@@ -124,21 +129,16 @@ class SummaryCache:
             db = self._db()
             with db:
                 if reset:
-                    for table in ("meta", "events", "reports", "modalities"):
+                    for table in ("meta", "events", "others", "reports", "modalities"):
                         db.execute(f"DELETE FROM {table}")
-                db.executemany(
-                    "INSERT OR REPLACE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    [
-                        (
-                            rowid,
-                            key[0],
-                            key[1],
-                            1 if ev else 0,
-                            *(astuple(ev) if ev else (None,) * 8),
-                        )
-                        for rowid, (key, ev) in events
-                    ],
-                )
+                ct, others = [], []
+                for rowid, (key, ev) in events:
+                    if ev is None:
+                        others.append((rowid,))
+                    else:
+                        ct.append((rowid, key[0], key[1], 1, *astuple(ev)))
+                db.executemany("INSERT OR REPLACE INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", ct)
+                db.executemany("INSERT OR REPLACE INTO others VALUES (?)", others)
                 db.executemany(
                     "INSERT OR REPLACE INTO reports VALUES (?,?,?,?,?,?,?,?)",
                     [
@@ -148,6 +148,7 @@ class SummaryCache:
                 )
                 db.executemany("INSERT OR IGNORE INTO modalities VALUES (?,?,?)", list(modalities))
                 db.executemany("DELETE FROM events WHERE rowid = ?", [(r,) for r in gone_events])
+                db.executemany("DELETE FROM others WHERE rowid = ?", [(r,) for r in gone_events])
                 db.executemany("DELETE FROM reports WHERE rowid = ?", [(r,) for r in gone_reports])
                 db.executemany(
                     "INSERT OR REPLACE INTO meta VALUES (?, ?)",

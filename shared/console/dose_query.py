@@ -271,6 +271,7 @@ class DoseReader:
             reset = True
         if top == self._last and self._snapshot is not None:
             return False
+        before = self._last
         while self._last < top or reset:
             upto = min(self._last + CHUNK_ROWS, top)
             self.progress = (self._last, top)
@@ -283,6 +284,9 @@ class DoseReader:
                 self._cache.save(fingerprint, upto, part.events.items(), part.reports.items(),
                                  part.modalities, reset=reset)  # fmt: skip
             reset = False
+        if self._last == before:  # nothing new: nothing replaced (a replaced event is new)
+            self.progress = (top, top)
+            return True
         gone_events, gone_reports = self._deleted()
         if self._cache is not None and (gone_events or gone_reports):
             self._cache.save(fingerprint, self._last, (), (), (), gone_events, gone_reports)
