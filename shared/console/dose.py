@@ -13,8 +13,15 @@ when several indexes are configured), ``csv`` (``protocols``, ``scanners``, ``ou
 
 The index is the ``Dose.Index`` sink, else the first ``sqlite_index`` or
 ``postgresql_index`` of ``DicomSync.Sinks``; reference levels are ``Dose.ReferenceLevels``
-(``dose_levels``). One ``DoseReader`` per index is kept for the life of the process
-(``readers``), so the page reads only what was added since its last request.
+(``dose_levels``). One ``DoseReader`` per index is kept for the life of the process, with
+its summary cache in ``StateDirectory/dose/``, so the page reads only what was added since
+its last request; the first read of an index runs on a thread and the page answers 503
+("reading the dose events for the first time") until it is done.
+
+CSV cells are the table's text; a text cell starting with ``=``, ``+``, ``-`` or ``@`` gets a
+leading ``'`` so a spreadsheet shows it instead of running it (values come from DICOM).
+Errors: a bad date is ``HttpError`` 400; a bad ``Dose`` section or an unreadable index is
+shown on the page (500/503).
 """
 
 from __future__ import annotations

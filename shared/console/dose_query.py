@@ -3,32 +3,36 @@ and the studies by modality, for ``dicomsync.console.dose`` (the page and the re
 
 Contract
 --------
-``DoseReader(connect, dialect)`` reads the two tables every index holds
-(``events(rowid, id, sourcetype, …)`` and ``fields(event, path, text, num)``, see
+``DoseReader(connect, dialect, cache=None)`` reads the ``fields(event, path, text, num)``
+table every index holds (and ``MAX(rowid)``/the first id of ``events``; see
 ``dicomsync.sinks.sqlite_index``): ``DoseReader.sqlite(path)`` opens a ``sqlite_index``
-file read-only; ``DoseReader(connect, "postgresql")`` reads the PostgreSQL index (same
-tables; only the placeholder differs, ``?`` vs ``%s``). ``snapshot()`` returns a
-``Snapshot`` of every dose event, dose report total and instance modality in the index.
+file read-only; ``DoseReader(connect, "postgresql")`` reads the PostgreSQL index (the
+same tables and SQL, ``%s`` for ``?``). ``snapshot()`` returns an immutable ``Snapshot``
+of every CT dose event, dose report total and study modality in the index.
 
 The numbers are the flattened events' own (``dicomsync.tags``), nothing recomputed:
 
-- a CT dose event (``dicomsync:dose_event`` with ``CT Dose.Mean CTDIvol`` or
-  ``CT Dose.DLP``) gives one ``DoseEvent``; its protocol is its ``Acquisition Protocol``,
-  else the study's ``StudyDescription``; its scanner the ``StationName``, else
-  ``ManufacturerModelName``, else the ``Device Observer UID``; its date the
-  ``StudyDate``, else the event's time (UTC). Cumulative reports (Siemens writes one
-  after each exposure) repeat their events: an ``Irradiation Event UID`` counts once;
-- a dose report gives the study's total DLP
-  (``X-Ray Radiation Dose Report.CT Accumulated Dose Data.CT Dose Length Product Total``);
-  of several reports of one study the latest (by event time) counts;
-- an instance event gives its study's ``Modality``.
+- a dose event (it has ``EventType``) with ``CT Dose.Mean CTDIvol`` or ``CT Dose.DLP`` is
+  a ``DoseEvent``; its protocol is its ``Acquisition Protocol``, else the study's
+  ``StudyDescription``; its scanner the ``StationName``, else ``ManufacturerModelName``,
+  else the ``Device Observer UID``; its date the ``StudyDate`` ("" without one).
+  Cumulative reports (Siemens writes one after each exposure) repeat their events: a
+  study's ``Irradiation Event UID`` counts once. Other dose events (fluoroscopy,
+  radiography, mammography) are not CT events and are left out;
+- a dose report with ``X-Ray Radiation Dose Report.CT Accumulated Dose Data.CT Dose
+  Length Product Total`` gives its study's total DLP; of several reports of one study the
+  largest counts (a cumulative total only grows);
+- any other event with ``Modality`` (the instances) gives (date, modality, study).
 
-Speed: the first ``snapshot()`` reads the wanted fields through the index on
-``fields(path, …)`` (a few rows per event, never the JSON bodies); later calls read only
-the rows added since (events' ``rowid`` only grows; a replaced event is deleted and
-inserted again) and reuse the rest, so a page over 100,000 dose events stays well under
-half a second once warm (``bench/bench_dose.py``). The reader is thread-safe; the
-snapshot it returns is immutable. Errors of the database are ``SinkFatal`` (one line).
+Speed: values are read from ``fields`` by ranges of event rowid (``CHUNK_ROWS``), never
+from the JSON bodies; what was extracted is kept in memory and, with ``cache``, in a
+summary file (``dose_cache``), so a restart reads a few MB. Each ``snapshot()`` reads only
+the events added since the last one (rowids only grow: a replaced event is deleted and
+stored again as a new row; deleted rows are then found by counting and forgotten). The
+first read of a big index is slow (minutes for 8 GB): the page runs it on a thread
+(``read_in_background``, ``ready``, ``progress``) and ``snapshot_now`` never waits for it.
+``bench/bench_dose.py`` measures it. Thread-safe. Database errors are ``SinkFatal``
+(one line).
 """
 
 from __future__ import annotations
