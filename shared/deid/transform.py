@@ -67,6 +67,7 @@ from dicomsync.deid.values import (
     scrubber,
     shift,
     vr_of,
+    write_part10,
 )
 from dicomsync.errors import DeidentificationRefused, DicomFileError
 
@@ -88,6 +89,7 @@ BURNED_IN_CLASSES = {
 }
 # DCM concepts of TID 1004 Device Observer Identifying Attributes
 DEVICE_CONCEPTS = frozenset({"121013", "121014", "121015", "121016", "121017"})
+IMPLEMENTATION = (PYDICOM_IMPLEMENTATION_UID, "DICOMSYNC_DEID")  # we wrote the file
 META_DROPPED = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028)
 
 
@@ -153,15 +155,18 @@ class Deidentifier:
         ds[PATIENT_ID] = DataElement(PATIENT_ID, "LO", study.pseudonym)
         ds[PATIENT_NAME] = DataElement(PATIENT_NAME, "PN", study.pseudonym_name)
         self._records(ds)
-        self._meta(ds)
-        out = io.BytesIO()
         try:
-            ds.save_as(out, enforce_file_format=False)
+            head = write_part10(ds, IMPLEMENTATION)
+            if head is None:
+                self._meta(ds)
+                out = io.BytesIO()
+                ds.save_as(out, enforce_file_format=False)
+                head = out.getvalue()
         except Exception as exc:
             raise DicomFileError(f"{name}: cannot be written ({type(exc).__name__})") from None
         if tail is not None:  # the pixel data, untouched, after the de-identified header
-            out.write(tail)
-        return out.getvalue()
+            return b"".join((head, tail))
+        return head
 
     def check_burned_in(self, ds: Dataset, name: str) -> None:
         if self.profile.allow_burned_in:
@@ -364,5 +369,4 @@ class Deidentifier:
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         if "SOPClassUID" in ds:
             meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = "DICOMSYNC_DEID"
+        meta.ImplementationClassUID, meta.ImplementationVersionName = IMPLEMENTATION
