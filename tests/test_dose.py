@@ -352,9 +352,23 @@ def page(service: Any, **get: str) -> View | Reply:
     return dose.page(PageContext(service, get, "/dicomsync/ui/"))
 
 
-def test_the_page_reads_a_new_index_in_the_background_then_shows_it(tmp_path: Path) -> None:
+def test_the_page_reads_a_new_index_in_the_background_then_shows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dose._readers.clear()
     index = make_index(tmp_path / "i.sqlite", rdsr_events())
+    small = page(fake_service(tmp_path / "a", index))  # a small index: read at once
+    assert isinstance(small, View) and small.status == 200 and "724.52" in small.body
+    dose._readers.clear()
+    monkeypatch.setattr(dose, "FIRST_READ_WAIT", 0.0)  # as if the index were big:
+    real = DoseReader._refresh
+
+    def slow(self: DoseReader) -> bool:  # the first read outlasts the first request
+        if not self.ready:
+            time.sleep(0.5)
+        return real(self)
+
+    monkeypatch.setattr(DoseReader, "_refresh", slow)
     service = fake_service(tmp_path, index)
     first = page(service)
     assert isinstance(first, View) and first.status == 503 and "reading" in str(first.body)

@@ -47,6 +47,7 @@ from dicomsync.options import parse
 from dicomsync.service.rest_common import HttpError, Reply
 
 INDEX_KINDS = ("sqlite_index", "postgresql_index")
+FIRST_READ_WAIT = 2.0  # seconds a request waits for the first read of an index
 TITLE = "Dose"
 
 _readers: dict[tuple[str, str], DoseReader] = {}
@@ -210,8 +211,8 @@ def page(ctx: PageContext) -> View | Reply:
     try:
         reader = reader_for(str(section.get("Kind")), section, cfg.sinks_base,
                             cache=cfg.state_dir / "dose" / f"{_safe(key)}.sqlite")  # fmt: skip
-        if not reader.ready:  # the first read of a big index takes a while: not here
-            reader.read_in_background()
+        # the first read of a big index takes a while: on a thread, a small one is waited for
+        if not reader.ready and not reader.read_in_background(wait=FIRST_READ_WAIT):
             if reader.error:
                 raise SinkFatal(reader.error)
             done, top = reader.progress

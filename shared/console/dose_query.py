@@ -322,16 +322,21 @@ class DoseReader:
         finally:
             self._lock.release()
 
-    def read_in_background(self) -> None:
-        """Start the first read of the index on a thread (once): a page asks again later."""
+    def read_in_background(self, wait: float = 0.0) -> bool:
+        """Start the first read of the index on a thread (once), wait up to ``wait``
+        seconds for it; True when the index has been read."""
         with self._thread_lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._background, name="dicomsync-dose-read", daemon=True
                 )
                 self._thread.start()
+            thread = self._thread
+        thread.join(wait)
+        return self.ready
 
     def _background(self) -> None:
+        self.error = ""
         try:
             self.snapshot()
         except Exception as exc:
