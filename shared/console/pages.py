@@ -34,12 +34,11 @@ from typing import TYPE_CHECKING, Any
 from dicomsync.console import assets
 from dicomsync.console.html import Html, document, esc, notice
 from dicomsync.errors import NotFound
-from dicomsync.service.rest_common import HttpError, Reply
+from dicomsync.service.rest_common import CONSOLE_HEADER, HttpError, Reply
 
 if TYPE_CHECKING:
     from dicomsync.service.app import Service
 
-CONSOLE_HEADER = "X-DicomSync-Console"
 # Links are absolute: Orthanc drops a trailing "/" before the plugin sees the path, so
 # the plugin cannot tell /dicomsync/ui from /dicomsync/ui/, which a relative link needs.
 ROOT = "/dicomsync/ui/"

@@ -26,6 +26,9 @@ Endpoints (``path`` is what follows ``/dicomsync/``; answers are JSON objects):
   ``POST ui/api/jobs/{id}/retry`` and ``POST ui/api/retry-failed`` are the two retry
   endpoints above for the console's buttons: refused (403) without the header
   ``X-DicomSync-Console: 1`` (``pages.guard``: no cross-site POST).
+- Every other POST that a browser marks as cross-site (``Sec-Fetch-Site``, else an
+  ``Origin`` that is not the ``Host``) is refused with 403 (``rest_common.cross_site``);
+  curl and scripts send neither header and are unaffected.
 
 Errors are ``{"Message": …}`` with one bounded line (``short_message``): 400 for a bad
 request (``HttpError``, ``ConfigError``, ``QueryError``, ``UnknownPlaceError``), 404
@@ -67,6 +70,7 @@ from dicomsync.service.rest_common import (
     HttpError,
     Reply,
     camel,
+    cross_site,
     job_id,
     parse_body,
     quote,
@@ -122,7 +126,11 @@ class RestApi:
         Orthanc's plugin SDK hands it: still percent-encoded (Orthanc 1.10 does not decode
         a plugin's GET arguments), decoded here once; ``headers`` has lower-case names."""
         get = {unquote_plus(k): unquote_plus(v) for k, v in get.items()}
-        reply = guard(method, path, headers) or self._dispatch(method, path, get, body)
+        reply = (
+            guard(method, path, headers)
+            or cross_site(method, headers)
+            or self._dispatch(method, path, get, body)
+        )
         if reply.status != 200 and isinstance(reply.body, dict) and "Message" in reply.body:
             reply.body["Message"] = short_message(str(reply.body["Message"]))
         return reply

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from dicomsync import jsonsafe
 
@@ -48,6 +49,7 @@ class HttpError(Exception):
 
 
 JSON = "application/json"
+CONSOLE_HEADER = "X-DicomSync-Console"  # sent only by the console's own page
 
 
 @dataclass
@@ -145,3 +147,32 @@ def parse_since(value: Any) -> str | None:
         except ValueError:
             continue
     raise HttpError(400, f'"Since": cannot read {quote(value)} as a date (e.g. 2024-05-01)')
+
+
+def cross_site(method: str, headers: Mapping[str, str] | None) -> Reply | None:
+    """403 for a request that changes something and that a browser says comes from
+    another site. A saved Orthanc login would otherwise let any page its user visits
+    POST a form to ``/dicomsync/retry-failed`` or ``send``.
+
+    The browser's ``Sec-Fetch-Site`` decides when sent (anything but ``same-origin`` or
+    ``none`` is refused; it names the real origins, so a proxy that rewrites ``Host``
+    does not matter); older browsers send only ``Origin``, refused when its host is not
+    the ``Host`` asked. A request with the console's header passed the browser's CORS
+    preflight, which Orthanc never grants, so it is same-origin. Clients that are not
+    browsers (curl, scripts) send none of these headers and are not affected."""
+    if method in ("GET", "HEAD"):
+        return None
+    sent = {k.lower(): v.strip() for k, v in (headers or {}).items()}
+    if sent.get(CONSOLE_HEADER.lower()) == "1":
+        return None
+    fetch_site = sent.get("sec-fetch-site", "").lower()
+    origin = sent.get("origin", "").lower()
+    if fetch_site:
+        refused = fetch_site not in ("same-origin", "none")
+    elif origin:
+        refused = origin == "null" or urlsplit(origin).netloc != sent.get("host", "").lower()
+    else:
+        refused = False
+    if refused:
+        return Reply(403, {"Message": "cross-site request refused (it comes from another site)"})
+    return None
