@@ -106,7 +106,7 @@ class ScpPeer:
             for sop, syntaxes in self.contexts.items():
                 ae.add_supported_context(sop, syntaxes)
         ae.maximum_associations = 32
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_CONN_OPEN, self._on_open),

@@ -7,6 +7,7 @@ with more SOP class/syntax pairs than one association's 128 presentation context
 
 from __future__ import annotations
 
+import functools
 from io import BytesIO
 from pathlib import Path
 
@@ -248,12 +249,14 @@ def test_more_pairs_than_128_contexts_are_sent_over_several_associations(tmp_pat
         instances = []
         for i, sop_class in enumerate(classes):
             ds = make_instance(None, patient_id="many", study_uid=uid, pixel_bytes=16)
-            ds.SOPClassUID = sop_class
-            ds.file_meta.MediaStorageSOPClassUID = sop_class
+            ds.SOPClassUID = UID(sop_class)
+            ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
             buf = BytesIO()
             ds.save_as(buf, enforce_file_format=True)
             blob = buf.getvalue()
-            instances.append(Instance(str(ds.SOPInstanceUID), f"{i}.dcm", lambda b=blob: b))
+            instances.append(
+                Instance(str(ds.SOPInstanceUID), f"{i}.dcm", functools.partial(bytes, blob))
+            )
         p = place(dicom_section(peer, Associations=2), tmp_path)
         ident = StudyIdentity(uid, frozenset(i.sop_uid for i in instances))
         assert p.receive("many/x", instances, ident).written == 70
@@ -286,7 +289,9 @@ def test_sockets_have_nodelay_and_the_place_opens_at_most_associations(tmp_path:
                 buf = BytesIO()
                 ds.save_as(buf, enforce_file_format=True)
                 blobs.append(
-                    Instance(str(ds.SOPInstanceUID), f"{b}{i}", lambda v=buf.getvalue(): v)
+                    Instance(
+                        str(ds.SOPInstanceUID), f"{b}{i}", functools.partial(bytes, buf.getvalue())
+                    )
                 )
             batches.append(blobs)
         ident = StudyIdentity(uid, frozenset(i.sop_uid for b in batches for i in b))

@@ -4,6 +4,7 @@ destination was down for a while and after a ``kill -9`` of Orthanc mid-send; an
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,8 @@ def test_called_aet_filter_routes_by_the_ae_title_a_modality_called(tmp_path: Pa
             )
             blobs = study_bytes(patient, 2)
             instances = [
-                Instance(f"{patient}{i}", f"{i}.dcm", lambda b=b: b) for i, b in enumerate(blobs)
+                Instance(f"{patient}{i}", f"{i}.dcm", functools.partial(bytes, b))
+                for i, b in enumerate(blobs)
             ]
             with modality:
                 modality.receive("x/y", instances, StudyIdentity("", frozenset()))
