@@ -29,6 +29,8 @@ the request by its path under the base URL, never with a query string or a secre
 
 Thread-safety: one session is shared by the place's threads (requests' connection pool
 is sized for ``RequestsInFlight``); the token and its generation are guarded by a lock.
+In the plugin each route worker thread has its own place object (``RouteHandler``), so a
+route sends up to ``Concurrency`` x ``RequestsInFlight`` STOW-RS requests at once.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class DicomWebOptions:
     requests_in_flight: int = option(
         "RequestsInFlight",
         "int",
-        "STOW-RS requests in parallel, shared by the place's lanes",
+        "STOW-RS requests in parallel per sender (in the plugin, per route worker thread)",
         default=DEFAULT_IN_FLIGHT,
         low=1,
         high=64,
