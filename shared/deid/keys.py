@@ -21,7 +21,8 @@ MAX_DATE_SHIFT_DAYS = 3650
 class Keys:
     def __init__(self, secret: bytes) -> None:
         self._secret = secret
-        self.uid = functools.lru_cache(maxsize=65536)(self._uid)
+        # bounded: holds() maps a study's UIDs twice per send; one study fits
+        self.uid = functools.lru_cache(maxsize=8192)(self._uid)
 
     def __repr__(self) -> str:
         return "<Keys>"
