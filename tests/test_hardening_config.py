@@ -172,6 +172,16 @@ def place_table(tmp: Path) -> dict[str, tuple[dict[str, Any], list[str]]]:
             {"Server": "http://127.0.0.1:9", "Project": "P", "User": "u"},
             ["Timeout"],
         ),
+        "dicomweb": (
+            {"Url": "http://127.0.0.1:9/dicom-web"},
+            [
+                "TokenCommandTimeout",
+                "Timeout",
+                "InstancesPerRequest",
+                "RequestsInFlight",
+                "PageSize",
+            ],
+        ),
     }
 
 

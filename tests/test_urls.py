@@ -34,6 +34,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "Project": "P1",
         "User": "alice",
     },
+    "dicomweb": {"Kind": "dicomweb", "Url": "https://pacs.example.org/dicom-web", "User": "a"},
     "splunk_hec": {
         "Kind": "splunk_hec",
         "Url": "https://splunk.example.org:8088",
