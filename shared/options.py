@@ -282,13 +282,19 @@ def tables() -> dict[str, str]:
     """Block name -> the Markdown table generated from the declarations."""
     from dicomsync.places.base import PLACES
     from dicomsync.queue.base import RetryOptions
+    from dicomsync.queue.config import QueueOptions
     from dicomsync.routing import RouteOptions, SyncOptions
     from dicomsync.sinks.base import SINKS
 
     return {
         "places": kind_table(_kinds(PLACES), "place"),
         "sync": section_table(
-            [("", SyncOptions), ("Routes[].", RouteOptions), ("Retry.", RetryOptions)]
+            [
+                ("", SyncOptions),
+                ("Routes[].", RouteOptions),
+                ("Retry.", RetryOptions),
+                ("Queue.", QueueOptions),
+            ]
         ),
         "sinks": kind_table(_kinds(SINKS), "sink"),
     }

@@ -533,3 +533,30 @@ def test_a_newer_queue_file_is_refused_with_one_line(tmp_path: Path) -> None:
     assert str(caught.value) == (
         f"{path} was written by a newer dicomsync (schema {SCHEMA_VERSION + 1})"
     )
+
+
+# --- enqueue_many in bulk (PostgreSQL inserts a batch in one statement) -------------------------
+def test_enqueue_many_with_a_key_twice_creates_it_once(q: Queue) -> None:
+    results = q.enqueue_many([study("a"), study("b"), study("a"), study("b", dest="zips")])
+    assert [r.action for r in results] == ["created", "created", "unchanged", "created"]
+    assert results[0].job_id == results[2].job_id
+    assert q.stats()["b"].queued == 2 and q.stats()["zips"].queued == 1
+
+
+def test_a_pruned_done_study_keeps_its_duplicate_avoidance_in_a_batch(
+    q: Queue, clock: Clock
+) -> None:
+    first = q.enqueue(study("a", fp="fp-a")).job_id
+    q.enqueue(study("b", fp="fp-b"))
+    for job in q.lease("b", 2, 60):
+        q.done(job, f"fp-{job.resource}", 2)
+    clock.now += 100
+    assert q.prune("study", clock.now - 50) == 2
+    assert q.get(first) is None and q.fingerprints("b") == {"a": "fp-a", "b": "fp-b"}
+    results = q.enqueue_many([study("a", fp="fp-a"), study("b", fp="new"), study("c")])
+    assert [(r.action) for r in results] == ["unchanged", "requeued", "created"]
+    assert results[0].job_id == first
+    back = q.get(results[1].job_id)
+    assert back is not None and (back.state, back.delivered_count) == ("queued", 2)
+    s = q.stats()["b"]
+    assert (s.done, s.queued, s.delivered) == (1, 2, 4)

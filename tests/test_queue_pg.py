@@ -258,3 +258,36 @@ def test_counters_equal_a_recount_after_random_operations_on_two_nodes(
     assert {k[0]: v for k, v in counted.items() if k[2] == "pruned"} == {
         d: (int(n), int(t)) for d, n, t in archived
     }
+
+
+def test_claims_and_next_due_use_the_indexes_not_a_table_scan(
+    target: PgTarget, pg_cluster: Any
+) -> None:
+    """EXPLAIN of the compiled claims on 30,000 pending jobs: index ranges, no scan."""
+    from dicomsync.queue.compile import POSTGRES, update_where, where_values
+    from dicomsync.queue.rules import LEASE, Where
+
+    q = PostgresQueue(target)
+    for first in range(0, 30_000, 10_000):
+        q.enqueue_many([study(i) for i in range(first, first + 10_000)])
+    q.enqueue_many([NewJob("tags", f"i{i}", "b") for i in range(2_000)])
+    with psycopg.connect(target.url, password=pg_cluster.password, autocommit=True) as conn:
+        conn.execute("SET search_path = dicomsync")
+        conn.execute("ANALYZE jobs")
+        plans = {}
+        for kind in ("study", None):
+            where = Where(destination="b", kind=kind, due=True, limit=1)
+            params = {
+                **where_values(where),
+                "_now": time.time(),
+                "owner": "n",
+                "token": "t",
+                "expires": time.time() + 60,
+            }
+            sql = update_where(LEASE, where, POSTGRES)
+            rows = conn.execute(f"EXPLAIN {sql}", params).fetchall()
+            plans[f"lease {kind}"] = "\n".join(r[0] for r in rows)
+    q.close()
+    for name, plan in plans.items():
+        assert "Seq Scan on jobs" not in plan, (name, plan)
+        assert "jobs_queue" in plan and "jobs_leased" in plan, (name, plan)

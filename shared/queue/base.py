@@ -159,6 +159,10 @@ class Queue(ABC):
     def _peek(self, new: NewJob) -> tuple[int, State, str] | None:
         """``Transaction.find`` outside a transaction (the enqueue fast path)."""
 
+    def _peek_many(self, jobs: Sequence[NewJob]) -> list[tuple[int, State, str] | None]:
+        """``_peek`` of each job (a backend may look them up together)."""
+        return [self._peek(new) for new in jobs]
+
     # --- notification (in-process wake-ups; other processes rely on polling) -------------
     def subscribe(self, listener: Listener) -> None:
         """``listener(destination)`` is called after a job of that destination becomes due."""
@@ -184,8 +188,8 @@ class Queue(ABC):
             return []
         results: list[Enqueued | None] = [None] * len(jobs)
         todo: list[int] = []
-        for i, new in enumerate(jobs):  # fast path without the write lock
-            row = self._peek(new)
+        for i, (new, row) in enumerate(zip(jobs, self._peek_many(jobs), strict=True)):
+            # the fast path, without the write lock
             if row is not None and enqueue_rule(row[1], row[2], new) is None:
                 results[i] = Enqueued(row[0], "unchanged")
             else:
@@ -193,8 +197,13 @@ class Queue(ABC):
         woken: list[str] = []
         if todo or meta:
             with self._transaction() as tx:
-                for i in todo:
-                    done = results[i] = self._enqueue(tx, jobs[i])
+                created = tx.insert_many([jobs[i] for i in todo])
+                for i, job_id in zip(todo, created, strict=True):
+                    done = results[i] = (
+                        Enqueued(job_id, "created")
+                        if job_id is not None
+                        else self._enqueue(tx, jobs[i])
+                    )
                     if done.action in ("created", "requeued"):
                         woken.append(jobs[i].destination)
                 for key, value in (meta or {}).items():

@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     queued_at        DOUBLE PRECISION NOT NULL,
     created_at       DOUBLE PRECISION NOT NULL,
     updated_at       DOUBLE PRECISION NOT NULL,
-    UNIQUE (kind, resource, destination)
+    UNIQUE (destination, kind, resource)  -- the prefix of the other indexes, and more
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (destination, kind, state, next_attempt_at, id);
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs (destination, kind, lease_expires_at, id)

@@ -49,7 +49,8 @@ from dicomsync.queue.pg_schema import (
     lock_key,
     stored_version,
 )
-from dicomsync.queue.sql import Runner, SqlQueue
+from dicomsync.queue.records import Enqueued, NewJob, State
+from dicomsync.queue.sql import Runner, SqlQueue, SqlTransaction
 
 if TYPE_CHECKING:
     import psycopg
@@ -59,7 +60,58 @@ __all__ = ["SCHEMA_VERSION", "PostgresQueue"]
 log = logging.getLogger(__name__)
 
 POOL_SIZE = 4
+ANALYZE_AFTER = 5000  # created jobs before this object first analyzes the jobs table
 LISTEN_BACKOFF = (1.0, 30.0)  # seconds before reconnecting the listener: first, longest
+
+
+BULK = 5000  # keys per statement of a bulk lookup or insert
+_KEYS = (
+    "unnest(%(k)s::text[], %(r)s::text[], %(d)s::text[], %(u)s::text[])"
+    " WITH ORDINALITY AS t(k, r, d, u, i)"
+)
+# each key looked up by the unique index (LATERAL ... LIMIT 1: never a hash join that
+# reads the whole table, whatever the planner's statistics say)
+_PEEK = (
+    f"SELECT t.i, j.id, j.state, j.fingerprint FROM {_KEYS} CROSS JOIN LATERAL"
+    " (SELECT id, state, fingerprint FROM jobs WHERE kind = t.k AND resource = t.r"
+    " AND destination = t.d LIMIT 1) AS j"
+    f" UNION ALL SELECT t.i, s.id, 'done', s.fingerprint FROM {_KEYS} CROSS JOIN LATERAL"
+    " (SELECT id, fingerprint FROM done_studies WHERE t.k = 'study' AND destination = t.d"
+    " AND resource = t.r LIMIT 1) AS s"
+)
+_INSERT_MANY = (
+    "INSERT INTO jobs (kind, resource, destination, study_uid, state, next_attempt_at,"
+    " queued_at, created_at, updated_at)"
+    f" SELECT k, r, d, u, 'queued', %(now)s, %(now)s, %(now)s, %(now)s FROM {_KEYS}"
+    " WHERE NOT EXISTS (SELECT 1 FROM done_studies s WHERE t.k = 'study'"
+    " AND s.destination = t.d AND s.resource = t.r LIMIT 1) ORDER BY t.i"
+    " ON CONFLICT (kind, resource, destination) DO NOTHING"
+    " RETURNING id, kind, resource, destination"
+)
+
+
+def _keys(news: Sequence[NewJob]) -> dict[str, list[str]]:
+    return {
+        "k": [n.kind for n in news],
+        "r": [n.resource for n in news],
+        "d": [n.destination for n in news],
+        "u": [n.study_uid for n in news],
+    }
+
+
+class _PgTransaction(SqlTransaction):
+    """``insert_many`` in one statement per ``BULK`` records."""
+
+    def insert_many(self, news: Sequence[NewJob]) -> list[int | None]:
+        out: list[int | None] = [None] * len(news)
+        for first in range(0, len(news), BULK):
+            chunk = news[first : first + BULK]
+            where: dict[tuple[str, str, str], int] = {}
+            for i, n in enumerate(chunk):
+                where.setdefault((n.kind, n.resource, n.destination), first + i)
+            for row in self.run(_INSERT_MANY, {**_keys(chunk), "now": self.now}):
+                out[where[(row["kind"], row["resource"], row["destination"])]] = int(row["id"])
+        return out
 
 
 class PostgresQueue(SqlQueue):
@@ -67,6 +119,7 @@ class PostgresQueue(SqlQueue):
 
     dialect = POSTGRES
     COUNTS = COUNTS
+    transaction_class = _PgTransaction
 
     def __init__(
         self,
@@ -85,6 +138,9 @@ class PostgresQueue(SqlQueue):
         self._closed = threading.Event()
         self._listener: threading.Thread | None = None
         self._listen_lock = threading.Lock()
+        self._analyze_lock = threading.Lock()
+        self._grown = 0  # jobs this object created since it last analyzed
+        self._rows_analyzed = 0
         with self._errors("cannot open the queue"):
             conn = target.connect(autocommit=True)
             try:
@@ -149,6 +205,48 @@ class PostgresQueue(SqlQueue):
         with self._errors(), self._pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             cur.execute(sql, params, prepare=True)
+            return cur.fetchall()
+
+    def _peek_many(self, jobs: Sequence[NewJob]) -> list[tuple[int, State, str] | None]:
+        """One lookup per ``BULK`` jobs (jobs, then pruned studies), not one per job."""
+        out: list[tuple[int, State, str] | None] = [None] * len(jobs)
+        for first in range(0, len(jobs), BULK):
+            chunk = jobs[first : first + BULK]
+            for row in self._bulk_read(_PEEK, _keys(chunk)):
+                i = first + int(row["i"]) - 1
+                if out[i] is None:  # a record in jobs wins over a pruned one
+                    out[i] = (int(row["id"]), row["state"], row["fingerprint"])
+        return out
+
+    def enqueue_many(
+        self, jobs: Sequence[NewJob], *, meta: Mapping[str, str] | None = None
+    ) -> list[Enqueued]:
+        """As the base's; then ``ANALYZE jobs`` once the table has grown by half since its
+        statistics were taken (a backlog filled faster than autovacuum analyzes would be
+        planned as the empty table it was: key lookups through the wrong index)."""
+        results = super().enqueue_many(jobs, meta=meta)
+        with self._analyze_lock:
+            self._grown += sum(r.action == "created" for r in results)
+            due = self._grown > max(ANALYZE_AFTER, self._rows_analyzed // 2)
+            if due:
+                self._grown = 0
+        if due:
+            with self._write() as run:
+                run("ANALYZE jobs")
+                rows = run("SELECT reltuples FROM pg_class WHERE oid = 'jobs'::regclass")
+            self._rows_analyzed = max(0, int(rows[0]["reltuples"])) if rows else 0
+        return results
+
+    def _bulk_read(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
+        """A lookup of many keys, planned for this call with the table's statistics of now
+        (no cached plan) and no sequential scan: a table filled since autovacuum last
+        analyzed it looks empty to the planner, which would read all of it once per key."""
+        from psycopg.rows import dict_row
+
+        with self._errors(), self._pool.connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL enable_seqscan = off")
+            cur = conn.cursor(row_factory=dict_row)
+            cur.execute(sql, params, prepare=False)
             return cur.fetchall()
 
     def _count(self, run: Runner, destination: str, kind: str, n: int, delivered: int) -> None:

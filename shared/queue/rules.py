@@ -14,7 +14,7 @@ storage fails.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -263,6 +263,12 @@ class Transaction(ABC):
     def insert(self, new: NewJob) -> int | None:
         """Create the record ``queued``, due now; its id (None: another transaction has
         created it since ``find``)."""
+
+    def insert_many(self, news: Sequence[NewJob]) -> list[int | None]:
+        """Create those records that have no record yet, none pruned either (a backend that
+        can do it in one statement does): each one's id, or None (not created here; the
+        caller applies the rules to it). By default none: each goes through ``find``."""
+        return [None] * len(news)
 
     @abstractmethod
     def apply(

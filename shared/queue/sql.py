@@ -162,13 +162,15 @@ class SqlQueue(Queue):
     def _count(self, run: Runner, destination: str, kind: str, n: int, delivered: int) -> None:
         """Add to the pruned totals of a destination and kind, in ``run``'s transaction."""
 
+    transaction_class: type[SqlTransaction] = SqlTransaction
+
     def _read(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
         return self._rows(self.dialect.sql(sql), params or {})
 
     @contextmanager
     def _transaction(self) -> Iterator[Transaction]:
         with self._write() as run:
-            yield SqlTransaction(self, run, self.clock())
+            yield self.transaction_class(self, run, self.clock())
 
     def _peek(self, new: NewJob) -> tuple[int, State, str] | None:
         key = {"kind": new.kind, "resource": new.resource, "destination": new.destination}
