@@ -295,8 +295,11 @@ def test_sockets_have_nodelay_and_the_place_opens_at_most_associations(tmp_path:
                 )
             batches.append(blobs)
         ident = StudyIdentity(uid, frozenset(i.sop_uid for b in batches for i in b))
+        # the plugin builds one place object per worker thread: they share the bound
+        others = [place(dicom_section(peer, Associations=2), tmp_path) for _ in range(2)]
         threads = [
-            threading.Thread(target=p.receive, args=("a/b", batch, ident)) for batch in batches
+            threading.Thread(target=q.receive, args=("a/b", batch, ident))
+            for q, batch in zip([p, *others], batches, strict=True)
         ]
         for t in threads:
             t.start()
@@ -305,6 +308,7 @@ def test_sockets_have_nodelay_and_the_place_opens_at_most_associations(tmp_path:
         assert len(peer.stored) == 18
         assert peer.most_open <= 2  # three sends at once, never more than Associations
         assert p.holds("a/b", ident) == ident.sop_uids
-        p.close()
+        for q in [p, *others]:
+            q.close()
     finally:
         peer.stop()

@@ -24,9 +24,9 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
@@ -265,9 +265,41 @@ class Connections:
     threads sending through it. An association idle for ``IDLE_SECONDS`` is released.
     """
 
+    _shared: ClassVar[dict[Hashable, tuple[Connections, int]]] = {}
+    _shared_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def shared(cls, key: Hashable, peer: Peer, size: int) -> Connections:
+        """The process's one ``Connections`` for ``key`` (the section's connection
+        options), made on first use: the plugin builds one place object per worker
+        thread, and they must share the bound. Give it back with ``unshare``."""
+        with cls._shared_lock:
+            conns, users = cls._shared.get(key, (None, 0))
+            if conns is None or conns._closed:
+                conns, users = cls(peer, size), 0
+                conns._key = key
+            cls._shared[key] = (conns, users + 1)
+            return conns
+
+    def unshare(self) -> None:
+        """One user fewer; the last one closes the associations."""
+        with self._shared_lock:
+            conns, users = self._shared.get(self._key, (None, 0))
+            if conns is not self:
+                last = True
+            else:
+                last = users <= 1
+                if last:
+                    del self._shared[self._key]
+                else:
+                    self._shared[self._key] = (self, users - 1)
+        if last:
+            self.close()
+
     def __init__(self, peer: Peer, size: int) -> None:
         self.peer = peer
         self.size = max(1, size)
+        self._key: Hashable = id(self)
         self._idle: list[Pooled] = []
         self._open = 0  # idle + in use
         self._pairs: OrderedDict[Pair, None] = OrderedDict()

@@ -63,7 +63,23 @@ class DicomPlace(Place):
             opts.max_pdu_size,
             tls,
         )
-        self.connections = Connections(self.peer, opts.associations)
+        # one bound per node for the whole process (the plugin has a place per worker)
+        shared_key = (
+            opts.host,
+            opts.port,
+            opts.called_aet,
+            opts.calling_aet,
+            opts.timeout,
+            opts.max_pdu_size,
+            opts.tls,
+            opts.verify_tls,
+            opts.ca_bundle,
+            opts.cert,
+            opts.key,
+            opts.key_password_env,
+            str(base_dir),
+        )
+        self.connections = Connections.shared(shared_key, self.peer, opts.associations)
         self.store = StoreScu(self.connections)
         self.finder = Finder(self.connections)
         self.mover = (
@@ -78,6 +94,7 @@ class DicomPlace(Place):
         )
         self._ledger: Any = None
         self._lock = threading.Lock()
+        self._closed = False
         # StudyInstanceUID -> (PatientID, SOP UIDs, SOP classes), least recently used first
         self._meta: OrderedDict[str, tuple[str, frozenset[str], tuple[str, ...]]] = OrderedDict()
 
@@ -254,7 +271,10 @@ class DicomPlace(Place):
         return Receipt(len(result.stored), self.describe())
 
     def close(self) -> None:
-        self.connections.close()
+        with self._lock:
+            closed, self._closed = self._closed, True
+        if not closed:
+            self.connections.unshare()
         if self.mover is not None:
             self.mover.close()
         with self._lock:
