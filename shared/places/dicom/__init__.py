@@ -5,7 +5,9 @@ Modules, one concern each:
 - ``options.py``: the section's options (declared once) and the TLS context;
 - ``failures.py``: every network failure and DIMSE status -> the errors tree;
 - ``association.py``: ``Peer`` (associations, TCP_NODELAY, TLS, C-ECHO), presentation
-  contexts, the association ``Pool``;
+  contexts;
+- ``connections.py``: ``Connections``, at most ``Associations`` open per node and
+  process, reused by C-STORE and C-FIND;
 - ``store.py``: the C-STORE SCU (parallel associations, syntax fallbacks, statuses);
 - ``find.py``: C-FIND and the probe of whether the peer answers it;
 - ``retrieve.py``: C-GET, and C-MOVE with our Storage SCP;

@@ -18,14 +18,8 @@ from pydicom.dataset import Dataset
 
 from dicomsync.errors import DicomSyncError, Unreachable
 from dicomsync.places.dicom import failures
-from dicomsync.places.dicom.association import (
-    STUDY_FIND,
-    Connections,
-    Pooled,
-    accepted_sop,
-    answer_code,
-    refusal,
-)
+from dicomsync.places.dicom.association import STUDY_FIND, accepted_sop, answer_code, refusal
+from dicomsync.places.dicom.connections import Connections, Pooled
 
 PENDING = (0xFF00, 0xFF01)
 

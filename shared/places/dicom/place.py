@@ -32,7 +32,8 @@ from dicomsync.identity import StudyIdentity, safe_component
 from dicomsync.options import parse
 from dicomsync.places.base import Instance, Place, Receipt, StudyRef
 from dicomsync.places.dicom import options as dopts
-from dicomsync.places.dicom.association import Connections, Peer
+from dicomsync.places.dicom.association import Peer
+from dicomsync.places.dicom.connections import Connections
 from dicomsync.places.dicom.find import Finder
 from dicomsync.places.dicom.options import DicomOptions
 from dicomsync.places.dicom.retrieve import MoveScp, get_instances

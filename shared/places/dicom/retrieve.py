@@ -39,7 +39,8 @@ from dicomsync.errors import ConfigError
 from dicomsync.identity import safe_component
 from dicomsync.places.base import Instance
 from dicomsync.places.dicom import failures
-from dicomsync.places.dicom.association import MAX_CONTEXTS, Connections, Peer, nodelay, release
+from dicomsync.places.dicom.association import MAX_CONTEXTS, Peer, nodelay, release
+from dicomsync.places.dicom.connections import Connections
 
 log = logging.getLogger(__name__)
 

@@ -35,14 +35,8 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from dicomsync.errors import DicomSyncError, RemoteRejected, Unreachable
 from dicomsync.places.base import Instance
 from dicomsync.places.dicom import failures
-from dicomsync.places.dicom.association import (
-    UNCOMPRESSED,
-    Connections,
-    Pair,
-    Pooled,
-    accepted,
-    refusal,
-)
+from dicomsync.places.dicom.association import UNCOMPRESSED, Pair, accepted, refusal
+from dicomsync.places.dicom.connections import Connections, Pooled
 
 log = logging.getLogger(__name__)
 
