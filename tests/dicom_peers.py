@@ -36,6 +36,7 @@ class ScpPeer:
     contexts: dict[str, list[str]] | None = None  # SOP class -> syntaxes; None: all storage
     find: bool = False
     verification: bool = True
+    require_called_aet: bool = False  # reject an association that calls another AET
     status: Callable[[Dataset], int] = lambda ds: 0x0000
     received: Counter[str] = field(default_factory=Counter)
     stored: dict[str, tuple[str, str]] = field(default_factory=dict)  # SOP -> (study, class)
@@ -106,6 +107,7 @@ class ScpPeer:
             for sop, syntaxes in self.contexts.items():
                 ae.add_supported_context(sop, syntaxes)
         ae.maximum_associations = 32
+        ae.require_called_aet = self.require_called_aet
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),

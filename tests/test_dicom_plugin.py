@@ -123,3 +123,30 @@ def test_called_aet_filter_routes_by_the_ae_title_a_modality_called(tmp_path: Pa
         assert len(jobs(a, destination="out")) == 1
     finally:
         a.stop()
+
+
+def test_a_wrong_called_aet_is_a_place_error_at_startup_and_its_jobs_wait(tmp_path: Path) -> None:
+    peer = ScpPeer(find=True, require_called_aet=True).start()
+    a = plugin_orthanc(
+        tmp_path / "a",
+        "a",
+        {"b": dicom_section(peer, CalledAet="WRONG")},
+        [{"Destination": "b"}],
+    ).start()
+    try:
+        errors = wait_for(lambda: status(a).get("PlaceErrors"), timeout=30, what="PlaceErrors")
+        assert errors == {
+            "b": f"WRONG@127.0.0.1:{peer.port}: association rejected (Rejected Permanent, "
+            "Service User: Called AE title not recognised)"
+        }
+        for blob in study_bytes("WRONGAET", 2):
+            a.upload(blob)
+        wait_for(lambda: jobs(a, destination="b"), timeout=30, what="the job")
+        failed = wait_for(lambda: jobs(a, state="failed"), timeout=60, what="the job failing")
+        assert "association rejected" in failed[0]["LastError"]
+        assert not peer.received  # nothing was sent anywhere
+    finally:
+        try:
+            a.stop()
+        finally:
+            peer.stop()
