@@ -29,6 +29,8 @@ from typing import Any
 import requests
 from bench_plugin import clear, count, drained, generate, upload, wait
 
+from dicomsync.route_facts import DEFAULT_CONCURRENCY
+
 from common import OrthancProcess, report, workdir
 
 NATIVE = ("b", "b-unchunked")
@@ -148,7 +150,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="100 instances, 1 round, a smoke run")
     p.add_argument("--instances", type=int, default=1000)
     p.add_argument("--size", type=int, default=500_000, help="pixel bytes per instance")
-    p.add_argument("--concurrency", type=int, default=4, help="the route's Concurrency")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help="the route's Concurrency (default: a route's default)",
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--variant", action="append", default=[], metavar="PER_REQUEST:IN_FLIGHT")
     args = p.parse_args()

@@ -106,8 +106,11 @@ def test_one_study_by_its_key_and_place_ls(
     one = keys[0]
     assert cli("find", one).output.splitlines() == ["found 1:", one]
     rows = cli("place", "ls", "web").output.splitlines()
-    assert rows[0] == "4 studies in web:"
-    assert sum(int(r.split()[2]) for r in rows[1:]) == 16
+    assert rows[:2] == [f"DICOMweb at '{web.dicomweb_url}' answers QIDO-RS", "4 studies in web:"]
+    assert sum(int(r.split()[2]) for r in rows[2:]) == 16
+    status = json.loads(cli("status", "--json").output)
+    (entry,) = [p for p in status["places"] if p["key"] == "web"]
+    assert entry["probe"] == f"DICOMweb at '{web.dicomweb_url}' answers QIDO-RS"
 
 
 def test_small_pages_and_batches_give_the_same_result(
