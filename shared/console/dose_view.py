@@ -90,13 +90,44 @@ class Stats:
 
     @classmethod
     def of(cls, events: Sequence[DoseEvent]) -> Stats:
-        c = sorted(e.ctdivol for e in events if e.ctdivol is not None)
-        d = sorted(e.dlp for e in events if e.dlp is not None)
-        return cls(
+        return cls.of_values(
             len(events),
-            (quantile(c, 0.5), quantile(c, 0.75)),
-            (quantile(d, 0.5), quantile(d, 0.75)),
+            [e.ctdivol for e in events if e.ctdivol is not None],
+            [e.dlp for e in events if e.dlp is not None],
         )
+
+    @classmethod
+    def of_values(cls, n: int, ctdivol: list[float], dlp: list[float]) -> Stats:
+        """From the values themselves (sorted here, in place)."""
+        ctdivol.sort()
+        dlp.sort()
+        return cls(
+            n,
+            (quantile(ctdivol, 0.5), quantile(ctdivol, 0.75)),
+            (quantile(dlp, 0.5), quantile(dlp, 0.75)),
+        )
+
+
+class _Group:
+    """The values of one protocol (or scanner and protocol), gathered in one pass."""
+
+    __slots__ = ("ctdivol", "dlp", "n", "regions")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.ctdivol: list[float] = []
+        self.dlp: list[float] = []
+        self.regions: Counter[str] = Counter()
+
+    def add(self, e: DoseEvent) -> None:
+        self.n += 1
+        if e.ctdivol is not None:
+            self.ctdivol.append(e.ctdivol)
+        if e.dlp is not None:
+            self.dlp.append(e.dlp)
+
+    def stats(self) -> Stats:
+        return Stats.of_values(self.n, self.ctdivol, self.dlp)
 
 
 @dataclass(frozen=True)
@@ -130,12 +161,15 @@ def summarize(snap: Snapshot, flt: DoseFilter, levels: Levels) -> Summary:
     events = [e for e in snap.events if flt.has(e.date)]
     out.events = len(events)
     out.days = dict(Counter((d, m) for d, m, _ in snap.modalities if flt.has(d)))
-    by_protocol: dict[str, list[DoseEvent]] = defaultdict(list)
-    by_scanner: dict[tuple[str, str], list[DoseEvent]] = defaultdict(list)
+    by_protocol: dict[str, _Group] = defaultdict(_Group)
+    by_scanner: dict[tuple[str, str], _Group] = defaultdict(_Group)
+    match = levels.match
     for e in events:
-        by_protocol[e.protocol].append(e)
-        by_scanner[(e.scanner, e.protocol)].append(e)
-        level = levels.match(e.protocol, e.region)
+        group = by_protocol[e.protocol]
+        group.add(e)
+        group.regions[e.region] += 1
+        by_scanner[(e.scanner, e.protocol)].add(e)
+        level = match(e.protocol, e.region)
         if level is None:
             continue
         for quantity, value, pair in (
@@ -144,15 +178,11 @@ def summarize(snap: Snapshot, flt: DoseFilter, levels: Levels) -> Summary:
         ):
             if value is not None and pair is not None and value > pair[0]:
                 out.outliers.append(Outlier(e, quantity, value, level, pair[0], pair[1]))
-    for protocol, group in sorted(by_protocol.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        regions = Counter(e.region for e in group).most_common(1)
-        out.protocols.append(
-            (protocol, Stats.of(group), levels.match(protocol, regions[0][0] if regions else ""))
-        )
-    out.scanners = [
-        (scanner, protocol, Stats.of(group))
-        for (scanner, protocol), group in sorted(by_scanner.items())
-    ]
+    for protocol, group in sorted(by_protocol.items(), key=lambda kv: (-kv[1].n, kv[0])):
+        regions = group.regions.most_common(1)
+        level = match(protocol, regions[0][0] if regions else "")
+        out.protocols.append((protocol, group.stats(), level))
+    out.scanners = [(sc, p, g.stats()) for (sc, p), g in sorted(by_scanner.items())]
     out.outliers.sort(key=lambda o: (-o.value / (o.reference or 1), o.event.date))
     out.studies = sorted(
         (t for t in snap.totals if flt.has(t.date)), key=lambda t: (-t.total_dlp, t.study_uid)
