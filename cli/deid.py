@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -20,14 +21,34 @@ from dicomsync.cli.common import echo, load_config
 from dicomsync.deid import CLI_MAP_FILE, CLI_STATE_DIR, PseudonymMap, profile_named
 from dicomsync.errors import ConfigError
 
-database_option = click.option(
-    "--database",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The SQLite file of the map (default: dicomsync-state/deid.sqlite beside the config).",
-)
+
+def database_options(fn: Any) -> Any:
+    fn = click.option(
+        "--schema",
+        default="dicomsync",
+        show_default=True,
+        help="With a postgresql:// --database: the queue's schema.",
+    )(fn)
+    fn = click.option(
+        "--password-env",
+        metavar="VAR",
+        help="With a postgresql:// --database: the variable holding its password.",
+    )(fn)
+    return click.option(
+        "--database",
+        metavar="FILE|URL",
+        help="The map's SQLite file (default: dicomsync-state/deid.sqlite beside the "
+        "config), or the plugin's PostgreSQL queue as postgresql://user@host/db.",
+    )(fn)
 
 
-def _map(ctx: click.Context, profile_name: str, database: Path | None) -> PseudonymMap:
+def _map(
+    ctx: click.Context,
+    profile_name: str,
+    database: str | None,
+    password_env: str | None,
+    schema: str,
+) -> Any:
     cfg = load_config(ctx)
     profile = profile_named(cfg.deid_profiles(), profile_name, f"{cfg.path}: Deidentify")
     if not profile.patient_ids:
@@ -35,9 +56,14 @@ def _map(ctx: click.Context, profile_name: str, database: Path | None) -> Pseudo
             f"profile {profile_name!r} has no PatientIds table: its pseudonyms are derived "
             "from the secret, there is no map"
         )
-    return PseudonymMap(
-        database or cfg.base_dir / CLI_STATE_DIR / CLI_MAP_FILE, profile.patient_ids
-    )
+    if database and database.startswith(("postgresql://", "postgres://")):
+        from dicomsync.deid.pseudonyms_pg import PgPseudonymMap
+        from dicomsync.pg import PgTarget
+
+        target = PgTarget.checked(database, password_env, schema, "--database")
+        return PgPseudonymMap(target, profile.patient_ids)
+    path = Path(database) if database else cfg.base_dir / CLI_STATE_DIR / CLI_MAP_FILE
+    return PseudonymMap(path, profile.patient_ids)
 
 
 @click.group("deid")
@@ -53,18 +79,23 @@ def map_group() -> None:
 @map_group.command("import")
 @click.argument("profile")
 @click.argument("csv_file", type=click.File("r", encoding="utf-8-sig"))
-@database_option
+@database_options
 @click.pass_context
 def import_command(
-    ctx: click.Context, profile: str, csv_file: click.File, database: Path | None
+    ctx: click.Context,
+    profile: str,
+    csv_file: click.File,
+    database: str | None,
+    password_env: str | None,
+    schema: str,
 ) -> None:
     """Add the rows of CSV_FILE (original_id,pseudonym_id[,pseudonym_name]) to PROFILE's map.
 
     Patients already in the map keep their pseudonym; a pseudonym that another patient
     already has refuses the whole file."""
-    pseudonyms = _map(ctx, profile, database)
+    pseudonyms = _map(ctx, profile, database, password_env, schema)
     try:
-        added = pseudonyms.import_csv(csv_file)  # type: ignore[arg-type]
+        added = pseudonyms.import_csv(csv_file)
     finally:
         pseudonyms.close()
     echo(f"{added} pseudonyms added to {pseudonyms.table} in {pseudonyms.path}")
@@ -73,13 +104,18 @@ def import_command(
 @map_group.command("export")
 @click.argument("profile")
 @click.argument("output", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@database_option
+@database_options
 @click.pass_context
 def export_command(
-    ctx: click.Context, profile: str, output: Path | None, database: Path | None
+    ctx: click.Context,
+    profile: str,
+    output: Path | None,
+    database: str | None,
+    password_env: str | None,
+    schema: str,
 ) -> None:
     """Write PROFILE's map as CSV to OUTPUT (a new file, mode 0600) or to stdout."""
-    pseudonyms = _map(ctx, profile, database)
+    pseudonyms = _map(ctx, profile, database, password_env, schema)
     try:
         if output is None:
             pseudonyms.export_csv(sys.stdout)

@@ -235,7 +235,7 @@ class SyncConfig:
             from dicomsync.deid import deidentified
 
             profile = self.profiles[self.deidentify[key]]
-            place = deidentified(place, profile, self.state_dir / "queue.sqlite")
+            place = deidentified(place, profile, self.state_dir / "queue.sqlite", self.queue)
         return place
 
     def header_cache(self) -> HeaderCache:

@@ -9,6 +9,7 @@ module              what
 ``options``         the ``Deidentify`` section: named profiles, CID 7050 codes
 ``keys``            HMAC-SHA256 of the secret: ``2.25.`` UIDs, date offsets, pseudonyms
 ``pseudonyms``      the durable PatientID map (SQLite), CSV import and export
+``pseudonyms_pg``   the same map in the PostgreSQL queue database
 ``transform``       one instance's bytes in, de-identified bytes out
 ``values``          dummies per VR, date shifts, the text scrubber, raw VRs and pixel bytes
 ``place``           ``Deidentified(place, profile)``: the destination wrapper
@@ -76,12 +77,19 @@ def for_config(cfg: Any, place: Any, name: str) -> Any:
     return wrapped
 
 
-def deidentified(place: Any, profile: Profile, map_path: Path | None) -> Any:
-    """``place`` wrapped by ``Deidentified``; with the profile's ``PatientIds`` table in
-    the SQLite file ``map_path`` (none: keyed-derived pseudonyms)."""
+def deidentified(place: Any, profile: Profile, map_path: Path | None, queue: Any = None) -> Any:
+    """``place`` wrapped by ``Deidentified``; the profile's ``PatientIds`` table in the
+    SQLite file ``map_path``, or in the PostgreSQL database of ``queue`` (a
+    ``dicomsync.queue.config.QueueConfig`` of kind ``postgresql``). No table: keyed-derived
+    pseudonyms."""
     from dicomsync.deid.place import Deidentified
 
-    pseudonyms = None
-    if profile.patient_ids and map_path is not None:
-        pseudonyms = PseudonymMap(map_path, profile.patient_ids)
+    pseudonyms: Any = None
+    if profile.patient_ids:
+        if queue is not None and getattr(queue, "kind", "") == "postgresql":
+            from dicomsync.deid.pseudonyms_pg import PgPseudonymMap
+
+            pseudonyms = PgPseudonymMap(queue.target, profile.patient_ids)
+        elif map_path is not None:
+            pseudonyms = PseudonymMap(map_path, profile.patient_ids)
     return Deidentified(place, profile, pseudonyms)

@@ -28,6 +28,7 @@ from typing import Any
 from dicomsync.deid.keys import Keys
 from dicomsync.deid.options import Profile, ProfileOptions
 from dicomsync.deid.pseudonyms import PseudonymMap
+from dicomsync.deid.pseudonyms_pg import PgPseudonymMap
 from dicomsync.deid.transform import Deidentifier, StudyKeys
 from dicomsync.errors import ConfigError
 from dicomsync.identity import StudyIdentity, safe_component
@@ -41,7 +42,12 @@ class Deidentified(Place):
     Options = ProfileOptions
     is_source = False
 
-    def __init__(self, inner: Place, profile: Profile, pseudonyms: PseudonymMap | None = None):
+    def __init__(
+        self,
+        inner: Place,
+        profile: Profile,
+        pseudonyms: PseudonymMap | PgPseudonymMap | None = None,
+    ) -> None:
         super().__init__(inner.key)
         self.inner = inner
         self.profile = profile

@@ -7,6 +7,9 @@ queue's database (``StateDirectory/queue.sqlite``); for the CLI, in
 ``dicomsync-state/deid.sqlite`` beside ``dicomsync.json``. The file is created with
 mode 0600.
 
+With the plugin's queue on PostgreSQL (``DicomSync.Queue``), the table lives in that
+database and schema instead (``dicomsync.deid.pseudonyms_pg``), shared by every node.
+
 A patient seen for the first time gets the keyed-derived pseudonym
 (``Keys.pseudonym``), stored, so the map lists every patient ever sent. Users can
 pre-load it from a CSV (``original_id,pseudonym_id[,pseudonym_name]``) and export it
@@ -20,7 +23,7 @@ import csv
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -102,18 +105,7 @@ class PseudonymMap:
         """Add the rows of a CSV (header optional); existing entries are kept. Returns
         the number of rows added. A bad row (empty, too long, a taken pseudonym) is a
         ``ConfigError`` naming its line, and nothing of the file is added."""
-        rows = []
-        for n, row in enumerate(csv.reader(stream), 1):
-            if not row or (n == 1 and tuple(c.strip() for c in row[:2]) == HEADER[:2]):
-                continue
-            cells = [c.strip() for c in row]
-            if len(cells) not in (2, 3) or not cells[0] or not cells[1]:
-                raise ConfigError(f"line {n}: expected original_id,pseudonym_id[,pseudonym_name]")
-            if any(len(c) > MAX_ID_CHARS for c in cells):
-                raise ConfigError(f"line {n}: a value is longer than {MAX_ID_CHARS} characters")
-            rows.append(
-                (cells[0], cells[1], cells[2] if len(cells) == 3 and cells[2] else cells[1])
-            )
+        rows = read_csv(stream)
         with self._lock:
             try:
                 before = self._db.total_changes
@@ -134,10 +126,30 @@ class PseudonymMap:
                 raise QueueError(f"pseudonym map {self.path}: {exc}") from None
 
     def export_csv(self, stream: IO[str]) -> int:
-        writer = csv.writer(stream, lineterminator="\n")
-        writer.writerow(HEADER)
-        count = 0
-        for row in self.rows():
-            writer.writerow(row)
-            count += 1
-        return count
+        return write_csv(self.rows(), stream)
+
+
+def read_csv(stream: IO[str]) -> list[tuple[str, str, str]]:
+    """``original_id,pseudonym_id[,pseudonym_name]`` rows (header optional); a bad row is
+    a ``ConfigError`` naming its line."""
+    rows = []
+    for n, row in enumerate(csv.reader(stream), 1):
+        if not row or (n == 1 and tuple(c.strip() for c in row[:2]) == HEADER[:2]):
+            continue
+        cells = [c.strip() for c in row]
+        if len(cells) not in (2, 3) or not cells[0] or not cells[1]:
+            raise ConfigError(f"line {n}: expected original_id,pseudonym_id[,pseudonym_name]")
+        if any(len(c) > MAX_ID_CHARS for c in cells):
+            raise ConfigError(f"line {n}: a value is longer than {MAX_ID_CHARS} characters")
+        rows.append((cells[0], cells[1], cells[2] if len(cells) == 3 and cells[2] else cells[1]))
+    return rows
+
+
+def write_csv(rows: Iterable[tuple[str, str, str]], stream: IO[str]) -> int:
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(HEADER)
+    count = 0
+    for row in rows:
+        writer.writerow(row)
+        count += 1
+    return count
