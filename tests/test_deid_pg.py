@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from dicomsync.deid.place import Deidentified
 from dicomsync.deid.pseudonyms_pg import PgPseudonymMap
 from dicomsync.errors import ConfigError
 from dicomsync.pg import PgTarget
@@ -67,6 +68,7 @@ def test_a_route_on_the_postgresql_queue_keeps_its_map_there(
     cfg = routing.load({"DicomSync": section}, tmp_path / "orthanc.json")
     assert cfg is not None
     place = cfg.build_place("b")
+    assert isinstance(place, Deidentified)
     try:
         assert type(place.pseudonyms).__name__ == "PgPseudonymMap"
         key, _, _ = place.mapped(StudyIdentity("1.2.3", frozenset({"1.2.3.4"}), "PAT"))
