@@ -61,7 +61,9 @@ _IDENT = re.compile(r"(?<![\w.$'\"])([A-Za-z_](?:[\w.]*\w)?)(?![\w.'\"])(\s*\()?
 
 def _split(query: str, sep: str) -> list[str]:
     """``query`` split at ``sep`` outside quotes and parentheses."""
-    parts, depth, quote, cur = [], 0, "", []
+    parts: list[str] = []
+    cur: list[str] = []
+    depth, quote = 0, ""
     for ch in query:
         if quote:
             quote = "" if ch == quote else quote
