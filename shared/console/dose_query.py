@@ -240,7 +240,10 @@ class DoseReader:
         gone: list[list[int]] = []
         for path, kept in ((EVENT_MARK, self._events), (TOTAL_DLP, self._reports)):
             count = int(self._query("SELECT COUNT(*) FROM fields WHERE path = ?", (path,))[0][0])
-            if count == len(kept):
+            # fewer rows than we hold: some were deleted. More: rows written after our
+            # MAX(rowid) (the plugin keeps writing); a deletion they hide is found at the
+            # next refresh, which reads them, so no scan of the path is made for them.
+            if count >= len(kept):
                 gone.append([])
                 continue
             live = {r[0] for r in self._query("SELECT event FROM fields WHERE path = ?", (path,))}
