@@ -10,12 +10,15 @@ backlog through the real worker lanes, on SQLite and on PostgreSQL.
     real ``RouteHandler`` -> ``transfer.send_study`` from a dicom_root of tiny one-instance
     studies to a zipped_root (each job writes one zip). Jobs/s with 1k pending against jobs/s
     with 100k pending: within 20% means the queue's cost does not grow with the backlog.
+    Windows of the two backlogs alternate, round after round, and the medians are compared
+    (the machine's other load then falls on both alike).
 
 PostgreSQL runs on a throw-away cluster (tests/pg_cluster.py); skipped when
 /usr/lib/postgresql/15/bin is missing. Usage::
 
     python bench/bench_queue.py [--sizes 10000,100000,1000000] [--backends sqlite,postgresql]
-                                [--repeat 300] [--drain-jobs 2000] [--no-drain]
+                                [--repeat 300] [--drain-backlogs 1000,100000]
+                                [--drain-window 200] [--drain-rounds 6] [--no-drain]
 """
 
 from __future__ import annotations
@@ -165,36 +168,72 @@ class Source(DicomRoot):
         return self.root / ref.patient / ref.study.partition("-")[0]
 
 
-def drain(
-    q: Queue, base: Path, label: str, backlog: int, jobs: int, studies: Path
-) -> tuple[float, int]:
-    """Jobs/s over the first ``jobs`` jobs of a ``backlog`` through a WorkerPool lane."""
-    keys = sorted(ref.key for ref in DicomRoot("src", studies).studies())
-    fill(q, backlog, dest="zips", resource=lambda i: f"{keys[i % len(keys)]}#{i}")
-    if hasattr(q, "fold"):
-        q.stats()
-        analyze(q)
-    zips = base / f"zips-{label}"
-    zips.mkdir()
-    handler = RouteHandler(lambda: Source("src", studies), lambda key: ZippedRoot(key, zips))
-    done = threading.Semaphore(0)
+class Drain:
+    """A backlog of ``backlog`` jobs to a zipped_root, drained window by window through a
+    WorkerPool lane (two threads) and the real RouteHandler."""
 
-    def counted(job: Any) -> Any:
-        result = handler(job)
-        done.release()
+    def __init__(self, q: Queue, base: Path, label: str, backlog: int, studies: Path) -> None:
+        self.q = q
+        keys = sorted(ref.key for ref in DicomRoot("src", studies).studies())
+        fill(q, backlog, dest="zips", resource=lambda i: f"{keys[i % len(keys)]}#{i}")
+        if hasattr(q, "fold"):
+            q.stats()
+            analyze(q)
+        self.zips = base / f"zips-{label}"
+        self.zips.mkdir()
+        self.handler = RouteHandler(
+            lambda: Source("src", studies), lambda key: ZippedRoot(key, self.zips)
+        )
+        self.done = threading.Semaphore(0)
+        self.handled = 0
+
+    def _counted(self, job: Any) -> Any:
+        result = self.handler(job)
+        self.done.release()
         return result
 
-    pool = WorkerPool(q, [Lane("zips", 2, kind="study")], {"study": counted}, poll_interval=1)
-    pool.start()
-    start = time.perf_counter()
-    for _ in range(jobs):
-        done.acquire()
-    seconds = time.perf_counter() - start
-    pool.stop()
-    handler.close()
-    written = sum(1 for _ in zips.rglob("*.zip"))
-    assert written >= jobs, f"{written} zips for {jobs} jobs"
-    return jobs / seconds, backlog
+    def window(self, jobs: int) -> float:
+        """Jobs/s over ``jobs`` jobs, timed from the first one done (a warm lane)."""
+        pool = WorkerPool(
+            self.q, [Lane("zips", 2, kind="study")], {"study": self._counted}, poll_interval=1
+        )
+        pool.start()
+        self.done.acquire()
+        start = time.perf_counter()
+        for _ in range(jobs):
+            self.done.acquire()
+        seconds = time.perf_counter() - start
+        pool.stop()
+        while self.done.acquire(blocking=False):  # the jobs in flight at the stop
+            pass
+        return jobs / seconds
+
+    def close(self) -> None:
+        self.handler.close()
+        written = sum(1 for _ in self.zips.rglob("*.zip"))
+        assert written >= 1, "no zip written"
+        self.q.close()
+
+
+def drain_rates(
+    open_queue: Callable[[str], Queue],
+    name: str,
+    base: Path,
+    backlogs: list[int],
+    window: int,
+    rounds: int,
+    studies: Path,
+) -> dict[int, float]:
+    """Median jobs/s per backlog, the backlogs' windows interleaved round after round so
+    that the machine's other load falls on both alike."""
+    drains = {b: Drain(open_queue(f"drain-{b}"), base, f"{name}-{b}", b, studies) for b in backlogs}
+    rates: dict[int, list[float]] = {b: [] for b in backlogs}
+    for _ in range(rounds):
+        for backlog, d in drains.items():
+            rates[backlog].append(d.window(window))
+    for d in drains.values():
+        d.close()
+    return {b: statistics.median(r) for b, r in rates.items()}
 
 
 def main() -> int:
@@ -203,7 +242,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--repeat", type=int, default=300)
-    parser.add_argument("--drain-jobs", type=int, default=2000)
+    parser.add_argument("--drain-window", type=int, default=200)
+    parser.add_argument("--drain-rounds", type=int, default=6)
     parser.add_argument("--drain-backlogs", default="1000,100000")
     parser.add_argument("--no-drain", action="store_true")
     args = parser.parse_args()
@@ -228,17 +268,20 @@ def main() -> int:
             studies = base / "tiny"
             if not studies.exists():
                 generate_root(studies, 50, instances=1, pixel_bytes=16)
+            backlogs = [int(b) for b in args.drain_backlogs.split(",")]
+            window = min(args.drain_window, min(backlogs) // (args.drain_rounds + 1))
             for name, open_queue in opened.items():
-                rates = {}
-                for backlog in (int(b) for b in args.drain_backlogs.split(",")):
-                    q = open_queue(f"drain-{backlog}")
-                    jobs = min(args.drain_jobs, backlog)
-                    rate, _ = drain(q, base, f"{name}-{backlog}", backlog, jobs, studies)
-                    q.close()
-                    rates[backlog] = rate
+                rates = drain_rates(
+                    open_queue, name, base, backlogs, window, args.drain_rounds, studies
+                )
+                for backlog, rate in rates.items():
                     print(f"{name} drain: {rate:.0f} jobs/s with {backlog:,} pending", flush=True)
                     rows.append(
-                        (f"{name} drain, {backlog:,} pending ({jobs} jobs)", f"{rate:.0f}/s")
+                        (
+                            f"{name} drain, {backlog:,} pending"
+                            f" (median of {args.drain_rounds} x {window} jobs)",
+                            f"{rate:.0f}/s",
+                        )
                     )
                 low, high = min(rates), max(rates)
                 ratio = rates[high] / rates[low]

@@ -11,9 +11,11 @@ of the database (``PgTarget.schema``, ``dicomsync`` unless configured). Two more
   written by a newer dicomsync with one ``QueueError`` line;
 - ``count_deltas``: the counters' changes. Several nodes change jobs at once, so the
   triggers do not update shared counter rows (two transactions taking the same rows in
-  opposite orders deadlock); each insert, state change and delete of a job appends its
-  delta instead, in the same transaction, and ``fold`` moves the deltas into ``counts``
-  (one node at a time, under an advisory lock). ``COUNTS`` reads both.
+  opposite orders deadlock); each statement that inserts, deletes or changes the state
+  of jobs appends its deltas instead (one row per destination, kind and state it
+  touched: a statement-level trigger over its transition tables), in the same
+  transaction, and ``fold`` moves the deltas into ``counts`` (one node at a time, under
+  an advisory lock). ``COUNTS`` reads both.
 
 Version 1: the first PostgreSQL schema (the SQLite queue's schema 3).
 """
@@ -84,21 +86,32 @@ CREATE TABLE IF NOT EXISTS done_studies (
 );
 CREATE OR REPLACE FUNCTION jobs_count() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP <> 'INSERT' THEN
-        INSERT INTO count_deltas VALUES (OLD.destination, OLD.kind, OLD.state, -1,
-            -OLD.delivered_count);
-    END IF;
-    IF TG_OP <> 'DELETE' THEN
-        INSERT INTO count_deltas VALUES (NEW.destination, NEW.kind, NEW.state, 1,
-            NEW.delivered_count);
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO count_deltas SELECT destination, kind, state, COUNT(*),
+            SUM(delivered_count) FROM new_rows GROUP BY destination, kind, state;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO count_deltas SELECT destination, kind, state, -COUNT(*),
+            -SUM(delivered_count) FROM old_rows GROUP BY destination, kind, state;
+    ELSE
+        INSERT INTO count_deltas SELECT destination, kind, state, SUM(n), SUM(delivered)
+        FROM (SELECT o.destination, o.kind, o.state, -1 AS n, -o.delivered_count AS delivered
+              FROM old_rows o JOIN new_rows w ON w.id = o.id
+              WHERE o.state <> w.state OR o.delivered_count <> w.delivered_count
+              UNION ALL
+              SELECT w.destination, w.kind, w.state, 1, w.delivered_count
+              FROM old_rows o JOIN new_rows w ON w.id = o.id
+              WHERE o.state <> w.state OR o.delivered_count <> w.delivered_count) AS moved
+        GROUP BY destination, kind, state;
     END IF;
     RETURN NULL;
 END $$;
-CREATE OR REPLACE TRIGGER jobs_counted AFTER INSERT OR DELETE ON jobs
-    FOR EACH ROW EXECUTE FUNCTION jobs_count();
-CREATE OR REPLACE TRIGGER jobs_recounted AFTER UPDATE OF state, delivered_count ON jobs
-    FOR EACH ROW WHEN (OLD.state <> NEW.state OR OLD.delivered_count <> NEW.delivered_count)
-    EXECUTE FUNCTION jobs_count();
+CREATE OR REPLACE TRIGGER jobs_counted AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION jobs_count();
+CREATE OR REPLACE TRIGGER jobs_uncounted AFTER DELETE ON jobs REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION jobs_count();
+CREATE OR REPLACE TRIGGER jobs_recounted AFTER UPDATE ON jobs
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION jobs_count();
 """
 
 MIGRATIONS: dict[int, str] = {1: _V1}  # version -> the script that reaches it

@@ -65,6 +65,7 @@ LISTEN_BACKOFF = (1.0, 30.0)  # seconds before reconnecting the listener: first,
 
 
 BULK = 5000  # keys per statement of a bulk lookup or insert
+PEEK_FROM = 50  # enqueue_many looks up first from this many jobs on
 _KEYS = (
     "unnest(%(k)s::text[], %(r)s::text[], %(d)s::text[], %(u)s::text[])"
     " WITH ORDINALITY AS t(k, r, d, u, i)"
@@ -208,8 +209,12 @@ class PostgresQueue(SqlQueue):
             return cur.fetchall()
 
     def _peek_many(self, jobs: Sequence[NewJob]) -> list[tuple[int, State, str] | None]:
-        """One lookup per ``BULK`` jobs (jobs, then pruned studies), not one per job."""
+        """One lookup per ``BULK`` jobs (jobs, then pruned studies), not one per job; none
+        for a few jobs: the transaction's ``INSERT … ON CONFLICT`` finds them as cheaply
+        (no write lock to avoid here, unlike SQLite)."""
         out: list[tuple[int, State, str] | None] = [None] * len(jobs)
+        if len(jobs) < PEEK_FROM:
+            return out
         for first in range(0, len(jobs), BULK):
             chunk = jobs[first : first + BULK]
             for row in self._bulk_read(_PEEK, _keys(chunk)):
@@ -280,10 +285,11 @@ class PostgresQueue(SqlQueue):
         if not names:
             return
         try:
-            with self._write() as run:
-                for name in names:
-                    payload = f"{self._origin}:{name}"
-                    run("SELECT pg_notify(%(c)s, %(p)s)", {"c": self.channel, "p": payload})
+            payloads = [f"{self._origin}:{name}" for name in names]
+            self._rows(  # one statement in autocommit: delivered at once
+                "SELECT pg_notify(%(c)s, p) FROM unnest(%(p)s::text[]) AS p",
+                {"c": self.channel, "p": payloads},
+            )
         except QueueError as exc:  # the other nodes poll anyway
             log.warning("cannot wake the other nodes: %s", exc)
 
