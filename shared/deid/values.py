@@ -45,9 +45,12 @@ def shift(value: str, days: int, width: int) -> str:
     """A DA or DT value's date moved back ``days``; a value that is no date becomes the dummy."""
     head, tail = value[:width], value[width:]
     try:
-        date = datetime.datetime.strptime(head, "%Y%m%d").date()
-        return (date - datetime.timedelta(days=days)).strftime("%Y%m%d") + tail
-    except ValueError:
+        if len(head) != 8 or not head.isdigit():
+            raise ValueError(head)
+        date = datetime.date(int(head[:4]), int(head[4:6]), int(head[6:]))
+        moved = date - datetime.timedelta(days=days)
+        return f"{moved.year:04d}{moved.month:02d}{moved.day:02d}" + tail
+    except (ValueError, OverflowError):
         return DUMMY["DA"] + tail[: max(0, len(value) - width)]
 
 
