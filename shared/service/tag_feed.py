@@ -17,6 +17,14 @@ the durable record Orthanc keeps. An instance is fed within ``FEED_INTERVAL`` se
 Done ``tags`` jobs are pruned after ``PRUNE_AFTER`` seconds (their counts stay in the
 statistics): the sink's ledger is the record of what it holds.
 
+Several nodes (a queue on PostgreSQL, Orthanc's index shared): every node reads the same
+change log, so each would enqueue every instance. There the feed also keeps one cursor per
+sink for all nodes (``shared_cursor_key``, written with the jobs like the node's own) and
+enqueues only the changes past it: a node reads each page (its own cursor still moves, and
+its event cache forgets re-stored instances) but leaves out what another node already fed.
+Two nodes reading one page at the same moment may both enqueue it: the queue keeps one
+record per instance and sink, and the sink's ledger (shared too) sends nothing twice.
+
 Thread-safety: ``start``/``stop`` from one controlling thread; the feed thread alone
 moves the cursors (``cursors`` may be read from anywhere: a dict of ints). ``feed_once``
 raises ``DicomSyncError`` (Orthanc or the queue failing); the thread logs it and tries
@@ -51,6 +59,11 @@ def cursor_key(node_id: str, sink: str) -> str:
     return f"tags_cursor:{node_id}:{sink}"
 
 
+def shared_cursor_key(sink: str) -> str:
+    """The cursor every node sharing the queue (and Orthanc's change log) moves."""
+    return f"tags_cursor:*:{sink}"
+
+
 class TagFeed:
     def __init__(
         self,
@@ -66,6 +79,7 @@ class TagFeed:
         self.keys = list(keys)
         self.events = events
         self.backfill = cfg.sinks_backfill
+        self.shared = cfg.queue.target is not None  # several nodes may feed this queue
         self.cursors: dict[str, int] = {}
         self._open_keys: list[str] = list(self.keys)
         self._backlog_checked = 0.0
@@ -107,6 +121,9 @@ class TagFeed:
                 key,
                 "every instance Orthanc holds" if self.backfill else "instances stored from now",
             )
+        for key in self.keys if self.shared else ():
+            if self._fed_by_others(key) > last:  # Orthanc's database was replaced
+                fresh[shared_cursor_key(key)] = str(self.cursors[key])
         if fresh:
             self.queue.enqueue_many([], meta=fresh)
 
@@ -151,20 +168,31 @@ class TagFeed:
         changes = page.changes
         if not changes:
             return False
+        fed = {k: max(self.cursors[k], self._fed_by_others(k)) for k in open_keys}
         jobs: list[NewJob] = []
+        stored_again: list[str] = []
         for change in changes:
             if change.get("ChangeType") != "NewInstance":
                 continue
             seq, instance = int(change["Seq"]), str(change["ID"])
-            jobs += [NewJob(TAGS, instance, k) for k in open_keys if seq > self.cursors[k]]
-        self.events.forget(j.resource for j in jobs)  # stored again: its content may differ
+            stored_again += [instance] if seq > min(self.cursors[k] for k in open_keys) else []
+            jobs += [NewJob(TAGS, instance, k) for k in open_keys if seq > fed[k]]
+        self.events.forget(stored_again)  # stored again: its content may differ
         last = max(int(c["Seq"]) for c in changes)
         moved = {k: max(self.cursors[k], last) for k in open_keys}
-        self.queue.enqueue_many(
-            jobs, meta={cursor_key(self.cfg.node_id, k): str(v) for k, v in moved.items()}
-        )
+        meta = {cursor_key(self.cfg.node_id, k): str(v) for k, v in moved.items()}
+        if self.shared:
+            meta.update({shared_cursor_key(k): str(max(v, fed[k])) for k, v in moved.items()})
+        self.queue.enqueue_many(jobs, meta=meta)
         self.cursors.update(moved)
         return page.done is False  # not page.get("Done", True)
+
+    def _fed_by_others(self, key: str) -> int:
+        """How far another node sharing the queue has fed sink ``key`` (0: none, or alone)."""
+        if not self.shared:
+            return 0
+        stored = self.queue.get_meta(shared_cursor_key(key))
+        return int(stored) if stored is not None and stored.isdigit() else 0
 
 
 def _backlog(stats: DestinationStats | None) -> int:
