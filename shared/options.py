@@ -280,6 +280,8 @@ def _kinds(registry: Any) -> list[tuple[str, type]]:
 
 def tables() -> dict[str, str]:
     """Block name -> the Markdown table generated from the declarations."""
+    from dicomsync.console.dose_levels import DoseOptions
+    from dicomsync.deid.options import ProfileOptions
     from dicomsync.places.base import PLACES
     from dicomsync.queue.base import RetryOptions
     from dicomsync.queue.config import QueueOptions
@@ -294,6 +296,8 @@ def tables() -> dict[str, str]:
                 ("Routes[].", RouteOptions),
                 ("Retry.", RetryOptions),
                 ("Queue.", QueueOptions),
+                ("Dose.", DoseOptions),
+                ("Deidentify.<name>.", ProfileOptions),
             ]
         ),
         "sinks": kind_table(_kinds(SINKS), "sink"),
