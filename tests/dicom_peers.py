@@ -37,6 +37,9 @@ class ScpPeer:
     find: bool = False
     verification: bool = True
     require_called_aet: bool = False  # reject an association that calls another AET
+    max_pdu: int = 16382  # the largest PDU it receives (Orthanc: 16384)
+    keep_raw: bool = False  # keep each dataset's bytes as received, in ``raw``
+    raw: dict[str, bytes] = field(default_factory=dict)
     status: Callable[[Dataset], int] = lambda ds: 0x0000
     received: Counter[str] = field(default_factory=Counter)
     stored: dict[str, tuple[str, str]] = field(default_factory=dict)  # SOP -> (study, class)
@@ -58,6 +61,8 @@ class ScpPeer:
             if code == 0 or 0xB000 <= code <= 0xBFFF:
                 self.stored[sop] = (str(ds.StudyInstanceUID), str(ds.SOPClassUID))
                 self.syntaxes[sop] = str(event.context.transfer_syntax)
+                if self.keep_raw:
+                    self.raw[sop] = event.encoded_dataset(include_meta=False)
         return code
 
     def _on_open(self, event: Any) -> None:
@@ -108,6 +113,7 @@ class ScpPeer:
                 ae.add_supported_context(sop, syntaxes)
         ae.maximum_associations = 32
         ae.require_called_aet = self.require_called_aet
+        ae.maximum_pdu_size = self.max_pdu
         handlers: list[Any] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),

@@ -312,3 +312,45 @@ def test_sockets_have_nodelay_and_the_place_opens_at_most_associations(tmp_path:
             q.close()
     finally:
         peer.stop()
+
+
+@pytest.mark.parametrize("max_pdu", [4096, 16382, 0])
+def test_files_are_sent_byte_for_byte_in_pdus_the_peer_accepts(
+    tmp_path: Path, max_pdu: int
+) -> None:
+    """The fast path frames the command and the file's dataset as P-DATA PDUs itself."""
+    from pynetdicom.dsutils import split_dataset
+
+    from dicomsync.places.dicom import fastsend
+
+    peer = ScpPeer(find=True, max_pdu=max_pdu, keep_raw=True).start()
+    try:
+        root = tmp_path / "root"
+        uid = generate_uid()
+        files = [root / f"{i}.dcm" for i in range(3)]
+        for i, f in enumerate(files):
+            make_instance(
+                f, patient_id="bytes", study_uid=uid, pixel_bytes=[10, 70_001, 300_000][i]
+            )
+        p = place(dicom_section(peer), tmp_path)
+        calls = []
+        real = fastsend.send_file
+
+        def counting(*args: object) -> object:
+            calls.append(args)
+            return real(*args)  # type: ignore[arg-type]
+
+        fastsend.send_file = counting  # type: ignore[assignment]
+        try:
+            assert (
+                p.receive("a/b", [as_instance(f) for f in files], identity_of(files)).written == 3
+            )
+        finally:
+            fastsend.send_file = real  # type: ignore[assignment]
+        assert len(calls) == 3
+        for f in files:
+            _, offset = split_dataset(f)
+            assert peer.raw[as_instance(f).sop_uid] == f.read_bytes()[offset:]
+        p.close()
+    finally:
+        peer.stop()

@@ -2,7 +2,8 @@
 
 Each instance is sent from a file (its own, or a temporary spool file when it only
 exists as bytes), in PDU-sized chunks, with the presentation context of its own SOP
-class and transfer syntax. Where the peer refused that syntax but accepted Explicit or
+class and transfer syntax: framed and written by ``fastsend`` on a plain socket (a
+third of pynetdicom's CPU per instance), by pynetdicom itself over TLS. Where the peer refused that syntax but accepted Explicit or
 Implicit VR Little Endian for the SOP class, the instance is decoded and sent in that
 syntax, decompressed first when pydicom can (it has decoders for RLE, and for JPEG
 with Pillow/pylibjpeg installed); otherwise the instance fails with the peer's reason.
@@ -34,7 +35,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomsync.errors import DicomSyncError, RemoteRejected, Unreachable
 from dicomsync.places.base import Instance
-from dicomsync.places.dicom import failures
+from dicomsync.places.dicom import failures, fastsend
 from dicomsync.places.dicom.association import UNCOMPRESSED, Pair, accepted, refusal
 from dicomsync.places.dicom.connections import Connections, Pooled
 
@@ -149,7 +150,11 @@ class StoreScu:
             code = 0
             for attempt in (1, 2):
                 conn = self._connect(slot, (sop_class, ts))
-                status = conn.assoc.send_c_store(self._payload(conn, path, sop_class, ts))
+                payload = self._payload(conn, path, sop_class, ts)
+                if isinstance(payload, Path) and fastsend.usable(conn.assoc):
+                    status = fastsend.send_file(conn.assoc, path, sop_class, ts)
+                else:
+                    status = conn.assoc.send_c_store(payload)
                 if getattr(status, "Status", None) is not None:
                     code = int(status.Status)
                     slot.proven = True
