@@ -18,7 +18,11 @@ says (each section declares these options itself, with ``dicomsync.options``):
   a log line or an error (``describe`` shows the URL, which has none).
 - the schema: dicomsync's tables live in their own schema of the shared database (the
   Orthanc index keeps ``public``); it is created on first use; every connection has it
-  first on its ``search_path``.
+  first on its ``search_path``. It must not have the name of the user Orthanc's index
+  connects as: PostgreSQL's default ``search_path`` is ``"$user", public``, so that
+  Orthanc would create its tables in our schema, and orthanc-postgresql 4.0 refuses to
+  start on such a database ("Corrupted PostgreSQL database"). Creating a schema named
+  like the connecting user logs a warning.
 
 Errors (``is_transient``): a lost or refused connection, a server shutting down, too many
 connections, a serialization failure or a deadlock may pass: retryable. An authentication
@@ -28,6 +32,7 @@ by waiting (the same rule as ``dicomsync.http_errors``: TLS is never transient).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -35,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from dicomsync.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import psycopg
@@ -44,6 +51,14 @@ _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _SCHEMES = ("postgresql", "postgres")
 # SQLSTATE classes/codes that may pass by waiting
 _TRANSIENT_STATES = ("08", "53", "57P01", "57P02", "57P03", "40001", "40P01", "55P03")
+# PostgreSQL's default search_path is ("$user", public): an Orthanc whose index connects as
+# a user with the schema's name creates its tables in our schema, and orthanc-postgresql 4.0
+# then refuses a fresh database ("Corrupted PostgreSQL database")
+SAME_AS_USER = (
+    "schema %r has the name of the database user (%s): an Orthanc index connecting as that "
+    'user would put its tables in it (PostgreSQL\'s search_path starts with "$user") and '
+    "orthanc-postgresql refuses such a database; give Orthanc another user or set Schema"
+)
 _FATAL_WORDS = ("password", "authentication", "ssl", "certificate", "does not exist")
 
 
@@ -88,9 +103,14 @@ class PgTarget:
 
     def ensure_schema(self, conn: psycopg.Connection[Any]) -> None:
         """``CREATE SCHEMA IF NOT EXISTS`` (two nodes creating it at once: the loser's
-        unique violation is ignored)."""
+        unique violation is ignored). A schema named like the connecting user is made with
+        a warning (``SAME_AS_USER``)."""
         import psycopg
 
+        row = conn.execute("SELECT current_user, to_regnamespace(%s) IS NULL", (self.schema,))
+        user, missing = row.fetchone() or ("", False)
+        if missing and user == self.schema:
+            log.warning(SAME_AS_USER, self.schema, self.what)
         try:
             conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.schema}")
         except psycopg.errors.UniqueViolation:

@@ -51,7 +51,6 @@ from servers.hec import HecServer, Token
 pytestmark = pytest.mark.orthanc
 
 ENV = "DICOMSYNC_DB_PASSWORD"
-PREINIT_INDEX = True
 HEC_TOKEN = "5e5e5e5e-1111-4222-8333-444444444444"
 
 
@@ -73,7 +72,10 @@ def study_bytes(patient: str, n: int, pixel_bytes: int = 64) -> list[bytes]:
 
 
 def queue_section(pg: PgCluster, db: str) -> dict[str, Any]:
-    return {"Kind": "postgresql", "Url": pg.dsn(db), "PasswordEnv": ENV}
+    # Orthanc's index connects as the same user here (pg.user, "dicomsync"): a schema of that
+    # name would take Orthanc's tables (search_path "$user", public) and orthanc-postgresql
+    # would refuse the fresh database ("Corrupted PostgreSQL database"); see dicomsync.pg
+    return {"Kind": "postgresql", "Url": pg.dsn(db), "PasswordEnv": ENV, "Schema": "dsq"}
 
 
 def orthanc_index_section(pg: PgCluster, db: str) -> dict[str, Any]:
@@ -159,8 +161,6 @@ def cluster(pg_cluster: PgCluster, tmp_path: Path) -> Iterator[Cluster]:
     zips = tmp_path / "zips"
     zips.mkdir()
     c = Cluster(pg_cluster, db, tmp_path, dest, zips, hec)
-    if PREINIT_INDEX:  # orthanc-postgresql creates its tables before dicomsync's exist
-        c.plain("init").start(60).stop()
     try:
         yield c
     finally:

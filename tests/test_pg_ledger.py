@@ -13,7 +13,7 @@ from pg_cluster import PgCluster
 from test_sinks_hec import GOOD, assert_once, events, hec, hec_server, make_sink  # noqa: F401
 
 from dicomsync.errors import SinkFatal, SinkRetryable
-from dicomsync.pg import PgTarget
+from dicomsync.pg import SAME_AS_USER, PgTarget
 from dicomsync.sinks.base import Ledger, open_ledger, shared_ledger
 from dicomsync.sinks.pg_ledger import PgLedger
 from dicomsync.tags import Event
@@ -92,3 +92,16 @@ def test_errors(target: PgTarget, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SinkFatal, match="password") as info:
         PgLedger(target, "s").add(["a"])
     assert "wrong" not in str(info.value)
+
+
+def test_a_schema_named_like_the_user_is_made_with_a_warning(
+    target: PgTarget, caplog: pytest.LogCaptureFixture
+) -> None:
+    """orthanc-postgresql connecting as that user would put its tables in it
+    (tests/test_multinode.py's nodes do connect as the same user)."""
+    same = PgTarget.checked(target.url, ENV, "dicomsync")
+    with caplog.at_level("WARNING", logger="dicomsync.pg"):
+        PgLedger(same, "s").add(["a"])
+        PgLedger(same, "s").add(["b"])  # the schema exists now: said once
+        PgLedger(PgTarget.checked(target.url, ENV, "dsq"), "s").add(["a"])
+    assert [r.getMessage() for r in caplog.records] == [SAME_AS_USER % ("dicomsync", "PostgreSQL")]
