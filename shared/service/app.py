@@ -396,10 +396,13 @@ class Service:
                 self.publish_metrics()
                 self.intake.retry_unrouted()
                 self.cursor.advance()
-                if self.queue is not None:  # done study jobs leave their fingerprint only
-                    self.queue.prune("study", time.time() - STUDY_JOBS_KEPT)
             except DicomSyncError as exc:
                 log.warning("metrics: %s", exc)
+            try:  # done study jobs leave their fingerprint only (an unreachable Orthanc or not)
+                if self.queue is not None:
+                    self.queue.prune("study", time.time() - STUDY_JOBS_KEPT)
+            except DicomSyncError as exc:
+                log.warning("queue: %s", exc)
             if stop.wait(self.config.metrics_interval):
                 return
 
