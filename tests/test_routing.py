@@ -198,9 +198,12 @@ def test_repo_orthanc_json_is_valid_and_points_at_the_plugin() -> None:
 def test_docker_compose_mounts_exist_and_its_config_validates() -> None:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"orthanc-a", "orthanc-b"}
+    assert set(services) == {"orthanc-a", "orthanc-b", "postgres", "node-1", "node-2"}
+    assert services["postgres"]["image"].startswith("postgres:")  # the cluster's database
     checked = 0
     for name, service in services.items():
+        if "build" not in service:
+            continue
         build = service["build"]
         dockerfile = REPO / build["context"] / build["dockerfile"]
         assert "FROM ${ORTHANC_IMAGE}" in dockerfile.read_text()
@@ -229,7 +232,11 @@ def test_docker_compose_mounts_exist_and_its_config_validates() -> None:
             for place in cfg[routing.SECTION]["Places"].values():
                 if "PasswordEnv" in place:
                     assert place["PasswordEnv"] in service["environment"]
-    assert checked == 1
+            queue = cfg[routing.SECTION].get("Queue", {})
+            if "PasswordEnv" in queue:  # the two cluster nodes: one database, its user
+                assert queue["PasswordEnv"] in service["environment"]
+                assert cfg["PostgreSQL"]["Username"] != queue.get("Schema", "dicomsync")
+    assert checked == 3
 
 
 # --- the glue, under a stand-in orthanc module -------------------------------------------------
