@@ -347,3 +347,29 @@ def test_file_meta_is_written_anew(name: str) -> None:
     assert meta.MediaStorageSOPClassUID == ds.SOPClassUID
     assert meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
     assert out.PixelData == ds.PixelData
+
+
+def test_our_little_endian_writer_writes_what_pydicom_writes() -> None:
+    """The writer of elements still as read (``values._write_little_endian``) gives the
+    bytes of pydicom's ``write_dataset``, on every little-endian file of the test data."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from dicomsync.deid import values
+
+    compared = 0
+    for path in sorted(data().rglob("*.dcm")) + sorted(data("study_tree_pcir").rglob("*")):
+        if not path.is_file() or path.name == "DICOMDIR" or "broken" in path.parts:
+            continue
+        ds = pydicom.dcmread(path)
+        encoding = ds.original_encoding
+        if not encoding[1]:
+            continue
+        ours, theirs = DicomBytesIO(), DicomBytesIO()
+        for fp in (ours, theirs):
+            fp.is_implicit_VR, fp.is_little_endian = encoding
+        write_dataset(theirs, ds)
+        values._write_little_endian(ours, ds, implicit=bool(encoding[0]))
+        assert ours.getvalue() == theirs.getvalue(), path.name
+        compared += 1
+    assert compared > 50
