@@ -16,6 +16,7 @@ surprise, falls back to ``Association.send_c_store``.
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from pynetdicom.dsutils import encode, split_dataset
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes handed to sendall at a time
+_QUICKACK = getattr(socket, "TCP_QUICKACK", 0)
 
 
 def _pdu(context_id: int, control: int, data: bytes | memoryview) -> bytes:
@@ -93,6 +95,11 @@ def send_file(assoc: Any, path: Path, sop_class: str, ts: str) -> Dataset:
                     out.clear()
         if out:
             sock.sendall(out)
+        if _QUICKACK:  # acknowledge the answer's first segment at once, even before this
+            try:  # process gets to read it (a peer with Nagle on waits for that ACK)
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                pass
         _, rsp = assoc.dimse.get_msg(block=True)
     finally:
         assoc._reactor_checkpoint.set()
