@@ -89,9 +89,11 @@ def test_cli_map_commands_on_the_postgresql_queue(
     cli.config.write_text(json.dumps(cfg))
     csv_in = tmp_path / "in.csv"
     csv_in.write_text("P9,SUBJ-9,Subject^Nine\n")
-    where = ("--database", target.url, "--password-env", ENV)
-    assert cli("deid", "map", "import", "research", str(csv_in), *where).output.startswith(
-        "1 pseudonyms added"
-    )
+    where = ("--database", target.url, "--password-env", ENV, "--schema", "deid_queue")
+    imported = cli("deid", "map", "import", "research", str(csv_in), *where).output
+    assert imported.splitlines()[-1].startswith("1 pseudonyms added")
     out = cli("deid", "map", "export", "research", *where).output
-    assert out.splitlines() == ["original_id,pseudonym_id,pseudonym_name", "P9,SUBJ-9,Subject^Nine"]
+    assert out.splitlines()[-2:] == [
+        "original_id,pseudonym_id,pseudonym_name",
+        "P9,SUBJ-9,Subject^Nine",
+    ]
