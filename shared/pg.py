@@ -91,7 +91,7 @@ class PgTarget:
 
     url: str
     password_env: str | None = None
-    schema: str = "dicomsync"
+    schema: str = "dicomsync_queue"
     what: str = "PostgreSQL"
 
     @classmethod

@@ -182,6 +182,10 @@ def place_table(tmp: Path) -> dict[str, tuple[dict[str, Any], list[str]]]:
                 "PageSize",
             ],
         ),
+        "dicom": (
+            {"Host": "127.0.0.1", "Port": 9, "CalledAet": "PACS"},
+            ["Port", "Associations", "Timeout", "MaxPduSize", "ListenPort"],
+        ),
     }
 
 

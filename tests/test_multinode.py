@@ -72,10 +72,11 @@ def study_bytes(patient: str, n: int, pixel_bytes: int = 64) -> list[bytes]:
 
 
 def queue_section(pg: PgCluster, db: str) -> dict[str, Any]:
-    # Orthanc's index connects as the same user here (pg.user, "dicomsync"): a schema of that
-    # name would take Orthanc's tables (search_path "$user", public) and orthanc-postgresql
-    # would refuse the fresh database ("Corrupted PostgreSQL database"); see dicomsync.pg
-    return {"Kind": "postgresql", "Url": pg.dsn(db), "PasswordEnv": ENV, "Schema": "dsq"}
+    # the issue's own example: Orthanc's index and the queue connect as one user
+    # ("dicomsync"), and the queue's default schema (dicomsync_queue) is not that user's
+    # name: a schema named like the user would take Orthanc's tables (search_path "$user",
+    # public) and orthanc-postgresql would refuse the fresh database; see dicomsync.pg
+    return {"Kind": "postgresql", "Url": pg.dsn(db), "PasswordEnv": ENV}
 
 
 def orthanc_index_section(pg: PgCluster, db: str) -> dict[str, Any]:

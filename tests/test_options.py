@@ -37,6 +37,7 @@ PLACE_SECTIONS: dict[str, dict[str, Any]] = {
     "orthanc": {"Url": "http://127.0.0.1:9"},
     "xnat_pre_archive": {"Server": "http://127.0.0.1:9", "Project": "P", "User": "u"},
     "dicomweb": {"Url": "http://127.0.0.1:9/dicom-web"},
+    "dicom": {"Host": "127.0.0.1", "Port": 9, "CalledAet": "PACS"},
 }
 SINK_SECTIONS: dict[str, dict[str, Any]] = {
     "sqlite_index": {"Path": "index.sqlite"},

@@ -35,6 +35,7 @@ EXAMPLES: dict[str, dict[str, Any]] = {
         "User": "alice",
     },
     "dicomweb": {"Kind": "dicomweb", "Url": "https://pacs.example.org/dicom-web", "User": "a"},
+    "dicom": {"Kind": "dicom", "Host": "pacs.example.org", "Port": 104, "CalledAet": "PACS"},
     "splunk_hec": {
         "Kind": "splunk_hec",
         "Url": "https://splunk.example.org:8088",

@@ -53,7 +53,7 @@ class QueueOptions:
         "Schema",
         "str",
         "`postgresql`: the schema of the queue's tables (created if missing)",
-        default="dicomsync",
+        default="dicomsync_queue",
     )
 
 
