@@ -179,7 +179,7 @@ def test_the_queue_option_picks_the_backend_and_refuses_a_password_in_the_url(
     assert chosen is not None and (chosen.url, chosen.password_env, chosen.schema) == (
         target.url,
         ENV,
-        "dicomsync",
+        "dicomsync_queue",
     )
     queue = open_queue(cfg.state_dir, cfg.retry, cfg.queue)
     assert isinstance(queue, PostgresQueue)
