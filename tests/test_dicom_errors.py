@@ -346,7 +346,7 @@ def test_files_are_sent_byte_for_byte_in_pdus_the_peer_accepts(
                 p.receive("a/b", [as_instance(f) for f in files], identity_of(files)).written == 3
             )
         finally:
-            fastsend.send_file = real  # type: ignore[assignment]
+            fastsend.send_file = real
         assert len(calls) == 3
         for f in files:
             _, offset = split_dataset(f)

@@ -481,3 +481,26 @@ def test_the_postgresql_index_gives_the_same_snapshot(
     ]
     reader.close()
     sink.close()
+
+
+def test_the_service_reads_the_dose_index_ahead_at_its_start(tmp_path: Path) -> None:
+    """The first page request after a restart finds the summary loaded: the service
+    starts reading the default index when it starts, not when the page is asked for."""
+    from test_console import make_service
+
+    dose._readers.clear()
+    index = make_index(tmp_path / "i.sqlite", rdsr_events())
+    sinks = {"index": {"Kind": "sqlite_index", "Path": str(index)}}
+    service = make_service(tmp_path, Sinks=sinks, SinksBackfill=False)
+    cfg = service.config
+    assert cfg is not None
+    service.start()
+    try:
+        reader = dose._reader(cfg, "index")
+        deadline = time.monotonic() + 30
+        while not reader.ready and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert reader.ready  # no page was asked for
+    finally:
+        service.stop()
+        dose._readers.clear()

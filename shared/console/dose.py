@@ -29,10 +29,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import logging
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from dicomsync.config import resolve_path
@@ -45,6 +46,11 @@ from dicomsync.console.pages import PageContext, View
 from dicomsync.errors import ConfigError, DicomSyncError, SinkFatal
 from dicomsync.options import parse
 from dicomsync.service.rest_common import HttpError, Reply
+
+if TYPE_CHECKING:
+    from dicomsync.routing import SyncConfig
+
+log = logging.getLogger(__name__)
 
 INDEX_KINDS = ("sqlite_index", "postgresql_index")
 FIRST_READ_WAIT = 2.0  # seconds a request waits for the first read of an index
@@ -193,24 +199,20 @@ def page(ctx: PageContext) -> View | Reply:
     if cfg is None:
         return View(TITLE, notice("dicomsync is not configured: no index to read"), "dose", 503)
     flt = filter_from(ctx.get)
-    dose_section = cfg.dose or None
     try:
-        levels = Levels.from_section(dose_section)
-        chosen = (dose_section or {}).get("Index") if isinstance(dose_section, dict) else None
+        levels = Levels.from_section(cfg.dose or None)
     except ConfigError as exc:
         return View(TITLE, notice(str(exc)), "dose", 500)
-    indexes = tuple(k for k, s in cfg.sinks.items() if s.get("Kind") in INDEX_KINDS)
-    key = ctx.get.get("index") or chosen or (indexes[0] if indexes else "")
+    indexes = index_keys(cfg)
+    key = ctx.get.get("index") or default_index(cfg)
     if key not in cfg.sinks:
         text = (f"no index sink {key!r}" if key else "no index sink is configured") + (
             f" (index sinks: {', '.join(indexes)})" if indexes else
             ": add a sqlite_index to DicomSync.Sinks to see doses"
         )  # fmt: skip
         return View(TITLE, notice(text), "dose", 404 if key else 200)
-    section = cfg.sinks[key]
     try:
-        reader = reader_for(str(section.get("Kind")), section, cfg.sinks_base,
-                            cache=cfg.state_dir / "dose" / f"{_safe(key)}.sqlite")  # fmt: skip
+        reader = _reader(cfg, key)
         # the first read of a big index takes a while: on a thread, a small one is waited for
         if not reader.ready and not reader.read_in_background(wait=FIRST_READ_WAIT):
             if reader.error:
@@ -237,6 +239,38 @@ def page(ctx: PageContext) -> View | Reply:
         return View(TITLE, notice(f"index {key!r}: {exc}"), "dose", 503)
     page_body = body(summary, standalone=False, index=key, indexes=indexes, root=ctx.root)
     return View(TITLE, page_body, "dose")
+
+
+def index_keys(cfg: SyncConfig) -> tuple[str, ...]:
+    """The keys of the index sinks the page can read."""
+    return tuple(k for k, s in cfg.sinks.items() if s.get("Kind") in INDEX_KINDS)
+
+
+def default_index(cfg: SyncConfig) -> str:
+    """``Dose.Index``, else the first index sink ("" when there is none)."""
+    chosen = cfg.dose.get("Index") if isinstance(cfg.dose, dict) else None
+    indexes = index_keys(cfg)
+    return str(chosen or (indexes[0] if indexes else ""))
+
+
+def _reader(cfg: SyncConfig, key: str) -> DoseReader:
+    section = cfg.sinks[key]
+    cache = cfg.state_dir / "dose" / f"{_safe(key)}.sqlite"
+    return reader_for(str(section.get("Kind")), section, cfg.sinks_base, cache=cache)
+
+
+def warm(cfg: SyncConfig) -> None:
+    """Start reading the default index on a thread at the service's start, so that the
+    first request after a restart finds the summary loaded (its cache file and the rows
+    added since) instead of reading it itself. Never raises: a page request reports the
+    same problem."""
+    key = default_index(cfg)
+    if key not in cfg.sinks:
+        return
+    try:
+        _reader(cfg, key).read_in_background(wait=0)
+    except Exception as exc:  # the page shows it
+        log.info("dose: the index %r is not read ahead: %s", key, exc)
 
 
 def _safe(key: str) -> str:

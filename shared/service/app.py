@@ -53,6 +53,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from dicomsync import routing
+from dicomsync.console import dose
 from dicomsync.console.throughput import Throughput
 from dicomsync.errors import ConfigError, DicomSyncError, QueueError, SinkFatal
 from dicomsync.orthanc_client import OrthancClient, Transport
@@ -277,6 +278,7 @@ class Service:
             (lambda: self._metrics_loop(run), "metrics"),
             (self._check_places, "places"),
             (cursor.run_catch_up, "catch-up"),
+            (lambda: dose.warm(cfg), "dose"),  # the dose page's index, read ahead
         ):
             t = threading.Thread(target=self._guard(target), name=f"dicomsync-{name}", daemon=True)
             with self._gate:
