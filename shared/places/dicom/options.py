@@ -68,6 +68,13 @@ class DicomOptions:
     listen_port: int | None = option(
         "ListenPort", "int", "with `move`: the port of our Storage SCP", low=1, high=65535
     )
+    listen_address: str = option(
+        "ListenAddress",
+        "str",
+        "with `move`: the address our Storage SCP listens on (the peer must reach it)",
+        default="",
+        shown="every interface",
+    )
     ledger_file: str | None = option(
         "LedgerFile",
         "path",
@@ -86,6 +93,11 @@ def check(opts: DicomOptions, where: str) -> None:
         if not opts.move_aet or not opts.listen_port:
             raise ConfigError(f"{where}: Retrieve move needs MoveAet and ListenPort")
         check_aet(opts.move_aet, f"{where}: MoveAet")
+        if opts.tls:  # our Storage SCP for C-MOVE is plain TCP: the study would be clear
+            raise ConfigError(
+                f"{where}: Retrieve move cannot be used with Tls (our C-MOVE Storage SCP "
+                "does not serve TLS): use Retrieve get"
+            )
     if not opts.tls and (opts.cert or opts.key or opts.ca_bundle or opts.key_password_env):
         raise ConfigError(f"{where}: CaBundle, Cert, Key and KeyPasswordEnv need Tls true")
 

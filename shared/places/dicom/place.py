@@ -84,7 +84,9 @@ class DicomPlace(Place):
         self.store = StoreScu(self.connections)
         self.finder = Finder(self.connections)
         self.mover = (
-            MoveScp(self.connections, str(opts.move_aet), opts.listen_port or 0)
+            MoveScp(
+                self.connections, str(opts.move_aet), opts.listen_port or 0, opts.listen_address
+            )
             if opts.retrieve == "move"
             else None
         )
@@ -129,6 +131,7 @@ class DicomPlace(Place):
             ("Retrieve", "retrieve"),
             ("MoveAet", "move_aet"),
             ("ListenPort", "listen_port"),
+            ("ListenAddress", "listen_address"),
             ("LedgerFile", "ledger_file"),
         ):
             value = getattr(o, attr)

@@ -12,7 +12,14 @@ removed when the last of its ``Instance`` objects is gone; no study is held in m
 - **C-MOVE** (``Retrieve: move``) asks the peer to send to ``MoveAet``, which the peer
   must know as our address and ``ListenPort``; we run that Storage SCP from the first
   move until the place is closed. One move at a time per place (the SCP hands what
-  arrives to the move in progress).
+  arrives to the move in progress). The SCP accepts only associations whose calling
+  AE title is the peer's (``CalledAet``), and C-STOREs only from an address the peer's
+  ``Host`` resolves to; it listens on ``ListenAddress`` (default: every interface, as
+  the peer must reach us). It is plain TCP: ``Retrieve: move`` with ``Tls`` is refused
+  by the configuration check.
+
+Whatever the retrieval, an instance of another study than the one asked for (or, for
+a C-MOVE, not among ``only``) is refused with 0xC000 and never yielded.
 
 A final failure status raises its mapped error after what arrived was yielded; a
 warning (some sub-operations failed) does not: ``send``'s verify step then fails the
@@ -22,20 +29,23 @@ study for the instances missing.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import queue
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context, build_role, evt
 from pynetdicom.presentation import StoragePresentationContexts
 
-from dicomsync.errors import ConfigError
+from dicomsync.errors import ConfigError, Unreachable
 from dicomsync.identity import safe_component
 from dicomsync.places.base import Instance
 from dicomsync.places.dicom import failures
@@ -48,28 +58,55 @@ PENDING = (0xFF00, 0xFF01)
 STUDY_GET = UID("1.2.840.10008.5.1.4.1.2.2.3")  # Study Root Q/R - GET
 STUDY_MOVE = UID("1.2.840.10008.5.1.4.1.2.2.2")  # Study Root Q/R - MOVE
 _DONE = object()
+REFUSED = 0xC000  # "cannot understand": the instance is not one we asked for
+
+
+def refuse(reason: str) -> Dataset:
+    """A C-STORE failure status with ``reason`` (at most 64 characters) as its comment."""
+    status = Dataset()
+    status.Status = REFUSED
+    status.ErrorComment = reason[:64]
+    return status
 
 
 class _Spool:
     """Where the instances of one retrieval land; hands each to the reading generator."""
 
-    def __init__(self, only: Collection[str] | None) -> None:
+    def __init__(
+        self, study_uid: str, only: Collection[str] | None, *, strict: bool = False
+    ) -> None:
         self.folder = tempfile.TemporaryDirectory(prefix="dicomsync-retrieve-")
+        self.study_uid = study_uid
         self.only = set(only) if only is not None else None
+        self.strict = strict  # refuse (not just drop) an instance outside ``only``
         self.arrived: queue.Queue[Any] = queue.Queue()
         self._n = 0
         self._lock = threading.Lock()
 
-    def on_store(self, event: Any) -> int:
-        """EVT_C_STORE: write the instance as sent; 0x0000, or 0xA700 if we cannot."""
+    def on_store(self, event: Any) -> int | Dataset:
+        """EVT_C_STORE: write the instance as sent; 0x0000, 0xC000 for an instance of
+        another study (or, ``strict``, outside ``only``), 0xA700 if we cannot keep it."""
         try:
             sop = str(event.request.AffectedSOPInstanceUID)
             if self.only is not None and sop not in self.only:
-                return 0x0000  # not asked for (a C-MOVE of a whole study)
+                if self.strict:
+                    log.warning("refused C-STORE of %s: not an instance asked for", sop)
+                    return refuse("not an instance of this retrieval")
+                return 0x0000  # not asked for (a peer that sent the whole study)
             with self._lock:
                 self._n += 1
                 path = Path(self.folder.name) / f"{self._n:06d}.dcm"
             path.write_bytes(event.encoded_dataset())
+            study = _study_of(path)
+            if study != self.study_uid:
+                path.unlink(missing_ok=True)
+                log.warning(
+                    "refused C-STORE of %s: study %s, not the study retrieved (%s)",
+                    sop,
+                    study,
+                    self.study_uid,
+                )
+                return refuse("not an instance of the study retrieved")
             self.arrived.put((sop, path))
             return 0x0000
         except Exception:
@@ -104,6 +141,37 @@ class _Spool:
 
 def _read(path: Path, folder: object) -> bytes:
     return path.read_bytes()
+
+
+def _study_of(path: Path) -> str | None:
+    """The StudyInstanceUID of the file at ``path`` (None if it has none or is unreadable)."""
+    try:
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"], force=True
+        )
+        return str(ds.StudyInstanceUID) if "StudyInstanceUID" in ds else None
+    except Exception:
+        return None
+
+
+def _address(text: str) -> str:
+    """An IP address in one spelling (an IPv4-mapped IPv6 address as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return text
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def resolve(host: str) -> frozenset[str]:
+    """The addresses ``host`` resolves to; raises ``Unreachable`` when it does not."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise Unreachable(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    return frozenset(_address(str(info[4][0])) for info in infos)
 
 
 def query(level: str, study_uid: str, only: Collection[str] | None) -> Dataset:
@@ -146,7 +214,7 @@ def get_instances(
     per = MAX_CONTEXTS - 1
     for start in range(0, len(classes), per):
         group = classes[start : start + per]
-        spool = _Spool(only)
+        spool = _Spool(study_uid, only)
         contexts = [build_context(STUDY_GET)] + [
             build_context(c, ALL_TRANSFER_SYNTAXES[:]) for c in group
         ]
@@ -167,22 +235,41 @@ def get_instances(
 
 
 class MoveScp:
-    """Our Storage SCP for C-MOVE, started at the first move, stopped by ``close``."""
+    """Our Storage SCP for C-MOVE, started at the first move, stopped by ``close``.
 
-    def __init__(self, connections: Connections, move_aet: str, port: int) -> None:
+    Only the peer may store into it: associations whose calling AE title is not the
+    peer's are rejected (``require_calling_aet``), a C-STORE from an address that is not
+    one of the peer's ``Host`` is refused, and so is any instance that is not of the
+    study being moved (``_Spool``). It listens on ``address`` ("" = every interface).
+    """
+
+    def __init__(
+        self, connections: Connections, move_aet: str, port: int, address: str = ""
+    ) -> None:
         self.connections = connections
         self.peer = connections.peer
         self.move_aet = move_aet
         self.port = port
+        self.address = address
         self._server: Any = None
         self._current: _Spool | None = None
+        self._senders: frozenset[str] = frozenset()  # the peer's addresses
         self._lock = threading.Lock()  # one move at a time
         self._start_lock = threading.Lock()
 
-    def _on_store(self, event: Any) -> int:
+    def _on_store(self, event: Any) -> int | Dataset:
         spool = self._current
         if spool is None:
             return 0xA801  # no move in progress: we did not ask for this instance
+        sender = _address(str(event.assoc.requestor.address))
+        if sender not in self._senders:
+            log.warning(
+                "%s: refused a C-STORE from %s: not an address of %s",
+                self.peer.label,
+                sender,
+                self.peer.host,
+            )
+            return refuse("not the peer's address")
         return spool.on_store(event)
 
     def _start(self) -> None:
@@ -191,23 +278,25 @@ class MoveScp:
                 return
             ae = self.peer.ae()
             ae.ae_title = self.move_aet
+            ae.require_calling_aet = [self.peer.called_aet]
             for cx in StoragePresentationContexts:
                 ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES[:])
             try:
                 self._server = ae.start_server(
-                    ("", self.port),
+                    (self.address, self.port),
                     block=False,
                     evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_CONN_OPEN, nodelay)],
                 )
             except OSError as exc:
+                where = f"{self.address or '*'}:{self.port}"
                 raise ConfigError(
-                    f"{self.peer.key}: cannot listen on port {self.port} for C-MOVE: "
+                    f"{self.peer.key}: cannot listen on {where} for C-MOVE: "
                     f"{exc.strerror or exc}"
                 ) from None
 
     def instances(self, study_uid: str, only: Collection[str] | None) -> Iterator[Instance]:
         self._start()
-        spool = _Spool(only)
+        spool = _Spool(study_uid, only, strict=True)
 
         def run() -> None:
             with self.connections.slot():
@@ -221,6 +310,7 @@ class MoveScp:
                     release(assoc)
 
         with self._lock:
+            self._senders = resolve(self.peer.host)
             self._current = spool
             try:
                 yield from spool.instances(run)
