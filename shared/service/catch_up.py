@@ -17,7 +17,8 @@ be routed:
   (``Intake.idle``) and none is held, so a restart's catch-up still sees a study whose
   routing failed.
 
-Reads go through ``ChangeLog``. Thread-safety: ``run_catch_up``/``catch_up_once`` on the
+Reads go through ``ChangeLog``, and neither move passes a hole in the seqs that may
+still fill (``ChangeLog``: a change committed after a higher one was read). Thread-safety: ``run_catch_up``/``catch_up_once`` on the
 catch-up thread, ``advance`` on the metrics thread (``caught_up`` is the only state they
 share, a flag set once); ``reset`` from the controlling thread while neither runs.
 ``catch_up_once`` and ``advance`` raise ``DicomSyncError`` (Orthanc, the queue).
@@ -90,13 +91,16 @@ class RouteCursor:
         if cursor is None or int(cursor) > last:
             queue.set_meta(self.key, str(last))
             return
-        seq, studies = int(cursor), set()
+        seq, studies, reached = int(cursor), set(), last
         while seq < last and not self.stop.is_set():
             page = self.changes.page(seq, PAGE)
             for change in page.changes:
                 if change.get("Seq", 0) > last:
                     break
                 studies.update(self.changes.study_of(change))
+            if page.held:  # a hole that may still fill: the cursor stops before it
+                reached = min(last, page.last if page.last is not None else seq)
+                break
             seq = max(seq + 1, page.last if page.last is not None else seq + 1)
             if page.done:
                 break
@@ -112,8 +116,8 @@ class RouteCursor:
             except Exception as exc:
                 self.intake.hold(study_id, exc)
                 failed += 1
-        if not failed:
-            queue.set_meta(self.key, str(last))
+        if not failed and reached > int(cursor):
+            queue.set_meta(self.key, str(reached))
         if routed:
             log.warning(
                 "caught up %d route job(s) for studies changed while Orthanc was down", routed
@@ -129,6 +133,7 @@ class RouteCursor:
         ripe = [s for s in self._samples if s[0] <= now - self.stable_age - CURSOR_SLACK]
         if ripe and self.caught_up and self.intake.idle and not self.intake.unrouted():
             stored = int(self.queue.get_meta(self.key) or 0)
-            if ripe[-1][1] > stored:
-                self.queue.set_meta(self.key, str(ripe[-1][1]))
+            to = self.changes.settled(ripe[-1][1])  # never past a hole that may still fill
+            if to > stored:
+                self.queue.set_meta(self.key, str(to))
             self._samples = [s for s in self._samples if s not in ripe[:-1]]
