@@ -20,12 +20,14 @@ import click
 from dicomsync.cli.common import echo, load_config
 from dicomsync.deid import CLI_MAP_FILE, CLI_STATE_DIR, PseudonymMap, profile_named
 from dicomsync.errors import ConfigError
+from dicomsync.pg import PgTarget
 
 
 def database_options(fn: Any) -> Any:
     fn = click.option(
         "--schema",
-        default="dicomsync",
+        metavar="NAME",
+        default=PgTarget.schema,  # the queue's default schema
         show_default=True,
         help="With a postgresql:// --database: the queue's schema.",
     )(fn)

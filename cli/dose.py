@@ -2,7 +2,7 @@
 
 ::
 
-    dicomsync dose report --index KEY [--since DATE] [--until DATE] --out report.html
+    dicomsync dose report --sink KEY [--since DATE] [--until DATE] --out report.html
         [--levels levels.json]
 
 ``KEY`` is an index sink of dicomsync.json (``sqlite_index`` or ``postgresql_index``);
@@ -38,9 +38,11 @@ def dose() -> None:
 
 
 @dose.command("report")
-@click.option("--index", "key", help="The index sink to read (default: the only index).")
-@click.option("--since", help="First study date, YYYY-MM-DD (default: the first).")
-@click.option("--until", help="Last study date, YYYY-MM-DD (default: the last).")
+@click.option(
+    "--sink", "sink_key", metavar="KEY", help="The index sink to read (default: the only index)."
+)
+@click.option("--since", metavar="DATE", help="First study date, YYYY-MM-DD (default: the first).")
+@click.option("--until", metavar="DATE", help="Last study date, YYYY-MM-DD (default: the last).")
 @click.option(
     "--out",
     "out",
@@ -56,13 +58,13 @@ def dose() -> None:
 @click.pass_context
 def report_cmd(
     ctx: click.Context,
-    key: str | None,
+    sink_key: str | None,
     since: str | None,
     until: str | None,
     out: Path,
     levels: Path | None,
 ) -> None:
-    """Write the dose page of index KEY as one HTML file that opens offline."""
+    """Write the dose page of the index sink KEY as one HTML file that opens offline."""
     from dicomsync.console.dose import INDEX_KINDS, reader_for, report
     from dicomsync.console.dose_levels import Levels
     from dicomsync.console.dose_view import DoseFilter, parse_date
@@ -74,10 +76,11 @@ def report_cmd(
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     indexes = [k for k, s in sorted(cfg.sinks.items()) if s.get("Kind") in INDEX_KINDS]
+    key = sink_key
     if key is None:
         if len(indexes) != 1:
             known = ", ".join(indexes) or "none"
-            raise ConfigError(f"--index is needed: name one of the index sinks ({known})")
+            raise ConfigError(f"--sink is needed: name one of the index sinks ({known})")
         key = indexes[0]
     section = cfg.sink_section(key)
     if section.get("Kind") not in INDEX_KINDS:

@@ -24,7 +24,7 @@ ENV = "DICOMSYNC_TEST_DEID_PG_PASSWORD"
 @pytest.fixture
 def target(pg_cluster: Any, monkeypatch: pytest.MonkeyPatch) -> PgTarget:
     monkeypatch.setenv(ENV, pg_cluster.password)
-    return PgTarget.checked(pg_cluster.create_database(), ENV, "dicomsync")
+    return PgTarget.checked(pg_cluster.create_database(), ENV, PgTarget.schema)  # the default
 
 
 def test_two_nodes_share_one_map(target: PgTarget) -> None:

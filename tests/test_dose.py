@@ -422,7 +422,7 @@ def test_cli_dose_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         [
             "dose",
             "report",
-            "--index",
+            "--sink",
             "ix",
             "--since",
             "1997-01-01",
@@ -439,7 +439,7 @@ def test_cli_dose_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     levels = tmp_path / "levels.json"
     levels.write_text('{"ReferenceLevels": {"Thorax^TAP (Adult)": [0.1, 0.2]}}')
     result = runner.invoke(cli, ["dose", "report", "--levels", str(levels), "--out", str(out)])
-    assert result.exit_code == 0, result.output  # the only index: --index may be left out
+    assert result.exit_code == 0, result.output  # the only index: --sink may be left out
     assert "Thorax^TAP (Adult) 0.10 / 0.20 mGy" in out.read_text(encoding="utf-8")
     levels.write_text('{"ReferenceLevels": {"Head": [3, 1]}}')
     result = runner.invoke(cli, ["dose", "report", "--levels", str(levels), "--out", str(out)])
@@ -450,7 +450,7 @@ def test_cli_dose_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     )
     monkeypatch.setenv("SPLUNK_HEC_TOKEN", "x")
     runner.invoke(cli, ["sink", "add", "splunk_hec", "s", "https://splunk:8088"])
-    result = runner.invoke(cli, ["dose", "report", "--index", "s", "--out", str(out)])
+    result = runner.invoke(cli, ["dose", "report", "--sink", "s", "--out", str(out)])
     assert result.exit_code == 1 and "not an index" in result.output
 
 

@@ -130,7 +130,7 @@ def test_the_report_opens_offline_with_its_charts(
     added = runner.invoke(cli, ["sink", "add", "sqlite_index", "ix", "index.sqlite"])
     assert added.exit_code == 0
     out = tmp_path / "report.html"
-    result = runner.invoke(cli, ["dose", "report", "--index", "ix", "--out", str(out)])
+    result = runner.invoke(cli, ["dose", "report", "--sink", "ix", "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = out.read_text(encoding="utf-8")
     assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", text, re.I)

@@ -379,7 +379,7 @@ def _modules() -> Iterator[tuple[str, ast.Module]]:
 
 
 def test_one_backoff_formula_and_one_retry_loop() -> None:
-    """Only ``RetryPolicy.delay`` (shared/queue/base.py) computes a growing or jittered
+    """Only ``RetryPolicy.delay`` (shared/queue/retry.py) computes a growing or jittered
     delay (a power with a variable exponent, ``random``), and only dicomsync.transfer
     waits between attempts (``wait_to_retry``, which asks ``RetryPolicy.delay``)."""
     powers, randoms, waits = set(), set(), set()
@@ -401,6 +401,6 @@ def test_one_backoff_formula_and_one_retry_loop() -> None:
                 and getattr(node.func, "id", getattr(node.func, "attr", "")) == "wait_to_retry"
             ):
                 waits.add(name)
-    assert powers == {"shared/queue/base.py"}
-    assert randoms == {"shared/queue/base.py"}
+    assert powers == {"shared/queue/retry.py"}
+    assert randoms == {"shared/queue/retry.py"}
     assert waits == {"shared/transfer.py"}
