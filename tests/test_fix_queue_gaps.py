@@ -9,6 +9,7 @@ import json
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 from test_service_units import Holds, sync_config
 
@@ -98,20 +99,25 @@ def test_the_catch_up_does_not_move_the_route_cursor_past_a_young_hole(tmp_path:
     queue = open_queue(cfg.state_dir)
     log, clock = Log("/usr/lib/libOrthancPostgreSQLIndex.so"), Clock()
     log.committed[1] = "i1"
-    intake = Holds()
     routed: list[str] = []
-    intake.route_study = lambda study, fingerprint=None: routed.append(study) or []  # type: ignore[method-assign]
+
+    class Routes(Holds):
+        def route_study(self, study_id: str, fingerprint: str | None = None) -> list[Any]:
+            routed.append(study_id)
+            return []
+
+    intake = Routes()
     changes = ChangeLog(OrthancClient(log), clock=clock)
     changes.study_of = lambda change: [f"study-of-{change['ID']}"]  # type: ignore[method-assign]
     cursor = RouteCursor(
         cfg.node_id,
         queue,
         changes,
-        intake,
+        intake,  # type: ignore[arg-type]
         0.0,
         threading.Event(),
         lambda s: "f",
-        0.1,  # type: ignore[arg-type]
+        0.1,
     )
     try:
         cursor.catch_up_once()  # first run: the cursor at 1

@@ -50,7 +50,7 @@ from dicomsync.queue.pg_schema import (
     stored_version,
 )
 from dicomsync.queue.records import Enqueued, NewJob, State
-from dicomsync.queue.sql import Runner, SqlQueue, SqlTransaction
+from dicomsync.queue.sql import OLD_DONE, Runner, SqlQueue, SqlTransaction
 
 if TYPE_CHECKING:
     import psycopg
@@ -91,6 +91,14 @@ _INSERT_MANY = (
 )
 
 
+OLD_DONE_PG = POSTGRES.sql(OLD_DONE)
+
+
+def prune_key(schema: str, destination: str, kind: str) -> int:
+    """The advisory lock of the prune of ``destination``'s ``kind`` jobs."""
+    return lock_key(schema, f"prune:{kind}:{destination}")
+
+
 def _keys(news: Sequence[NewJob]) -> dict[str, list[str]]:
     return {
         "k": [n.kind for n in news],
@@ -105,6 +113,13 @@ class _PgTransaction(SqlTransaction):
 
     def insert_many(self, news: Sequence[NewJob]) -> list[int | None]:
         out: list[int | None] = [None] * len(news)
+        studies = sorted({n.destination for n in news if n.kind == "study"})
+        if studies:  # a study prune of these destinations waits, or is waited for
+            schema = self.queue.target.schema  # type: ignore[attr-defined]
+            self.run(
+                "SELECT pg_advisory_xact_lock_shared(k) FROM unnest(%(k)s::bigint[]) AS k",
+                {"k": [prune_key(schema, d, "study") for d in studies]},
+            )
         for first in range(0, len(news), BULK):
             chunk = news[first : first + BULK]
             where: dict[tuple[str, str, str], int] = {}
@@ -253,6 +268,25 @@ class PostgresQueue(SqlQueue):
             cur = conn.cursor(row_factory=dict_row)
             cur.execute(sql, params, prepare=False)
             return cur.fetchall()
+
+    def _lock_prune(self, run: Runner, destination: str, kind: str) -> None:
+        """One prune of a destination and kind at a time; a study prune also waits for (and
+        holds off) the enqueues of that destination's studies (``_PgTransaction``), which
+        would otherwise miss the record between ``jobs`` and ``done_studies``."""
+        run(
+            "SELECT pg_advisory_xact_lock(%(k)s)",
+            {"k": prune_key(self.target.schema, destination, kind)},
+        )
+
+    def _delete_done(self, run: Runner, params: Mapping[str, Any]) -> tuple[int, int]:
+        """Counted from the rows this very DELETE removed (a row another node deleted first
+        is not counted twice)."""
+        rows = run(
+            f"WITH gone AS (DELETE FROM jobs WHERE {OLD_DONE_PG} RETURNING delivered_count)"
+            " SELECT COUNT(*) AS n, COALESCE(SUM(delivered_count), 0) AS delivered FROM gone",
+            params,
+        )
+        return int(rows[0]["n"]), int(rows[0]["delivered"])
 
     def _count(self, run: Runner, destination: str, kind: str, n: int, delivered: int) -> None:
         run(

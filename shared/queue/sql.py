@@ -90,17 +90,19 @@ class SqlTransaction(Transaction):
         if found is None and kind == "study":
             pruned = self.run(self.sql(PRUNED), key)
             if pruned:  # back into ``jobs`` as it was, so every rule applies to it
-                self.run(self.sql(RESTORE), key)
-                self.run(
+                # (another node restoring it at the same moment: its record, counted once)
+                self.run(self.sql(RESTORE + " ON CONFLICT DO NOTHING"), key)
+                gone = self.run(
                     self.sql(
                         "DELETE FROM done_studies WHERE destination = :destination"
-                        " AND resource = :resource"
+                        " AND resource = :resource RETURNING delivered_count"
                     ),
                     key,
                 )
-                self.queue._count(
-                    self.run, destination, "study", -1, -int(pruned[0]["delivered_count"])
-                )
+                if gone:
+                    self.queue._count(
+                        self.run, destination, "study", -1, -int(gone[0]["delivered_count"])
+                    )
                 found = _found(self.run(self.sql(FIND), key))
         return found
 
@@ -183,27 +185,40 @@ class SqlQueue(Queue):
 
     # --- storage-wide ------------------------------------------------------------------
     def prune(self, kind: str, before: float) -> int:
-        """``study`` jobs leave what duplicate avoidance needs in ``done_studies``."""
+        """``study`` jobs leave what duplicate avoidance needs in ``done_studies``. The
+        pruned totals count the rows this transaction deleted (``_delete_done``), so two
+        nodes pruning at once count each record once."""
         pruned = 0
         for destination in self._destinations(kind, "done"):
             params = {"destination": destination, "kind": kind, "before": before}
             with self._write() as run:
-                rows = run(
-                    self.dialect.sql(
-                        "SELECT COUNT(*) AS n, COALESCE(SUM(delivered_count), 0) AS delivered"
-                        f" FROM jobs WHERE {OLD_DONE}"
-                    ),
-                    params,
-                )
-                n, delivered = int(rows[0]["n"]), int(rows[0]["delivered"])
-                if not n:
-                    continue
+                self._lock_prune(run, destination, kind)
                 if kind == "study":
                     run(self.dialect.sql(ARCHIVE), params)
-                self._count(run, destination, kind, n, delivered)
-                run(self.dialect.sql(f"DELETE FROM jobs WHERE {OLD_DONE}"), params)
+                n, delivered = self._delete_done(run, params)
+                if n:
+                    self._count(run, destination, kind, n, delivered)
                 pruned += n
         return pruned
+
+    def _lock_prune(self, run: Runner, destination: str, kind: str) -> None:
+        """Hold off, until this transaction ends, the writers that must not meet a prune of
+        ``destination`` and ``kind`` half done (none here: SQLite has one writer)."""
+
+    def _delete_done(self, run: Runner, params: Mapping[str, Any]) -> tuple[int, int]:
+        """Delete the old done records; (how many, their delivered instances). Counted
+        before the delete: right where writers wait for each other (SQLite)."""
+        rows = run(
+            self.dialect.sql(
+                "SELECT COUNT(*) AS n, COALESCE(SUM(delivered_count), 0) AS delivered"
+                f" FROM jobs WHERE {OLD_DONE}"
+            ),
+            params,
+        )
+        n, delivered = int(rows[0]["n"]), int(rows[0]["delivered"])
+        if n:
+            run(self.dialect.sql(f"DELETE FROM jobs WHERE {OLD_DONE}"), params)
+        return n, delivered
 
     def _destinations(self, kind: str | None, state: str) -> list[str]:
         kind_sql = " AND kind = :kind" if kind else ""
