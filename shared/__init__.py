@@ -6,5 +6,5 @@ is the only code that does.
 
 from dicomsync.errors import DicomSyncError
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["DicomSyncError", "__version__"]
