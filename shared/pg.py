@@ -12,7 +12,8 @@ says (each section declares these options itself, with ``dicomsync.options``):
 
 - ``Url`` is a libpq URL. It may name the user (not a secret), never a password: a
   ``user:password@`` part is refused by ``dicomsync.urls`` for every section, and a
-  ``password=`` query parameter by ``check_url`` here.
+  ``password=`` or ``sslpassword=`` query parameter by ``check_url`` here; ``describe``
+  (the name errors and logs use) leaves the query string out.
 - ``PasswordEnv`` names the environment variable holding the password; it is read at
   each connection and handed to libpq as its own parameter, so it never lands in a URL,
   a log line or an error (``describe`` shows the URL, which has none).
@@ -59,6 +60,8 @@ SAME_AS_USER = (
     'user would put its tables in it (PostgreSQL\'s search_path starts with "$user") and '
     "orthanc-postgresql refuses such a database; give Orthanc another user or set Schema"
 )
+# libpq URL parameters that carry a secret (the password, the client key's passphrase)
+_SECRET_KEYS = {"password", "sslpassword"}
 _FATAL_WORDS = ("password", "authentication", "ssl", "certificate", "does not exist")
 
 
@@ -67,9 +70,8 @@ def check_url(url: str, where: str) -> str:
     parts = urlsplit(url.strip())
     if parts.scheme.lower() not in _SCHEMES:
         raise ConfigError(f"{where}: Url must start with postgresql:// (a libpq URL)")
-    if parts.password is not None or "password" in {
-        k.lower() for k in parse_qs(parts.query, keep_blank_values=True)
-    }:
+    keys = {k.lower() for k in parse_qs(parts.query, keep_blank_values=True)}
+    if parts.password is not None or keys & _SECRET_KEYS:
         raise ConfigError(
             f"{where}: Url must carry no password; put it in an environment variable "
             "named by PasswordEnv"
@@ -118,7 +120,9 @@ class PgTarget:
                 conn.rollback()
 
     def describe(self) -> str:
-        return f"{self.url} (schema {self.schema})"
+        """The URL without its query string (libpq options, never printed), the schema."""
+        parts = urlsplit(self.url)
+        return f"{parts._replace(query='', fragment='').geturl()} (schema {self.schema})"
 
     def _kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -145,7 +149,16 @@ class PgTarget:
 
         kwargs = {**self._kwargs(), "autocommit": True}
         return ConnectionPool(
-            self.url, min_size=min_size, max_size=max_size, kwargs=kwargs, open=False, timeout=30
+            self.url,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs=kwargs,
+            open=False,
+            timeout=30,
+            # a pooled connection the server dropped (a restart, a failover, an idle
+            # timeout) is replaced when taken, not failed on: a done() after a good send
+            # must not be lost to a stale connection
+            check=ConnectionPool.check_connection,
         )
 
 

@@ -46,7 +46,7 @@ class PgLedger:
     def __init__(self, target: PgTarget, sink: str) -> None:
         self.target = target
         self.sink = sink
-        self.path = f"{target.url} ({target.schema}.sink_delivered, sink {sink!r})"
+        self.path = f"{target.describe()}: sink_delivered, sink {sink!r}"
         self._lock = threading.Lock()
         self._closed = False
         self._conn: psycopg.Connection[Any] | None = None

@@ -161,7 +161,7 @@ class PostgresIndex(Sink):
             raise self._error(exc, doing) from None
 
     def _error(self, exc: BaseException, doing: str) -> SinkRetryable | SinkFatal:
-        message = f"postgresql_index {self.key!r}: cannot {doing} ({self.target.url}): {short(exc)}"
+        message = f"postgresql_index {self.key!r}: cannot {doing} ({self.target.describe()}): {short(exc)}"
         return SinkRetryable(message) if is_transient(exc) else SinkFatal(message)
 
     # --- writing ---------------------------------------------------------------------------
