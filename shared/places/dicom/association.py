@@ -4,7 +4,8 @@
 TLS context) and opens associations with ``associate(contexts)``; its failures are
 mapped by ``dicom.failures``. Every socket we open (ours to the peer, and the peers'
 to our C-MOVE Storage SCP) gets ``TCP_NODELAY``: a DIMSE exchange is small requests
-and answers, which Nagle's algorithm and delayed ACKs would hold back 40 ms each.
+and answers, which Nagle's algorithm and delayed ACKs would hold back 40 ms each, and
+the place's ``Timeout`` as its timeout (pynetdicom leaves none after connecting).
 
 ``contexts_for(pairs)`` proposes, for each (SOP class, transfer syntax) pair, a
 context with exactly that syntax, and per SOP class the Explicit and Implicit VR
@@ -66,13 +67,19 @@ _QUICKACK = getattr(socket, "TCP_QUICKACK", 0)
 
 
 def nodelay(event: Any) -> None:
-    """EVT_CONN_OPEN: Nagle off on the association's socket, and quick ACKs."""
+    """EVT_CONN_OPEN: Nagle off on the association's socket, quick ACKs, a timeout."""
     holder = getattr(event.assoc.dul, "socket", None)
     sock = getattr(holder, "socket", None)
     if sock is None:
         return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # pynetdicom clears the timeout after connecting: a peer that stops reading would
+        # block a send for ever; with it, a write that makes no progress within Timeout
+        # fails, and the association is lost (retryable)
+        timeout = getattr(event.assoc, "network_timeout", None)
+        if timeout:
+            sock.settimeout(float(timeout))
     except OSError:  # already closed: nothing to speed up
         return
     if _QUICKACK and type(sock) is socket.socket:  # not a TLS socket

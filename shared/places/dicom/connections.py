@@ -192,7 +192,14 @@ class Connections:
                 return
         self.discard(pooled)
 
-    def discard(self, pooled: Pooled) -> None:
+    def discard(self, pooled: Pooled, *, abort: bool = False) -> None:
+        """Closed, never reused; ``abort`` for one whose last use failed part-way (it may
+        be mid-message: an A-RELEASE would be read as part of it)."""
+        if abort:
+            try:
+                pooled.assoc.abort()
+            except Exception:  # a dead socket: nothing more to close
+                pass
         release(pooled.assoc)
         self._forget()
 

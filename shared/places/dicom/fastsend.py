@@ -8,6 +8,13 @@ written with one ``sendall`` per megabyte from the sending thread, while pynetdi
 still reads and dispatches the C-STORE-RSP (its DUL thread reads the socket; nothing
 else writes to it during a C-STORE, the association being ours alone).
 
+Once a byte of the request is written, any failure aborts the association (it is left
+mid-message: reused, the next C-STORE would continue the unfinished data set): a local
+failure reading the file raises ``SourceUnreadable`` (that instance's error), a socket
+failure or timeout (the socket's timeout is the place's ``Timeout``, set when the
+connection opens: ``association.nodelay``) returns the empty status of a lost
+association. Failures before the first byte leave the association as it was.
+
 Used only for a plain TCP socket (a TLS socket must not be read and written from two
 threads at once) on an association in pynetdicom 3's layout; anything else, and any
 surprise, falls back to ``Association.send_c_store``.
@@ -31,6 +38,15 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes handed to sendall at a time
 _QUICKACK = getattr(socket, "TCP_QUICKACK", 0)
+
+
+class SourceUnreadable(Exception):
+    """The instance's file could not be read to the end (``reason`` says why)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 def _pdu(context_id: int, control: int, data: bytes | memoryview) -> bytes:
@@ -70,31 +86,56 @@ def send_file(assoc: Any, path: Path, sop_class: str, ts: str) -> Dataset:
     command = encode(msg.command_set, True, True)
     assert command is not None
     sock = assoc.dul.socket.socket
+    if sock.gettimeout() is None and assoc.network_timeout:  # as nodelay(): bounded writes
+        sock.settimeout(float(assoc.network_timeout))
 
     assoc._reactor_checkpoint.clear()  # as send_c_store: the reactor must not take the answer
     while not assoc._is_paused:
         time.sleep(0.0001)
+    written = False  # from the first byte on, a failure leaves the peer mid-message
+
+    def send(data: bytearray) -> None:
+        nonlocal written
+        written = True
+        sock.sendall(data)
+
     try:
-        out = bytearray()
-        for start in range(0, len(command), room):  # the command set: control 01, last 03
-            part = command[start : start + room]
-            last = start + room >= len(command)
-            out += _pdu(cx_id, 0x03 if last else 0x01, part) + part
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            left = f.tell() - offset
-            f.seek(offset)
-            while left > 0:  # the dataset: control 00, last 02
-                part = f.read(min(room, left))
-                if not part:
-                    raise OSError(f"{path} ended early")
-                left -= len(part)
-                out += _pdu(cx_id, 0x02 if left <= 0 else 0x00, part) + part
-                if len(out) >= CHUNK:
-                    sock.sendall(out)
-                    out.clear()
-        if out:
-            sock.sendall(out)
+        try:
+            out = bytearray()
+            for start in range(0, len(command), room):  # the command set: control 01, last 03
+                part = command[start : start + room]
+                last = start + room >= len(command)
+                out += _pdu(cx_id, 0x03 if last else 0x01, part) + part
+            try:
+                f = open(path, "rb")
+            except OSError as exc:
+                raise SourceUnreadable(path, exc.strerror or str(exc)) from None
+            with f:
+                f.seek(0, 2)
+                left = f.tell() - offset
+                f.seek(offset)
+                while left > 0:  # the dataset: control 00, last 02
+                    try:
+                        part = f.read(min(room, left))
+                    except OSError as exc:
+                        raise SourceUnreadable(path, exc.strerror or str(exc)) from None
+                    if not part:
+                        raise SourceUnreadable(path, "the file ended early")
+                    left -= len(part)
+                    out += _pdu(cx_id, 0x02 if left <= 0 else 0x00, part) + part
+                    if len(out) >= CHUNK:
+                        send(out)
+                        out.clear()
+            if out:
+                send(out)
+        except OSError as exc:  # the socket: reset, closed, or no room within Timeout
+            log.warning("C-STORE of %s: the connection failed: %s", path.name, exc or "timeout")
+            assoc.abort()
+            return Dataset()
+        except BaseException:
+            if written:  # the peer holds part of a message: the association is unusable
+                assoc.abort()
+            raise
         if _QUICKACK:  # acknowledge the answer's first segment at once, even before this
             try:  # process gets to read it (a peer with Nagle on waits for that ACK)
                 sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)

@@ -10,8 +10,11 @@ with Pillow/pylibjpeg installed); otherwise the instance fails with the peer's r
 
 Statuses: 0x0000 and the warnings (0xB000 range) count as stored; any failure status
 fails that instance with its code (``failures.status_error``), and the other instances
-are still sent. A lost association stops the send with ``Unreachable`` (retryable);
-a pooled association found dead on its first use is replaced once.
+are still sent. A lost association (reset, or no progress within ``Timeout``) stops the
+send with ``Unreachable`` (retryable); a pooled association found dead on its first use
+is replaced once. An association whose send raised is aborted, never pooled again (it
+may be mid-message); a local failure reading the instance's file fails that instance
+(``StorageError``), not the send.
 
 Associations come from the place's ``Connections`` (at most ``Associations`` open),
 each knowing the (SOP class, transfer syntax) pairs it proposed: the pairs seen
@@ -33,7 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from dicomsync.errors import DicomSyncError, RemoteRejected, Unreachable
+from dicomsync.errors import DicomSyncError, RemoteRejected, StorageError, Unreachable
 from dicomsync.places.base import Instance
 from dicomsync.places.dicom import failures, fastsend
 from dicomsync.places.dicom.association import UNCOMPRESSED, Pair, accepted, refusal
@@ -144,17 +147,33 @@ class StoreScu:
         return result
 
     def _send(self, inst: Instance, slot: _Slot, spool: Path) -> None:
-        path, temporary = spooled(inst, spool)
         try:
-            sop_class, ts = file_pair(path)
+            path, temporary = spooled(inst, spool)
+        except OSError as exc:
+            raise self._unreadable(inst, exc.strerror or str(exc)) from None
+        try:
+            try:
+                sop_class, ts = file_pair(path)
+            except OSError as exc:
+                raise self._unreadable(inst, exc.strerror or str(exc)) from None
             code = 0
             for attempt in (1, 2):
                 conn = self._connect(slot, (sop_class, ts))
                 payload = self._payload(conn, path, sop_class, ts)
-                if isinstance(payload, Path) and fastsend.usable(conn.assoc):
-                    status = fastsend.send_file(conn.assoc, path, sop_class, ts)
-                else:
-                    status = conn.assoc.send_c_store(payload)
+                try:
+                    if isinstance(payload, Path) and fastsend.usable(conn.assoc):
+                        status = fastsend.send_file(conn.assoc, path, sop_class, ts)
+                    else:
+                        status = conn.assoc.send_c_store(payload)
+                except BaseException as exc:
+                    # it may have stopped mid-message: never reuse that association
+                    slot.conn = None
+                    self.connections.discard(conn, abort=True)
+                    if isinstance(exc, fastsend.SourceUnreadable):
+                        raise self._unreadable(inst, exc.reason) from None
+                    if isinstance(exc, OSError):  # pynetdicom reading the file
+                        raise self._unreadable(inst, exc.strerror or str(exc)) from None
+                    raise
                 if getattr(status, "Status", None) is not None:
                     code = int(status.Status)
                     slot.proven = True
@@ -173,6 +192,10 @@ class StoreScu:
         finally:
             if temporary:
                 path.unlink(missing_ok=True)
+
+    def _unreadable(self, inst: Instance, reason: str) -> StorageError:
+        """A local failure reading the instance: that instance fails, the send goes on."""
+        return StorageError(f"{self.peer.label}: C-STORE of {inst.name}: cannot read it: {reason}")
 
     def _payload(self, conn: Pooled, path: Path, sop_class: str, ts: str) -> Path | Dataset:
         """The file itself when its own syntax was accepted, else a converted dataset."""
