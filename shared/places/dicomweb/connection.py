@@ -215,13 +215,24 @@ class Auth:
             raw = f"{self.user}:{password}".encode()
             return "Basic " + base64.b64encode(raw).decode("ascii")
         if self.token_env:
-            return "Bearer " + self._env(self.token_env).strip()
+            token = self._env(self.token_env).strip()
+            if not is_token(token):  # a line break would carry it into an error message
+                raise ConfigError(
+                    f"{self.where}: environment variable {self.token_env} must hold one "
+                    "token: one line of printable characters without spaces"
+                )
+            return "Bearer " + token
         if self.token_command:
             self.generation += 1
             return "Bearer " + run_token_command(
                 self.token_command, self.command_timeout, self.where
             )
         return None
+
+
+def is_token(text: str) -> bool:
+    """One bearer token: non-empty, printable, no whitespace (no line break)."""
+    return bool(text) and not any(c.isspace() or not c.isprintable() for c in text)
 
 
 def run_token_command(argv: tuple[str, ...], timeout: float, where: str) -> str:
@@ -255,7 +266,7 @@ def run_token_command(argv: tuple[str, ...], timeout: float, where: str) -> str:
         )
     lines = [line.strip() for line in done.stdout.decode("utf-8", "replace").splitlines()]
     lines = [line for line in lines if line]
-    if len(lines) != 1 or any(c.isspace() or not c.isprintable() for c in lines[0]):
+    if len(lines) != 1 or not is_token(lines[0]):
         raise TokenCommandError(
             f"{where}: token command {name!r} printed {len(lines)} lines, expected one token; {see}"
         )
@@ -381,6 +392,10 @@ class Connection:
                 raise transport_error(exc, what) from None
             error = status_error(response.status_code, what, answer_detail(response))
             raise (error or RemoteRejected(f"{what}: {response.status_code}")) from None
+        except requests.exceptions.InvalidHeader:  # its text quotes the header: a secret
+            raise ConfigError(
+                f"{what}: a request header is not valid (not shown: it may hold a secret)"
+            ) from None
         except requests.RequestException as exc:
             raise transport_error(exc, what) from None
         except (ValueError, KeyError, TypeError) as exc:  # an answer we cannot read
