@@ -17,8 +17,6 @@ from typing import Any
 import pydicom
 import pytest
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import CTImageStorage, MRImageStorage
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
 
 from dicomsync.errors import ConfigError
 from dicomsync.places.base import PLACES
@@ -28,6 +26,10 @@ from dicomsync.places.dicom.retrieve import MoveScp
 
 from orthanc_server import free_port
 
+CTImageStorage = "1.2.840.10008.5.1.4.1.1.2"
+MRImageStorage = "1.2.840.10008.5.1.4.1.1.4"
+MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # Study Root Q/R - MOVE
+
 DATA = Path("/work/shared/data/dicom/images")
 STUDY = "1.2.3.4.5"
 
@@ -36,7 +38,7 @@ def _instance(name: str, study: str, sop: str) -> pydicom.Dataset:
     ds = pydicom.dcmread(DATA / name)
     ds.StudyInstanceUID = study
     ds.SOPInstanceUID = sop
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(sop)
     return ds
 
 
@@ -98,6 +100,7 @@ def test_move_scp_refuses_strangers_and_other_studies() -> None:
         stranger_done.set()
         reader.join(20)
         scp.close()
+        assert srv is not None
         srv.shutdown()
     assert statuses == {"ANYONE": -1, "US": -1}  # strangers' associations rejected
     assert got == [(STUDY, "1.2.3.4.5.99")]  # the other study's instance: not yielded

@@ -290,8 +290,7 @@ class MoveScp:
             except OSError as exc:
                 where = f"{self.address or '*'}:{self.port}"
                 raise ConfigError(
-                    f"{self.peer.key}: cannot listen on {where} for C-MOVE: "
-                    f"{exc.strerror or exc}"
+                    f"{self.peer.key}: cannot listen on {where} for C-MOVE: {exc.strerror or exc}"
                 ) from None
 
     def instances(self, study_uid: str, only: Collection[str] | None) -> Iterator[Instance]:
