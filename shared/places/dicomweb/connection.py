@@ -393,9 +393,7 @@ class Connection:
             error = status_error(response.status_code, what, answer_detail(response))
             raise (error or RemoteRejected(f"{what}: {response.status_code}")) from None
         except requests.exceptions.InvalidHeader:  # its text quotes the header: a secret
-            raise ConfigError(
-                f"{what}: a request header is not valid (not shown: it may hold a secret)"
-            ) from None
+            raise ConfigError(f"{what}: a request header is not valid (not shown)") from None
         except requests.RequestException as exc:
             raise transport_error(exc, what) from None
         except (ValueError, KeyError, TypeError) as exc:  # an answer we cannot read
