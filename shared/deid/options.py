@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from dicomsync import options
 from dicomsync.deid.table import COLUMNS
@@ -124,6 +124,34 @@ class Profile:
         return [CID_7050["basic"]] + [CID_7050[o] for o in OPTIONS if o in self.options]
 
 
+# Always replaced: the pseudonym (a PatientIds map chooses it), and the instance's own UIDs,
+# which the destination is asked about for duplicate avoidance.
+PSEUDONYMISED = frozenset({0x00100010, 0x00100020})  # PatientName, PatientID
+IDENTITY_UIDS = frozenset({0x00080016, 0x00080018, 0x0020000D, 0x0020000E})
+
+
+def _fixed(tags: frozenset[int], kept: bool, here: str, problems: list[str]) -> None:
+    """Keep/Remove entries that would break the pseudonym or duplicate avoidance: one
+    problem line each, pointing to what does it instead."""
+    how = "kept" if kept else "removed"
+    uids = sorted(
+        keyword_for_tag(t)
+        for t in tags
+        if (dictionary_VR(t) == "UI" if kept else t in IDENTITY_UIDS)
+    )
+    if uids:
+        problems.append(
+            f"{here}: {', '.join(uids)} cannot be {how}: UIDs are remapped so that a re-send "
+            "is found as a duplicate (the 'retain-uids' option keeps every UID)"
+        )
+    patient = sorted(keyword_for_tag(t) for t in tags & PSEUDONYMISED)
+    if patient:
+        problems.append(
+            f"{here}: {', '.join(patient)} cannot be {how}: the patient's ID and name always "
+            "get the pseudonym (a PatientIds map chooses it)"
+        )
+
+
 def _keywords(value: Any, here: str, problems: list[str]) -> frozenset[int]:
     if value is None:
         return frozenset()
@@ -166,13 +194,17 @@ def parse_profile(name: str, section: Any, where: str, problems: list[str]) -> P
         problems.append(f"{here}.Options: {full} and {modified} exclude each other")
     if opts.patient_ids is not None and not _TABLE_NAME.fullmatch(opts.patient_ids):
         problems.append(f"{here}: PatientIds must be a table name (letters, digits, _)")
+    keep = _keywords(opts.keep, f"{here}.Keep", problems)
+    remove = _keywords(opts.remove, f"{here}.Remove", problems)
+    _fixed(keep, True, f"{here}.Keep", problems)
+    _fixed(remove, False, f"{here}.Remove", problems)
     return Profile(
         name=name,
         options=frozenset(o for o in chosen if o in OPTIONS),
         secret_env=opts.secret_env or "",
         patient_ids=opts.patient_ids,
-        keep=_keywords(opts.keep, f"{here}.Keep", problems),
-        remove=_keywords(opts.remove, f"{here}.Remove", problems),
+        keep=keep,
+        remove=remove,
         allow_burned_in=ALLOW_BURNED_IN in chosen,
     )
 

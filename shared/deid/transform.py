@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -60,11 +61,14 @@ from dicomsync.deid.values import (
     DUMMY,
     NUMERIC_VRS,
     RAW_VRS,
+    SCANNED_VRS,
     TEXT_VRS,
     concept_of,
     identifying_values,
     map_values,
     pixel_tail,
+    remap_uids,
+    remap_uids_text,
     scrubber,
     shift,
     vr_of,
@@ -89,7 +93,7 @@ BURNED_IN_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.3": "Ultrasound Multi-frame (retired)",
 }
 # DCM concepts of TID 1004 Device Observer Identifying Attributes
-DEVICE_CONCEPTS = frozenset({"121013", "121014", "121015", "121016", "121017"})
+DEVICE_CONCEPTS = frozenset({"121012", "121013", "121014", "121015", "121016", "121017"})
 IMPLEMENTATION = (PYDICOM_IMPLEMENTATION_UID, "DICOMSYNC_DEID")  # we wrote the file
 META_DROPPED = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028,
                 0x00020100, 0x00020102)  # fmt: skip
@@ -207,23 +211,63 @@ class Deidentifier:
                 else:
                     del ds[tag]
                 continue
+            vr = vr_of(ds, tag)
+            if vr == "UN":  # a public attribute as a toolkit that does not know it wrote it
+                vr = self._resolve_un(ds, tag)
+                if not vr:
+                    continue
             action = self.actions.get(tag)
             if action is None:
                 if mode == "content" and tag == TEXT_VALUE:
                     action = self._text_action(concept)
+                elif vr == "UI":
+                    action = "U"
+                elif mode == "dummy":
+                    action = "D"
+                elif vr != "SQ":  # kept as read (never decoded), but for the UIDs in its text
+                    if vr in SCANNED_VRS and not self.retain_uids:
+                        self._uids_in_text(ds, tag)
+                    continue
                 else:
-                    vr = vr_of(ds, tag)
-                    if vr == "UI":
-                        action = "U"
-                    elif mode == "dummy":
-                        action = "D"
-                    elif vr != "SQ":
-                        continue  # kept as read: never decoded, written back raw
-                    else:
-                        action = "K"
+                    action = "K"
             if self._raw(ds, tag, action, ctx):
                 continue
             self._apply(ds, ds[tag], action, ctx, mode)
+
+    def _resolve_un(self, ds: Dataset, tag: int) -> str:
+        """The VR of a public element read as UN, from the dictionary: the element is
+        re-read with it (a sequence's items as implicit VR, PS3.5 6.2.2). An attribute
+        the dictionary does not know is removed (returns ""): its value cannot be judged.
+        An ambiguous VR (``US or SS``: numbers) stays UN."""
+        try:
+            vr = str(dictionary_VR(tag))
+        except KeyError:
+            vr = "UN"
+        if vr == "UN":
+            del ds[tag]
+            return ""
+        raw = ds.get_item(tag)
+        if " or " in vr or not isinstance(raw, RawDataElement):
+            return "UN"
+        implicit = True if vr == "SQ" else raw.is_implicit_VR
+        ds._dict[BaseTag(tag)] = raw._replace(VR=vr, is_implicit_VR=implicit)
+        return vr
+
+    def _uids_in_text(self, ds: Dataset, tag: int) -> None:
+        """An unlisted text value with every UID in it remapped (a RetrieveURL names its
+        study, a note its series)."""
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement):
+            if raw.value is None:
+                return
+            new = remap_uids(raw.value.rstrip(b"\0 "), self.keys.uid)
+            if new is not None:  # padded anew: as its VR pads
+                if len(new) % 2:
+                    new += b" "
+                ds._dict[BaseTag(tag)] = raw._replace(value=new, length=len(new))
+        else:
+            elem = ds[tag]
+            elem.value = map_values(elem.value, lambda v: remap_uids_text(v, self.keys.uid))
 
     def _raw(self, ds: Dataset, tag: int, action: str, ctx: _Instance) -> bool:
         """The fast path: the common actions on a value still as read (ASCII VRs), without
@@ -256,7 +300,7 @@ class Deidentifier:
             new = DUMMY.get(vr, "ANONYMIZED")
         elif vr in ("DA", "DT"):
             days = ctx.study.date_offset
-            new = "\\".join(shift(v.strip(), days, 8) for v in text.split("\\"))
+            new = "\\".join(shift(v, days, vr) for v in text.split("\\"))
         elif vr == "TM":
             return True
         else:
@@ -268,8 +312,8 @@ class Deidentifier:
         return True
 
     def _text_action(self, concept: str) -> str:
-        if self.device_identity and concept in DEVICE_CONCEPTS:
-            return "K"
+        if concept in DEVICE_CONCEPTS:  # the device's identity: the option's to keep
+            return "K" if self.device_identity else "D"
         return "C" if self.clean_content else "D"
 
     def _apply(
@@ -318,15 +362,15 @@ class Deidentifier:
         vr, value = elem.VR, elem.value
         if value is None or value == "":
             return value
-        if vr == "DA":
-            return map_values(value, lambda v: shift(v, ctx.study.date_offset, 8))
-        if vr == "DT":
-            return map_values(value, lambda v: shift(v, ctx.study.date_offset, 8))
+        if vr in ("DA", "DT"):
+            return map_values(value, lambda v: shift(v, ctx.study.date_offset, vr))
         if vr == "PN":
             return DUMMY["PN"]
-        if vr in TEXT_VRS and ctx.scrub is not None:
-            scrub = ctx.scrub
-            return map_values(value, lambda v: scrub.sub("XXXX", str(v)))
+        if vr in TEXT_VRS:
+            scrub, uid = ctx.scrub, self.uid
+            if scrub is not None:
+                value = map_values(value, lambda v: scrub.sub("XXXX", str(v)))
+            return map_values(value, lambda v: remap_uids_text(v, uid))
         return value
 
     def _private(self, ds: Dataset, elem: DataElement) -> None:
@@ -374,6 +418,8 @@ class Deidentifier:
                 del meta[tag]
         if "SOPInstanceUID" in ds:
             meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        elif "MediaStorageSOPInstanceUID" in meta:  # the original's, nowhere else remapped
+            meta.MediaStorageSOPInstanceUID = self.uid(str(meta.MediaStorageSOPInstanceUID))
         if "SOPClassUID" in ds:
             meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.ImplementationClassUID, meta.ImplementationVersionName = IMPLEMENTATION

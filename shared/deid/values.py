@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import re
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import pydicom
@@ -42,9 +43,34 @@ def map_values(value: Any, fn: Any) -> Any:
     return fn(str(value))
 
 
-def shift(value: str, days: int, width: int) -> str:
-    """A DA or DT value's date moved back ``days``; a value that is no date becomes the dummy."""
-    head, tail = value[:width], value[width:]
+# One DA value: YYYYMMDD, or ACR-NEMA's dotted YYYY.MM.DD (read as the same date). One DT
+# value: YYYY[MM[DD[HH[MM[SS[.F{1,6}]]]]]][&ZZXX] (PS3.5 6.2).
+_DA_ONE = re.compile(r"\d{8}|\d{4}\.\d{2}\.\d{2}")
+_DT_ONE = re.compile(r"\d{4}(?:\d{2}(?:\d{2}(?:\d{6}(?:\.\d{1,6})?|\d{2,4})?)?)?(?:[+-]\d{4})?")
+
+
+def shift(value: str, days: int, vr: str) -> str:
+    """A DA or DT value moved back ``days`` (times and timezone stay). A range
+    (``A-B``, ``-B``, ``A-``) moves each side; a dotted ACR-NEMA date is written as
+    ``YYYYMMDD``; a value that is no date becomes the dummy ``19000101``."""
+    value = value.strip(" \0")
+    if not value:
+        return value
+    one = _DA_ONE if vr == "DA" else _DT_ONE
+    if one.fullmatch(value):
+        return _shift_one(value, days)
+    for i, char in enumerate(value):  # a range: the first '-' with a value on each side
+        left, right = value[:i], value[i + 1 :]
+        if char == "-" and (left or right):
+            if (not left or one.fullmatch(left)) and (not right or one.fullmatch(right)):
+                return "-".join(_shift_one(v, days) if v else "" for v in (left, right))
+    return DUMMY["DA"]
+
+
+def _shift_one(value: str, days: int) -> str:
+    if len(value) == 10 and value[4] == "." and value[7] == ".":  # YYYY.MM.DD
+        value = value.replace(".", "")
+    head, tail = value[:8], value[8:]
     try:
         if len(head) != 8 or not head.isdigit():
             raise ValueError(head)
@@ -52,7 +78,35 @@ def shift(value: str, days: int, width: int) -> str:
         moved = date - datetime.timedelta(days=days)
         return f"{moved.year:04d}{moved.month:02d}{moved.day:02d}" + tail
     except (ValueError, OverflowError):
-        return DUMMY["DA"] + tail[: max(0, len(value) - width)]
+        return DUMMY["DA"]
+
+
+# A UID inside a text value (a RetrieveURL, a note): four or more dot-separated numbers.
+# Shorter runs are dates, versions and the like more often than UIDs.
+_UID_IN_TEXT = re.compile(rb"(?<![0-9])[0-9]+(?:\.[0-9]+){3,}")
+_DICOM_UIDS = b"1.2.840.10008."  # DICOM's own (SOP classes, transfer syntaxes): kept
+# VRs of free text scanned for UIDs (``remap_uids``)
+SCANNED_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "UR"})
+
+
+def remap_uids(value: bytes, uid: Callable[[str], str]) -> bytes | None:
+    """``value`` with each UID in it replaced by ``uid(UID)``; None if it holds none."""
+    if b"." not in value or not _UID_IN_TEXT.search(value):
+        return None
+
+    def one(match: re.Match[bytes]) -> bytes:
+        found = match.group()
+        if found.startswith(_DICOM_UIDS):
+            return found
+        return uid(found.decode("ascii")).encode("ascii")
+
+    return _UID_IN_TEXT.sub(one, value)
+
+
+def remap_uids_text(value: str, uid: Callable[[str], str]) -> str:
+    """``remap_uids`` of a decoded value."""
+    new = remap_uids(value.encode("utf-8", "surrogateescape"), uid)
+    return value if new is None else new.decode("utf-8", "surrogateescape")
 
 
 _PIXEL_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
