@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import psycopg
 import pytest
 
 from dicomsync.pg import PgTarget
@@ -132,3 +133,36 @@ def test_two_nodes_restoring_one_pruned_study_at_once_both_succeed(
     assert (out["b"].job_id, out["b"].action) == (job.id, "requeued")
     stats = b.stats()["d"]
     assert (stats.queued, stats.done, stats.delivered) == (1, 0, 3)
+
+
+@pytest.mark.parametrize("length", [20, 57, 63])
+def test_notify_reaches_another_node_whatever_the_schema_name_length(
+    pg_cluster: Any, monkeypatch: pytest.MonkeyPatch, length: int
+) -> None:
+    monkeypatch.setenv(ENV, pg_cluster.password)
+    schema = ("q" * length)[:length]
+    target = PgTarget.checked(pg_cluster.create_database(), ENV, schema)
+    a, b = PostgresQueue(target), PostgresQueue(target)
+    try:
+        heard = threading.Event()
+        a.subscribe(lambda destination: heard.set() if destination == "d" else None)
+        time.sleep(0.5)  # the listening connection is up
+        b.enqueue(NewJob("study", "st1", "d"))
+        assert heard.wait(10), "no NOTIFY reached the other node"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_counters_follow_a_change_made_with_another_search_path(
+    pg_cluster: Any, target: PgTarget
+) -> None:
+    queue = PostgresQueue(target)
+    try:
+        queue.enqueue_many([NewJob("tags", f"i{i}", "d") for i in range(3)])
+        with psycopg.connect(target.url, password=pg_cluster.password, autocommit=True) as c:
+            c.execute("SET search_path = public")  # an operator's session
+            c.execute(f"DELETE FROM {target.schema}.jobs WHERE resource = 'i0'")
+        assert queue.stats()["d"].queued == 2
+    finally:
+        queue.close()

@@ -11,7 +11,8 @@ the storage of ``dicomsync.queue.base`` (the rules), through the SQL shared with
 - Idempotent enqueue across nodes: an insert that meets a record another node has just
   inserted (``ON CONFLICT DO NOTHING``) applies the rules to that record instead.
 - Wake-ups: a transition that makes a job due sends ``NOTIFY <schema>_queue,
-  '<origin>:<destination>'`` after its commit; the first ``subscribe`` starts a
+  '<origin>:<destination>'`` after its commit (a hashed channel name for a schema too
+  long for that, ``channel_of``); the first ``subscribe`` starts a
   ``dicomsync-pg-listen`` thread on its own connection that calls the listeners of this
   process for every other queue object's notifications (its own were heard already).
   The workers still poll (``PollInterval``), so a lost notification or a lost listening
@@ -94,6 +95,18 @@ _INSERT_MANY = (
 OLD_DONE_PG = POSTGRES.sql(OLD_DONE)
 
 
+def channel_of(schema: str) -> str:
+    """The NOTIFY channel of the queue in ``schema``: ``<schema>_queue``, or a name made
+    from the schema's hash when that would pass PostgreSQL's 63 characters (a longer
+    channel is refused by ``pg_notify`` and cut by ``LISTEN``)."""
+    import hashlib
+
+    name = f"{schema}_queue"
+    if len(name) <= 63:
+        return name
+    return f"q_{hashlib.sha256(schema.encode()).hexdigest()[:40]}_queue"
+
+
 def prune_key(schema: str, destination: str, kind: str) -> int:
     """The advisory lock of the prune of ``destination``'s ``kind`` jobs."""
     return lock_key(schema, f"prune:{kind}:{destination}")
@@ -148,7 +161,7 @@ class PostgresQueue(SqlQueue):
         super().__init__(policy)
         self.target = target
         self.clock = clock
-        self.channel = f"{target.schema}_queue"
+        self.channel = channel_of(target.schema)
         self._origin = uuid.uuid4().hex  # this object's notifications: heard locally already
         self._fold_key = lock_key(target.schema, "counts")
         self._closed = threading.Event()
@@ -197,6 +210,9 @@ class PostgresQueue(SqlQueue):
                 )
             for step in sorted(v for v in MIGRATIONS if v > (version or 0)):
                 conn.execute(MIGRATIONS[step])
+            # the counting trigger writes into this schema's count_deltas whatever the
+            # search_path of the session changing jobs (an operator's psql, a script)
+            conn.execute(f"ALTER FUNCTION jobs_count() SET search_path = {self.target.schema}")
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             conn.execute("DELETE FROM schema_version")
             conn.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
