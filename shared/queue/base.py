@@ -182,9 +182,15 @@ class Queue(ABC):
         return self.enqueue_many([new])[0]
 
     def enqueue_many(
-        self, jobs: Sequence[NewJob], *, meta: Mapping[str, str] | None = None
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        meta: Mapping[str, str] | None = None,
+        meta_max: Mapping[str, int] | None = None,
     ) -> list[Enqueued]:
-        if not jobs and not meta:
+        """``meta`` is set in the jobs' transaction; each ``meta_max`` key is raised to its
+        value, never lowered (a cursor several nodes move)."""
+        if not jobs and not meta and not meta_max:
             return []
         results: list[Enqueued | None] = [None] * len(jobs)
         todo: list[int] = []
@@ -195,7 +201,7 @@ class Queue(ABC):
             else:
                 todo.append(i)
         woken: list[str] = []
-        if todo or meta:
+        if todo or meta or meta_max:
             with self._transaction() as tx:
                 created = tx.insert_many([jobs[i] for i in todo])
                 for i, job_id in zip(todo, created, strict=True):
@@ -208,6 +214,8 @@ class Queue(ABC):
                         woken.append(jobs[i].destination)
                 for key, value in (meta or {}).items():
                     tx.set_meta(key, value)
+                for key, number in (meta_max or {}).items():
+                    tx.raise_meta(key, number)
         self._notify(woken)
         return [r for r in results if r is not None]
 

@@ -255,12 +255,16 @@ class PostgresQueue(SqlQueue):
         return out
 
     def enqueue_many(
-        self, jobs: Sequence[NewJob], *, meta: Mapping[str, str] | None = None
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        meta: Mapping[str, str] | None = None,
+        meta_max: Mapping[str, int] | None = None,
     ) -> list[Enqueued]:
         """As the base's; then ``ANALYZE jobs`` once the table has grown by half since its
         statistics were taken (a backlog filled faster than autovacuum analyzes would be
         planned as the empty table it was: key lookups through the wrong index)."""
-        results = super().enqueue_many(jobs, meta=meta)
+        results = super().enqueue_many(jobs, meta=meta, meta_max=meta_max)
         with self._analyze_lock:
             self._grown += sum(r.action == "created" for r in results)
             due = self._grown > max(ANALYZE_AFTER, self._rows_analyzed // 2)

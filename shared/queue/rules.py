@@ -285,3 +285,7 @@ class Transaction(ABC):
 
     @abstractmethod
     def set_meta(self, key: str, value: str) -> None: ...
+
+    @abstractmethod
+    def raise_meta(self, key: str, value: int) -> None:
+        """Set ``key`` to ``value`` unless it holds a greater number already."""

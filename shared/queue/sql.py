@@ -55,6 +55,12 @@ SET_META = (
     "INSERT INTO meta (key, value) VALUES (:key, :value)"
     " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
+# a number that only grows, whichever writer commits last
+RAISE_META = (
+    "INSERT INTO meta (key, value) VALUES (:key, :value) ON CONFLICT (key) DO UPDATE"
+    " SET value = CASE WHEN CAST(excluded.value AS BIGINT) > CAST(meta.value AS BIGINT)"
+    " THEN excluded.value ELSE meta.value END"
+)
 # done records of one destination and kind, done before :before: an index range (a done
 # record's next_attempt_at is its done time, ``rules.DONE``)
 OLD_DONE = (
@@ -143,6 +149,9 @@ class SqlTransaction(Transaction):
 
     def set_meta(self, key: str, value: str) -> None:
         self.run(self.sql(SET_META), {"key": key, "value": value})
+
+    def raise_meta(self, key: str, value: int) -> None:
+        self.run(self.sql(RAISE_META), {"key": key, "value": str(int(value))})
 
 
 class SqlQueue(Queue):

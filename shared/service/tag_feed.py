@@ -181,9 +181,9 @@ class TagFeed:
         last = max(int(c["Seq"]) for c in changes)
         moved = {k: max(self.cursors[k], last) for k in open_keys}
         meta = {cursor_key(self.cfg.node_id, k): str(v) for k, v in moved.items()}
-        if self.shared:
-            meta.update({shared_cursor_key(k): str(max(v, fed[k])) for k, v in moved.items()})
-        self.queue.enqueue_many(jobs, meta=meta)
+        # the shared cursor only grows: a node slower to commit never moves it back
+        shared = {shared_cursor_key(k): max(v, fed[k]) for k, v in moved.items()}
+        self.queue.enqueue_many(jobs, meta=meta, meta_max=shared if self.shared else None)
         self.cursors.update(moved)
         return page.done is False  # not page.get("Done", True)
 
