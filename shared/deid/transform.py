@@ -21,15 +21,19 @@ How each action is applied (PS3.15 Table E.1-1a):
   ``X/D``, ``Z/D`` and ``X/Z/D`` are ``D``; ``X/Z/U*`` keeps the sequence and replaces
   the UIDs inside it.
 
-Attributes the table does not list are kept, except UIDs (any UI value that is not one
-of DICOM's own ``1.2.840.10008.`` UIDs is replaced, so no original UID survives),
-group lengths (dropped) and private attributes (the table's private row: removed; with
-``retain-safe-private``, the numeric private values and their creators are kept).
+A public element read as UN is read with the dictionary's VR first (a sequence's items
+as implicit VR); one the dictionary does not know is removed. Attributes the table does
+not list are kept, except UIDs (any UI value that is not one of DICOM's own
+``1.2.840.10008.`` UIDs is replaced, so no original UID survives), UIDs inside text
+(remapped, ``values.remap_uids``), group lengths (dropped) and private attributes (the
+table's private row: removed; with ``retain-safe-private``, the numeric private values
+and their creators are kept).
 
 SR content items: codes, numbers and units stay (so dose values survive); ``TEXT``
 values become a dummy (with ``clean-structured-content``: cleaned as above; with
-``retain-device-identity``: the device observer's name, manufacturer, model, serial
-number and location are kept); ``PNAME`` items are dummies, ``UIDREF`` items and
+``retain-device-identity``: the device observer's UID, name, manufacturer, model, serial
+number and location are kept, without it they are dummies even when cleaning; UIDs in
+cleaned text are remapped); ``PNAME`` items are dummies, ``UIDREF`` items and
 references are replaced, dates follow the date options.
 
 Records added: PatientIdentityRemoved YES, DeidentificationMethod, the CID 7050 codes
