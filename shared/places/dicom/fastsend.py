@@ -70,6 +70,8 @@ def usable(assoc: Any) -> bool:
 def send_file(assoc: Any, path: Path, sop_class: str, ts: str) -> Dataset:
     """C-STORE ``path`` (its dataset as stored, syntax ``ts``) on ``assoc``; the status
     dataset (empty when no answer came: the association is then aborted)."""
+    if not assoc.is_established:  # aborted (a failure part-way): no answer
+        return Dataset()
     context = assoc._get_valid_context(sop_class, ts, "scu", allow_conversion=False)
     cx_id = int(context.context_id)
     max_pdu = int(assoc.acceptor.maximum_length or 0)
