@@ -22,7 +22,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from dicomsync.identity import StudyIdentity, orthanc_study_id, safe_component
 from dicomsync.options import option, parse
 from dicomsync.orthanc_client import HttpTransport, OrthancClient
 from dicomsync.places.base import Instance, Place, Receipt, StudyRef
+from dicomsync.places.parallel import run_bounded
 from dicomsync.query import StudyQuery
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,6 @@ class OrthancPlace(Place):
         it stored: the error raised then carries their number as ``delivered`` (the
         queue's ``Delivered`` counts them; see ``dicomsync.worker.delivered_by``)."""
         limit = self.upload_threads * 2
-        pending: set[Future[Any]] = set()
         stored = [0]
         lock = threading.Lock()
 
@@ -234,22 +234,10 @@ class OrthancPlace(Place):
             with lock:
                 stored[0] += 1
 
-        pool = self._upload_pool()
         try:
-            for inst in instances:
-                if len(pending) >= limit:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        f.result()
-                pending.add(pool.submit(upload, inst))
-            for f in pending:
-                f.result()
-        except BaseException as exc:
-            for f in pending:
-                f.cancel()
-            wait(pending)
-            if isinstance(exc, DicomSyncError):
-                exc.delivered = stored[0]  # type: ignore[attr-defined]
+            run_bounded(self._upload_pool(), upload, instances, limit)
+        except DicomSyncError as exc:
+            exc.delivered = stored[0]  # type: ignore[attr-defined]
             raise
         return Receipt(stored[0], self.describe())
 

@@ -36,7 +36,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ from dicomsync.errors import DicomSyncError, RemoteRejected, Unreachable
 from dicomsync.http_errors import status_error
 from dicomsync.places.base import Instance
 from dicomsync.places.dicomweb.connection import Connection, answer_detail
+from dicomsync.places.parallel import run_bounded
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,6 @@ class Stow:
 
     def store(self, study_uid: str, instances: Iterable[Instance]) -> int:
         """Send every instance (see the module docstring); the number stored."""
-        pending: set[Future[int]] = set()
         stored = [0]
         lock = threading.Lock()
 
@@ -221,22 +221,10 @@ class Stow:
                 stored[0] += count
             return count
 
-        pool = self._executor()
         try:
-            for batch in self._sized(instances):
-                if len(pending) >= self.in_flight:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for f in done:
-                        f.result()
-                pending.add(pool.submit(run, batch))
-            for f in pending:
-                f.result()
-        except BaseException as exc:
-            for f in pending:
-                f.cancel()
-            wait(pending)
-            if isinstance(exc, DicomSyncError):
-                exc.delivered = stored[0]  # type: ignore[attr-defined]
+            run_bounded(self._executor(), run, self._sized(instances), self.in_flight)
+        except DicomSyncError as exc:
+            exc.delivered = stored[0]  # type: ignore[attr-defined]
             raise
         return stored[0]
 
