@@ -46,10 +46,11 @@ text); errors quote at most the first 60 characters of the query.
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -382,3 +383,14 @@ class _Parser:
         if kind == "glob" and op not in ("=", "!="):
             raise self.error(f"'*' globs work only with = and !=, not {op}")
         return Condition(field=field, op=op, value=value, kind=kind)
+
+
+EVENT_COLUMNS = "id, sourcetype, time, time_source, source, body"  # of an index's events table
+
+
+def event_row(row: Sequence[Any] | None) -> dict[str, Any] | None:
+    """A row of ``EVENT_COLUMNS`` as ``Event.to_json()`` prints it (None for no row)."""
+    if row is None:
+        return None
+    keys = ("id", "sourcetype", "time", "time_source", "source")
+    return {**dict(zip(keys, row[:5], strict=True)), "event": json.loads(row[5])}

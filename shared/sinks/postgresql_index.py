@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicomsync.errors import SinkFatal, SinkRetryable
-from dicomsync.index_query import IndexQuery, flatten_fields, to_number, value_text
+from dicomsync.index_query import (
+    EVENT_COLUMNS,
+    IndexQuery,
+    event_row,
+    flatten_fields,
+    to_number,
+    value_text,
+)
 from dicomsync.options import option, parse
 from dicomsync.pg import PgTarget, is_transient, short
 from dicomsync.sinks.base import SendResult, Sink, StudyHit, with_delivered
@@ -254,22 +261,11 @@ class PostgresIndex(Sink):
         with self._lock:
             row = self._run(
                 lambda conn: conn.execute(
-                    "SELECT id, sourcetype, time, time_source, source, body FROM events"
-                    " WHERE id = %s",
-                    (event_id,),
+                    f"SELECT {EVENT_COLUMNS} FROM events WHERE id = %s", (event_id,)
                 ).fetchone(),
                 "read",
             )
-        if row is None:
-            return None
-        return {
-            "id": row[0],
-            "sourcetype": row[1],
-            "time": row[2],
-            "time_source": row[3],
-            "source": row[4],
-            "event": json.loads(row[5]),
-        }
+        return event_row(row)
 
     def stats(self) -> dict[str, Any]:
         def read(conn: psycopg.Connection[Any]) -> tuple[list[Any], int]:

@@ -32,7 +32,14 @@ from typing import Any
 
 from dicomsync.config import resolve_path
 from dicomsync.errors import SinkFatal, SinkRetryable
-from dicomsync.index_query import IndexQuery, flatten_fields, to_number, value_text
+from dicomsync.index_query import (
+    EVENT_COLUMNS,
+    IndexQuery,
+    event_row,
+    flatten_fields,
+    to_number,
+    value_text,
+)
 from dicomsync.options import option, parse
 from dicomsync.sinks.base import (
     SendResult,
@@ -189,19 +196,9 @@ class SqliteIndex(Sink):
         """One stored event as ``Event.to_json()`` would print it (for tests and tools)."""
         with self._lock:
             row = self._conn.execute(
-                "SELECT id, sourcetype, time, time_source, source, body FROM events WHERE id = ?",
-                (event_id,),
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE id = ?", (event_id,)
             ).fetchone()
-        if row is None:
-            return None
-        return {
-            "id": row[0],
-            "sourcetype": row[1],
-            "time": row[2],
-            "time_source": row[3],
-            "source": row[4],
-            "event": json.loads(row[5]),
-        }
+        return event_row(row)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
