@@ -142,6 +142,21 @@ class PgTarget:
 
         return psycopg.connect(self.url, autocommit=autocommit, **self._kwargs())
 
+    def connect_prepared(self, lock_key: int, ddl: str) -> psycopg.Connection[Any]:
+        """A new connection (autocommit off) after the schema and ``ddl`` (idempotent
+        ``CREATE … IF NOT EXISTS``) were made under the advisory lock ``lock_key``, so two
+        nodes starting at once do not race to create them."""
+        conn = self.connect(autocommit=False)
+        try:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
+            self.ensure_schema(conn)
+            conn.execute(ddl)
+            conn.commit()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     def pool(self, min_size: int = 1, max_size: int = 4) -> ConnectionPool:
         """A connection pool in autocommit mode, opened lazily (``open=False``: the first
         ``connection()`` waits for it)."""

@@ -59,16 +59,7 @@ class PgLedger:
                 raise SinkRetryable(f"delivered ledger {self.path} is closed (stopping)")
             try:
                 if self._conn is None or self._conn.closed:
-                    conn = self.target.connect(autocommit=False)
-                    try:
-                        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-                        self.target.ensure_schema(conn)
-                        conn.execute(SCHEMA)
-                        conn.commit()
-                    except BaseException:
-                        conn.close()
-                        raise
-                    self._conn = conn
+                    self._conn = self.target.connect_prepared(_SCHEMA_LOCK_KEY, SCHEMA)
                 with self._conn.transaction():
                     return work(self._conn)
             except psycopg.Error as exc:

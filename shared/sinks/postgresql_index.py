@@ -138,16 +138,7 @@ class PostgresIndex(Sink):
     # --- the connection ------------------------------------------------------------------
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            conn = self.target.connect(autocommit=False)
-            try:
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-                self.target.ensure_schema(conn)
-                conn.execute(SCHEMA)
-                conn.commit()
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+            self._conn = self.target.connect_prepared(_SCHEMA_LOCK_KEY, SCHEMA)
         return self._conn
 
     def _run(self, work: Any, doing: str) -> Any:
