@@ -71,7 +71,9 @@ class PgCluster:
 
     # --- life cycle ----------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> Self:
+        sweep_orphans()
         self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / OWNER_FILE).write_text(str(os.getpid()))
         self.socket_dir.mkdir(exist_ok=True)
         if os.geteuid() == 0:
             os.chmod(self.folder, 0o755)
@@ -165,10 +167,7 @@ class PgCluster:
             shutil.rmtree(self.folder, ignore_errors=True)
 
     def _postmaster_pid(self) -> int | None:
-        try:
-            return int((self.data / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
+        return _postmaster_pid(self.data)
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:
@@ -241,3 +240,48 @@ class PgCluster:
     @property
     def host(self) -> str:
         return "127.0.0.1"
+
+
+OWNER_FILE = "owner.pid"  # the process that started a cluster of ours
+
+
+def _postmaster_pid(data: Path) -> int | None:
+    try:
+        return int((data / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_orphans(root: Path | None = None) -> list[Path]:
+    """Stop the clusters of ours whose starting process is gone (a test run killed by a
+    signal never ran its ``stop``), by their postmaster's PID, and remove their folders.
+    A folder without an owner file (still being made, or not ours) is left alone."""
+    swept = []
+    for folder in sorted(Path(root or tempfile.gettempdir()).glob("dicomsync-pg-*")):
+        try:
+            owner = int((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if _alive(owner):
+            continue
+        pid = _postmaster_pid(folder / "data")
+        if pid is not None and _alive(pid):
+            PgCluster._signal(pid, signal.SIGINT)
+            deadline = time.monotonic() + 20
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _alive(pid):
+                PgCluster._signal(pid, signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)
+        swept.append(folder)
+    return swept

@@ -30,3 +30,31 @@ def test_stop_by_pid_removes_everything() -> None:
     assert not folder.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_cluster_whose_test_run_was_killed_is_stopped_by_the_next_run() -> None:
+    """kill -9 of a test run never runs its cluster's stop; the next start sweeps it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from pg_cluster import _alive, _postmaster_pid, sweep_orphans
+
+    here = Path(__file__).resolve().parent
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(here)!r}); from pg_cluster import PgCluster;"
+        "c = PgCluster().start(); print(c.folder, flush=True); time.sleep(600)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    folder = Path(child.stdout.readline().strip())
+    pid = _postmaster_pid(folder / "data")
+    assert pid is not None and _alive(pid)
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    time.sleep(0.5)
+    assert _alive(pid)  # orphaned: nobody stopped it
+    assert folder in sweep_orphans()
+    assert not _alive(pid) and not folder.exists()
