@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pg_cluster import PgCluster
 
-from dicomdata import data_dir
+from dicomdata import build_seed_tree, data_dir
 from orthanc_server import OrthancProcess
 
 
@@ -61,6 +61,21 @@ def orthanc(orthanc_server: OrthancProcess) -> OrthancProcess:
     """The session Orthanc, emptied before the test."""
     clear_orthanc(orthanc_server)
     return orthanc_server
+
+
+@pytest.fixture(scope="session")
+def dicomweb_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
+    """One Orthanc serving DICOMweb at ``/dicom-web/`` (its DICOMweb plugin), for the session."""
+    server = OrthancProcess(tmp_path_factory.mktemp("web"), "web", dicomweb=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def web(dicomweb_server: OrthancProcess) -> OrthancProcess:
+    """The session's DICOMweb Orthanc, emptied before the test."""
+    clear_orthanc(dicomweb_server)
+    return dicomweb_server
 
 
 # Queue backends the queue contract tests run on: name -> open(folder, policy, clock).
@@ -136,6 +151,16 @@ class Cli:
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
     return Cli(tmp_path / "dicomsync.json")
+
+
+@pytest.fixture
+def seed(tmp_path: Path, cli: Cli) -> dict[str, list[Path]]:
+    """The README walk-through's tree under ``tmp_path/dicom_root``, added as the place
+    ``my_studies`` of a new dicomsync.json (modules with their own ``seed`` override it)."""
+    layout = build_seed_tree(tmp_path / "dicom_root")
+    cli("init")
+    cli("place", "add", "dicom_root", "my_studies", str(tmp_path / "dicom_root"))
+    return layout
 
 
 XNAT_PASSWORD = "Zebra-Secret-4711"

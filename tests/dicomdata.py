@@ -122,3 +122,23 @@ def generate_root(root: Path, studies: int, instances: int = 2, pixel_bytes: int
                 series_uid=series_uid,
                 pixel_bytes=pixel_bytes,
             )
+
+
+def study_bytes(patient: str, n: int, pixel_bytes: int = 64) -> list[bytes]:
+    """``n`` instances of one new study of ``patient``, as DICOM files' bytes."""
+    from io import BytesIO
+
+    study_uid, series_uid = generate_uid(), generate_uid()
+    out = []
+    for _ in range(n):
+        ds = make_instance(
+            None,
+            patient_id=patient,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            pixel_bytes=pixel_bytes,
+        )
+        buf = BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out

@@ -11,19 +11,19 @@ import functools
 import shutil
 import sys
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from dicomsync.errors import AuthenticationFailed, DicomSyncError, RemoteRejected, Unreachable
 from dicomsync.identity import StudyIdentity
 from dicomsync.places.base import Instance
 from dicomsync.places.dicomweb import DicomWebPlace
 
-from conftest import Cli, clear_orthanc
-from dicomdata import build_seed_tree, make_instance
+from conftest import Cli
+from dicomdata import study_bytes
 from orthanc_server import OrthancProcess
 from servers.dicomweb_gate import Gate
 
@@ -37,27 +37,6 @@ n = int(counter.read_text()) + 1 if counter.exists() else 1
 counter.write_text(str(n))
 print(f"token-{n}")
 """
-
-
-@pytest.fixture(scope="module")
-def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
-    server = OrthancProcess(tmp_path_factory.mktemp("web"), "web", dicomweb=True).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def web(web_server: OrthancProcess) -> OrthancProcess:
-    clear_orthanc(web_server)
-    return web_server
-
-
-@pytest.fixture
-def seed(tmp_path: Path, cli: Cli) -> dict[str, list[Path]]:
-    layout = build_seed_tree(tmp_path / "dicom_root")
-    cli("init")
-    cli("place", "add", "dicom_root", "my_studies", str(tmp_path / "dicom_root"))
-    return layout
 
 
 @pytest.fixture
@@ -110,19 +89,11 @@ def test_stow_409_failed_sop_sequence_from_orthanc_fails_those_instances(
 
 
 def _instances(n: int, pixel_bytes: int = 64) -> tuple[StudyIdentity, list[Instance]]:
-    from io import BytesIO
-
-    st, se = generate_uid(), generate_uid()
     out = []
-    for _ in range(n):
-        ds = make_instance(
-            None, patient_id="GATE", study_uid=st, series_uid=se, pixel_bytes=pixel_bytes
-        )
-        buf = BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        data = buf.getvalue()
+    for data in study_bytes("GATE", n, pixel_bytes):
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
         out.append(Instance(str(ds.SOPInstanceUID), "x.dcm", functools.partial(bytes, data)))
-    return StudyIdentity(st, frozenset(i.sop_uid for i in out), "GATE"), out
+    return StudyIdentity(str(ds.StudyInstanceUID), frozenset(i.sop_uid for i in out), "GATE"), out
 
 
 def _failed_sop_body(items: list[tuple[str, int]], stored: list[str]) -> dict[str, object]:

@@ -7,7 +7,6 @@ WADO-RS retrieval), through the CLI as a user runs it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -17,33 +16,10 @@ import pytest
 import requests
 from test_walkthrough import sop_uids_in_folder
 
-from conftest import Cli, clear_orthanc
-from dicomdata import build_seed_tree
+from conftest import Cli
 from orthanc_server import OrthancProcess
 
 pytestmark = pytest.mark.orthanc
-
-
-@pytest.fixture(scope="module")
-def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
-    """One Orthanc serving DICOMweb at /dicom-web/ for this module."""
-    server = OrthancProcess(tmp_path_factory.mktemp("web"), "web", dicomweb=True).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def web(web_server: OrthancProcess) -> OrthancProcess:
-    clear_orthanc(web_server)
-    return web_server
-
-
-@pytest.fixture
-def seed(tmp_path: Path, cli: Cli) -> dict[str, list[Path]]:
-    layout = build_seed_tree(tmp_path / "dicom_root")
-    cli("init")
-    cli("place", "add", "dicom_root", "my_studies", str(tmp_path / "dicom_root"))
-    return layout
 
 
 def source_sets(tmp_path: Path, seed: dict[str, list[Path]]) -> dict[str, set[str]]:

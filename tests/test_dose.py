@@ -458,7 +458,6 @@ def test_cli_dose_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 def test_the_postgresql_index_gives_the_same_snapshot(
     tmp_path: Path, pg_cluster: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("psycopg")
     from dicomsync.sinks.postgresql_index import PostgresIndex
 
     url = pg_cluster.create_database()

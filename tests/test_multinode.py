@@ -22,7 +22,6 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import requests
 from pg_cluster import PgCluster
 from pydicom.uid import generate_uid
 
-from dicomdata import make_instance
+from dicomdata import study_bytes
 from orthanc_server import OrthancProcess
 from plugin_helpers import (
     all_files,
@@ -52,23 +51,6 @@ pytestmark = pytest.mark.orthanc
 
 ENV = "DICOMSYNC_DB_PASSWORD"
 HEC_TOKEN = "5e5e5e5e-1111-4222-8333-444444444444"
-
-
-def study_bytes(patient: str, n: int, pixel_bytes: int = 64) -> list[bytes]:
-    study_uid, series_uid = generate_uid(), generate_uid()
-    out = []
-    for _ in range(n):
-        ds = make_instance(
-            None,
-            patient_id=patient,
-            study_uid=study_uid,
-            series_uid=series_uid,
-            pixel_bytes=pixel_bytes,
-        )
-        buf = BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        out.append(buf.getvalue())
-    return out
 
 
 def queue_section(pg: PgCluster, db: str) -> dict[str, Any]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from io import BytesIO
 from pathlib import Path
 
 import pytest
-from pydicom.uid import generate_uid
 
-from dicomdata import make_instance
+from dicomdata import study_bytes
 from plugin_helpers import (
     all_files,
     counting_orthanc,
@@ -23,23 +21,6 @@ from plugin_helpers import (
 )
 
 pytestmark = pytest.mark.orthanc
-
-
-def study_bytes(patient: str, n: int, pixel_bytes: int = 64) -> list[bytes]:
-    study_uid, series_uid = generate_uid(), generate_uid()
-    out = []
-    for _ in range(n):
-        ds = make_instance(
-            None,
-            patient_id=patient,
-            study_uid=study_uid,
-            series_uid=series_uid,
-            pixel_bytes=pixel_bytes,
-        )
-        buf = BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        out.append(buf.getvalue())
-    return out
 
 
 def test_destination_down_retries_with_growing_delays_then_delivers(tmp_path: Path) -> None:

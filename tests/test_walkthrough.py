@@ -6,10 +6,8 @@ import zipfile
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from conftest import Cli
-from dicomdata import build_seed_tree
 from orthanc_server import OrthancProcess
 
 
@@ -27,14 +25,6 @@ def sop_uids_in_zip(path: Path) -> set[str]:
             str(pydicom.dcmread(zf.open(n), stop_before_pixels=True).SOPInstanceUID)
             for n in zf.namelist()
         }
-
-
-@pytest.fixture
-def seed(tmp_path: Path, cli: Cli) -> dict[str, list[Path]]:
-    layout = build_seed_tree(tmp_path / "dicom_root")
-    cli("init")
-    cli("place", "add", "dicom_root", "my_studies", str(tmp_path / "dicom_root"))
-    return layout
 
 
 def test_seed_walkthrough_folder_to_zip(
