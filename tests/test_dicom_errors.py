@@ -276,8 +276,11 @@ def test_sockets_have_nodelay_and_the_place_opens_at_most_associations(tmp_path:
     peer = ScpPeer(find=True).start()
     try:
         p = place(dicom_section(peer, Associations=2), tmp_path)
+        pooled = p.connections.acquire()  # type: ignore[attr-defined]
+        assert pooled.link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        p.connections.discard(pooled)  # type: ignore[attr-defined]
         assoc = p.peer.associate([build_context(VERIFICATION)])  # type: ignore[attr-defined]
-        sock = assoc.dul.socket.socket
+        sock = assoc.dul.socket.socket  # C-GET / C-MOVE: pynetdicom's own association
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
         assoc.release()
         uid = generate_uid()
@@ -318,10 +321,10 @@ def test_sockets_have_nodelay_and_the_place_opens_at_most_associations(tmp_path:
 def test_files_are_sent_byte_for_byte_in_pdus_the_peer_accepts(
     tmp_path: Path, max_pdu: int
 ) -> None:
-    """The fast path frames the command and the file's dataset as P-DATA PDUs itself."""
+    """The link frames the command and the file's dataset as P-DATA PDUs itself."""
     from pynetdicom.dsutils import split_dataset
 
-    from dicomsync.places.dicom import fastsend
+    from dicomsync.places.dicom.link import Link
 
     peer = ScpPeer(find=True, max_pdu=max_pdu, keep_raw=True).start()
     try:
@@ -334,19 +337,19 @@ def test_files_are_sent_byte_for_byte_in_pdus_the_peer_accepts(
             )
         p = place(dicom_section(peer), tmp_path)
         calls = []
-        real = fastsend.send_file
+        real = Link.store
 
         def counting(*args: object) -> object:
             calls.append(args)
             return real(*args)  # type: ignore[arg-type]
 
-        fastsend.send_file = counting  # type: ignore[assignment]
+        Link.store = counting  # type: ignore[method-assign,assignment]
         try:
             assert (
                 p.receive("a/b", [as_instance(f) for f in files], identity_of(files)).written == 3
             )
         finally:
-            fastsend.send_file = real
+            Link.store = real  # type: ignore[method-assign]
         assert len(calls) == 3
         for f in files:
             _, offset = split_dataset(f)

@@ -26,7 +26,7 @@ from pynetdicom.dsutils import split_dataset
 
 from dicomsync.errors import StorageError, Unreachable
 from dicomsync.places.base import Instance
-from dicomsync.places.dicom import fastsend
+from dicomsync.places.dicom import payload
 from dicomsync.places.dicom.association import Peer
 from dicomsync.places.dicom.connections import Connections
 from dicomsync.places.dicom.store import StoreScu
@@ -101,7 +101,7 @@ def test_a_file_ending_early_fails_alone_and_the_next_arrives_intact(
 
     real_open = builtins.open
     monkeypatch.setattr(
-        fastsend,
+        payload,
         "open",
         lambda p, m="r", *a, **k: (
             Short(p, "r") if str(p) == str(short) else real_open(p, m, *a, **k)

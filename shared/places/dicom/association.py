@@ -1,9 +1,10 @@
 """Associations with one DICOM node: presentation contexts, TCP_NODELAY, TLS, C-ECHO.
 
 ``Peer`` holds what every association needs (address, AE titles, timeouts, max PDU,
-TLS context) and opens associations with ``associate(contexts)``; its failures are
-mapped by ``dicom.failures``. Every socket we open (ours to the peer, and the peers'
-to our C-MOVE Storage SCP) gets ``TCP_NODELAY``: a DIMSE exchange is small requests
+TLS context) and opens pynetdicom associations with ``associate(contexts)`` (C-GET and
+C-MOVE, which need SCP roles); C-STORE, C-FIND and C-ECHO go over ``link.Link``, our
+own thread-free association. Failures are mapped by ``dicom.failures``. Every socket we
+open (ours to the peer, and the peers' to our C-MOVE Storage SCP) gets ``TCP_NODELAY``: a DIMSE exchange is small requests
 and answers, which Nagle's algorithm and delayed ACKs would hold back 40 ms each, and
 the place's ``Timeout`` as its timeout (pynetdicom leaves none after connecting).
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, build_context, evt
+from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
@@ -40,8 +41,6 @@ MAX_CONTEXTS = 128
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 Pair = tuple[str, str]  # (SOP class UID, transfer syntax UID)
 
-# Files are sent from disk in PDU-sized chunks, not decoded and encoded again.
-_config.STORE_SEND_CHUNKED_DATASET = True
 # pynetdicom logs each failure as several ERROR lines; our own error is the one line.
 _pynetdicom_log = logging.getLogger("pynetdicom")
 if _pynetdicom_log.level == logging.NOTSET:
@@ -190,25 +189,28 @@ class Peer:
         # no connection, or one the peer closed at once: pynetdicom only logs which
         raise failures.no_connection(self.label, self.host, self.port, self.timeout, tls)
 
-    def echo(self, assoc: Association | None = None) -> float:
-        """C-ECHO on ``assoc`` (else on a new association); the round trip in seconds.
-        Raises the mapped error."""
+    def echo(self) -> float:
+        """C-ECHO on an association of its own; the round trip in seconds. Raises the
+        mapped error."""
+        from dicomsync.places.dicom.link import Link, Lost
+
         start = time.monotonic()
-        own = assoc is None
-        if assoc is None:
-            assoc = self.associate([build_context(VERIFICATION)])
+        link = Link.open(self, [build_context(VERIFICATION, list(UNCOMPRESSED))])
         try:
-            if not accepted_sop(assoc, VERIFICATION):
+            cx = link.context_id(VERIFICATION)
+            if cx is None:
                 raise failures.refused_context(
-                    self.label, "Verification", refusal(assoc, VERIFICATION)
+                    self.label, "Verification", refusal(link, VERIFICATION)
                 )
-            status = assoc.send_c_echo()
+            try:
+                status = link.echo(cx)
+            except Lost as exc:
+                raise failures.aborted(self.label, "C-ECHO", exc.reason) from None
             code = answer_code(status, self.label, "C-ECHO")
             if not failures.status_ok(code):
                 raise failures.status_error(code, f"{self.label}: C-ECHO")
         finally:
-            if own:
-                release(assoc)
+            link.release()
         return time.monotonic() - start
 
 
@@ -223,19 +225,20 @@ def release(assoc: Association) -> None:
         log.debug("closing an association failed", exc_info=True)
 
 
-def accepted(assoc: Association, sop: str, ts: str) -> bool:
+def accepted(assoc: Any, sop: str, ts: str) -> bool:
     return any(
         c.abstract_syntax == sop and c.transfer_syntax and c.transfer_syntax[0] == ts
         for c in assoc.accepted_contexts
     )
 
 
-def accepted_sop(assoc: Association, sop: str) -> bool:
+def accepted_sop(assoc: Any, sop: str) -> bool:
     return any(c.abstract_syntax == sop for c in assoc.accepted_contexts)
 
 
-def refusal(assoc: Association, sop: str) -> str:
-    """The peer's reason for refusing ``sop``'s contexts (``Abstract Syntax Not Supported``)."""
+def refusal(assoc: Any, sop: str) -> str:
+    """The peer's reason for refusing ``sop``'s contexts (``Abstract Syntax Not Supported``),
+    on an ``Association`` or a ``Link``."""
     reasons = [c.status for c in assoc.rejected_contexts if c.abstract_syntax == sop]
     return reasons[0] if reasons else "not proposed"
 

@@ -3,6 +3,9 @@
 At most ``Associations`` established associations per node and process, reused across
 studies and shared by C-STORE and C-FIND (an association costs round trips and, with
 TLS, a handshake); see ``Connections`` for why the bound and the short idle time.
+The pooled associations are ``link.Link`` objects: no thread of their own, so an idle
+one costs nothing but its socket. C-GET and C-MOVE open pynetdicom associations of
+their own inside ``slot()``, counted in the same bound.
 """
 
 from __future__ import annotations
@@ -16,18 +19,18 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pynetdicom import build_context
-from pynetdicom.association import Association
 
 from dicomsync.errors import Unreachable
 from dicomsync.places.dicom.association import (
     MAX_CONTEXTS,
     STUDY_FIND,
+    UNCOMPRESSED,
     VERIFICATION,
     Pair,
     Peer,
     contexts_for,
-    release,
 )
+from dicomsync.places.dicom.link import Link
 
 IDLE_SECONDS = 2.0
 RECENT_PAIRS = 512
@@ -37,14 +40,14 @@ RECENT_PAIRS = 512
 class Pooled:
     """An association, the pairs it proposed and when it was last given back."""
 
-    assoc: Association
+    link: Link
     pairs: frozenset[Pair] = frozenset()
     idle_since: float = field(default_factory=time.monotonic)
     uses: int = 0  # times given back: 0 for one just opened
 
     @property
     def usable(self) -> bool:
-        return self.assoc.is_established and time.monotonic() - self.idle_since < IDLE_SECONDS
+        return time.monotonic() - self.idle_since < IDLE_SECONDS and self.link.alive()
 
 
 class Connections:
@@ -128,8 +131,8 @@ class Connections:
             return found
         try:
             contexts, covered = contexts_for(wanted, MAX_CONTEXTS - 2)
-            contexts += [build_context(STUDY_FIND), build_context(VERIFICATION)]
-            return Pooled(self.peer.associate(contexts), frozenset(covered))
+            contexts += [build_context(s, list(UNCOMPRESSED)) for s in (STUDY_FIND, VERIFICATION)]
+            return Pooled(Link.open(self.peer, contexts), frozenset(covered))
         except BaseException:
             self._forget()
             raise
@@ -165,7 +168,7 @@ class Connections:
                     self._cond.wait(1.0)
         finally:
             for p in stale:
-                release(p.assoc)
+                p.link.release()
         return None
 
     def _forget(self) -> None:
@@ -175,7 +178,7 @@ class Connections:
 
     def give(self, pooled: Pooled) -> None:
         """Back for reuse (a dead association is dropped)."""
-        if not pooled.assoc.is_established:
+        if not pooled.link.is_established:
             self.discard(pooled)
             return
         pooled.idle_since = time.monotonic()
@@ -196,11 +199,8 @@ class Connections:
         """Closed, never reused; ``abort`` for one whose last use failed part-way (it may
         be mid-message: an A-RELEASE would be read as part of it)."""
         if abort:
-            try:
-                pooled.assoc.abort()
-            except Exception:  # a dead socket: nothing more to close
-                pass
-        release(pooled.assoc)
+            pooled.link.abort()
+        pooled.link.release()
         self._forget()
 
     def _reap(self) -> None:
@@ -216,7 +216,7 @@ class Connections:
                 if not self._idle or self._closed:
                     self._reaper = None
             for p in stale:
-                release(p.assoc)
+                p.link.release()
             if self._reaper is None:
                 return
 
@@ -227,4 +227,4 @@ class Connections:
             self._open -= len(idle)
             self._cond.notify_all()
         for p in idle:
-            release(p.assoc)
+            p.link.release()

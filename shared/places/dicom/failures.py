@@ -55,11 +55,19 @@ def no_connection(
                     pass
     except (OSError, ssl.SSLError) as exc:
         return transport_error(exc, f"cannot reach DICOM node {peer}")
+    return no_connection_closed(peer)
+
+
+def no_connection_closed(peer: str) -> Unreachable:
     return Unreachable(f"{peer}: the peer closed the connection before answering")
 
 
-def aborted(peer: str, what: str) -> Unreachable:
-    return Unreachable(f"{peer}: {what}: the peer aborted the association or did not answer")
+def aborted(peer: str, what: str, reason: str = "") -> Unreachable:
+    """The association was lost during ``what``; ``reason``, when known, says how."""
+    detail = f" ({reason})" if reason else ""
+    return Unreachable(
+        f"{peer}: {what}: the peer aborted the association or did not answer{detail}"
+    )
 
 
 def refused_context(peer: str, sop_class: str, reason: str) -> RemoteRejected:

@@ -4,8 +4,9 @@
 proposing the Study Root FIND context is accepted with that context, or not (dcmtk's
 ``storescp`` refuses it). The answer is cached for the place's life.
 
-Queries reuse the place's associations (``Connections``, shared with C-STORE); an
-idle one the peer has meanwhile closed is replaced once, transparently.
+Queries reuse the place's associations (``Connections``, shared with C-STORE: thread-free
+``link.Link`` objects, the answers read by the querying thread); an idle one the peer
+has meanwhile closed is replaced once, transparently.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dicomsync.errors import DicomSyncError, Unreachable
 from dicomsync.places.dicom import failures
 from dicomsync.places.dicom.association import STUDY_FIND, accepted_sop, answer_code, refusal
 from dicomsync.places.dicom.connections import Connections, Pooled
+from dicomsync.places.dicom.link import Lost
 
 PENDING = (0xFF00, 0xFF01)
 
@@ -38,7 +40,7 @@ class Finder:
         with self._lock:
             if self._supported is None:
                 pooled = self.connections.acquire()
-                self._supported = accepted_sop(pooled.assoc, STUDY_FIND)
+                self._supported = accepted_sop(pooled.link, STUDY_FIND)
                 self.connections.give(pooled)
             return self._supported
 
@@ -51,10 +53,10 @@ class Finder:
         for _attempt in (1, 2):
             pooled = self.connections.acquire()
             fresh = pooled.uses == 0
-            if not accepted_sop(pooled.assoc, STUDY_FIND):
+            if not accepted_sop(pooled.link, STUDY_FIND):
                 self.connections.give(pooled)
                 raise failures.refused_context(
-                    self.peer.label, "Study Root Q/R FIND", refusal(pooled.assoc, STUDY_FIND)
+                    self.peer.label, "Study Root Q/R FIND", refusal(pooled.link, STUDY_FIND)
                 )
             try:
                 found = list(self._answers(pooled, query, level))
@@ -72,10 +74,19 @@ class Finder:
 
     def _answers(self, pooled: Pooled, query: Dataset, level: str) -> Iterator[Dataset]:
         what = f"C-FIND {level}"
-        for status, identifier in pooled.assoc.send_c_find(query, STUDY_FIND):
+        cx = pooled.link.context_id(STUDY_FIND)
+        assert cx is not None
+        answers = pooled.link.find(cx, STUDY_FIND, query)
+        while True:
+            try:
+                status, identifier = next(answers)
+            except StopIteration:
+                raise failures.aborted(self.peer.label, what, "no final answer") from None
+            except Lost as exc:
+                raise failures.aborted(self.peer.label, what, exc.reason) from None
             code = answer_code(status, self.peer.label, what)
             if code in PENDING:
-                if identifier is not None:
+                if len(identifier):
                     yield identifier
             elif failures.status_ok(code):
                 return

@@ -1,0 +1,85 @@
+"""The bytes we read and write ourselves on a ``link.Link``: PDU headers, the C-STORE-RQ
+command set, and the command sets of answers (group 0000, Implicit VR Little Endian).
+
+pynetdicom's DIMSE message classes encode a C-STORE-RQ in about 400 us (two pydicom
+encodings); ``store_command`` builds the same bytes (a test compares them) with
+``struct`` in a few microseconds. Answers are parsed into element -> bytes, and
+anything malformed raises ``Lost`` (the association cannot be trusted after it).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pydicom.dataset import Dataset
+
+HEAD = struct.Struct(">BBL")  # PDU type, reserved, length
+PDV = struct.Struct(">BBLLBB")  # P-DATA-TF header with one PDV item: 12 bytes
+C_STORE_RSP, C_FIND_RSP, C_ECHO_RSP = 0x8001, 0x8020, 0x8030
+NO_DATASET = 0x0101
+
+
+class Lost(Exception):
+    """The association is gone (already aborted and closed); ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def store_command(msg_id: int, sop_class: str, sop_uid: str, priority: int = 2) -> bytes:
+    """The C-STORE-RQ command set (Implicit VR Little Endian), as pynetdicom's ``C_STORE_RQ``
+    encodes it (a test checks that), at a tenth of the cost."""
+
+    def ui(element: int, uid: str) -> bytes:
+        value = uid.encode("ascii")
+        if len(value) % 2:
+            value += b"\0"
+        return struct.pack("<HHL", 0, element, len(value)) + value
+
+    def us(element: int, value: int) -> bytes:
+        return struct.pack("<HHLH", 0, element, 2, value)
+
+    body = b"".join(
+        (
+            ui(0x0002, sop_class),
+            us(0x0100, 0x0001),
+            us(0x0110, msg_id),
+            us(0x0700, priority),
+            us(0x0800, 0x0001),  # a dataset follows
+            ui(0x1000, sop_uid),
+        )
+    )
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+def parse_command(data: bytes | bytearray) -> dict[int, bytes]:
+    """Element number -> value of a command set (group 0000, Implicit VR Little Endian)."""
+    out: dict[int, bytes] = {}
+    pos, end = 0, len(data)
+    while pos + 8 <= end:
+        group, element, length = struct.unpack_from("<HHL", data, pos)
+        pos += 8
+        if group != 0 or pos + length > end:
+            raise Lost("a malformed command set")
+        out[element] = bytes(data[pos : pos + length])
+        pos += length
+    return out
+
+
+def us_value(command: dict[int, bytes], element: int) -> int | None:
+    value = command.get(element)
+    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
+
+
+def status_of(command: dict[int, bytes]) -> Dataset:
+    """The status dataset of an answer: Status, and ErrorComment when given."""
+    status = Dataset()
+    code = us_value(command, 0x0900)
+    if code is None:
+        raise Lost("an answer without a status")
+    status.Status = code
+    comment = command.get(0x0902)
+    if comment:
+        status.ErrorComment = comment.decode("ascii", "replace").rstrip("\0 ")
+    return status

@@ -1,0 +1,415 @@
+"""``dicom.link.Link``, our thread-free association: against real Orthanc and storescp, and
+against a hostile fake peer that accepts the association and then misbehaves.
+
+- every misbehaviour (a 4 GB PDU length, an unknown PDU type, an A-ABORT or A-RELEASE-RQ
+  mid-operation, silence, an answer to another message ID or on a context we did not
+  propose) is one clear, retryable error and a lost association, within the Timeout;
+- pooled associations run no thread: the process's thread count does not grow with
+  them, and four idle ones cost (almost) no CPU;
+- an instance in memory is sent without a temporary file, its file meta parsed once;
+- the C-STORE command we encode is byte for byte pynetdicom's, and our file meta parser
+  finds what pydicom finds.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode, split_dataset
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.presentation import PresentationContext
+
+from dicomsync.errors import Unreachable
+from dicomsync.places.base import Instance
+from dicomsync.places.dicom import link as link_module
+from dicomsync.places.dicom import payload
+from dicomsync.places.dicom.association import Peer
+from dicomsync.places.dicom.connections import Connections
+from dicomsync.places.dicom.link import Link, Lost, parse_command, store_command
+from dicomsync.places.dicom.store import StoreScu
+
+from dicom_peers import StoreScp, dicom_orthanc
+from orthanc_server import OrthancProcess
+
+DATA = Path("/work/shared/data/dicom")
+CT_SMALL = DATA / "images" / "CT_small.dcm"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _instance_bytes(sop: str, pixel_bytes: int = 4096) -> bytes:
+    ds = pydicom.dcmread(CT_SMALL)
+    ds.SOPInstanceUID = sop
+    ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(sop)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PixelData = b"\1" * pixel_bytes
+    ds["PixelData"].VR = "OW"
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _in_memory(sop: str, pixel_bytes: int = 4096) -> Instance:
+    blob = _instance_bytes(sop, pixel_bytes)
+    return Instance(sop, f"{sop}.dcm", functools.partial(bytes, blob))
+
+
+# --- a hostile peer -------------------------------------------------------------------
+def _pdv(cx: int, control: int, data: bytes) -> bytes:
+    return struct.pack(">BBLLBB", 4, 0, len(data) + 6, len(data) + 2, cx, control) + data
+
+
+class FakePeer:
+    """Accepts every association (each proposed context with its first syntax), reads one
+    whole DIMSE request, then does ``then(conn, cx, msg_id)``."""
+
+    def __init__(self, then: Callable[[socket.socket, int, int], None]) -> None:
+        self.then = then
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _read_pdu(self, conn: socket.socket) -> tuple[int, bytes]:
+        head = self._exact(conn, 6)
+        kind, _, length = struct.unpack(">BBL", head)
+        return kind, self._exact(conn, length)
+
+    @staticmethod
+    def _exact(conn: socket.socket, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            part = conn.recv(n - len(out))
+            if not part:
+                raise ConnectionError("closed")
+            out += part
+        return out
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        try:
+            kind, body = self._read_pdu(conn)
+            rq = A_ASSOCIATE_RQ()
+            rq.decode(struct.pack(">BBL", kind, 0, len(body)) + body)
+            p = rq.to_primitive()
+            ac = A_ASSOCIATE()
+            ac.application_context_name = p.application_context_name
+            ac.calling_ae_title, ac.called_ae_title = p.calling_ae_title, p.called_ae_title
+            ac.result = 0x00
+            results = []
+            for proposed in p.presentation_context_definition_list:
+                out = PresentationContext()
+                out.context_id = proposed.context_id
+                out.abstract_syntax = proposed.abstract_syntax
+                out.transfer_syntax = [proposed.transfer_syntax[0]]
+                out.result = 0
+                results.append(out)
+            ac.presentation_context_definition_results_list = results
+            length = MaximumLengthNotification()
+            length.maximum_length_received = 16384
+            ac.user_information = [length]
+            pdu = A_ASSOCIATE_AC()
+            pdu.from_primitive(ac)
+            conn.sendall(pdu.encode())
+            while True:  # one request: command, then the dataset's last fragment
+                kind, body = self._read_pdu(conn)
+                if kind != 4:
+                    return
+                cx, control = body[4], body[5]
+                if control == 0x03:
+                    command = parse_command(body[6:])
+                    msg_id = struct.unpack("<H", command[0x0110])[0]
+                if control == 0x02 or (control == 0x03 and command[0x0800] == b"\x01\x01"):
+                    break
+            self.then(conn, cx, msg_id)
+        except (OSError, ConnectionError):
+            pass
+
+    def stop(self) -> None:
+        self.listener.close()
+        for c in self.conns:
+            c.close()
+
+
+def _store_rsp(msg_id: int, sop: str = "1.2.3", status: int = 0) -> bytes:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = msg_id
+    rsp.AffectedSOPClassUID = CT
+    rsp.AffectedSOPInstanceUID = sop
+    rsp.Status = status
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    return encode(msg.command_set, True, True) or b""
+
+
+def _answer_ok(conn: socket.socket, cx: int, msg_id: int) -> None:
+    conn.sendall(_pdv(cx, 0x03, _store_rsp(msg_id)))
+    time.sleep(5)
+
+
+HOSTILE: dict[str, tuple[Callable[[socket.socket, int, int], None], str]] = {
+    "a 4 GB PDU length": (
+        lambda c, cx, i: c.sendall(struct.pack(">BBL", 4, 0, 0xFFFFFFFF) + b"\0" * 64),
+        "over our limit",
+    ),
+    "an unknown PDU type": (lambda c, cx, i: c.sendall(b"\x55\0\0\0\0\4abcd"), "unknown PDU"),
+    "an A-ABORT mid-operation": (
+        lambda c, cx, i: c.sendall(b"\x07\0\0\0\0\4\0\0\2\0"),
+        "aborted",
+    ),
+    "an A-RELEASE-RQ mid-operation": (
+        lambda c, cx, i: c.sendall(b"\x05\0\0\0\0\4\0\0\0\0"),
+        "release",
+    ),
+    "silence": (lambda c, cx, i: time.sleep(10), "no answer within"),
+    "an answer to another message": (
+        lambda c, cx, i: c.sendall(_pdv(cx, 0x03, _store_rsp(i + 7))),
+        "an answer to message",
+    ),
+    "an answer on a context we did not propose": (
+        lambda c, cx, i: c.sendall(_pdv(201, 0x03, _store_rsp(i))),
+        "on context 201",
+    ),
+    "a closed connection": (lambda c, cx, i: c.close(), "closed the connection"),
+}
+
+
+def _fake_scu(fake: FakePeer, timeout: float = 1.5) -> StoreScu:
+    peer = Peer("fake", "127.0.0.1", fake.port, "FAKE", "US", timeout, 16384)
+    return StoreScu(Connections(peer, 1))
+
+
+def test_the_fake_peer_stores_when_it_behaves() -> None:
+    fake = FakePeer(_answer_ok)
+    store = _fake_scu(fake)
+    try:
+        sop = generate_uid()
+        result = store.store([_in_memory(sop)])
+    finally:
+        store.connections.close()
+        fake.stop()
+    assert result.stored == [sop] and result.lost is None
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_hostile_peer_is_one_clear_retryable_error_and_a_lost_association(
+    case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    behaviour, reason = HOSTILE[case]
+    fake = FakePeer(behaviour)
+    peer = Peer("fake", "127.0.0.1", fake.port, "FAKE", "US", 1.5, 16384)
+    try:
+        link = Link.open(peer, [_storage_context()])
+        start = time.monotonic()
+        blob = _instance_bytes(generate_uid())
+        meta = payload.parse_meta(blob)
+        assert meta is not None
+        with pytest.raises(Lost) as err:
+            link.store(1, CT, meta[1], [memoryview(blob)[meta[3] :]], len(blob) - meta[3])
+        assert time.monotonic() - start < 5  # within a few Timeouts, never a hang
+        assert reason in err.value.reason
+        assert not link.is_established and not link.alive()
+        # through the C-STORE SCU: one line, retryable; the association is not pooled
+        store = _fake_scu(fake)
+        result = store.store([_in_memory(generate_uid())])
+        assert isinstance(result.lost, Unreachable) and result.lost.retryable
+        assert "aborted the association or did not answer" in str(result.lost)
+        assert reason in str(result.lost)
+        assert not store.connections._idle
+        store.connections.close()
+    finally:
+        fake.stop()
+
+
+def _storage_context() -> PresentationContext:
+    cx = PresentationContext()
+    cx.abstract_syntax = CT
+    cx.transfer_syntax = [ExplicitVRLittleEndian]
+    return cx
+
+
+def test_a_pdu_length_over_our_limit_is_never_allocated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 4 GB length is refused from the header alone: nothing waits for 4 GB."""
+    behaviour, _ = HOSTILE["a 4 GB PDU length"]
+    fake = FakePeer(behaviour)
+    peer = Peer("fake", "127.0.0.1", fake.port, "FAKE", "US", 30, 16384)
+    try:
+        link = Link.open(peer, [_storage_context()])
+        assert link.limit < 1 << 20
+        start = time.monotonic()
+        with pytest.raises(Lost):
+            link.store(1, CT, "1.2.3", [b"\0\0"], 2)
+        assert time.monotonic() - start < 5  # not waiting out the 30 s Timeout
+    finally:
+        fake.stop()
+
+
+# --- real peers -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def orthanc_b(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancProcess]:
+    server = dicom_orthanc(tmp_path_factory.mktemp("link"), "b").start()
+    yield server
+    server.stop()
+
+
+def _orthanc_peer(server: OrthancProcess) -> Peer:
+    aet = server.full_config()["DicomAet"]
+    return Peer("b", "127.0.0.1", server.dicom_port, aet, "US", 10, 262144)
+
+
+def _threads() -> int:
+    return len(list(Path("/proc/self/task").iterdir()))
+
+
+@pytest.mark.orthanc
+def test_pooled_associations_run_no_thread_and_cost_no_cpu_when_idle(
+    orthanc_b: OrthancProcess,
+) -> None:
+    peer = _orthanc_peer(orthanc_b)
+    conns = Connections(peer, 4)
+    before = _threads()
+    pooled = [conns.acquire() for _ in range(4)]
+    try:
+        assert all(p.link.is_established for p in pooled)
+        assert _threads() == before  # no reactor threads per association
+        start = time.process_time()
+        time.sleep(1.0)
+        idle_cpu = time.process_time() - start
+        assert idle_cpu < 0.05, f"4 idle associations used {idle_cpu:.3f} s of CPU in 1 s"
+        for p in pooled:
+            p.link.echo(p.link.context_id("1.2.840.10008.1.1") or 0)
+    finally:
+        for p in pooled:
+            conns.give(p)
+        conns.close()
+
+
+@pytest.mark.orthanc
+def test_in_memory_instances_are_sent_without_a_temporary_file_and_one_meta_parse(
+    orthanc_b: OrthancProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_temp(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an instance in memory was spooled to a file")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_temp)
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", no_temp)
+    parses: list[int] = []
+    real = payload.parse_meta
+
+    def counted(data: Any) -> Any:
+        parses.append(1)
+        return real(data)
+
+    monkeypatch.setattr(payload, "parse_meta", counted)
+    monkeypatch.setattr(pydicom.filereader, "read_file_meta_info", no_temp)
+    peer = _orthanc_peer(orthanc_b)
+    store = StoreScu(Connections(peer, 2))
+    sops = [generate_uid() for _ in range(6)]
+    try:
+        result = store.store([_in_memory(s, 300_000) for s in sops])
+    finally:
+        store.connections.close()
+    assert result.lost is None and sorted(result.stored) == sorted(sops)
+    assert len(parses) == len(sops)
+    held = {
+        orthanc_b.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
+        for i in orthanc_b.get("/instances")
+    }
+    assert set(sops) <= held
+
+
+@pytest.mark.orthanc
+def test_find_and_echo_over_a_link_against_orthanc(orthanc_b: OrthancProcess) -> None:
+    peer = _orthanc_peer(orthanc_b)
+    assert peer.echo() < 5
+    study = generate_uid()
+    store = StoreScu(Connections(peer, 1))
+    sops = []
+    for _ in range(3):
+        ds = pydicom.dcmread(BytesIO(_instance_bytes(generate_uid())))
+        ds.StudyInstanceUID = study
+        out = BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        sops.append(str(ds.SOPInstanceUID))
+        one = Instance(sops[-1], "x", functools.partial(bytes, out.getvalue()))
+        assert store.store([one]).stored == [sops[-1]]
+    from dicomsync.places.dicom.find import Finder
+
+    finder = Finder(store.connections)
+    found = finder.find("IMAGE", {"StudyInstanceUID": study, "SOPInstanceUID": ""})
+    store.connections.close()
+    assert sorted(str(d.SOPInstanceUID) for d in found) == sorted(sops)
+
+
+def test_storescp_receives_over_a_link(tmp_path: Path) -> None:
+    scp = StoreScp(tmp_path / "scp").start()
+    try:
+        peer = Peer("s", "127.0.0.1", scp.port, scp.aet, "US", 10, 262144)
+        store = StoreScu(Connections(peer, 2))
+        sops = [generate_uid() for _ in range(4)]
+        result = store.store([_in_memory(s, 100_000) for s in sops])
+        store.connections.close()
+        assert result.lost is None and sorted(result.stored) == sorted(sops)
+        assert len(scp.files()) == 4
+    finally:
+        scp.stop()
+
+
+# --- encodings ------------------------------------------------------------------------
+@pytest.mark.parametrize("sop", ["1.2.3", "1.2.34", generate_uid(), generate_uid()[:63]])
+def test_our_c_store_command_is_pynetdicoms(sop: str) -> None:
+    req = C_STORE()
+    req.MessageID, req.Priority = 7, 2
+    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CT, sop
+    req.DataSet = BytesIO(b"\0")
+    msg = C_STORE_RQ()
+    msg.primitive_to_message(req)
+    assert store_command(7, CT, sop) == encode(msg.command_set, True, True)
+
+
+def test_our_file_meta_parser_finds_what_pydicom_finds() -> None:
+    files = [p for p in sorted(DATA.rglob("*.dcm"))[:60] if p.stat().st_size < 8 << 20]
+    checked = 0
+    for f in files:
+        try:
+            meta = pydicom.filereader.read_file_meta_info(f)
+            _, offset = split_dataset(f)
+        except Exception:
+            continue
+        keys = ("MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID", "TransferSyntaxUID")
+        if not all(k in meta for k in keys):
+            continue
+        assert payload.parse_meta(f.read_bytes()) == (
+            *(str(meta[k].value) for k in keys),
+            offset,
+        ), f
+        checked += 1
+    assert checked >= 5
+    assert payload.parse_meta(b"\0" * 200) is None
+
+
+def test_the_link_module_keeps_its_size() -> None:
+    assert len(Path(link_module.__file__).read_text().splitlines()) <= 450
