@@ -244,6 +244,27 @@ def test_a_hostile_peer_is_one_clear_retryable_error_and_a_lost_association(
         fake.stop()
 
 
+def test_an_idle_association_the_peer_released_is_not_reused() -> None:
+    def answer_then_release(conn: socket.socket, cx: int, msg_id: int) -> None:
+        conn.sendall(_pdv(cx, 0x03, _store_rsp(msg_id)))
+        time.sleep(0.1)
+        conn.sendall(b"\x05\0\0\0\0\4\0\0\0\0")  # A-RELEASE-RQ while we are idle
+        time.sleep(5)
+
+    fake = FakePeer(answer_then_release)
+    store = _fake_scu(fake)
+    try:
+        assert store.store([_in_memory(generate_uid())]).lost is None
+        time.sleep(0.5)
+        pooled = store.connections.acquire()
+        assert pooled.uses == 0  # a new association, not the released one
+        assert len(fake.conns) == 2
+        store.connections.give(pooled)
+    finally:
+        store.connections.close()
+        fake.stop()
+
+
 def _storage_context() -> PresentationContext:
     cx = PresentationContext()
     cx.abstract_syntax = CT

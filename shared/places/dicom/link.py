@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,8 +47,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.pdu import (
     A_ABORT_RQ,
@@ -76,6 +75,8 @@ from dicomsync.places.dicom.wire import (
     NO_DATASET,
     PDV,
     Lost,
+    echo_command,
+    find_command,
     parse_command,
     status_of,
     store_command,
@@ -356,12 +357,8 @@ class Link:
         implicit, little = ts.is_implicit_VR, ts.is_little_endian
         identifier = encode(query, implicit, little, ts.is_deflated)
         msg_id = self._next_id()
-        req = C_FIND()
-        req.MessageID, req.AffectedSOPClassUID, req.Priority = msg_id, sop_class, 2
-        req.Identifier = BytesIO(identifier or b"")
-        msg = C_FIND_RQ()
-        msg.primitive_to_message(req)
-        self._request(cx, encode(msg.command_set, True, True) or b"", [identifier or b""], 1)
+        ident = identifier or b""
+        self._request(cx, find_command(msg_id, sop_class), [ident], len(ident))
         while True:
             command, data = self._guard(lambda: self._answer(cx, msg_id, C_FIND_RSP))
             status = status_of(command)
@@ -379,11 +376,7 @@ class Link:
         if not self.is_established:
             raise Lost("the association is closed")
         msg_id = self._next_id()
-        req = C_ECHO()
-        req.MessageID, req.AffectedSOPClassUID = msg_id, "1.2.840.10008.1.1"
-        msg = C_ECHO_RQ()
-        msg.primitive_to_message(req)
-        self._request(cx, encode(msg.command_set, True, True) or b"", [], 0)
+        self._request(cx, echo_command(msg_id), [], 0)
         command, _ = self._guard(lambda: self._answer(cx, msg_id, C_ECHO_RSP))
         return status_of(command)
 
@@ -399,10 +392,21 @@ class Link:
         if not self.is_established or self._buf or getattr(self.sock, "pending", int)():
             return False
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-        except (OSError, ValueError):
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            if not poller.poll(0):
+                return True
+            self.sock.setblocking(False)  # readable: a PDU, the end, or TLS records only
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return True  # e.g. TLS 1.3 session tickets: no data for us
+            finally:
+                self.sock.settimeout(self.peer.timeout)
+        except OSError:
             return False
-        return not readable
+        self._buf += data  # a release, an abort, or b"" (closed): not reusable
+        return False
 
     def release(self) -> None:
         """A-RELEASE (the peer's A-RELEASE-RP awaited, within ``Timeout``); never raises."""

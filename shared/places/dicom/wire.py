@@ -10,8 +10,12 @@ anything malformed raises ``Lost`` (the association cannot be trusted after it).
 from __future__ import annotations
 
 import struct
+from io import BytesIO
 
 from pydicom.dataset import Dataset
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND
+from pynetdicom.dsutils import encode
 
 HEAD = struct.Struct(">BBL")  # PDU type, reserved, length
 PDV = struct.Struct(">BBLLBB")  # P-DATA-TF header with one PDV item: 12 bytes
@@ -83,3 +87,22 @@ def status_of(command: dict[int, bytes]) -> Dataset:
     if comment:
         status.ErrorComment = comment.decode("ascii", "replace").rstrip("\0 ")
     return status
+
+
+def find_command(msg_id: int, sop_class: str) -> bytes:
+    """A C-FIND-RQ command set (an identifier follows), by pynetdicom's message class."""
+    req = C_FIND()
+    req.MessageID, req.AffectedSOPClassUID, req.Priority = msg_id, sop_class, 2
+    req.Identifier = BytesIO(b"\0")  # "a dataset follows"
+    msg = C_FIND_RQ()
+    msg.primitive_to_message(req)
+    return encode(msg.command_set, True, True) or b""
+
+
+def echo_command(msg_id: int) -> bytes:
+    """A C-ECHO-RQ command set, by pynetdicom's message class."""
+    req = C_ECHO()
+    req.MessageID, req.AffectedSOPClassUID = msg_id, "1.2.840.10008.1.1"
+    msg = C_ECHO_RQ()
+    msg.primitive_to_message(req)
+    return encode(msg.command_set, True, True) or b""
