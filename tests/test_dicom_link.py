@@ -244,6 +244,64 @@ def test_a_hostile_peer_is_one_clear_retryable_error_and_a_lost_association(
         fake.stop()
 
 
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("an A-ABORT mid-operation", "aborted"),
+        ("an answer to another message", "an unexpected command 0x8001"),  # a C-STORE-RSP
+        ("silence", "no answer within 1.5 s"),
+    ],
+)
+def test_a_hostile_peer_during_c_find_is_a_lost_association(case: str, reason: str) -> None:
+    from dicomsync.places.dicom.find import Finder
+
+    behaviour, _ = HOSTILE[case]
+    fake = FakePeer(behaviour)
+    peer = Peer("fake", "127.0.0.1", fake.port, "FAKE", "US", 1.5, 16384)
+    conns = Connections(peer, 1)
+    try:
+        with pytest.raises(Unreachable) as err:
+            Finder(conns).find("IMAGE", {"StudyInstanceUID": "1.2.3", "SOPInstanceUID": ""})
+        assert err.value.retryable
+        assert "C-FIND IMAGE: the peer aborted the association or did not answer" in str(err.value)
+        assert reason in str(err.value)
+        assert not conns._idle and conns._open == 0
+    finally:
+        conns.close()
+        fake.stop()
+
+
+def test_a_converted_instance_is_encoded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer taking CT only in Implicit VR: the Explicit VR instance is decoded and
+    encoded once, and arrives in Implicit VR."""
+    from dicomsync.places.dicom import store as store_module
+
+    from dicom_peers import ScpPeer
+
+    encodes: list[int] = []
+    real = store_module.encode
+
+    def counted(*args: Any) -> Any:
+        encodes.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(store_module, "encode", counted)
+    scp = ScpPeer(contexts={CT: ["1.2.840.10008.1.2"]}, find=True).start()
+    try:
+        peer = Peer("s", "127.0.0.1", scp.port, scp.aet, "US", 10, 16384)
+        store = StoreScu(Connections(peer, 1))
+        sops = [generate_uid() for _ in range(3)]
+        result = store.store([_in_memory(s) for s in sops])
+        store.connections.close()
+    finally:
+        scp.stop()
+    assert result.lost is None and sorted(result.stored) == sorted(sops)
+    assert len(encodes) == 3
+    assert {scp.syntaxes[s] for s in sops} == {"1.2.840.10008.1.2"}
+
+
 def test_an_idle_association_the_peer_released_is_not_reused() -> None:
     def answer_then_release(conn: socket.socket, cx: int, msg_id: int) -> None:
         conn.sendall(_pdv(cx, 0x03, _store_rsp(msg_id)))
