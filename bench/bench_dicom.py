@@ -86,6 +86,9 @@ def bench_route(base: Path, files: list[Path], nodelay: bool) -> dict[str, float
             summary = transfer.send([(src, ref) for ref in src.studies()], dst)
             rates["cli"] = n / (time.perf_counter() - t)
         held = wait_count(b, n)
+        for o in summary.outcomes:
+            if o.error:
+                print(f"  dicomsync send: {o.ref}: {o.error}")
         assert summary.sent == len(studies), summary.line()
         if held != n:
             print(f"  dicomsync send: B counts {held} instances, not {n}")

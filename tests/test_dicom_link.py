@@ -77,8 +77,9 @@ class FakePeer:
     """Accepts every association (each proposed context with its first syntax), reads one
     whole DIMSE request, then does ``then(conn, cx, msg_id)``."""
 
-    def __init__(self, then: Callable[[socket.socket, int, int], None]) -> None:
+    def __init__(self, then: Callable[[socket.socket, int, int], None], max_length: int = 16384):
         self.then = then
+        self.max_length = max_length
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.conns: list[socket.socket] = []
@@ -129,7 +130,7 @@ class FakePeer:
                 results.append(out)
             ac.presentation_context_definition_results_list = results
             length = MaximumLengthNotification()
-            length.maximum_length_received = 16384
+            length.maximum_length_received = self.max_length
             ac.user_information = [length]
             pdu = A_ASSOCIATE_AC()
             pdu.from_primitive(ac)
@@ -165,6 +166,15 @@ def _store_rsp(msg_id: int, sop: str = "1.2.3", status: int = 0) -> bytes:
     return encode(msg.command_set, True, True) or b""
 
 
+def _no_status(msg_id: int) -> bytes:
+    """A C-STORE-RSP command set without its Status element."""
+    body = b"".join(
+        struct.pack("<HHLH", 0, e, 2, v)
+        for e, v in ((0x100, 0x8001), (0x120, msg_id), (0x800, 0x101))
+    )
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
 def _answer_ok(conn: socket.socket, cx: int, msg_id: int) -> None:
     conn.sendall(_pdv(cx, 0x03, _store_rsp(msg_id)))
     time.sleep(5)
@@ -194,6 +204,10 @@ HOSTILE: dict[str, tuple[Callable[[socket.socket, int, int], None], str]] = {
         "on context 201",
     ),
     "a closed connection": (lambda c, cx, i: c.close(), "closed the connection"),
+    "an answer without a status": (
+        lambda c, cx, i: c.sendall(_pdv(cx, 0x03, _no_status(i))),
+        "without a status",
+    ),
 }
 
 
@@ -300,6 +314,21 @@ def test_a_converted_instance_is_encoded_once(
     assert result.lost is None and sorted(result.stored) == sorted(sops)
     assert len(encodes) == 3
     assert {scp.syntaxes[s] for s in sops} == {"1.2.840.10008.1.2"}
+
+
+def test_a_peer_maximum_length_too_small_for_a_pdv_is_refused_at_once() -> None:
+    from dicomsync.errors import RemoteRejected
+
+    fake = FakePeer(_answer_ok, max_length=6)  # no room for one byte of data per PDU
+    store = _fake_scu(fake)
+    try:
+        result = store.store([_in_memory(generate_uid())])
+    finally:
+        store.connections.close()
+        fake.stop()
+    refused = list(result.refused.values())
+    assert len(refused) == 1 and isinstance(refused[0], RemoteRejected)
+    assert "maximum PDU length 6 is too small" in str(refused[0])
 
 
 def test_an_idle_association_the_peer_released_is_not_reused() -> None:

@@ -41,7 +41,7 @@ import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from io import BytesIO
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -73,10 +73,10 @@ from dicomsync.places.dicom.wire import (
     C_STORE_RSP,
     HEAD,
     NO_DATASET,
-    PDV,
     Lost,
     echo_command,
     find_command,
+    frames,
     parse_command,
     status_of,
     store_command,
@@ -106,6 +106,7 @@ class Link:
         self.accepted_contexts = [c for c in contexts if c.result == 0]
         self.rejected_contexts = [c for c in contexts if c.result != 0]
         self.peer_max = 0
+        self._room = UNLIMITED  # bytes of data per PDV: the peer's maximum less 6
         self.limit = (peer.max_pdu or NO_MAX_LIMIT) + SLACK
         self.is_established = True
         self._plain = type(sock) is socket.socket
@@ -179,6 +180,10 @@ class Link:
         ac.decode(body)
         p = ac.to_primitive()
         self.peer_max = int(p.maximum_length_received or 0)
+        if 0 < self.peer_max < 64:  # no room for a command: a broken or hostile peer
+            self.abort()
+            raise RemoteRejected(f"{label}: its maximum PDU length {self.peer_max} is too small")
+        self._room = (self.peer_max - 6) if self.peer_max else UNLIMITED
         results = negotiate_as_requestor(proposed, p.presentation_context_definition_results_list)
         self.contexts = results
         self.accepted_contexts = [c for c in results if c.result == 0]
@@ -198,15 +203,6 @@ class Link:
         return None
 
     # --- writing --------------------------------------------------------------------
-    def _frames(self, cx: int, control: int, data: memoryview, last: bool) -> Iterator[Any]:
-        """Header / data pairs of PDVs holding ``data`` (``control`` | 2 on the last)."""
-        room = (self.peer_max - 6) if self.peer_max else UNLIMITED
-        for start in range(0, len(data), room):
-            part = data[start : start + room]
-            flag = control | 2 if last and start + room >= len(data) else control
-            yield PDV.pack(0x04, 0, len(part) + 6, len(part) + 2, cx, flag)
-            yield part
-
     def _sendv(self, bufs: list[Any]) -> None:
         if not self._plain:  # an ssl socket has no sendmsg
             self.sock.sendall(b"".join(bufs))
@@ -225,12 +221,12 @@ class Link:
         """Write the command and ``size`` bytes of dataset from ``parts``."""
         written = False
         try:
-            bufs = list(self._frames(cx, 0x01, memoryview(command), True))
+            bufs = list(frames(cx, 0x01, memoryview(command), True, self._room))
             queued, left = 0, size
             for part in parts:
                 view = memoryview(part).cast("B")
                 left -= len(view)
-                bufs.extend(self._frames(cx, 0x00, view, left <= 0))
+                bufs.extend(frames(cx, 0x00, view, left <= 0, self._room))
                 queued += len(view)
                 if queued >= CHUNK:
                     written = True
@@ -314,6 +310,8 @@ class Link:
                             raise Lost(
                                 f"an answer to message {us_value(parsed, 0x0120)}, not {msg_id}"
                             )
+                        if us_value(parsed, 0x0900) is None:
+                            raise Lost("an answer without a status")
                         if us_value(parsed, 0x0800) == NO_DATASET:
                             return parsed, None
                 elif parsed is None:
@@ -361,14 +359,13 @@ class Link:
         self._request(cx, find_command(msg_id, sop_class), [ident], len(ident))
         while True:
             command, data = self._guard(lambda: self._answer(cx, msg_id, C_FIND_RSP))
-            status = status_of(command)
-            if data is None:
-                yield status, Dataset()
-                if int(status.Status) not in (0xFF00, 0xFF01):
-                    return
-                continue
-            found = decode(BytesIO(data), implicit, little, ts.is_deflated)
-            yield status, found if found is not None else Dataset()
+            status, found = status_of(command), Dataset()
+            if data is not None:
+                try:
+                    found = decode(BytesIO(data), implicit, little, ts.is_deflated) or found
+                except Exception as exc:
+                    self._lose(f"an identifier pydicom cannot decode ({type(exc).__name__})")
+            yield status, found
             if int(status.Status) not in (0xFF00, 0xFF01):
                 return
 
@@ -434,7 +431,7 @@ class Link:
                 pass
         self._close()
 
-    def _lose(self, reason: str, *, abort: bool = True) -> None:
+    def _lose(self, reason: str, *, abort: bool = True) -> NoReturn:
         log.warning("%s: the association is lost: %s", self.peer.label, reason)
         if abort:
             self.abort()

@@ -10,7 +10,9 @@ anything malformed raises ``Lost`` (the association cannot be trusted after it).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from io import BytesIO
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ
@@ -21,6 +23,16 @@ HEAD = struct.Struct(">BBL")  # PDU type, reserved, length
 PDV = struct.Struct(">BBLLBB")  # P-DATA-TF header with one PDV item: 12 bytes
 C_STORE_RSP, C_FIND_RSP, C_ECHO_RSP = 0x8001, 0x8020, 0x8030
 NO_DATASET = 0x0101
+
+
+def frames(cx: int, control: int, data: memoryview, last: bool, room: int) -> Iterator[Any]:
+    """Header / data pairs of P-DATA-TF PDUs of one PDV each, at most ``room`` bytes of
+    ``data`` per PDV (``control`` | 2 on the last one when ``last``)."""
+    for start in range(0, len(data), room):
+        part = data[start : start + room]
+        flag = control | 2 if last and start + room >= len(data) else control
+        yield PDV.pack(0x04, 0, len(part) + 6, len(part) + 2, cx, flag)
+        yield part
 
 
 class Lost(Exception):
