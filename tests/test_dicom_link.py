@@ -521,3 +521,46 @@ def test_our_file_meta_parser_finds_what_pydicom_finds() -> None:
 
 def test_the_link_module_keeps_its_size() -> None:
     assert len(Path(link_module.__file__).read_text().splitlines()) <= 450
+
+
+@pytest.mark.orthanc
+def test_a_tls_link_stores_finds_and_is_reused_when_idle(tmp_path: Path) -> None:
+    import ssl
+
+    from test_dicom_tls import make_pki
+
+    from dicomsync.places.dicom.find import Finder
+
+    pki = make_pki(tmp_path / "pki")
+    server = dicom_orthanc(
+        tmp_path / "o",
+        "tls",
+        config={
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(pki / "server.pem"),
+            "DicomTlsPrivateKey": str(pki / "server.key"),
+            "DicomTlsTrustedCertificates": str(pki / "ca.pem"),
+        },
+    ).start()
+
+    def context() -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        ctx.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+        return ctx
+
+    try:
+        aet = server.full_config()["DicomAet"]
+        peer = Peer("t", "127.0.0.1", server.dicom_port, aet, "US", 10, 262144, context)
+        conns = Connections(peer, 1)
+        store = StoreScu(conns)
+        sops = [generate_uid() for _ in range(3)]
+        assert sorted(store.store([_in_memory(s, 200_000) for s in sops]).stored) == sorted(sops)
+        time.sleep(0.5)  # idle: TLS records (session tickets) must not make it look dead
+        pooled = conns.acquire()
+        assert pooled.uses >= 1 and not pooled.link._plain
+        conns.give(pooled)
+        found = Finder(conns).find("IMAGE", {"SOPInstanceUID": sops[0]})
+        assert [str(d.SOPInstanceUID) for d in found] == [sops[0]]
+        conns.close()
+    finally:
+        server.stop()
