@@ -36,7 +36,6 @@ from pynetdicom.presentation import PresentationContext
 
 from dicomsync.errors import Unreachable
 from dicomsync.places.base import Instance
-from dicomsync.places.dicom import link as link_module
 from dicomsync.places.dicom import payload
 from dicomsync.places.dicom.association import Peer
 from dicomsync.places.dicom.connections import Connections
@@ -517,10 +516,6 @@ def test_our_file_meta_parser_finds_what_pydicom_finds() -> None:
         checked += 1
     assert checked >= 5
     assert payload.parse_meta(b"\0" * 200) is None
-
-
-def test_the_link_module_keeps_its_size() -> None:
-    assert len(Path(link_module.__file__).read_text().splitlines()) <= 450
 
 
 @pytest.mark.orthanc
