@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import io
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +67,7 @@ from dicomsync.deid.values import (
     SCANNED_VRS,
     TEXT_VRS,
     concept_of,
+    encode_elements,
     identifying_values,
     map_values,
     pixel_tail,
@@ -75,6 +75,7 @@ from dicomsync.deid.values import (
     remap_uids_text,
     scrubber,
     shift,
+    text_element,
     vr_of,
     write_part10,
 )
@@ -145,6 +146,10 @@ class Deidentifier:
         # the Basic Profile alone never does
         self.cleans_text = table.cleans_text(profile.options)
         self._records_template = self._make_records()
+        self._records_encoded = {
+            implicit: encode_elements(self._records_template, implicit)
+            for implicit in (True, False)
+        }
 
     def uid(self, uid: str) -> str:
         return uid if self.retain_uids else self.keys.uid(uid)
@@ -160,25 +165,20 @@ class Deidentifier:
         except Exception as exc:  # pydicom raises many kinds on corrupt data
             raise DicomFileError(f"{name}: not readable DICOM ({type(exc).__name__})") from None
         self.check_burned_in(ds, name)
-        # Yield the GIL between the stages: the upload threads that came back from a system
-        # call wait for it otherwise (a convoy: the route ran at 0.64-0.71x of the same
-        # route without de-identification with no yield, 0.94x with; bench_deid.py (a)).
-        time.sleep(0)
         ctx = _Instance(study, ds, self.cleans_text)
         self._walk(ds, ctx, "normal")
         ds[PATIENT_ID] = DataElement(PATIENT_ID, "LO", study.pseudonym)
         ds[PATIENT_NAME] = DataElement(PATIENT_NAME, "PN", study.pseudonym_name)
         self._records(ds)
-        time.sleep(0)
         try:
-            head = write_part10(ds, IMPLEMENTATION)
+            head = write_part10(ds, IMPLEMENTATION, lambda implicit: self._encoded(study, implicit))
             if head is None:
                 self._meta(ds)
                 out = io.BytesIO()
                 ds.save_as(out, enforce_file_format=False)
                 head = out.getvalue()
         except Exception as exc:
-            raise DicomFileError(f"{name}: cannot be written ({type(exc).__name__})") from None
+            raise DicomFileError(f"{name}: cannot be written ({type(exc).__name__})") from exc
         if tail is not None:  # the pixel data, untouched, after the de-identified header
             return b"".join((head, tail))
         return head
@@ -406,6 +406,19 @@ class Deidentifier:
         else:
             ds.LongitudinalTemporalInformationModified = "REMOVED"
         return ds
+
+    def _encoded(self, study: StudyKeys, implicit: bool) -> dict[int, bytes]:
+        """The elements every output of ``study`` shares, encoded once: the records and,
+        when they are ASCII, the pseudonyms (else pydicom encodes them in the charset)."""
+        done = dict(self._records_encoded[implicit])
+        for tag, vr, value in (
+            (PATIENT_ID, "LO", study.pseudonym),
+            (PATIENT_NAME, "PN", study.pseudonym_name),
+        ):
+            raw = text_element(tag, vr, value, implicit)
+            if raw is not None:
+                done[tag] = raw
+        return done
 
     def _records(self, ds: Dataset) -> None:
         for elem in self._records_template:  # shared elements: writing never changes them

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pydicom
@@ -185,12 +185,19 @@ _ENCODINGS = {  # transfer syntax -> (implicit VR, little endian); others: pydic
 }
 
 
-def write_part10(ds: Dataset, implementation: tuple[str, str]) -> bytes | None:
+def write_part10(
+    ds: Dataset,
+    implementation: tuple[str, str],
+    encoded: Callable[[bool], Mapping[int, bytes]] | None = None,
+) -> bytes | None:
     """``ds`` as a Part 10 file: preamble, ``DICM``, a new file meta (version, the data
     set's SOP class and instance, the transfer syntax, ``implementation``'s class UID and
     version name; nothing else of the old one) and the data set, written as ``dcmwrite``
     does but without its deep copy of the file meta and its attribute-by-attribute meta
-    (together half the time of a small instance). None for an encoding it does not handle
+    (together half the time of a small instance). ``encoded(implicit)`` gives elements
+    already encoded (tag -> header and value, little endian, in that VR encoding): they
+    are written as they are, in their place, instead of the data set's own (the
+    de-identification records, the same for every instance, encoded once). None for an encoding it does not handle
     (compressed, deflate, a private syntax) or without SOP UIDs: the caller uses
     ``dcmwrite``."""
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if "file_meta" in ds.__dict__ else ""
@@ -216,7 +223,8 @@ def write_part10(ds: Dataset, implementation: tuple[str, str]) -> bytes | None:
     fp.write(struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)))
     fp.write(body)
     if encoding[1] and ds.original_encoding == encoding:
-        _write_little_endian(fp, ds, implicit=encoding[0])
+        done = encoded(encoding[0]) if encoded is not None else {}
+        _write_little_endian(fp, ds, encoding[0], "iso8859", done)
     else:
         write_dataset(fp, ds)
     return bytes(fp.getvalue())
@@ -227,23 +235,36 @@ _LONG_VR_NAMES = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC"
                             "UT", "UV"})  # fmt: skip
 
 
-def _write_little_endian(fp: DicomBytesIO, ds: Dataset, implicit: bool) -> None:
+def _write_little_endian(
+    fp: DicomBytesIO,
+    ds: Dataset,
+    implicit: bool,
+    parent_charset: Any,
+    encoded: Mapping[int, bytes],
+) -> None:
     """``write_dataset`` for a data set written in its own little-endian encoding: an
     element still as read is written as its header and its bytes (what pydicom does too,
-    at a tenth of the cost); a decoded one by pydicom's ``write_data_element``."""
-    charset = ds.get("SpecificCharacterSet", "iso8859")
+    at a tenth of the cost), a sequence as its items, each written the same way (with
+    undefined lengths), an element of ``encoded`` as given; any other decoded element by
+    pydicom's ``write_data_element``. Items inherit the character set of the data set
+    that holds them."""
+    charset = ds.get("SpecificCharacterSet", None) or parent_charset
     for tag in sorted(ds._dict):
         if tag & 0xFFFF == 0 and tag >> 16 > 6:  # retired group lengths
             continue
+        if tag in encoded:
+            fp.write(encoded[tag])
+            continue
         elem = ds._dict[tag]
         value = getattr(elem, "value", None)
+        group, element = tag >> 16, tag & 0xFFFF
         if (
             isinstance(elem, RawDataElement)
             and isinstance(value, bytes)
             and elem.length != 0xFFFFFFFF
             and (implicit or elem.VR)
         ):
-            group, element, size, vr = tag >> 16, tag & 0xFFFF, len(value), str(elem.VR)
+            size, vr = len(value), str(elem.VR)
             if implicit:
                 fp.write(struct.pack("<HHI", group, element, size))
             elif vr in _LONG_VR_NAMES:
@@ -254,8 +275,74 @@ def _write_little_endian(fp: DicomBytesIO, ds: Dataset, implicit: bool) -> None:
                 write_data_element(fp, ds[tag], charset)
                 continue
             fp.write(value)
+        elif not isinstance(elem, RawDataElement) and elem.VR == "SQ" and value is not None:
+            _write_sequence(fp, elem, implicit, charset)
         else:
             write_data_element(fp, ds.get_item(tag), charset)
+
+
+def _write_sequence(fp: DicomBytesIO, elem: Any, implicit: bool, charset: Any) -> None:
+    """A decoded sequence, each item by ``_write_little_endian`` (by pydicom's
+    ``write_dataset`` when read in another encoding), with the lengths pydicom gives
+    (undefined where the element or item was read so, else the byte counts)."""
+    body = DicomBytesIO()
+    body.is_implicit_VR, body.is_little_endian = implicit, True
+    for item in elem.value:
+        part = DicomBytesIO()
+        part.is_implicit_VR, part.is_little_endian = implicit, True
+        if getattr(item, "original_encoding", None) in ((implicit, True), (None, None)):
+            _write_little_endian(part, item, implicit, charset, _NONE)
+        else:  # read in another encoding (a sequence that came as UN: implicit VR)
+            write_dataset(part, item, parent_encoding=charset)
+        content = part.getvalue()
+        if getattr(item, "is_undefined_length_sequence_item", False):
+            body.write(struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF))
+            body.write(content)
+            body.write(struct.pack("<HHI", 0xFFFE, 0xE00D, 0))
+        else:
+            body.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(content)))
+            body.write(content)
+    content = body.getvalue()
+    undefined = bool(elem.is_undefined_length)
+    length = 0xFFFFFFFF if undefined else len(content)
+    group, element = int(elem.tag) >> 16, int(elem.tag) & 0xFFFF
+    if implicit:
+        fp.write(struct.pack("<HHI", group, element, length))
+    else:
+        fp.write(struct.pack("<HH2sHI", group, element, b"SQ", 0, length))
+    fp.write(content)
+    if undefined:
+        fp.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+
+
+_NONE: Mapping[int, bytes] = {}
+
+
+def encode_elements(ds: Dataset, implicit: bool) -> dict[int, bytes]:
+    """Each element of ``ds`` encoded on its own, header and value, little endian, in
+    ``implicit`` or explicit VR: for ``write_part10``'s ``encoded``."""
+    out: dict[int, bytes] = {}
+    for elem in ds:
+        fp = DicomBytesIO()
+        fp.is_implicit_VR, fp.is_little_endian = implicit, True
+        write_data_element(fp, elem)
+        out[int(elem.tag)] = bytes(fp.getvalue())
+    return out
+
+
+def text_element(tag: int, vr: str, value: str, implicit: bool) -> bytes | None:
+    """A short text element (LO, PN, ...) of an ASCII value, encoded little endian; None
+    when the value is not printable ASCII (pydicom encodes it in the data set's charset)."""
+    if not (value.isascii() and value.isprintable()):
+        return None
+    raw = value.encode("ascii")
+    if len(raw) % 2:
+        raw += b" "
+    if len(raw) > 0xFFFF:
+        return None
+    if implicit:
+        return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(raw)) + raw
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(raw)) + raw
 
 
 def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
