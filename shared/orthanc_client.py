@@ -63,6 +63,11 @@ class Transport(ABC):
         """Stream a large body; transports without streaming return it whole."""
         yield self.get(path)
 
+    def instance_file(self, instance_id: str) -> bytes:
+        """An instance's DICOM file as stored (``GET /instances/{id}/file``); a transport
+        with a quicker way to it overrides this."""
+        return self.get(f"/instances/{instance_id}/file")
+
     def close(self) -> None:  # noqa: B027
         pass
 
@@ -104,8 +109,14 @@ class HttpTransport(Transport):
         if s is None:
             auth = self._credentials()
             s = requests.Session()
-            s.auth = auth
-            s.verify = self._verify
+            # requests reads the environment again on every request (proxy variables, the
+            # CA bundle variables, ~/.netrc: about a tenth of a small request's CPU); all
+            # of this session's requests go to one URL, so it is read once, here
+            env = s.merge_environment_settings(self.url, {}, None, self._verify, None)
+            s.proxies.update(env["proxies"])
+            s.verify = env["verify"]
+            s.auth = auth if auth is not None else requests.utils.get_netrc_auth(self.url)
+            s.trust_env = False
             s.headers["Accept-Encoding"] = "identity"
             self._local.session = s
             with self._lock:
@@ -224,7 +235,7 @@ class OrthancClient:
         return [r["ID"] for r in answer if isinstance(r, dict) and r.get("Type") == "Study"]
 
     def instance_file(self, instance_id: str) -> bytes:
-        return self.transport.get(f"/instances/{instance_id}/file")
+        return self.transport.instance_file(instance_id)
 
     def store_instance(self, data: bytes) -> dict[str, Any]:
         result = _answer(self.transport.post("/instances", data, "application/dicom"), "store")

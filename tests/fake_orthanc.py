@@ -110,6 +110,9 @@ class FakeOrthanc(types.ModuleType):
     def RestApiPost(self, path: str, body: bytes | str) -> bytes:
         return self._call("POST", path, body)
 
+    def GetDicomForInstance(self, instance_id: str) -> bytes:
+        return self._call("GET", f"/instances/{instance_id}/file")
+
     def RestApiDelete(self, path: str) -> None:
         self._call("DELETE", path)
 
