@@ -114,7 +114,10 @@ class HttpTransport(Transport):
             # of this session's requests go to one URL, so it is read once, here
             env = s.merge_environment_settings(self.url, {}, None, self._verify, None)
             s.proxies.update(env["proxies"])
-            s.verify = env["verify"]
+            # a bundle path makes requests stat it on every request, even over plain HTTP
+            # (a system call that gives the GIL away); plain HTTP verifies nothing
+            plain = self.url.lower().startswith("http://") and not env["proxies"]
+            s.verify = True if plain and env["verify"] is not False else env["verify"]
             s.auth = auth if auth is not None else requests.utils.get_netrc_auth(self.url)
             s.trust_env = False
             s.headers["Accept-Encoding"] = "identity"

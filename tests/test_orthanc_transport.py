@@ -8,6 +8,7 @@ session and turns that off. These tests check the settings still apply.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +44,19 @@ def test_no_proxy_bypasses(clean_env: pytest.MonkeyPatch) -> None:
 def test_ca_bundle_variable_applies_unless_verify_is_given(
     clean_env: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    https = URL.replace("http:", "https:")
     bundle = tmp_path / "ca.pem"
     bundle.write_text("not read here")
     clean_env.setenv("REQUESTS_CA_BUNDLE", str(bundle))
-    assert HttpTransport(URL)._session().verify == str(bundle)
-    assert HttpTransport(URL, verify=False)._session().verify is False
+    assert HttpTransport(https)._session().verify == str(bundle)
+    assert HttpTransport(https, verify=False)._session().verify is False
     own = str(tmp_path / "own.pem")
-    assert HttpTransport(URL, verify=own)._session().verify == own
+    assert HttpTransport(https, verify=own)._session().verify == own
+    # plain HTTP verifies nothing: no path, which requests would stat on every request
+    assert HttpTransport(URL)._session().verify is True
+    # but through a proxy the bundle may still be needed (an https proxy)
+    clean_env.setenv("HTTP_PROXY", "https://proxy.example:3128")
+    assert HttpTransport(URL)._session().verify == str(bundle)
 
 
 def test_netrc_applies_without_a_user(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -62,10 +69,16 @@ def test_netrc_applies_without_a_user(clean_env: pytest.MonkeyPatch, tmp_path: P
 
 
 def test_requests_do_not_read_the_environment(
-    clean_env: pytest.MonkeyPatch, orthanc_server: Any
+    clean_env: pytest.MonkeyPatch, orthanc_server: Any, tmp_path: Path
 ) -> None:
     """Five requests against a real Orthanc: the proxy variables are read once (when the
-    session is made), not once per request."""
+    session is made), not once per request, and no file is looked at per request."""
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not read over plain HTTP")
+    clean_env.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    looked: list[str] = []
+    real_isdir = os.path.isdir
+    clean_env.setattr(os.path, "isdir", lambda p: looked.append(str(p)) or real_isdir(p))
     calls = []
     real = requests.utils.get_environ_proxies
 
@@ -78,3 +91,4 @@ def test_requests_do_not_read_the_environment(
     for _ in range(5):
         assert b"Version" in t.get("/system")
     assert len(calls) <= 1, calls
+    assert str(bundle) not in looked
