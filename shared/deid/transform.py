@@ -59,6 +59,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian
 from dicomsync.deid import table
 from dicomsync.deid.keys import Keys
 from dicomsync.deid.options import Profile
+from dicomsync.deid.reading import read_header
 from dicomsync.deid.values import (
     BINARY_VRS,
     DUMMY,
@@ -157,9 +158,8 @@ class Deidentifier:
     # --- one instance ---------------------------------------------------------------------
     def instance(self, data: bytes, study: StudyKeys, name: str = "instance") -> bytes:
         try:
-            fp = io.BytesIO(data)
-            ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True)
-            tail = pixel_tail(data, fp.tell(), ds)
+            ds, stop = read_header(data)
+            tail = pixel_tail(data, stop, ds)
             if tail is None:  # not the last element as read: the whole file, decoded
                 ds = pydicom.dcmread(io.BytesIO(data), force=True)
         except Exception as exc:  # pydicom raises many kinds on corrupt data
