@@ -78,7 +78,12 @@ def test_requests_do_not_read_the_environment(
     clean_env.setenv("REQUESTS_CA_BUNDLE", str(bundle))
     looked: list[str] = []
     real_isdir = os.path.isdir
-    clean_env.setattr(os.path, "isdir", lambda p: looked.append(str(p)) or real_isdir(p))
+
+    def isdir(path: Any) -> bool:
+        looked.append(str(path))
+        return real_isdir(path)
+
+    clean_env.setattr(os.path, "isdir", isdir)
     calls = []
     real = requests.utils.get_environ_proxies
 

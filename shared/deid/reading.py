@@ -39,8 +39,8 @@ def read_header(data: bytes) -> tuple[Dataset, int]:
     fast = _meta(data)
     if fast is None:
         fp = io.BytesIO(data)
-        ds = pydicom.dcmread(fp, force=True, stop_before_pixels=True)
-        return ds, fp.tell()
+        whole: Dataset = pydicom.dcmread(fp, force=True, stop_before_pixels=True)
+        return whole, fp.tell()
     meta, start, implicit = fast
     fp = io.BytesIO(data)
     fp.seek(start)
