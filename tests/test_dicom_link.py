@@ -522,21 +522,12 @@ def test_our_file_meta_parser_finds_what_pydicom_finds() -> None:
 def test_a_tls_link_stores_finds_and_is_reused_when_idle(tmp_path: Path) -> None:
     import ssl
 
-    from test_dicom_tls import make_pki
+    from test_dicom_tls import make_pki, tls_orthanc
 
     from dicomsync.places.dicom.find import Finder
 
     pki = make_pki(tmp_path / "pki")
-    server = dicom_orthanc(
-        tmp_path / "o",
-        "tls",
-        config={
-            "DicomTlsEnabled": True,
-            "DicomTlsCertificate": str(pki / "server.pem"),
-            "DicomTlsPrivateKey": str(pki / "server.key"),
-            "DicomTlsTrustedCertificates": str(pki / "ca.pem"),
-        },
-    ).start()
+    server = tls_orthanc(tmp_path / "o", "tls", pki).start()
 
     def context() -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))

@@ -45,20 +45,26 @@ def make_pki(where: Path) -> Path:
     return where
 
 
-@pytest.fixture(scope="module")
-def tls_pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancProcess, Path]]:
-    base = tmp_path_factory.mktemp("tls")
-    pki = make_pki(base / "pki")
-    server = dicom_orthanc(
-        base / "o",
-        "pacs",
+def tls_orthanc(base: Path, name: str, pki: Path) -> OrthancProcess:
+    """An Orthanc (not started) whose DICOM port speaks only TLS, with ``pki``'s
+    server certificate, trusting ``pki``'s CA."""
+    return dicom_orthanc(
+        base,
+        name,
         config={
             "DicomTlsEnabled": True,
             "DicomTlsCertificate": str(pki / "server.pem"),
             "DicomTlsPrivateKey": str(pki / "server.key"),
             "DicomTlsTrustedCertificates": str(pki / "ca.pem"),
         },
-    ).start()
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancProcess, Path]]:
+    base = tmp_path_factory.mktemp("tls")
+    pki = make_pki(base / "pki")
+    server = tls_orthanc(base / "o", "pacs", pki).start()
     yield server, pki
     server.stop()
 
