@@ -550,3 +550,298 @@ def test_a_tls_link_stores_finds_and_is_reused_when_idle(tmp_path: Path) -> None
         conns.close()
     finally:
         server.stop()
+
+
+# --- bounds on what a peer may send, and instances that fail alone (review fixes) --------
+def _find_rsp(msg_id: int, status: int, dataset: bool) -> bytes:
+    """A C-FIND-RSP command set; ``dataset``: an identifier follows."""
+    fields = ((0x100, 0x8020), (0x120, msg_id), (0x800, 1 if dataset else 0x101), (0x900, status))
+    body = b"".join(struct.pack("<HHLH", 0, e, 2, v) for e, v in fields)
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+def _query() -> pydicom.Dataset:
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    return query
+
+
+_IDENT = encode(_query(), False, True) or b""
+
+
+def _find_context() -> PresentationContext:
+    from dicomsync.places.dicom.association import STUDY_FIND
+
+    cx = PresentationContext()
+    cx.abstract_syntax = STUDY_FIND
+    cx.transfer_syntax = [ExplicitVRLittleEndian]
+    return cx
+
+
+def _pending_forever(pause: float) -> Callable[[socket.socket, int, int], None]:
+    def then(conn: socket.socket, cx: int, msg_id: int) -> None:
+        for _ in range(100):  # long enough to outlast every bound below
+            conn.sendall(_pdv(cx, 0x03, _find_rsp(msg_id, 0xFF00, True)) + _pdv(cx, 2, _IDENT))
+            time.sleep(pause)
+
+    return then
+
+
+@pytest.mark.parametrize(
+    ("bound", "value", "pause", "reason"),
+    [
+        ("MAX_ANSWERS", 20, 0.01, "more than 20 C-FIND answers"),
+        ("FIND_SECONDS", 0.5, 0.1, "C-FIND answers for more than 1 s"),
+    ],
+)
+def test_endless_pending_c_find_answers_lose_the_association_within_a_bound(
+    bound: str, value: float, pause: float, reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pending answer comes within Timeout, but there is no end to them: the query
+    stops at a count or an overall time, the association is lost, its slot given back."""
+    from dicomsync.places.dicom import link as link_module
+    from dicomsync.places.dicom.find import Finder
+
+    monkeypatch.setattr(link_module, bound, value)
+    fake = FakePeer(_pending_forever(pause))
+    conns = Connections(Peer("fake", "127.0.0.1", fake.port, "FAKE", "US", 1.0, 16384), 1)
+    try:
+        start = time.monotonic()
+        with pytest.raises(Unreachable) as err:
+            Finder(conns).find("IMAGE", {"SOPInstanceUID": ""})
+        assert time.monotonic() - start < 4
+        assert err.value.retryable and reason in str(err.value)
+        assert not conns._idle and conns._open == 0
+    finally:
+        conns.close()
+        fake.stop()
+
+
+def _fragments_forever(first: Callable[[int, int], bytes], control: int) -> Any:
+    def then(conn: socket.socket, cx: int, msg_id: int) -> None:
+        conn.sendall(first(cx, msg_id))
+        for _ in range(2000):  # ~32 MB, never the last fragment
+            conn.sendall(_pdv(cx, control, b"\0" * 16000))
+
+    return then
+
+
+@pytest.mark.parametrize(
+    ("then", "reason"),
+    [
+        (_fragments_forever(lambda cx, i: b"", 0x01), "a command set over 65536 bytes"),
+        (
+            _fragments_forever(lambda cx, i: _pdv(cx, 0x03, _find_rsp(i, 0xFF00, True)), 0x00),
+            "data set over 200000 bytes",
+        ),
+    ],
+    ids=["command fragments", "data set fragments"],
+)
+def test_endless_fragments_are_bounded(
+    then: Any, reason: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicomsync.places.dicom import link as link_module
+    from dicomsync.places.dicom.association import STUDY_FIND
+
+    monkeypatch.setattr(link_module, "MAX_DATASET", 200_000)
+    fake = FakePeer(then)
+    peer = Peer("fake", "127.0.0.1", fake.port, "FAKE", "US", 5.0, 16384)
+    try:
+        link = Link.open(peer, [_find_context()])
+        with pytest.raises(Lost) as err:
+            list(link.find(1, STUDY_FIND, _query()))
+        assert reason in err.value.reason and not link.is_established
+    finally:
+        fake.stop()
+
+
+def _meta_only(sop: str) -> bytes:
+    blob = _instance_bytes(sop)
+    meta = payload.parse_meta(blob)
+    assert meta is not None
+    return blob[: meta[3]]
+
+
+def _non_ascii_uid(sop: str) -> bytes:
+    blob = _instance_bytes(sop)
+    return blob.replace(sop.encode(), sop.encode()[:-1] + b"\xe9")  # file meta and data set
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [(_meta_only, "no data set"), (_non_ascii_uid, "cannot read it")],
+    ids=["an empty data set", "a non-ASCII UID in the file meta"],
+)
+def test_an_instance_the_link_cannot_send_fails_alone(
+    make: Callable[[str], bytes], reason: str, tmp_path: Path
+) -> None:
+    """In memory and from a file: that instance is refused, the others are stored."""
+    fake = FakePeer(_answer_ok)
+    store = _fake_scu(fake)
+    try:
+        bad, on_disk, good = generate_uid(), generate_uid(), generate_uid()
+        path = tmp_path / "bad.dcm"
+        path.write_bytes(make(on_disk))
+        blob = make(bad)
+        insts = [
+            Instance(bad, "bad", functools.partial(bytes, blob)),
+            Instance(on_disk, "disk", path.read_bytes, path=path),
+            _in_memory(good),
+        ]
+        start = time.monotonic()
+        result = store.store(insts)
+        assert time.monotonic() - start < 3  # no waiting out a Timeout
+    finally:
+        store.connections.close()
+        fake.stop()
+    assert result.lost is None and result.stored == [good]
+    assert sorted(result.refused) == sorted([bad, on_disk])
+    assert all(reason in str(e) for e in result.refused.values())
+
+
+def test_a_query_pydicom_cannot_encode_is_refused_before_a_byte_is_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dicomsync.places.dicom import link as link_module
+    from dicomsync.places.dicom.association import STUDY_FIND
+
+    fake = FakePeer(_answer_ok)
+    peer = Peer("fake", "127.0.0.1", fake.port, "FAKE", "US", 5.0, 16384)
+    monkeypatch.setattr(link_module, "encode", lambda *args: None)
+    try:
+        link = Link.open(peer, [_find_context()])
+        start = time.monotonic()
+        with pytest.raises(ValueError, match="could not encode"):
+            list(link.find(1, STUDY_FIND, _query()))
+        assert time.monotonic() - start < 1
+    finally:
+        fake.stop()
+
+
+def test_an_unreadable_source_while_preparing_fails_that_instance_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SourceUnreadable raised while the instance is prepared (e.g. decoded for a
+    conversion to another syntax) is that instance's StorageError, not a stopped send."""
+    from dicomsync.errors import StorageError
+
+    fake = FakePeer(_answer_ok)
+    store = _fake_scu(fake)
+    real = StoreScu._prepared
+    bad = generate_uid()
+
+    def prepared(self: StoreScu, link: Link, p: payload.Payload) -> Any:
+        if p.sop_uid == bad:
+            raise payload.SourceUnreadable("the file vanished")
+        return real(self, link, p)
+
+    monkeypatch.setattr(StoreScu, "_prepared", prepared)
+    try:
+        good = generate_uid()
+        result = store.store([_in_memory(bad), _in_memory(good)])
+    finally:
+        store.connections.close()
+        fake.stop()
+    assert result.lost is None and result.stored == [good]
+    assert isinstance(result.refused[bad], StorageError)
+    assert "the file vanished" in str(result.refused[bad])
+
+
+class RawPeer:
+    """Reads the A-ASSOCIATE-RQ and answers ``answer(rq bytes)``, then waits."""
+
+    def __init__(self, answer: Callable[[bytes], bytes]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.answer = answer
+        threading.Thread(target=self._one, daemon=True).start()
+
+    def _one(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            head = FakePeer._exact(conn, 6)
+            body = FakePeer._exact(conn, struct.unpack(">BBL", head)[2])
+            conn.sendall(self.answer(head + body))
+            time.sleep(3)
+            conn.close()
+        except OSError:
+            pass
+
+
+def _ac_without_syntax(rq_bytes: bytes) -> bytes:
+    """An A-ASSOCIATE-AC accepting the first context (result 0) with no syntax sub-item."""
+    rq = A_ASSOCIATE_RQ()
+    rq.decode(rq_bytes)
+    p = rq.to_primitive()
+    ac = A_ASSOCIATE()
+    ac.application_context_name = p.application_context_name
+    ac.calling_ae_title, ac.called_ae_title = p.calling_ae_title, p.called_ae_title
+    ac.result = 0
+    out = PresentationContext()
+    out.context_id, out.result = 1, 0
+    out.abstract_syntax = CT
+    out.transfer_syntax = [ExplicitVRLittleEndian]
+    ac.presentation_context_definition_results_list = [out]
+    length = MaximumLengthNotification()
+    length.maximum_length_received = 16384
+    ac.user_information = [length]
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(ac)
+    raw = bytes(pdu.encode())
+    pos, items = 74, b""
+    while pos < len(raw):
+        kind, _, n = struct.unpack_from(">BBH", raw, pos)
+        item = raw[pos : pos + 4 + n]
+        if kind == 0x21:  # keep its ID, result; drop its transfer syntax sub-item
+            item = struct.pack(">BBH", 0x21, 0, 4) + item[4:8]
+        items += item
+        pos += 4 + n
+    body = raw[6:74] + items
+    return struct.pack(">BBL", 2, 0, len(body)) + body
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda rq: b"\x03\0\0\0\0\2\0\0",  # a truncated A-ASSOCIATE-RJ
+        lambda rq: b"\x02\0\0\0\0\x10" + b"\x01" * 16,  # a garbled A-ASSOCIATE-AC
+        lambda rq: (
+            b"\x02\0" + struct.pack(">L", 80) + b"\0\1" + b"\0" * 66 + b"\x21\0\0\x08" + b"\xff" * 8
+        ),
+        _ac_without_syntax,
+    ],
+    ids=["truncated RJ", "garbled AC", "garbled AC item", "context without a syntax"],
+)
+def test_a_malformed_association_answer_is_a_dicomsync_error(
+    answer: Callable[[bytes], bytes],
+) -> None:
+    from dicomsync.errors import DicomSyncError
+
+    raw = RawPeer(answer)
+    peer = Peer("raw", "127.0.0.1", raw.port, "RAW", "US", 2.0, 16384)
+    try:
+        with pytest.raises(DicomSyncError):
+            link = Link.open(peer, [_storage_context()])
+            link.context_id(CT, ExplicitVRLittleEndian)  # the accepted context's syntax
+    finally:
+        raw.listener.close()
+
+
+def test_an_unexpected_failure_of_a_query_gives_its_association_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dicomsync.places.dicom.find import Finder
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Link, "find", broken)
+    fake = FakePeer(_answer_ok)
+    conns = Connections(Peer("fake", "127.0.0.1", fake.port, "FAKE", "US", 2.0, 16384), 1)
+    try:
+        with pytest.raises(RuntimeError):
+            Finder(conns).find("IMAGE", {"SOPInstanceUID": ""})
+        assert conns._open == 0 and not conns._idle
+    finally:
+        conns.close()
+        fake.stop()

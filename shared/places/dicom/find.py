@@ -68,6 +68,9 @@ class Finder:
             except DicomSyncError:
                 self.connections.give(pooled)
                 raise
+            except BaseException:  # a bug, or an interrupt: the link and its slot back
+                self.connections.discard(pooled, abort=True)
+                raise
             self.connections.give(pooled)
             return found
         raise AssertionError("not reached")

@@ -45,23 +45,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom._globals import APPLICATION_CONTEXT_NAME
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu import (
-    A_ABORT_RQ,
-    A_ASSOCIATE_AC,
-    A_ASSOCIATE_RJ,
-    A_ASSOCIATE_RQ,
-    A_RELEASE_RQ,
-)
-from pynetdicom.pdu_primitives import (
-    A_ABORT,
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-)
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RQ
+from pynetdicom.pdu_primitives import A_ABORT
 from pynetdicom.presentation import PresentationContext, negotiate_as_requestor
 
 from dicomsync.errors import RemoteRejected
@@ -74,6 +60,7 @@ from dicomsync.places.dicom.wire import (
     HEAD,
     NO_DATASET,
     Lost,
+    associate_rq,
     echo_command,
     find_command,
     frames,
@@ -93,6 +80,10 @@ UNLIMITED = 1 << 20  # our PDV size when the peer sets no maximum length
 SLACK = 1 << 16  # a peer's PDU may exceed our maximum by this much (associate answers)
 NO_MAX_LIMIT = 16 << 20  # the largest PDU we read when we set no maximum length
 IOV_MAX = 1024
+MAX_COMMAND = 64 << 10  # the largest command set of an answer we accept
+MAX_DATASET = 16 << 20  # the largest dataset of one answer we accept (a C-FIND identifier)
+MAX_ANSWERS = 100_000  # C-FIND answers to one query at most
+FIND_SECONDS = 600.0  # one C-FIND's answers take at most this (or Timeout, if longer)
 _QUICKACK = getattr(socket, "TCP_QUICKACK", 0)
 
 
@@ -103,8 +94,7 @@ class Link:
         self.peer = peer
         self.sock = sock
         self.contexts = contexts  # every proposed context, with its result
-        self.accepted_contexts = [c for c in contexts if c.result == 0]
-        self.rejected_contexts = [c for c in contexts if c.result != 0]
+        self._sort(contexts)
         self.peer_max = 0
         self._room = UNLIMITED  # bytes of data per PDV: the peer's maximum less 6
         self.limit = (peer.max_pdu or NO_MAX_LIMIT) + SLACK
@@ -141,23 +131,9 @@ class Link:
         return link
 
     def _associate(self, proposed: list[PresentationContext]) -> None:
-        rq = A_ASSOCIATE()
-        rq.application_context_name = UID(APPLICATION_CONTEXT_NAME)
-        rq.calling_ae_title = self.peer.calling_aet
-        rq.called_ae_title = self.peer.called_aet
-        rq.presentation_context_definition_list = proposed
-        length = MaximumLengthNotification()
-        length.maximum_length_received = self.peer.max_pdu
-        uid = ImplementationClassUIDNotification()
-        uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
-        version = ImplementationVersionNameNotification()
-        version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
-        rq.user_information = [length, uid, version]
-        pdu = A_ASSOCIATE_RQ()
-        pdu.from_primitive(rq)
         label = self.peer.label
         try:
-            self.sock.sendall(pdu.encode())
+            self.sock.sendall(associate_rq(self.peer, proposed))
             kind, body = self._read_pdu(time.monotonic() + self.peer.timeout)
         except Lost as exc:
             if "closed" in exc.reason:
@@ -165,35 +141,44 @@ class Link:
             raise failures.aborted(label, "A-ASSOCIATE", exc.reason) from None
         except OSError as exc:
             raise transport_error(exc, f"cannot reach DICOM node {label}") from None
-        if kind == 0x03:
-            rj = A_ASSOCIATE_RJ()
-            rj.decode(body)
-            p = rj.to_primitive()
-            raise failures.rejected(
-                label, int(p.result or 1), p.result_str, p.source_str, p.reason_str
-            )
-        if kind != 0x02:
+        if kind not in (0x02, 0x03):
             if kind == 0x07:
                 raise failures.no_connection_closed(label)
             raise RemoteRejected(f"{label}: association rejected (PDU type 0x{kind:02X})")
-        ac = A_ASSOCIATE_AC()
-        ac.decode(body)
-        p = ac.to_primitive()
+        try:  # a malformed answer: struct.error, KeyError, ... from pynetdicom
+            answer = A_ASSOCIATE_RJ() if kind == 0x03 else A_ASSOCIATE_AC()
+            answer.decode(body)
+            p = answer.to_primitive()
+            if kind == 0x03:
+                why = (int(p.result or 1), p.result_str, p.source_str, p.reason_str)
+            else:
+                answered = p.presentation_context_definition_results_list
+                results = negotiate_as_requestor(proposed, answered)
+        except Exception as exc:
+            self.abort()
+            what = f"a malformed answer ({type(exc).__name__})"
+            raise failures.aborted(label, "A-ASSOCIATE", what) from None
+        if kind == 0x03:
+            raise failures.rejected(label, *why)
         self.peer_max = int(p.maximum_length_received or 0)
         if 0 < self.peer_max < 64:  # no room for a command: a broken or hostile peer
             self.abort()
             raise RemoteRejected(f"{label}: its maximum PDU length {self.peer_max} is too small")
         self._room = (self.peer_max - 6) if self.peer_max else UNLIMITED
-        results = negotiate_as_requestor(proposed, p.presentation_context_definition_results_list)
         self.contexts = results
-        self.accepted_contexts = [c for c in results if c.result == 0]
-        self.rejected_contexts = [c for c in results if c.result != 0]
+        self._sort(results)
         if not self.accepted_contexts:
             self.abort()
             first = self.rejected_contexts[0]
             raise failures.refused_context(
                 label, UID(str(first.abstract_syntax)).name, str(first.status)
             )
+
+    def _sort(self, contexts: list[PresentationContext]) -> None:
+        """Accepted: result 0 with a transfer syntax (a peer may leave it out)."""
+        ok = [c.result == 0 and bool(c.transfer_syntax) for c in contexts]
+        self.accepted_contexts = [c for c, yes in zip(contexts, ok, strict=True) if yes]
+        self.rejected_contexts = [c for c, yes in zip(contexts, ok, strict=True) if not yes]
 
     def context_id(self, sop: str, ts: str | None = None) -> int | None:
         """The accepted context for ``sop`` (with syntax ``ts``, when given)."""
@@ -207,13 +192,14 @@ class Link:
         if not self._plain:  # an ssl socket has no sendmsg
             self.sock.sendall(b"".join(bufs))
             return
-        while bufs:
-            sent = self.sock.sendmsg(bufs[:IOV_MAX])
-            while bufs and sent >= len(bufs[0]):
-                sent -= len(bufs[0])
-                bufs.pop(0)
+        i = 0
+        while i < len(bufs):
+            sent = self.sock.sendmsg(bufs[i : i + IOV_MAX])
+            while i < len(bufs) and sent >= len(bufs[i]):
+                sent -= len(bufs[i])
+                i += 1
             if sent:
-                bufs[0] = memoryview(bufs[0])[sent:]
+                bufs[i] = memoryview(bufs[i])[sent:]
 
     def _request(
         self, cx: int, command: bytes, parts: Iterable[bytes | memoryview], size: int
@@ -235,7 +221,7 @@ class Link:
             written = True
             self._sendv(bufs)
         except OSError as exc:
-            self._lose(f"the connection failed: {exc or 'timeout'}", abort=False)
+            self._lose(f"the connection failed: {str(exc) or 'timeout'}", abort=False)
         except BaseException:
             if written:  # the peer holds part of a message: unusable
                 self.abort()
@@ -300,6 +286,8 @@ class Link:
                     if parsed is not None:
                         raise Lost("a second command set")
                     command += pdu[pos + 6 : end]
+                    if len(command) > MAX_COMMAND:
+                        raise Lost(f"a command set over {MAX_COMMAND} bytes")
                     if control & 2:
                         parsed = parse_command(command)
                         if us_value(parsed, 0x0100) != field:
@@ -318,6 +306,8 @@ class Link:
                     raise Lost("a dataset before its command")
                 else:
                     data += pdu[pos + 6 : end]
+                    if len(data) > MAX_DATASET:
+                        raise Lost(f"an answer's data set over {MAX_DATASET} bytes")
                     if control & 2:
                         return parsed, bytes(data)
                 pos = end
@@ -328,7 +318,7 @@ class Link:
         except Lost as exc:
             self._lose(exc.reason)
         except OSError as exc:
-            self._lose(f"the connection failed: {exc or 'timeout'}", abort=False)
+            self._lose(f"the connection failed: {str(exc) or 'timeout'}", abort=False)
 
     def _next_id(self) -> int:
         self._msg_id = self._msg_id % 0xFFFF + 1
@@ -353,11 +343,18 @@ class Link:
             raise Lost("the association is closed")
         ts = UID(self._syntax(cx))
         implicit, little = ts.is_implicit_VR, ts.is_little_endian
-        identifier = encode(query, implicit, little, ts.is_deflated)
+        ident = encode(query, implicit, little, ts.is_deflated)
+        if not ident:
+            raise ValueError("pydicom could not encode the C-FIND query")
         msg_id = self._next_id()
-        ident = identifier or b""
         self._request(cx, find_command(msg_id, sop_class), [ident], len(ident))
-        while True:
+        seconds = max(FIND_SECONDS, self.peer.timeout)
+        until = time.monotonic() + seconds
+        for count in range(MAX_ANSWERS + 1):  # a bound, whatever the peer sends
+            if count == MAX_ANSWERS:
+                self._lose(f"more than {MAX_ANSWERS} C-FIND answers")
+            if time.monotonic() > until:
+                self._lose(f"C-FIND answers for more than {seconds:g} s")
             command, data = self._guard(lambda: self._answer(cx, msg_id, C_FIND_RSP))
             status, found = status_of(command), Dataset()
             if data is not None:

@@ -9,7 +9,8 @@ dataset begins) is parsed once, from the first bytes, by ``parse_meta``; bytes w
 a usable file meta are given one by pydicom (decoded and written again, in memory).
 
 A local failure (the file cannot be opened or read, it ends before the size it had
-when it was opened, bytes that are not DICOM) raises ``SourceUnreadable``: that
+when it was opened, bytes that are not DICOM, no data set after the file meta, a
+file meta UID that is not ASCII) raises ``SourceUnreadable``: that
 instance fails, the send goes on.
 """
 
@@ -64,7 +65,10 @@ def parse_meta(data: bytes | memoryview) -> tuple[str, str, str, int] | None:
         if start + length > len(view):
             return None
         if element in (0x0002, 0x0003, 0x0010):
-            value = bytes(view[start : start + length]).decode("ascii", "replace")
+            try:  # a UID is ASCII: anything else is not a usable file meta
+                value = bytes(view[start : start + length]).decode("ascii")
+            except UnicodeDecodeError:
+                return None
             found[element] = value.rstrip("\0 ").strip()
         pos = start + length
     if pos == 0 or not all(found.get(e) for e in (0x0002, 0x0003, 0x0010)):
@@ -166,4 +170,6 @@ def in_memory(data: bytes) -> Payload:
         if meta is None:
             raise SourceUnreadable("it has no SOP class, SOP instance or transfer syntax")
     sop_class, sop_uid, ts, offset = meta
+    if offset >= len(data):  # a C-STORE-RQ announces a data set: never an empty one
+        raise SourceUnreadable("no data set")
     return Payload(sop_class, sop_uid, ts, len(data) - offset, memoryview(data)[offset:])

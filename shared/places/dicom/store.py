@@ -152,6 +152,8 @@ class StoreScu:
             raise self._unreadable(inst, exc.reason) from None
         try:
             self._send_payload(inst, payload, slot)
+        except SourceUnreadable as exc:  # e.g. while converting it to another syntax
+            raise self._unreadable(inst, exc.reason) from None
         finally:
             payload.close()
 

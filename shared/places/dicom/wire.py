@@ -12,12 +12,26 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom._globals import APPLICATION_CONTEXT_NAME
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_FIND_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND
 from pynetdicom.dsutils import encode
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext
+
+if TYPE_CHECKING:
+    from dicomsync.places.dicom.association import Peer
 
 HEAD = struct.Struct(">BBL")  # PDU type, reserved, length
 PDV = struct.Struct(">BBLLBB")  # P-DATA-TF header with one PDV item: 12 bytes
@@ -118,3 +132,23 @@ def echo_command(msg_id: int) -> bytes:
     msg = C_ECHO_RQ()
     msg.primitive_to_message(req)
     return encode(msg.command_set, True, True) or b""
+
+
+def associate_rq(peer: Peer, proposed: list[PresentationContext]) -> bytes:
+    """The A-ASSOCIATE-RQ PDU: pynetdicom's AE user information (our maximum length, its
+    implementation class UID and version name)."""
+    rq = A_ASSOCIATE()
+    rq.application_context_name = UID(APPLICATION_CONTEXT_NAME)
+    rq.calling_ae_title = peer.calling_aet
+    rq.called_ae_title = peer.called_aet
+    rq.presentation_context_definition_list = proposed
+    length = MaximumLengthNotification()
+    length.maximum_length_received = peer.max_pdu
+    uid = ImplementationClassUIDNotification()
+    uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+    rq.user_information = [length, uid, version]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(rq)
+    return bytes(pdu.encode())
