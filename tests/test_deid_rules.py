@@ -18,7 +18,7 @@ from test_deid import dose_numbers, walk
 from dicomsync.deid import table
 from dicomsync.deid.keys import Keys
 from dicomsync.deid.options import parse_profiles
-from dicomsync.deid.pseudonyms import PseudonymMap
+from dicomsync.deid.pseudonyms import EntryCache, PseudonymMap
 from dicomsync.deid.transform import Deidentifier, StudyKeys
 from dicomsync.errors import ConfigError, DeidentificationRefused
 
@@ -265,6 +265,26 @@ def test_pseudonym_map_import_export_and_derived_entries(tmp_path: Path) -> None
     assert (tmp_path / "deid.sqlite").stat().st_mode & 0o077 == 0  # owner only
     again = PseudonymMap(tmp_path / "deid.sqlite", "pseudonyms")
     assert again.get("P1") == ("SUBJ-001", "Subject^One")  # durable
+
+
+def test_pseudonym_map_remembers_entries_and_commits_as_the_queue_does(tmp_path: Path) -> None:
+    m = PseudonymMap(tmp_path / "deid.sqlite", "pseudonyms")
+    try:
+        mode = m._db.execute("PRAGMA journal_mode").fetchone()[0]
+        assert (mode, m._db.execute("PRAGMA synchronous").fetchone()[0]) == ("wal", 1)  # NORMAL
+        statements: list[str] = []
+        m._db.set_trace_callback(statements.append)
+        assert m.put("P1", "DS1") == ("DS1", "DS1")
+        assert statements  # stored
+        statements.clear()
+        assert m.get("P1") == ("DS1", "DS1") and m.put("P1", "DS2") == ("DS1", "DS1")
+        assert statements == []  # answered from memory
+    finally:
+        m.close()
+    cache = EntryCache(size=2)
+    for key in ("a", "b", "a", "c"):
+        cache.put(key, (key, key))
+    assert len(cache) == 2 and cache.get("b") is None and cache.get("a") == ("a", "a")
 
 
 def test_profile_section_problems_are_listed() -> None:

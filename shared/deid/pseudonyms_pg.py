@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
-from dicomsync.deid.pseudonyms import read_csv, write_csv
+from dicomsync.deid.pseudonyms import EntryCache, read_csv, write_csv
 from dicomsync.errors import ConfigError, QueueError
 from dicomsync.pg import PgTarget, is_transient, short
 
@@ -24,7 +24,7 @@ class PgPseudonymMap:
         self.table = f"deid_{table}"  # the name was checked to be an identifier
         self._target = target
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[str, str]] = {}
+        self._cache = EntryCache()
         self._db: Any = None
         with self._lock:
             self._run(self._create)
@@ -67,11 +67,11 @@ class PgPseudonymMap:
 
     def get(self, original: str) -> tuple[str, str] | None:
         with self._lock:
-            if original in self._cache:
-                return self._cache[original]
-            found: tuple[str, str] | None = self._run(lambda db: self._lookup(db, original))
-            if found is not None:
-                self._cache[original] = found
+            found = self._cache.get(original)
+            if found is None:
+                found = self._run(lambda db: self._lookup(db, original))
+                if found is not None:
+                    self._cache.put(original, found)
             return found
 
     def put(self, original: str, pseudonym: str, name: str = "") -> tuple[str, str]:
@@ -86,7 +86,11 @@ class PgPseudonymMap:
             return self._lookup(db, original)
 
         with self._lock:
-            found: tuple[str, str] | None = self._run(insert)
+            found = self._cache.get(original)
+            if found is None:
+                found = self._run(insert)
+                if found is not None:
+                    self._cache.put(original, found)
         if found is None:  # the pseudonym is another patient's
             raise ConfigError(
                 f"pseudonym map {self.table}: pseudonym {pseudonym!r} is already taken"
