@@ -53,6 +53,20 @@ def read_header(data: bytes) -> tuple[Dataset, int]:
 def _meta(data: bytes) -> tuple[FileMetaDataset, int, bool] | None:
     """The file meta read by ``struct`` (the SOP class, instance and transfer syntax), the
     data set's offset and whether it is implicit VR; None: leave the file to ``dcmread``."""
+    found = meta_values(data)
+    if found is None:
+        return None
+    values, end, implicit = found
+    meta = FileMetaDataset()
+    for tag, keyword in _KEPT.items():
+        if tag in values:
+            setattr(meta, keyword, values[tag])
+    return meta, end, implicit
+
+
+def meta_values(data: bytes) -> tuple[dict[int, str], int, bool] | None:
+    """``_meta``'s reading: the kept values by tag (as text), the data set's offset and
+    whether it is implicit VR; None for a file ``dcmread`` must read."""
     if data[128:132] != b"DICM" or data[132:140] != _GROUP_LENGTH or len(data) < 144:
         return None
     end = 144 + int.from_bytes(data[140:144], "little")
@@ -82,8 +96,4 @@ def _meta(data: bytes) -> tuple[FileMetaDataset, int, bool] | None:
     syntax = values.get(0x00020010, "")
     if syntax not in LITTLE_ENDIAN or data[end : end + 2] == b"\0\0":  # a command set
         return None
-    meta = FileMetaDataset()
-    for tag, keyword in _KEPT.items():
-        if tag in values:
-            setattr(meta, keyword, values[tag])
-    return meta, end, LITTLE_ENDIAN[syntax]
+    return values, end, LITTLE_ENDIAN[syntax]

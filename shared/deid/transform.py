@@ -56,17 +56,20 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian
 
-from dicomsync.deid import table
+from dicomsync.deid import rawpath, table
 from dicomsync.deid.keys import Keys
 from dicomsync.deid.options import Profile
 from dicomsync.deid.reading import read_header
 from dicomsync.deid.values import (
     BINARY_VRS,
+    DELETE,
     DUMMY,
+    KEEP,
     NUMERIC_VRS,
     RAW_VRS,
     SCANNED_VRS,
     TEXT_VRS,
+    Verdict,
     concept_of,
     encode_elements,
     identifying_values,
@@ -100,6 +103,7 @@ BURNED_IN_CLASSES = {
 }
 # DCM concepts of TID 1004 Device Observer Identifying Attributes
 DEVICE_CONCEPTS = frozenset({"121012", "121013", "121014", "121015", "121016", "121017"})
+
 IMPLEMENTATION = (PYDICOM_IMPLEMENTATION_UID, "DICOMSYNC_DEID")  # we wrote the file
 META_DROPPED = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028,
                 0x00020100, 0x00020102)  # fmt: skip
@@ -156,7 +160,16 @@ class Deidentifier:
         return uid if self.retain_uids else self.keys.uid(uid)
 
     # --- one instance ---------------------------------------------------------------------
+    implementation = IMPLEMENTATION
+
     def instance(self, data: bytes, study: StudyKeys, name: str = "instance") -> bytes:
+        fast = rawpath.deidentify(self, data, study, name)
+        if fast is not None:
+            return fast
+        return self.general(data, study, name)
+
+    def general(self, data: bytes, study: StudyKeys, name: str = "instance") -> bytes:
+        """``instance`` by pydicom's reading of every element (``rawpath`` declined)."""
         try:
             ds, stop = read_header(data)
             tail = pixel_tail(data, stop, ds)
@@ -171,7 +184,7 @@ class Deidentifier:
         ds[PATIENT_NAME] = DataElement(PATIENT_NAME, "PN", study.pseudonym_name)
         self._records(ds)
         try:
-            head = write_part10(ds, IMPLEMENTATION, lambda implicit: self._encoded(study, implicit))
+            head = write_part10(ds, IMPLEMENTATION, lambda implicit: self.encoded(study, implicit))
             if head is None:
                 self._meta(ds)
                 out = io.BytesIO()
@@ -184,10 +197,16 @@ class Deidentifier:
         return head
 
     def check_burned_in(self, ds: Dataset, name: str) -> None:
+        if not self.profile.allow_burned_in:
+            sop_class = str(ds.get("SOPClassUID", "") or "")
+            self.refuse_burned_in(sop_class, str(ds.get("BurnedInAnnotation", "") or ""), name)
+
+    def refuse_burned_in(self, sop_class: str, burned: str, name: str) -> None:
+        """``DeidentificationRefused`` for an instance whose pixels may carry identity (its
+        SOP class and BurnedInAnnotation as text), unless the profile allows it."""
         if self.profile.allow_burned_in:
             return
-        sop_class = str(ds.get("SOPClassUID", "") or "")
-        burned = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+        burned = burned.strip().upper()
         reason = ""
         if burned == "YES":
             reason = "BurnedInAnnotation is YES"
@@ -200,6 +219,11 @@ class Deidentifier:
             )
 
     # --- the walk -------------------------------------------------------------------------
+    def walk(self, ds: Dataset, study: StudyKeys) -> None:
+        """The table applied to ``ds``'s elements: some of an instance's top level, read by
+        pydicom with the identifying values when the profile cleans text (``rawpath``)."""
+        self._walk(ds, _Instance(study, ds, self.cleans_text), "normal")
+
     def _walk(self, ds: Dataset, ctx: _Instance, mode: str) -> None:
         """``mode``: ``normal``, ``dummy`` (inside a ``D`` sequence) or ``content`` (an SR
         content item)."""
@@ -264,10 +288,8 @@ class Deidentifier:
         if isinstance(raw, RawDataElement):
             if raw.value is None:
                 return
-            new = remap_uids(raw.value.rstrip(b"\0 "), self.keys.uid)
-            if new is not None:  # padded anew: as its VR pads
-                if len(new) % 2:
-                    new += b" "
+            new = self.text_uids(raw.value)
+            if new is not None:
                 ds._dict[BaseTag(tag)] = raw._replace(value=new, length=len(new))
         else:
             elem = ds[tag]
@@ -279,41 +301,61 @@ class Deidentifier:
         raw = ds.get_item(tag)
         if not isinstance(raw, RawDataElement) or raw.value is None:
             return False
+        new = self.raw_value(tag, vr_of(ds, tag), raw.value, action, ctx.study.date_offset)
+        if new is None:
+            return False
+        if new is DELETE:
+            del ds[tag]
+        elif isinstance(new, bytes):
+            ds._dict[BaseTag(tag)] = raw._replace(value=new, length=len(new))
+        return True
+
+    def raw_value(
+        self, tag: int, vr: str, value: bytes, action: str, days: int
+    ) -> bytes | Verdict | None:
+        """A listed action on one value as read: its new bytes (padded as its VR pads),
+        ``KEEP``, ``DELETE``, or None: the action needs the decoded value (a VR that is
+        not ASCII, PatientID or PatientName under ``D``, a cleaned text). ``days``: the
+        patient's date offset. Shared by the walk and ``dicomsync.deid.rawpath``."""
         if "D" in action and action != "D":  # X/D, Z/D, X/Z/D
             action = "D"
         elif action == "X/Z":
             action = "Z"
         if action == "X":
-            del ds[tag]
-            return True
-        vr = vr_of(ds, tag)
+            return DELETE
         if vr not in RAW_VRS or action not in ("Z", "D", "U", "K", "C"):
-            return False
+            return None
         if action == "K" and vr != "UI":
-            return True
-        text = raw.value.decode("ascii", "replace").rstrip("\0 ")
+            return KEEP
+        text = value.decode("ascii", "replace").rstrip("\0 ")
         if action == "Z":
             new = ""
         elif vr == "UI":
             if action == "K" or self.retain_uids:
-                return True
+                return KEEP
             new = "\\".join(self.keys.uid(u.strip("\0 ")) for u in text.split("\\"))
         elif action == "D":
             if tag == PATIENT_ID or tag == PATIENT_NAME:
-                return False
+                return None
             new = DUMMY.get(vr, "ANONYMIZED")
         elif vr in ("DA", "DT"):
-            days = ctx.study.date_offset
             new = "\\".join(shift(v, days, vr) for v in text.split("\\"))
         elif vr == "TM":
-            return True
+            return KEEP
         else:
-            return False
-        value = new.encode("ascii")
-        if len(value) % 2:
-            value += b"\0" if vr == "UI" else b" "
-        ds._dict[BaseTag(tag)] = raw._replace(value=value, length=len(value))
-        return True
+            return None
+        raw = new.encode("ascii")
+        if len(raw) % 2:
+            raw += b"\0" if vr == "UI" else b" "
+        return raw
+
+    def text_uids(self, value: bytes) -> bytes | None:
+        """An unlisted text value as read with every UID in it remapped, padded anew;
+        None when it holds no UID."""
+        new = remap_uids(value.rstrip(b"\0 "), self.keys.uid)
+        if new is not None and len(new) % 2:
+            new += b" "
+        return new
 
     def _text_action(self, concept: str) -> str:
         if concept in DEVICE_CONCEPTS:  # the device's identity: the option's to keep
@@ -407,7 +449,7 @@ class Deidentifier:
             ds.LongitudinalTemporalInformationModified = "REMOVED"
         return ds
 
-    def _encoded(self, study: StudyKeys, implicit: bool) -> dict[int, bytes]:
+    def encoded(self, study: StudyKeys, implicit: bool) -> dict[int, bytes]:
         """The elements every output of ``study`` shares, encoded once: the records and,
         when they are ASCII, the pseudonyms (else pydicom encodes them in the charset)."""
         done = dict(self._records_encoded[implicit])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime
 import re
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import pydicom
@@ -33,6 +33,19 @@ DUMMY = {"PN": "ANONYMOUS", "DA": "19000101", "TM": "000000", "DT": "19000101000
 # VRs whose values the fast path rewrites as ASCII bytes (``Deidentifier._raw``)
 RAW_VRS = frozenset({"UI", "DA", "DT", "TM", "LO", "SH", "CS", "AE", "AS", "IS", "DS", "PN",
                      "LT", "ST", "UT", "UC"})  # fmt: skip
+
+
+class Verdict:
+    """What ``Deidentifier.raw_value`` returns besides new bytes: ``KEEP``, ``DELETE``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+KEEP, DELETE = Verdict("KEEP"), Verdict("DELETE")
 
 
 def map_values(value: Any, fn: Any) -> Any:
@@ -122,9 +135,14 @@ def pixel_tail(data: bytes, pos: int, ds: Dataset) -> memoryview | None:
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
         return None
+    return pixel_tail_at(data, pos, syntax == "1.2.840.10008.1.2")
+
+
+def pixel_tail_at(data: bytes, pos: int, implicit: bool) -> memoryview | None:
+    """``pixel_tail`` of a little-endian data set, ``implicit`` VR or explicit."""
     if data[pos : pos + 4] != _PIXEL_TAG:
         return None
-    if syntax == "1.2.840.10008.1.2":  # implicit VR: tag, 4-byte length
+    if implicit:  # tag, 4-byte length
         header, length = 8, int.from_bytes(data[pos + 4 : pos + 8], "little")
     elif data[pos + 4 : pos + 6] in _LONG_VRS:  # tag, VR, 2 reserved, 4-byte length
         header, length = 12, int.from_bytes(data[pos + 8 : pos + 12], "little")
@@ -205,6 +223,25 @@ def write_part10(
     sop_class, sop_instance = _text_of(ds, 0x00080016), _text_of(ds, 0x00080018)
     if encoding is None or not sop_class or not sop_instance:
         return None
+    fp = DicomBytesIO()
+    fp.is_implicit_VR, fp.is_little_endian = encoding
+    preamble = getattr(ds, "preamble", None)
+    fp.write(preamble if preamble and len(preamble) == 128 else b"\0" * 128)
+    fp.write(part10_meta(sop_class, sop_instance, syntax, implementation))
+    if encoding[1] and ds.original_encoding == encoding:
+        done = encoded(encoding[0]) if encoded is not None else {}
+        _write_little_endian(fp, ds, encoding[0], "iso8859", done)
+    else:
+        write_dataset(fp, ds)
+    return bytes(fp.getvalue())
+
+
+def part10_meta(
+    sop_class: str, sop_instance: str, syntax: str, implementation: tuple[str, str]
+) -> bytes:
+    """``DICM`` and the file meta ``write_part10`` writes (version, SOP class and instance,
+    transfer syntax, implementation class UID and version name). Raises
+    ``UnicodeEncodeError`` on a value that is not ASCII."""
     body = b"".join(
         (
             _meta_element(0x00020001, b"OB", b"\0\1"),
@@ -215,19 +252,7 @@ def write_part10(
             _meta_element(0x00020013, b"SH", implementation[1].encode("ascii")),
         )
     )
-    fp = DicomBytesIO()
-    fp.is_implicit_VR, fp.is_little_endian = encoding
-    preamble = getattr(ds, "preamble", None)
-    fp.write(preamble if preamble and len(preamble) == 128 else b"\0" * 128)
-    fp.write(b"DICM")
-    fp.write(struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)))
-    fp.write(body)
-    if encoding[1] and ds.original_encoding == encoding:
-        done = encoded(encoding[0]) if encoded is not None else {}
-        _write_little_endian(fp, ds, encoding[0], "iso8859", done)
-    else:
-        write_dataset(fp, ds)
-    return bytes(fp.getvalue())
+    return b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
 
 
 # explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
@@ -255,30 +280,58 @@ def _write_little_endian(
         if tag in encoded:
             fp.write(encoded[tag])
             continue
-        elem = ds._dict[tag]
-        value = getattr(elem, "value", None)
-        group, element = tag >> 16, tag & 0xFFFF
-        if (
-            isinstance(elem, RawDataElement)
-            and isinstance(value, bytes)
-            and elem.length != 0xFFFFFFFF
-            and (implicit or elem.VR)
-        ):
-            size, vr = len(value), str(elem.VR)
-            if implicit:
-                fp.write(struct.pack("<HHI", group, element, size))
-            elif vr in _LONG_VR_NAMES:
-                fp.write(struct.pack("<HH2sHI", group, element, vr.encode(), 0, size))
-            elif size <= 0xFFFF:
-                fp.write(struct.pack("<HH2sH", group, element, vr.encode(), size))
-            else:
-                write_data_element(fp, ds[tag], charset)
-                continue
+        _write_element(fp, ds, tag, implicit, charset)
+
+
+def _write_element(fp: DicomBytesIO, ds: Dataset, tag: Any, implicit: bool, charset: Any) -> None:
+    elem = ds._dict[tag]
+    value = getattr(elem, "value", None)
+    group, element = tag >> 16, tag & 0xFFFF
+    if (
+        isinstance(elem, RawDataElement)
+        and isinstance(value, bytes)
+        and elem.length != 0xFFFFFFFF
+        and (implicit or elem.VR)
+    ):
+        header = element_header(group << 16 | element, str(elem.VR), len(value), implicit)
+        if header is not None:
+            fp.write(header)
             fp.write(value)
-        elif not isinstance(elem, RawDataElement) and elem.VR == "SQ" and value is not None:
-            _write_sequence(fp, elem, implicit, charset)
         else:
-            write_data_element(fp, ds.get_item(tag), charset)
+            write_data_element(fp, ds[tag], charset)
+    elif not isinstance(elem, RawDataElement) and elem.VR == "SQ" and value is not None:
+        _write_sequence(fp, elem, implicit, charset)
+    else:
+        write_data_element(fp, ds.get_item(tag), charset)
+
+
+def element_header(tag: int, vr: str, size: int, implicit: bool) -> bytes | None:
+    """An element's header, little endian, as ``write_part10`` writes it; None: a
+    short-length VR with a value of more than 64 KiB (pydicom writes that one)."""
+    group, element = tag >> 16, tag & 0xFFFF
+    if implicit:
+        return struct.pack("<HHI", group, element, size)
+    if vr in _LONG_VR_NAMES:
+        return struct.pack("<HH2sHI", group, element, vr.encode(), 0, size)
+    if size <= 0xFFFF:
+        return struct.pack("<HH2sH", group, element, vr.encode(), size)
+    return None
+
+
+def encode_each(ds: Dataset, implicit: bool, skip: Collection[int] = ()) -> list[tuple[int, bytes]]:
+    """Each element of ``ds`` (read in little endian, ``implicit`` or explicit VR) but
+    ``skip``, encoded on its own as ``write_part10`` writes it, with the data set's
+    character set; in tag order."""
+    charset = ds.get("SpecificCharacterSet", None) or "iso8859"
+    out = []
+    for tag in sorted(ds._dict):
+        if tag in skip or (tag & 0xFFFF == 0 and tag >> 16 > 6):
+            continue
+        fp = DicomBytesIO()
+        fp.is_implicit_VR, fp.is_little_endian = implicit, True
+        _write_element(fp, ds, tag, implicit, charset)
+        out.append((int(tag), bytes(fp.getvalue())))
+    return out
 
 
 def _write_sequence(fp: DicomBytesIO, elem: Any, implicit: bool, charset: Any) -> None:
