@@ -226,6 +226,44 @@ def test_burned_in_instances_are_refused_as_the_general_path_refuses_them() -> N
     assert rawpath.deidentify(engine(["allow-burned-in"]), raw, STUDY, "x.dcm") is not None
 
 
+def _with_value(raw: bytes, tag: int, value: bytes) -> bytes:
+    """``raw`` with the data set's element ``tag`` (explicit VR, short) holding ``value``."""
+    end = 144 + int.from_bytes(raw[140:144], "little")
+    found = rawpath.scan(raw, end, False)
+    assert found is not None
+    el = next(e for e in found[0] if e.tag == tag)
+    return raw[: el.value - 2] + struct.pack("<H", len(value)) + value + raw[el.end :]
+
+
+SECONDARY_CAPTURE = b"1.2.840.10008.5.1.4.1.1.7"
+
+
+@pytest.mark.parametrize(
+    ("tag", "value"),
+    [
+        (0x00080016, SECONDARY_CAPTURE + b"\0\0"),
+        (0x00080016, SECONDARY_CAPTURE + b"\t "),
+        (0x00080016, b" " + SECONDARY_CAPTURE),
+        (0x00080016, b"1.2.3\\" + SECONDARY_CAPTURE + b"\0"),
+        (0x00280301, b"YES "),
+        (0x00280301, b" yes"),
+        (0x00280301, b"NO\\YES "),
+        (0x00280301, b"YES\0\0"),
+    ],
+)
+def test_burned_in_values_count_whatever_their_padding_on_both_paths(
+    tag: int, value: bytes
+) -> None:
+    """A burned-in SOP class or BurnedInAnnotation YES is refused however it is padded and
+    whichever of its values says so, by the byte path and by the general path alike."""
+    raw = _with_value(_ct(BurnedInAnnotation="NO"), tag, value)
+    eng = engine([])
+    with pytest.raises(DeidentificationRefused):
+        rawpath.deidentify(eng, raw, STUDY, "x.dcm")
+    with pytest.raises(DeidentificationRefused):
+        eng.general(raw, STUDY, "x.dcm")
+
+
 def test_hostile_mutations_agree_or_are_declined() -> None:
     """Truncations and flipped bytes of a plain image and of a dose report: whatever the
     byte path answers is the general path's answer; nothing but a dicomsync error."""

@@ -215,7 +215,7 @@ def deidentify(engine: Deidentifier, data: bytes, study: StudyKeys, name: str) -
         if tag < 0x00080000:
             return None
         if tag in (SOP_CLASS, BURNED_IN):
-            originals[tag] = data[el.value : el.end].decode("ascii", "replace").strip("\0 ")
+            originals[tag] = data[el.value : el.end].decode("ascii", "replace")
         if tag in encoded:  # PatientID, PatientName and the records: given
             continue
         if vr in ("SQ", "UN") or el.undefined:

@@ -109,6 +109,19 @@ META_DROPPED = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00
                 0x00020100, 0x00020102)  # fmt: skip
 
 
+def _as_text(value: Any) -> str:
+    """A decoded value as text, several values joined by a backslash."""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _values_of(text: str) -> list[str]:
+    return [v.strip("".join(map(chr, range(33)))) for v in text.split("\\")]
+
+
 @dataclass(frozen=True)
 class StudyKeys:
     """What one study's instances share: the pseudonym and the patient's date offset."""
@@ -198,20 +211,22 @@ class Deidentifier:
 
     def check_burned_in(self, ds: Dataset, name: str) -> None:
         if not self.profile.allow_burned_in:
-            sop_class = str(ds.get("SOPClassUID", "") or "")
-            self.refuse_burned_in(sop_class, str(ds.get("BurnedInAnnotation", "") or ""), name)
+            sop_class = _as_text(ds.get("SOPClassUID"))
+            self.refuse_burned_in(sop_class, _as_text(ds.get("BurnedInAnnotation")), name)
 
     def refuse_burned_in(self, sop_class: str, burned: str, name: str) -> None:
-        """``DeidentificationRefused`` for an instance whose pixels may carry identity (its
-        SOP class and BurnedInAnnotation as text), unless the profile allows it."""
+        """``DeidentificationRefused`` for an instance whose pixels may carry identity, unless
+        the profile allows it. ``sop_class`` and ``burned`` (BurnedInAnnotation) are their
+        values as text, several joined by a backslash; each value counts, its padding
+        (spaces, NULs, control characters) ignored."""
         if self.profile.allow_burned_in:
             return
-        burned = burned.strip().upper()
         reason = ""
-        if burned == "YES":
+        classes = [c for c in _values_of(sop_class) if c in BURNED_IN_CLASSES]
+        if "YES" in (b.upper() for b in _values_of(burned)):
             reason = "BurnedInAnnotation is YES"
-        elif sop_class in BURNED_IN_CLASSES:
-            reason = f"its SOP class ({BURNED_IN_CLASSES[sop_class]}) often has identity burned in"
+        elif classes:
+            reason = f"its SOP class ({BURNED_IN_CLASSES[classes[0]]}) often has identity burned in"
         if reason:
             raise DeidentificationRefused(
                 f"{name}: not de-identified: {reason}; the profile's 'allow-burned-in' option "
