@@ -54,9 +54,10 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from dicomsync.deid import rawpath, table
+from dicomsync.deid import burned_in, rawpath, table
+from dicomsync.deid.burned_in import as_text
 from dicomsync.deid.keys import Keys
 from dicomsync.deid.options import Profile
 from dicomsync.deid.reading import read_header
@@ -74,6 +75,7 @@ from dicomsync.deid.values import (
     encode_elements,
     identifying_values,
     map_values,
+    meta_for_dcmwrite,
     pixel_tail,
     remap_uids,
     remap_uids_text,
@@ -83,43 +85,14 @@ from dicomsync.deid.values import (
     vr_of,
     write_part10,
 )
-from dicomsync.errors import DeidentificationRefused, DicomFileError
+from dicomsync.errors import DicomFileError
 
 PATIENT_ID, PATIENT_NAME = 0x00100020, 0x00100010
 CONTENT_SEQUENCE, TEXT_VALUE = 0x0040A730, 0x0040A160
-# SOP classes that carry burned-in text as a rule: the Secondary Capture family and
-# ultrasound (PS3.15 E.1.1 lets no de-identifier claim it cleaned their pixels).
-BURNED_IN_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
-    "1.2.840.10008.5.1.4.1.1.7.1": "Multi-frame Single Bit Secondary Capture",
-    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture",
-    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture",
-    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture",
-    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound",
-    "1.2.840.10008.5.1.4.1.1.6.2": "Enhanced US Volume",
-    "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame",
-    "1.2.840.10008.5.1.4.1.1.6": "Ultrasound (retired)",
-    "1.2.840.10008.5.1.4.1.1.3": "Ultrasound Multi-frame (retired)",
-}
 # DCM concepts of TID 1004 Device Observer Identifying Attributes
 DEVICE_CONCEPTS = frozenset({"121012", "121013", "121014", "121015", "121016", "121017"})
 
 IMPLEMENTATION = (PYDICOM_IMPLEMENTATION_UID, "DICOMSYNC_DEID")  # we wrote the file
-META_DROPPED = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028,
-                0x00020100, 0x00020102)  # fmt: skip
-
-
-def _as_text(value: Any) -> str:
-    """A decoded value as text, several values joined by a backslash."""
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
-        return "\\".join(str(v) for v in value)
-    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _values_of(text: str) -> list[str]:
-    return [v.strip("".join(map(chr, range(33)))) for v in text.split("\\")]
 
 
 @dataclass(frozen=True)
@@ -199,7 +172,7 @@ class Deidentifier:
         try:
             head = write_part10(ds, IMPLEMENTATION, lambda implicit: self.encoded(study, implicit))
             if head is None:
-                self._meta(ds)
+                meta_for_dcmwrite(ds, self.uid, IMPLEMENTATION)
                 out = io.BytesIO()
                 ds.save_as(out, enforce_file_format=False)
                 head = out.getvalue()
@@ -211,27 +184,13 @@ class Deidentifier:
 
     def check_burned_in(self, ds: Dataset, name: str) -> None:
         if not self.profile.allow_burned_in:
-            sop_class = _as_text(ds.get("SOPClassUID"))
-            self.refuse_burned_in(sop_class, _as_text(ds.get("BurnedInAnnotation")), name)
+            sop_class = as_text(ds.get("SOPClassUID"))
+            self.refuse_burned_in(sop_class, as_text(ds.get("BurnedInAnnotation")), name)
 
     def refuse_burned_in(self, sop_class: str, burned: str, name: str) -> None:
-        """``DeidentificationRefused`` for an instance whose pixels may carry identity, unless
-        the profile allows it. ``sop_class`` and ``burned`` (BurnedInAnnotation) are their
-        values as text, several joined by a backslash; each value counts, its padding
-        (spaces, NULs, control characters) ignored."""
-        if self.profile.allow_burned_in:
-            return
-        reason = ""
-        classes = [c for c in _values_of(sop_class) if c in BURNED_IN_CLASSES]
-        if "YES" in (b.upper() for b in _values_of(burned)):
-            reason = "BurnedInAnnotation is YES"
-        elif classes:
-            reason = f"its SOP class ({BURNED_IN_CLASSES[classes[0]]}) often has identity burned in"
-        if reason:
-            raise DeidentificationRefused(
-                f"{name}: not de-identified: {reason}; the profile's 'allow-burned-in' option "
-                "sends such instances, if you take responsibility for their pixels"
-            )
+        """``burned_in.refuse`` unless the profile allows burned-in instances."""
+        if not self.profile.allow_burned_in:
+            burned_in.refuse(sop_class, burned, name)
 
     # --- the walk -------------------------------------------------------------------------
     def walk(self, ds: Dataset, study: StudyKeys) -> None:
@@ -480,20 +439,3 @@ class Deidentifier:
     def _records(self, ds: Dataset) -> None:
         for elem in self._records_template:  # shared elements: writing never changes them
             ds[elem.tag] = elem
-
-    def _meta(self, ds: Dataset) -> None:
-        meta = getattr(ds, "file_meta", None)
-        if meta is None:
-            meta = ds.file_meta = pydicom.dataset.FileMetaDataset()
-        if "TransferSyntaxUID" not in meta:
-            meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        for tag in META_DROPPED:
-            if tag in meta:
-                del meta[tag]
-        if "SOPInstanceUID" in ds:
-            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        elif "MediaStorageSOPInstanceUID" in meta:  # the original's, nowhere else remapped
-            meta.MediaStorageSOPInstanceUID = self.uid(str(meta.MediaStorageSOPInstanceUID))
-        if "SOPClassUID" in ds:
-            meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        meta.ImplementationClassUID, meta.ImplementationVersionName = IMPLEMENTATION

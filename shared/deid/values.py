@@ -236,6 +236,33 @@ def write_part10(
     return bytes(fp.getvalue())
 
 
+META_DROPPED = (0x00020016, 0x00020017, 0x00020018, 0x00020026, 0x00020027, 0x00020028,
+                0x00020100, 0x00020102)  # fmt: skip
+
+
+def meta_for_dcmwrite(
+    ds: Dataset, uid: Callable[[str], str], implementation: tuple[str, str]
+) -> None:
+    """``ds``'s file meta made anew for pydicom's ``dcmwrite`` (a syntax ``write_part10``
+    does not write): the SOP class and instance of the de-identified data set (else the
+    old instance UID through ``uid``), ``implementation``; nothing else of the old one."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = pydicom.dataset.FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    for tag in META_DROPPED:
+        if tag in meta:
+            del meta[tag]
+    if "SOPInstanceUID" in ds:
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    elif "MediaStorageSOPInstanceUID" in meta:  # the original's, nowhere else remapped
+        meta.MediaStorageSOPInstanceUID = uid(str(meta.MediaStorageSOPInstanceUID))
+    if "SOPClassUID" in ds:
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.ImplementationClassUID, meta.ImplementationVersionName = implementation
+
+
 def part10_meta(
     sop_class: str, sop_instance: str, syntax: str, implementation: tuple[str, str]
 ) -> bytes:
