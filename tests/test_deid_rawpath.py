@@ -185,6 +185,7 @@ def _with_data_set(raw: bytes, body: bytes) -> bytes:
         ("a value past the end", []),
         ("an unknown explicit VR", []),
         ("no SOP instance UID", []),
+        ("an item delimiter at the top level", []),
     ],
 )
 def test_the_byte_path_declines_what_it_does_not_read(case: str, options: list[str]) -> None:
@@ -205,6 +206,10 @@ def test_the_byte_path_declines_what_it_does_not_read(case: str, options: list[s
         raw = _with_data_set(raw, struct.pack("<HH2sH", 0x0008, 0x0018, b"UI", 200) + b"1.2\0")
     elif case == "an unknown explicit VR":
         raw = _with_data_set(raw, struct.pack("<HH2sH", 0x0008, 0x0018, b"Q!", 4) + b"1.2\0")
+    elif case == "an item delimiter at the top level":
+        raw = data("rdsr", "CT-RDSR-Siemens-Multi-1.dcm").read_bytes()  # no pixel data
+        assert rawpath.deidentify(engine(options), raw, STUDY, "x.dcm") is not None
+        raw += struct.pack("<HH2sHI", 0xFFFE, 0xE00D, b"UN", 0, 0)
     elif case == "no SOP instance UID":
         ds = pydicom.dcmread(io.BytesIO(raw))
         del ds.SOPInstanceUID
@@ -262,6 +267,47 @@ def test_burned_in_values_count_whatever_their_padding_on_both_paths(
         rawpath.deidentify(eng, raw, STUDY, "x.dcm")
     with pytest.raises(DeidentificationRefused):
         eng.general(raw, STUDY, "x.dcm")
+
+
+@pytest.mark.parametrize(
+    ("options", "tag", "value"),
+    [
+        ([], 0x00080005, b"ISO_IR 100  "),  # the general path's writer decodes the charset
+        ([], 0x00080005, b"ISO_IR 100\0\0"),
+        ([], 0x00280301, b"NO  "),  # and the burned-in check reads these two
+        ([], 0x00280301, b"NO\\"),
+        ([], 0x00080016, b"1.2.840.10008.5.1.4.1.1.2\xe9 "),  # not ASCII: remapped
+        ([], 0x00080016, b"1.2.840.10008.5.1.4.1.1.2\\1.2.840.10008.5.1.4.1.1.4"),
+        (["retain-device-identity"], 0x00081010, b"CT01    "),  # kept, read to clean text
+        (["retain-device-identity"], 0x00181000, b" SN-1 \0"),
+    ],
+)
+def test_odd_values_are_written_as_the_general_path_writes_them(
+    options: list[str], tag: int, value: bytes
+) -> None:
+    raw = _with_value(_ct(SpecificCharacterSet="ISO_IR 100", BurnedInAnnotation="NO"), tag, value)
+    assert agrees(engine(options), raw)
+
+
+def test_a_uid_written_in_another_vr_is_remapped_on_both_paths() -> None:
+    ds = pydicom.dcmread(io.BytesIO(_ct()))
+    ds[0x0020000D] = DataElement(0x0020000D, "LO", "1.2.3.4.5.1")  # StudyInstanceUID as LO
+    ds[0x00200052] = DataElement(0x00200052, "OB", b"1.2.3.4.5.77")  # FrameOfReferenceUID
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=False)
+    eng = engine([])
+    fast = rawpath.deidentify(eng, out.getvalue(), STUDY, "x.dcm")
+    assert fast is not None and fast == eng.general(out.getvalue(), STUDY, "x.dcm")
+    assert b"1.2.3.4.5.1" not in fast and b"1.2.3.4.5.77" not in fast
+
+
+def test_the_vr_cache_holds_no_tag_the_dictionary_does_not_know() -> None:
+    body = b"".join(struct.pack("<HHI", 0x0008, e, 2) + b"AB" for e in range(0x7000, 0x7400))
+    raw = _with_data_set(_ct(), body)
+    end = 144 + int.from_bytes(raw[140:144], "little")
+    before = len(rawpath._VRS)
+    assert rawpath.scan(raw[:end] + body, end, True) is not None
+    assert len(rawpath._VRS) == before
 
 
 def test_hostile_mutations_agree_or_are_declined() -> None:

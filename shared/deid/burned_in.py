@@ -31,8 +31,10 @@ CLASSES = {
 }
 
 
-def as_text(value: Any) -> str:
-    """A decoded value as text, several values joined by a backslash."""
+def as_text(elem: Any) -> str:
+    """An element's value as text, several values joined by a backslash: as read (bytes,
+    decoded as ASCII) or decoded."""
+    value = getattr(elem, "value", None)
     if value is None:
         return ""
     if isinstance(value, list | tuple | pydicom.multival.MultiValue):

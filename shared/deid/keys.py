@@ -12,10 +12,12 @@ import base64
 import functools
 import hashlib
 import hmac
+import re
 
 # DICOM's own UIDs (SOP classes, transfer syntaxes, coding schemes) are public: kept.
 DICOM_ROOT = "1.2.840.10008."
 MAX_DATE_SHIFT_DAYS = 3650
+_UID = re.compile(r"[0-9.]{1,64}")
 
 
 class Keys:
@@ -32,8 +34,8 @@ class Keys:
 
     def _uid(self, uid: str) -> str:
         """``2.25.<int>``: a version-8 UUID made of the HMAC of the original UID."""
-        if not uid or uid.startswith(DICOM_ROOT):
-            return uid
+        if not uid or (uid.startswith(DICOM_ROOT) and _UID.fullmatch(uid)):
+            return uid  # DICOM's own; anything else (text in a DICOM root too) is remapped
         raw = bytearray(self._digest(b"uid\0", uid)[:16])
         raw[6] = (raw[6] & 0x0F) | 0x80  # version 8 (RFC 9562: custom)
         raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC variant

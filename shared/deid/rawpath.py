@@ -43,11 +43,12 @@ from dicomsync.deid.values import (
     part10_meta,
     pixel_tail_at,
 )
+from dicomsync.errors import DeidentificationRefused
 
 if TYPE_CHECKING:
     from dicomsync.deid.transform import Deidentifier, StudyKeys
 
-SYNTAX = 0x00020010
+SYNTAX, CHARSET = 0x00020010, 0x00080005
 # what decoding another element reads: the character set, and what resolves the
 # ambiguous VRs (US or SS, OB or OW: PS3.5 6.2): bits allocated, pixel representation
 CONTEXT = frozenset({0x00080005, 0x00280100, 0x00280103})
@@ -63,7 +64,9 @@ _LONG = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC"
 _SHORT = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS",
                     b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
                     b"US"})  # fmt: skip
-_VRS: dict[int, str] = {}  # tag -> the dictionary's VR (implicit VR), "UN" when unknown
+_VRS: dict[int, str] = {}  # tag -> the dictionary's VR (implicit VR)
+_CHARSETS: dict[tuple[bytes, bool], bytes] = {}  # Specific Character Sets as written
+MAX_CHARSETS = 256
 
 
 class Element(NamedTuple):
@@ -90,6 +93,8 @@ def scan(data: bytes, pos: int, implicit: bool) -> tuple[list[Element], int] | N
             return None
         if tag in _PIXELS:
             return out, pos
+        if group >= 0xFFFC:  # padding or a stray item or delimiter: pydicom's to judge
+            return None
         header = _header(data, pos, implicit)
         if header is None:
             return None
@@ -171,14 +176,23 @@ def _dictionary_vr(tag: int) -> str:
             vr = str(dictionary_VR(tag))
         except KeyError:
             vr = "UN"
-        if not tag >> 16 & 1:  # public tags only: the cache is bounded by the dictionary
+        else:  # a tag of the dictionary: the cache is bounded by it
             _VRS[tag] = vr
     return vr
 
 
 def deidentify(engine: Deidentifier, data: bytes, study: StudyKeys, name: str) -> bytes | None:
     """``engine.instance(data, study)`` by the byte path, or None: use the general path.
-    Raises ``DeidentificationRefused`` as the general path does."""
+    Raises ``DeidentificationRefused`` as the general path does, and nothing else."""
+    try:
+        return _deidentify(engine, data, study, name)
+    except DeidentificationRefused:
+        raise
+    except Exception:  # a value it cannot handle: the general path reads it and says why
+        return None
+
+
+def _deidentify(engine: Deidentifier, data: bytes, study: StudyKeys, name: str) -> bytes | None:
     keeps_private = engine.actions.private != "X"  # retain-safe-private: the walk judges them
     found = meta_values(data)
     if found is None:
@@ -201,7 +215,8 @@ def deidentify(engine: Deidentifier, data: bytes, study: StudyKeys, name: str) -
     general: list[Element] = []
     context: list[Element] = []
     originals: dict[int, str] = {}
-    wanted = CONTEXT | IDENTIFYING if engine.cleans_text else CONTEXT
+    cleans = engine.cleans_text
+    wanted = CONTEXT | IDENTIFYING if cleans else CONTEXT
     for el in elements:
         tag, vr = el.tag, el.vr
         if tag in wanted:
@@ -218,7 +233,12 @@ def deidentify(engine: Deidentifier, data: bytes, study: StudyKeys, name: str) -
             originals[tag] = data[el.value : el.end].decode("ascii", "replace")
         if tag in encoded:  # PatientID, PatientName and the records: given
             continue
-        if vr in ("SQ", "UN") or el.undefined:
+        if tag == CHARSET and engine.actions.get(tag) is None:
+            # the general path's writer reads it decoded, so writes it re-encoded
+            parts[tag] = (_charset(data[el.start : el.end], implicit), b"")
+            continue
+        if vr in ("SQ", "UN") or el.undefined or (cleans and tag in IDENTIFYING):
+            # IDENTIFYING under a cleaning profile: decoded by the walk's first read
             general.append(el)
             continue
         value = data[el.value : el.end]
@@ -269,6 +289,19 @@ def deidentify(engine: Deidentifier, data: bytes, study: StudyKeys, name: str) -
     if tail is not None:
         out.append(tail)
     return b"".join(out)
+
+
+def _charset(raw: bytes, implicit: bool) -> bytes:
+    """A Specific Character Set element (header and value as read) written as the general
+    path writes it: decoded, then encoded by pydicom. Remembered per value."""
+    key = (raw, implicit)
+    found = _CHARSETS.get(key)
+    if found is None:
+        ds = read_dataset(io.BytesIO(raw), implicit, True)
+        found = b"".join(piece for _, piece in encode_each(ds, implicit))
+        if len(_CHARSETS) < MAX_CHARSETS:
+            _CHARSETS[key] = found
+    return found
 
 
 def _put(

@@ -88,6 +88,7 @@ from dicomsync.deid.values import (
 from dicomsync.errors import DicomFileError
 
 PATIENT_ID, PATIENT_NAME = 0x00100020, 0x00100010
+SOP_CLASS, BURNED_IN = 0x00080016, 0x00280301
 CONTENT_SEQUENCE, TEXT_VALUE = 0x0040A730, 0x0040A160
 # DCM concepts of TID 1004 Device Observer Identifying Attributes
 DEVICE_CONCEPTS = frozenset({"121012", "121013", "121014", "121015", "121016", "121017"})
@@ -164,8 +165,12 @@ class Deidentifier:
         except Exception as exc:  # pydicom raises many kinds on corrupt data
             raise DicomFileError(f"{name}: not readable DICOM ({type(exc).__name__})") from None
         self.check_burned_in(ds, name)
-        ctx = _Instance(study, ds, self.cleans_text)
-        self._walk(ds, ctx, "normal")
+        try:
+            self._walk(ds, _Instance(study, ds, self.cleans_text), "normal")
+        except Exception as exc:  # a value no rule can read (pydicom raises many kinds)
+            raise DicomFileError(
+                f"{name}: cannot be de-identified ({type(exc).__name__})"
+            ) from None
         ds[PATIENT_ID] = DataElement(PATIENT_ID, "LO", study.pseudonym)
         ds[PATIENT_NAME] = DataElement(PATIENT_NAME, "PN", study.pseudonym_name)
         self._records(ds)
@@ -183,9 +188,11 @@ class Deidentifier:
         return head
 
     def check_burned_in(self, ds: Dataset, name: str) -> None:
+        """The instance's SOP class and BurnedInAnnotation read as they are, not decoded
+        (a decoded element would be written re-encoded)."""
         if not self.profile.allow_burned_in:
-            sop_class = as_text(ds.get("SOPClassUID"))
-            self.refuse_burned_in(sop_class, as_text(ds.get("BurnedInAnnotation")), name)
+            sop_class = as_text(ds.get_item(SOP_CLASS))
+            self.refuse_burned_in(sop_class, as_text(ds.get_item(BURNED_IN)), name)
 
     def refuse_burned_in(self, sop_class: str, burned: str, name: str) -> None:
         """``burned_in.refuse`` unless the profile allows burned-in instances."""
@@ -304,7 +311,7 @@ class Deidentifier:
         text = value.decode("ascii", "replace").rstrip("\0 ")
         if action == "Z":
             new = ""
-        elif vr == "UI":
+        elif vr == "UI" or action == "U":  # U on a UID written in another VR too
             if action == "K" or self.retain_uids:
                 return KEEP
             new = "\\".join(self.keys.uid(u.strip("\0 ")) for u in text.split("\\"))
@@ -357,13 +364,21 @@ class Deidentifier:
                 inner = "dummy" if action == "D" else mode
             for item in elem.value:
                 self._walk(item, ctx, inner)
-        elif vr == "UI":
+        elif vr == "UI" or action == "U":  # U on a UID written in another VR too
             if action != "K":
-                elem.value = map_values(elem.value, self.uid)
+                elem.value = self._uids(elem.value)
         elif action == "D":
             elem.value = self._dummy(tag, vr, ctx)
         elif action == "C":
             elem.value = self._clean(elem, ctx)
+
+    def _uids(self, value: Any) -> Any:
+        """Each UID of a value replaced; a binary value (a UID as OB, UN) read as ASCII."""
+        if isinstance(value, bytes):
+            text = value.decode("ascii", "replace").rstrip("\0 ")
+            new = "\\".join(self.uid(u.strip("\0 ")) for u in text.split("\\")).encode("ascii")
+            return new + b"\0" * (len(new) % 2)
+        return map_values(value, self.uid)
 
     def _dummy(self, tag: int, vr: str, ctx: _Instance) -> Any:
         if tag == PATIENT_ID:

@@ -300,7 +300,7 @@ def _write_little_endian(
     undefined lengths), an element of ``encoded`` as given; any other decoded element by
     pydicom's ``write_data_element``. Items inherit the character set of the data set
     that holds them."""
-    charset = ds.get("SpecificCharacterSet", None) or parent_charset
+    charset = ds.get("SpecificCharacterSet", None) or parent_charset  # decodes it: see rawpath
     for tag in sorted(ds._dict):
         if tag & 0xFFFF == 0 and tag >> 16 > 6:  # retired group lengths
             continue
