@@ -30,7 +30,7 @@ import io
 import struct
 from typing import TYPE_CHECKING, NamedTuple
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR
 from pydicom.filereader import read_dataset
 
 from dicomsync.deid import values
@@ -53,7 +53,7 @@ SYNTAX, CHARSET = 0x00020010, 0x00080005
 # ambiguous VRs (US or SS, OB or OW: PS3.5 6.2): bits allocated, pixel representation
 CONTEXT = frozenset({0x00080005, 0x00280100, 0x00280103})
 # what a profile that cleans text cuts out of it (``values.identifying_values``)
-IDENTIFYING = frozenset(int(tag_for_keyword(k) or 0) for k in values.IDENTIFYING)
+IDENTIFYING = frozenset(values.IDENTIFYING_TAGS)
 SOP_CLASS, SOP_INSTANCE, BURNED_IN = 0x00080016, 0x00080018, 0x00280301
 PATIENT_ID, PATIENT_NAME = 0x00100020, 0x00100010
 _PIXELS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
@@ -215,8 +215,7 @@ def _deidentify(engine: Deidentifier, data: bytes, study: StudyKeys, name: str) 
     general: list[Element] = []
     context: list[Element] = []
     originals: dict[int, str] = {}
-    cleans = engine.cleans_text
-    wanted = CONTEXT | IDENTIFYING if cleans else CONTEXT
+    wanted = CONTEXT | IDENTIFYING if engine.cleans_text else CONTEXT
     for el in elements:
         tag, vr = el.tag, el.vr
         if tag in wanted:
@@ -237,8 +236,7 @@ def _deidentify(engine: Deidentifier, data: bytes, study: StudyKeys, name: str) 
             # the general path's writer reads it decoded, so writes it re-encoded
             parts[tag] = (_charset(data[el.start : el.end], implicit), b"")
             continue
-        if vr in ("SQ", "UN") or el.undefined or (cleans and tag in IDENTIFYING):
-            # IDENTIFYING under a cleaning profile: decoded by the walk's first read
+        if vr in ("SQ", "UN") or el.undefined:
             general.append(el)
             continue
         value = data[el.value : el.end]

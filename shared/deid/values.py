@@ -11,8 +11,8 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import pydicom
-from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset
@@ -25,6 +25,7 @@ IDENTIFYING = (
     "PerformingPhysicianName", "OperatorsName", "StationName", "DeviceSerialNumber",
     "NameOfPhysiciansReadingStudy", "RequestingPhysician",
 )  # fmt: skip
+IDENTIFYING_TAGS = tuple(int(tag_for_keyword(k) or 0) for k in IDENTIFYING)
 NUMERIC_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "IS", "DS", "AT"})
 TEXT_VRS = frozenset({"LO", "SH", "LT", "ST", "UT", "UC", "CS", "AE", "UR"})
 BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
@@ -174,10 +175,13 @@ def concept_of(item: Dataset) -> str:
 
 
 def identifying_values(ds: Dataset) -> set[str]:
-    """The instance's identifying values (parts of 3 characters and longer)."""
+    """The instance's identifying values (parts of 3 characters and longer). Read from a
+    decoded copy: the data set keeps each element as read (written back as it was)."""
     values: set[str] = set()
-    for keyword in IDENTIFYING:
-        elem = ds.data_element(keyword) if keyword in ds else None
+    for tag in IDENTIFYING_TAGS:
+        elem = ds.get_item(tag)
+        if isinstance(elem, RawDataElement):
+            elem = convert_raw_data_element(elem, encoding=ds._character_set, ds=ds)
         if elem is None or elem.value in (None, ""):
             continue
         many = isinstance(elem.value, list | pydicom.multival.MultiValue)
