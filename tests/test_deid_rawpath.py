@@ -50,8 +50,8 @@ SAMPLES = [
 ]
 
 
-def engine(options: list[str]) -> Deidentifier:
-    profile = parse_profiles({"p": {"SecretEnv": "S", "Options": options}})["p"]
+def engine(options: list[str], **extra: object) -> Deidentifier:
+    profile = parse_profiles({"p": {"SecretEnv": "S", "Options": options, **extra}})["p"]
     return Deidentifier(profile, Keys(b"a test key"))
 
 
@@ -274,6 +274,9 @@ def test_burned_in_values_count_whatever_their_padding_on_both_paths(
     [
         ([], 0x00080005, b"ISO_IR 100  "),  # the general path's writer decodes the charset
         ([], 0x00080005, b"ISO_IR 100\0\0"),
+        (["keep:SpecificCharacterSet"], 0x00080005, b"ISO_IR 100  "),
+        (["remove:SpecificCharacterSet"], 0x00080005, b"ISO_IR 100  "),
+        ([], 0x00280103, b"\1\0\0"),  # a malformed PixelRepresentation: both write it
         ([], 0x00280301, b"NO  "),  # and the burned-in check reads these two
         ([], 0x00280301, b"NO\\"),
         ([], 0x00080016, b"1.2.840.10008.5.1.4.1.1.2\xe9 "),  # not ASCII: remapped
@@ -286,7 +289,10 @@ def test_odd_values_are_written_as_the_general_path_writes_them(
     options: list[str], tag: int, value: bytes
 ) -> None:
     raw = _with_value(_ct(SpecificCharacterSet="ISO_IR 100", BurnedInAnnotation="NO"), tag, value)
-    assert agrees(engine(options), raw)
+    lists = {"Keep": [o[5:] for o in options if o.startswith("keep:")]}
+    lists["Remove"] = [o[7:] for o in options if o.startswith("remove:")]
+    plain = [o for o in options if ":" not in o]
+    assert agrees(engine(plain, **lists), raw)
 
 
 def test_a_uid_written_in_another_vr_is_remapped_on_both_paths() -> None:

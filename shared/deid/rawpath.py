@@ -36,6 +36,7 @@ from pydicom.filereader import read_dataset
 from dicomsync.deid import values
 from dicomsync.deid.reading import meta_values
 from dicomsync.deid.values import (
+    DELETE,
     KEEP,
     SCANNED_VRS,
     element_header,
@@ -232,9 +233,12 @@ def _deidentify(engine: Deidentifier, data: bytes, study: StudyKeys, name: str) 
             originals[tag] = data[el.value : el.end].decode("ascii", "replace")
         if tag in encoded:  # PatientID, PatientName and the records: given
             continue
-        if tag == CHARSET and engine.actions.get(tag) is None:
-            # the general path's writer reads it decoded, so writes it re-encoded
-            parts[tag] = (_charset(data[el.start : el.end], implicit), b"")
+        if tag == CHARSET:  # the general path's writer decodes it: written re-encoded
+            charset = _charset_element(engine, el, data, implicit, study.date_offset)
+            if charset is None:
+                general.append(el)
+            elif charset:
+                parts[tag] = (charset, b"")
             continue
         if vr in ("SQ", "UN") or el.undefined:
             general.append(el)
@@ -287,6 +291,23 @@ def _deidentify(engine: Deidentifier, data: bytes, study: StudyKeys, name: str) 
     if tail is not None:
         out.append(tail)
     return b"".join(out)
+
+
+def _charset_element(
+    engine: Deidentifier, el: Element, data: bytes, implicit: bool, days: int
+) -> bytes | None:
+    """The Specific Character Set as the general path writes it (its value as the walk
+    leaves it, decoded and encoded again); b"": removed; None: for the general path."""
+    value = data[el.value : el.end]
+    action = engine.actions.get(el.tag)
+    if action is not None:
+        verdict = engine.raw_value(el.tag, el.vr, value, action, days)
+        if verdict is None or verdict is DELETE:
+            return None if verdict is None else b""
+        if isinstance(verdict, bytes):
+            value = verdict
+    header = element_header(el.tag, el.vr, len(value), implicit)
+    return None if header is None else _charset(header + value, implicit)
 
 
 def _charset(raw: bytes, implicit: bool) -> bytes:

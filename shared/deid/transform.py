@@ -171,9 +171,7 @@ class Deidentifier:
             raise DicomFileError(
                 f"{name}: cannot be de-identified ({type(exc).__name__})"
             ) from None
-        ds[PATIENT_ID] = DataElement(PATIENT_ID, "LO", study.pseudonym)
-        ds[PATIENT_NAME] = DataElement(PATIENT_NAME, "PN", study.pseudonym_name)
-        self._records(ds)
+        self._records(ds, study)
         try:
             head = write_part10(ds, IMPLEMENTATION, lambda implicit: self.encoded(study, implicit))
             if head is None:
@@ -451,6 +449,12 @@ class Deidentifier:
                 done[tag] = raw
         return done
 
-    def _records(self, ds: Dataset) -> None:
+    def _records(self, ds: Dataset, study: StudyKeys) -> None:
+        """The pseudonyms and the records put in ``ds`` as they are: pydicom's own setting
+        of a sequence would decode the data set's PixelRepresentation (to pass it to the
+        items), and so write it re-encoded, or fail on a malformed one."""
+        put = ds._dict
+        put[BaseTag(PATIENT_ID)] = DataElement(PATIENT_ID, "LO", study.pseudonym)
+        put[BaseTag(PATIENT_NAME)] = DataElement(PATIENT_NAME, "PN", study.pseudonym_name)
         for elem in self._records_template:  # shared elements: writing never changes them
-            ds[elem.tag] = elem
+            put[elem.tag] = elem

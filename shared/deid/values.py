@@ -445,4 +445,6 @@ def _text_of(ds: Dataset, tag: int) -> str:
     value = elem.value
     if isinstance(value, bytes):
         return value.decode("ascii", "replace").strip("\0 ")
+    if isinstance(value, list | pydicom.multival.MultiValue):
+        return "\\".join(str(v).strip() for v in value)
     return str(value or "").strip()
