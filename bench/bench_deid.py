@@ -24,11 +24,11 @@ from typing import Any
 import pydicom
 import requests
 from bench_plugin import COUNTER, PYTHON_PLUGIN, clear, count, drained, noisy_pixels, upload, wait
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import generate_uid
 
-from common import OrthancProcess, make_instance, report, workdir
+from common import OrthancProcess, report, workdir
+from dicomdata import make_ct
 
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 SECRET_ENV = "DICOMSYNC_BENCH_DEID_SECRET"
 PROFILE = {  # the example profile
     "Profile": "basic",
@@ -40,26 +40,7 @@ PROFILE = {  # the issue's example profile
 
 
 def ct_instance(patient: str, study_uid: str, series_uid: str, size: int) -> bytes:
-    ds = make_instance(
-        None,
-        patient_id=patient,
-        study_uid=study_uid,
-        series_uid=series_uid,
-        patient_name=f"Doe^{patient}",
-        modality="CT",
-        pixel_bytes=size,
-        PatientBirthDate="19600101",
-        AccessionNumber=f"ACC{patient}",
-        InstitutionName="General Hospital",
-        ReferringPhysicianName="Who^Doctor",
-        StationName="CT01",
-        DeviceSerialNumber="SN-12345",
-        SeriesDate="20240101",
-        AcquisitionDate="20240101",
-        ContentDate="20240101",
-        FrameOfReferenceUID=generate_uid(),
-    )
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(CT_IMAGE)
+    ds = make_ct(patient, study_uid, series_uid, pixel_bytes=size)
     if size > 64:
         ds.PixelData = noisy_pixels(len(ds.PixelData))
     buf = io.BytesIO()

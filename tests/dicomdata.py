@@ -124,6 +124,45 @@ def generate_root(root: Path, studies: int, instances: int = 2, pixel_bytes: int
             )
 
 
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def make_ct(
+    patient_id: str,
+    study_uid: str,
+    series_uid: str | None = None,
+    pixel_bytes: int = 64,
+    **tags: object,
+) -> FileDataset:
+    """A CT image with the usual identifying attributes (name, birth date, accession,
+    institution, physician, station, serial number, dates), for de-identification."""
+    usual: dict[str, object] = {
+        "PatientBirthDate": "19600101",
+        "AccessionNumber": f"ACC{patient_id}",
+        "InstitutionName": "General Hospital",
+        "ReferringPhysicianName": "Who^Doctor",
+        "StationName": "CT01",
+        "DeviceSerialNumber": "SN-12345",
+        "SeriesDate": "20240101",
+        "AcquisitionDate": "20240101",
+        "ContentDate": "20240101",
+        "FrameOfReferenceUID": generate_uid(),
+    }
+    ds = make_instance(
+        None,
+        patient_id=patient_id,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient_name=f"Doe^{patient_id}",
+        modality="CT",
+        pixel_bytes=pixel_bytes,
+    )
+    for keyword, value in (usual | tags).items():
+        setattr(ds, keyword, value)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID(CT_IMAGE)
+    return ds
+
+
 def study_bytes(patient: str, n: int, pixel_bytes: int = 64) -> list[bytes]:
     """``n`` instances of one new study of ``patient``, as DICOM files' bytes."""
     from io import BytesIO
