@@ -655,6 +655,63 @@ def test_endless_fragments_are_bounded(
         fake.stop()
 
 
+def _pdu(*pdvs: tuple[int, int, bytes]) -> bytes:
+    """One P-DATA-TF of several PDVs."""
+    items = b"".join(struct.pack(">LBB", len(d) + 2, cx, c) + d for cx, c, d in pdvs)
+    return struct.pack(">BBL", 4, 0, len(items)) + items
+
+
+def test_answers_that_share_pdus_are_each_read_whole() -> None:
+    """A peer may put the next answer's command in the PDU that ends this answer's data
+    set: every answer arrives, and the association stays usable."""
+    from dicomsync.places.dicom.association import STUDY_FIND
+
+    ident = encode(_query(), False, True) or b""
+    half = len(ident) // 2
+
+    def then(conn: socket.socket, cx: int, msg_id: int) -> None:
+        pending, final = _find_rsp(msg_id, 0xFF00, True), _find_rsp(msg_id, 0, False)
+        conn.sendall(_pdu((cx, 0x03, pending), (cx, 0x00, ident[:half])))
+        conn.sendall(_pdu((cx, 0x02, ident[half:]), (cx, 0x03, pending), (cx, 0x02, ident)))
+        conn.sendall(_pdu((cx, 0x03, final)))
+        time.sleep(5)
+
+    fake = FakePeer(then)
+    peer = Peer("fake", "127.0.0.1", fake.port, "FAKE", "US", 1.5, 16384)
+    try:
+        link = Link.open(peer, [_find_context()])
+        answers = list(link.find(1, STUDY_FIND, _query()))
+        assert [int(status.Status) for status, _ in answers] == [0xFF00, 0xFF00, 0]
+        assert [found.QueryRetrieveLevel for _, found in answers[:2]] == ["IMAGE", "IMAGE"]
+        assert link.is_established and link.alive()
+    finally:
+        fake.stop()
+
+
+def test_an_answer_that_stops_half_way_is_lost_within_its_timeout() -> None:
+    """Part of the answer comes late, then nothing: the link gives up at its Timeout,
+    not a whole Timeout after the last byte."""
+
+    def then(conn: socket.socket, cx: int, msg_id: int) -> None:
+        time.sleep(1.2)
+        conn.sendall(_pdv(cx, 0x03, _store_rsp(msg_id))[:9])
+        time.sleep(10)
+
+    fake = FakePeer(then)
+    peer = Peer("fake", "127.0.0.1", fake.port, "FAKE", "US", 1.5, 16384)
+    try:
+        link = Link.open(peer, [_storage_context()])
+        blob = _instance_bytes(generate_uid())
+        meta = payload.parse_meta(blob)
+        assert meta is not None
+        start = time.monotonic()
+        with pytest.raises(Lost, match=r"no answer within 1\.5 s"):
+            link.store(1, CT, meta[1], [memoryview(blob)[meta[3] :]], len(blob) - meta[3])
+        assert time.monotonic() - start < 2.2  # was 1.2 + 1.5 s
+    finally:
+        fake.stop()
+
+
 def _meta_only(sop: str) -> bytes:
     blob = _instance_bytes(sop)
     meta = payload.parse_meta(blob)

@@ -15,7 +15,9 @@ Contract:
   and returns an established link, or raises the mapped error (``dicom.failures``):
   rejected, refused contexts (none accepted), unreachable / TLS failure, or closed.
 - One operation at a time, from one thread (the pool hands a link to one user). Every
-  write has the socket's ``Timeout``; every answer must arrive within ``Timeout``.
+  write has the socket's ``Timeout``; every answer must arrive within ``Timeout`` (one
+  that trickles in: ``Timeout`` + 1 s). Answers may share P-DATA-TF PDUs: PDVs left
+  over from one message's last PDU begin the next.
 - C-STORE: the command and the dataset parts are framed as P-DATA-TF PDUs no longer
   than the peer's maximum length and written with ``sendmsg`` of header / memoryview
   pairs (a TLS socket: joined per megabyte), never copying a plain socket's data.
@@ -37,8 +39,8 @@ import logging
 import select
 import socket
 import ssl
-import struct
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from io import BytesIO
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -65,6 +67,8 @@ from dicomsync.places.dicom.wire import (
     find_command,
     frames,
     parse_command,
+    sendv,
+    split_pdvs,
     status_of,
     store_command,
     us_value,
@@ -79,7 +83,6 @@ CHUNK = 1 << 20  # bytes handed to one sendmsg at most
 UNLIMITED = 1 << 20  # our PDV size when the peer sets no maximum length
 SLACK = 1 << 16  # a peer's PDU may exceed our maximum by this much (associate answers)
 NO_MAX_LIMIT = 16 << 20  # the largest PDU we read when we set no maximum length
-IOV_MAX = 1024
 MAX_COMMAND = 64 << 10  # the largest command set of an answer we accept
 MAX_DATASET = 16 << 20  # the largest dataset of one answer we accept (a C-FIND identifier)
 MAX_ANSWERS = 100_000  # C-FIND answers to one query at most
@@ -101,6 +104,7 @@ class Link:
         self.is_established = True
         self._plain = type(sock) is socket.socket
         self._buf = bytearray()
+        self._pdvs: deque[tuple[int, int, bytes]] = deque()  # read, not yet consumed
         self._msg_id = 0
 
     # --- opening --------------------------------------------------------------------
@@ -189,17 +193,7 @@ class Link:
 
     # --- writing --------------------------------------------------------------------
     def _sendv(self, bufs: list[Any]) -> None:
-        if not self._plain:  # an ssl socket has no sendmsg
-            self.sock.sendall(b"".join(bufs))
-            return
-        i = 0
-        while i < len(bufs):
-            sent = self.sock.sendmsg(bufs[i : i + IOV_MAX])
-            while i < len(bufs) and sent >= len(bufs[i]):
-                sent -= len(bufs[i])
-                i += 1
-            if sent:
-                bufs[i] = memoryview(bufs[i])[sent:]
+        sendv(self.sock, bufs, self._plain)
 
     def _request(
         self, cx: int, command: bytes, parts: Iterable[bytes | memoryview], size: int
@@ -229,23 +223,37 @@ class Link:
 
     # --- reading --------------------------------------------------------------------
     def _fill(self, n: int, deadline: float) -> None:
-        while len(self._buf) < n:
-            if time.monotonic() > deadline:
-                raise Lost(f"no answer within {self.peer.timeout:g} s")
-            if _QUICKACK:  # acknowledge at once: a peer with Nagle on waits for our ACK
+        """Read until ``n`` bytes are buffered, by ``deadline``; past a second's wait each
+        read waits only for what is left (the socket's own timeout is set back after)."""
+        shortened = False
+        try:
+            while len(self._buf) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Lost(f"no answer within {self.peer.timeout:g} s")
+                if left < self.peer.timeout - 1.0:
+                    self.sock.settimeout(left)  # a system call: only on a slow answer
+                    shortened = True
+                if _QUICKACK:  # acknowledge at once: a peer with Nagle on waits for our ACK
+                    try:
+                        self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                    except OSError:
+                        pass
                 try:
-                    self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+                    data = self.sock.recv(max(65536, n - len(self._buf)))
+                except TimeoutError:
+                    raise Lost(f"no answer within {self.peer.timeout:g} s") from None
+                except OSError as exc:
+                    raise Lost(f"the connection failed: {exc}") from None
+                if not data:
+                    raise Lost("the peer closed the connection")
+                self._buf += data
+        finally:
+            if shortened:
+                try:
+                    self.sock.settimeout(self.peer.timeout)
                 except OSError:
                     pass
-            try:
-                data = self.sock.recv(max(65536, n - len(self._buf)))
-            except TimeoutError:
-                raise Lost(f"no answer within {self.peer.timeout:g} s") from None
-            except OSError as exc:
-                raise Lost(f"the connection failed: {exc}") from None
-            if not data:
-                raise Lost("the peer closed the connection")
-            self._buf += data
 
     def _read_pdu(self, deadline: float) -> tuple[int, bytes]:
         """The next PDU: its type and its whole bytes (header included)."""
@@ -260,6 +268,17 @@ class Link:
         del self._buf[: 6 + length]
         return kind, pdu
 
+    def _next_pdv(self, deadline: float) -> tuple[int, int, bytes]:
+        """The next PDV (context, control header, fragment): a P-DATA-TF may carry several,
+        and the rest of one message's last PDU may begin the next message."""
+        while not self._pdvs:
+            kind, pdu = self._read_pdu(deadline)
+            if kind != 0x04:
+                what = {0x05: "asked to release mid-operation", 0x07: "aborted"}
+                raise Lost(f"the peer {what.get(kind, f'sent PDU type 0x{kind:02X}')}")
+            self._pdvs.extend(split_pdvs(pdu))
+        return self._pdvs.popleft()
+
     def _answer(self, cx: int, msg_id: int, field: int) -> tuple[dict[int, bytes], bytes | None]:
         """The next DIMSE message on ``cx``: the answer ``field`` to ``msg_id``; its
         command and its dataset's bytes (None without one)."""
@@ -267,50 +286,33 @@ class Link:
         command, data = bytearray(), bytearray()
         parsed: dict[int, bytes] | None = None
         while True:
-            kind, pdu = self._read_pdu(deadline)
-            if kind != 0x04:
-                what = {0x05: "asked to release mid-operation", 0x07: "aborted"}
-                raise Lost(f"the peer {what.get(kind, f'sent PDU type 0x{kind:02X}')}")
-            pos = 6
-            while pos < len(pdu):
-                if pos + 6 > len(pdu):
-                    raise Lost("a malformed P-DATA-TF")
-                (item_len,) = struct.unpack_from(">L", pdu, pos)
-                their_cx, control = pdu[pos + 4], pdu[pos + 5]
-                end = pos + 4 + item_len
-                if item_len < 2 or end > len(pdu):
-                    raise Lost("a malformed P-DATA-TF")
-                if their_cx != cx:
-                    raise Lost(f"an answer on context {their_cx}, not {cx}")
-                if control & 1:
-                    if parsed is not None:
-                        raise Lost("a second command set")
-                    command += pdu[pos + 6 : end]
-                    if len(command) > MAX_COMMAND:
-                        raise Lost(f"a command set over {MAX_COMMAND} bytes")
-                    if control & 2:
-                        parsed = parse_command(command)
-                        if us_value(parsed, 0x0100) != field:
-                            raise Lost(
-                                f"an unexpected command 0x{us_value(parsed, 0x0100) or 0:04X}"
-                            )
-                        if us_value(parsed, 0x0120) != msg_id:
-                            raise Lost(
-                                f"an answer to message {us_value(parsed, 0x0120)}, not {msg_id}"
-                            )
-                        if us_value(parsed, 0x0900) is None:
-                            raise Lost("an answer without a status")
-                        if us_value(parsed, 0x0800) == NO_DATASET:
-                            return parsed, None
-                elif parsed is None:
-                    raise Lost("a dataset before its command")
-                else:
-                    data += pdu[pos + 6 : end]
-                    if len(data) > MAX_DATASET:
-                        raise Lost(f"an answer's data set over {MAX_DATASET} bytes")
-                    if control & 2:
-                        return parsed, bytes(data)
-                pos = end
+            their_cx, control, fragment = self._next_pdv(deadline)
+            if their_cx != cx:
+                raise Lost(f"an answer on context {their_cx}, not {cx}")
+            if control & 1:
+                if parsed is not None:
+                    raise Lost("a second command set")
+                command += fragment
+                if len(command) > MAX_COMMAND:
+                    raise Lost(f"a command set over {MAX_COMMAND} bytes")
+                if control & 2:
+                    parsed = parse_command(command)
+                    if us_value(parsed, 0x0100) != field:
+                        raise Lost(f"an unexpected command 0x{us_value(parsed, 0x0100) or 0:04X}")
+                    if us_value(parsed, 0x0120) != msg_id:
+                        raise Lost(f"an answer to message {us_value(parsed, 0x0120)}, not {msg_id}")
+                    if us_value(parsed, 0x0900) is None:
+                        raise Lost("an answer without a status")
+                    if us_value(parsed, 0x0800) == NO_DATASET:
+                        return parsed, None
+            elif parsed is None:
+                raise Lost("a dataset before its command")
+            else:
+                data += fragment
+                if len(data) > MAX_DATASET:
+                    raise Lost(f"an answer's data set over {MAX_DATASET} bytes")
+                if control & 2:
+                    return parsed, bytes(data)
 
     def _guard(self, op: Any) -> Any:
         try:
@@ -383,7 +385,9 @@ class Link:
     # --- ending ---------------------------------------------------------------------
     def alive(self) -> bool:
         """Established, and nothing has arrived since the last answer."""
-        if not self.is_established or self._buf or getattr(self.sock, "pending", int)():
+        if not self.is_established or self._buf or self._pdvs:
+            return False
+        if getattr(self.sock, "pending", int)():
             return False
         try:
             poller = select.poll()

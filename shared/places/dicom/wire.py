@@ -9,6 +9,7 @@ anything malformed raises ``Lost`` (the association cannot be trusted after it).
 
 from __future__ import annotations
 
+import socket
 import struct
 from collections.abc import Iterator
 from io import BytesIO
@@ -55,6 +56,41 @@ class Lost(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+IOV_MAX = 1024  # buffers per sendmsg
+
+
+def sendv(sock: socket.socket, bufs: list[Any], plain: bool) -> None:
+    """Write ``bufs`` whole: by ``sendmsg`` of up to ``IOV_MAX`` buffers on a plain socket
+    (no copy), joined on a TLS one (an ``ssl`` socket has no ``sendmsg``)."""
+    if not plain:
+        sock.sendall(b"".join(bufs))
+        return
+    i = 0
+    while i < len(bufs):
+        sent = sock.sendmsg(bufs[i : i + IOV_MAX])
+        while i < len(bufs) and sent >= len(bufs[i]):
+            sent -= len(bufs[i])
+            i += 1
+        if sent:
+            bufs[i] = memoryview(bufs[i])[sent:]
+
+
+def split_pdvs(pdu: bytes) -> list[tuple[int, int, bytes]]:
+    """A P-DATA-TF's PDVs: (context ID, message control header, fragment) each; ``Lost``
+    for a malformed one."""
+    pos, out = 6, []
+    while pos < len(pdu):
+        if pos + 6 > len(pdu):
+            raise Lost("a malformed P-DATA-TF")
+        (item_len,) = struct.unpack_from(">L", pdu, pos)
+        end = pos + 4 + item_len
+        if item_len < 2 or end > len(pdu):
+            raise Lost("a malformed P-DATA-TF")
+        out.append((pdu[pos + 4], pdu[pos + 5], pdu[pos + 6 : end]))
+        pos = end
+    return out
 
 
 def store_command(msg_id: int, sop_class: str, sop_uid: str, priority: int = 2) -> bytes:
