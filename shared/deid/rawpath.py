@@ -19,7 +19,7 @@ VR and bytes by the walk's own rules (``Deidentifier.raw_value``, ``text_uids``)
 
 The output is byte for byte the general path's (``tests/test_deid_rawpath.py`` checks
 every test file and its variants). ``None``, and the general path runs, for anything
-else: a non-ASCII pseudonym, another transfer syntax, encapsulated or float pixel data, elements after
+else: an explicit VR the dictionary does not give the attribute, a non-ASCII pseudonym, another transfer syntax, encapsulated or float pixel data, elements after
 the Pixel Data, an ambiguous VR with a listed action, tags out of order, any header it
 cannot read. Pure, thread-safe.
 """
@@ -170,6 +170,13 @@ def _skip_elements(data: bytes, pos: int, implicit: bool, depth: int) -> int | N
     return None
 
 
+def _dictionary_agrees(tag: int, vr: str) -> bool:
+    """Whether an explicit ``vr`` is one the dictionary gives ``tag`` (any VR for a tag
+    it does not know, and UN, which the general path resolves from the dictionary)."""
+    known = _dictionary_vr(tag)
+    return vr == known or vr == "UN" or known == "UN" or vr in known.split(" or ")
+
+
 def _dictionary_vr(tag: int) -> str:
     vr = _VRS.get(tag)
     if vr is None:
@@ -229,6 +236,8 @@ def _deidentify(engine: Deidentifier, data: bytes, study: StudyKeys, name: str) 
             continue
         if tag < 0x00080000:
             return None
+        if not implicit and not _dictionary_agrees(tag, vr):
+            return None  # a VR the dictionary does not give it: pydicom judges the value
         if tag in (SOP_CLASS, BURNED_IN):
             originals[tag] = data[el.value : el.end].decode("ascii", "replace")
         if tag in encoded:  # PatientID, PatientName and the records: given
