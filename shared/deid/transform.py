@@ -61,6 +61,7 @@ from dicomsync.deid.burned_in import as_text
 from dicomsync.deid.keys import Keys
 from dicomsync.deid.options import Profile
 from dicomsync.deid.reading import read_header
+from dicomsync.deid.records import Records
 from dicomsync.deid.values import (
     BINARY_VRS,
     DELETE,
@@ -72,7 +73,6 @@ from dicomsync.deid.values import (
     TEXT_VRS,
     Verdict,
     concept_of,
-    encode_elements,
     identifying_values,
     map_values,
     meta_for_dcmwrite,
@@ -81,7 +81,6 @@ from dicomsync.deid.values import (
     remap_uids_text,
     scrubber,
     shift,
-    text_element,
     vr_of,
     write_part10,
 )
@@ -137,11 +136,7 @@ class Deidentifier:
         # whether a chosen option's column cleans (C) a value that is no date or time;
         # the Basic Profile alone never does
         self.cleans_text = table.cleans_text(profile.options)
-        self._records_template = self._make_records()
-        self._records_encoded = {
-            implicit: encode_elements(self._records_template, implicit)
-            for implicit in (True, False)
-        }
+        self.records = Records(profile)
 
     def uid(self, uid: str) -> str:
         return uid if self.retain_uids else self.keys.uid(uid)
@@ -171,7 +166,7 @@ class Deidentifier:
             raise DicomFileError(
                 f"{name}: cannot be de-identified ({type(exc).__name__})"
             ) from None
-        self._records(ds, study)
+        self.records.put(ds, study.pseudonym, study.pseudonym_name)
         try:
             head = write_part10(ds, IMPLEMENTATION, lambda implicit: self.encoded(study, implicit))
             if head is None:
@@ -413,48 +408,6 @@ class Deidentifier:
                 return  # a private creator, or a number: nothing that names anyone
         del ds[elem.tag]
 
-    # --- records and file meta ------------------------------------------------------------
-    def _make_records(self) -> Dataset:
-        """The records every output carries, made once per profile."""
-        options = self.profile.options
-        ds = Dataset()
-        ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = [self.profile.method().split(";")[0]] + [
-            o for o in table.COLUMNS if o in options
-        ]
-        items = []
-        for value, meaning in self.profile.codes():
-            item = Dataset()
-            item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
-            items.append(item)
-        ds.DeidentificationMethodCodeSequence = Sequence(items)
-        if "retain-longitudinal-full-dates" in options:
-            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
-        elif "retain-longitudinal-modified-dates" in options:
-            ds.LongitudinalTemporalInformationModified = "MODIFIED"
-        else:
-            ds.LongitudinalTemporalInformationModified = "REMOVED"
-        return ds
-
+    # --- records ------------------------------------------------------------------------
     def encoded(self, study: StudyKeys, implicit: bool) -> dict[int, bytes]:
-        """The elements every output of ``study`` shares, encoded once: the records and,
-        when they are ASCII, the pseudonyms (else pydicom encodes them in the charset)."""
-        done = dict(self._records_encoded[implicit])
-        for tag, vr, value in (
-            (PATIENT_ID, "LO", study.pseudonym),
-            (PATIENT_NAME, "PN", study.pseudonym_name),
-        ):
-            raw = text_element(tag, vr, value, implicit)
-            if raw is not None:
-                done[tag] = raw
-        return done
-
-    def _records(self, ds: Dataset, study: StudyKeys) -> None:
-        """The pseudonyms and the records put in ``ds`` as they are: pydicom's own setting
-        of a sequence would decode the data set's PixelRepresentation (to pass it to the
-        items), and so write it re-encoded, or fail on a malformed one."""
-        put = ds._dict
-        put[BaseTag(PATIENT_ID)] = DataElement(PATIENT_ID, "LO", study.pseudonym)
-        put[BaseTag(PATIENT_NAME)] = DataElement(PATIENT_NAME, "PN", study.pseudonym_name)
-        for elem in self._records_template:  # shared elements: writing never changes them
-            put[elem.tag] = elem
+        return self.records.encoded(study.pseudonym, study.pseudonym_name, implicit)
