@@ -8,20 +8,23 @@ elements are found by their headers alone (``scan``), and each is decided from i
 VR and bytes by the walk's own rules (``Deidentifier.raw_value``, ``text_uids``):
 
 - kept elements are copied, their headers packed as the writer packs them;
-- group lengths and private elements are dropped (the table's private row is ``X``);
+- group lengths are dropped, and private elements unless the profile keeps safe ones
+  (then the walk judges them);
 - sequences, ``UN``, undefined lengths and the values a rule must decode are read by
-  pydicom as one small data set (with the instance's Specific Character Set), walked
-  by ``Deidentifier._walk`` and written by the writer, exactly as the general path
-  would;
+  pydicom as one small data set (with the ``CONTEXT`` their decoding reads), walked by
+  ``Deidentifier.walk`` and written by the writer, exactly as the general path would;
+- the Specific Character Set is written decoded and encoded again, as the general
+  path's writer writes it;
 - PatientID, PatientName and the records are the profile's encoded elements;
 - under a profile that cleans text, the instance's identifying values are read with the
   values to clean, as the general path reads them.
 
 The output is byte for byte the general path's (``tests/test_deid_rawpath.py`` checks
-every test file and its variants). ``None``, and the general path runs, for anything
-else: an explicit VR the dictionary does not give the attribute, a non-ASCII pseudonym, another transfer syntax, encapsulated or float pixel data, elements after
-the Pixel Data, an ambiguous VR with a listed action, tags out of order, any header it
-cannot read. Pure, thread-safe.
+every test file, variants, odd values and hostile mutations). ``None``, and the general
+path runs, for anything else: another transfer syntax, encapsulated or float pixel
+data, elements after the Pixel Data, an explicit VR the dictionary does not give the
+attribute, an ambiguous VR with a listed action, a non-ASCII pseudonym, tags out of
+order, any header it cannot read, any value it cannot handle. Pure, thread-safe.
 """
 
 from __future__ import annotations
