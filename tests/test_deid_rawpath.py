@@ -164,7 +164,7 @@ def _with_data_set(raw: bytes, body: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("case", "options"),
     [
-        ("encapsulated pixel data", []),
+        ("a deflated data set", []),
         ("elements after the pixel data", []),
         ("big endian", []),
         ("tags out of order", []),
@@ -177,8 +177,8 @@ def _with_data_set(raw: bytes, body: bytes) -> bytes:
 )
 def test_the_byte_path_declines_what_it_does_not_read(case: str, options: list[str]) -> None:
     raw = _ct()
-    if case == "encapsulated pixel data":
-        raw = data("images", "JPGExtended.dcm").read_bytes()
+    if case == "a deflated data set":
+        raw = data("odd", "image_dfl.dcm").read_bytes()
     elif case == "elements after the pixel data":
         raw = data("images", "CT_small.dcm").read_bytes()  # trailing padding (FFFC,FFFC)
     elif case == "big endian":
@@ -204,6 +204,22 @@ def test_the_byte_path_declines_what_it_does_not_read(case: str, options: list[s
         ds.save_as(out, enforce_file_format=False)
         raw = out.getvalue()
     assert rawpath.deidentify(engine(options), raw, STUDY, "x.dcm") is None
+
+
+@pytest.mark.parametrize("name", ["JPGExtended.dcm", "emri_small_jpeg_2k_lossless.dcm"])
+def test_compressed_instances_take_the_byte_path_their_fragments_copied(name: str) -> None:
+    """Encapsulated pixel data that ends the file is copied as it is, by both paths."""
+    raw = data("images", name).read_bytes()
+    eng = engine(["allow-burned-in"])
+    assert agrees(eng, raw)
+    out = pydicom.dcmread(io.BytesIO(eng.instance(raw, STUDY)))
+    assert out.PixelData == pydicom.dcmread(io.BytesIO(raw)).PixelData
+    assert (
+        out.file_meta.TransferSyntaxUID
+        == pydicom.dcmread(io.BytesIO(raw)).file_meta.TransferSyntaxUID
+    )
+    cut = raw[:-8]  # the fragments' delimiter missing: not the usual file
+    assert rawpath.deidentify(eng, cut, STUDY, "x.dcm") is None
 
 
 def test_a_pseudonym_that_is_not_ascii_is_left_to_the_general_path() -> None:

@@ -21,10 +21,11 @@ VR and bytes by the walk's own rules (``Deidentifier.raw_value``, ``text_uids``)
 
 The output is byte for byte the general path's (``tests/test_deid_rawpath.py`` checks
 every test file, variants, odd values and hostile mutations). ``None``, and the general
-path runs, for anything else: another transfer syntax, encapsulated or float pixel
-data, elements after the Pixel Data, an explicit VR the dictionary does not give the
-attribute, an ambiguous VR with a listed action, a non-ASCII pseudonym, tags out of
-order, any header it cannot read, any value it cannot handle. Pure, thread-safe.
+path runs, for anything else: big endian, deflate or a private transfer syntax, float
+pixel data, elements after the Pixel Data, an explicit VR the dictionary does not give
+the attribute, an ambiguous VR with a listed action, a non-ASCII pseudonym, tags out of
+order, any header it cannot read, any value it cannot handle. Encapsulated pixel data
+that ends the file is copied as native pixel data is. Pure, thread-safe.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.filereader import read_dataset
 
 from dicomsync.deid import values
-from dicomsync.deid.reading import meta_values
+from dicomsync.deid.reading import meta_values, pixel_tail_at
 from dicomsync.deid.values import (
     DELETE,
     KEEP,
@@ -45,7 +46,6 @@ from dicomsync.deid.values import (
     element_header,
     encode_each,
     part10_meta,
-    pixel_tail_at,
 )
 from dicomsync.errors import DeidentificationRefused
 

@@ -60,7 +60,7 @@ from dicomsync.deid import burned_in, rawpath, table
 from dicomsync.deid.burned_in import as_text
 from dicomsync.deid.keys import Keys
 from dicomsync.deid.options import Profile
-from dicomsync.deid.reading import read_header
+from dicomsync.deid.reading import pixel_tail, read_header
 from dicomsync.deid.records import Records
 from dicomsync.deid.values import (
     BINARY_VRS,
@@ -76,7 +76,6 @@ from dicomsync.deid.values import (
     identifying_values,
     map_values,
     meta_for_dcmwrite,
-    pixel_tail,
     remap_uids,
     remap_uids_text,
     scrubber,

@@ -17,6 +17,8 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset
 
+from dicomsync.deid.reading import little_endian_syntax
+
 CONCEPT_NAME = 0x0040A043
 # Values that name the patient, staff, site or device: cut out of cleaned text.
 IDENTIFYING = (
@@ -123,37 +125,6 @@ def remap_uids_text(value: str, uid: Callable[[str], str]) -> str:
     return value if new is None else new.decode("utf-8", "surrogateescape")
 
 
-_PIXEL_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
-_LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN")
-
-
-def pixel_tail(data: bytes, pos: int, ds: Dataset) -> memoryview | None:
-    """The Pixel Data element's bytes, when it is the file's last element with a defined
-    length in a little-endian, not deflated encoding: then it is copied as it is, never
-    decoded. None otherwise (no pixel data, encapsulated, elements after it, big endian,
-    deflate): the caller reads the whole file."""
-    meta = getattr(ds, "file_meta", None)
-    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if syntax not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"):
-        return None
-    return pixel_tail_at(data, pos, syntax == "1.2.840.10008.1.2")
-
-
-def pixel_tail_at(data: bytes, pos: int, implicit: bool) -> memoryview | None:
-    """``pixel_tail`` of a little-endian data set, ``implicit`` VR or explicit."""
-    if data[pos : pos + 4] != _PIXEL_TAG:
-        return None
-    if implicit:  # tag, 4-byte length
-        header, length = 8, int.from_bytes(data[pos + 4 : pos + 8], "little")
-    elif data[pos + 4 : pos + 6] in _LONG_VRS:  # tag, VR, 2 reserved, 4-byte length
-        header, length = 12, int.from_bytes(data[pos + 8 : pos + 12], "little")
-    else:
-        return None
-    if length == 0xFFFFFFFF or pos + header + length != len(data):
-        return None
-    return memoryview(data)[pos:]
-
-
 def vr_of(ds: Dataset, tag: int) -> str:
     """An element's VR without decoding its value (implicit VR: the dictionary's)."""
     raw = ds.get_item(tag)
@@ -219,11 +190,15 @@ def write_part10(
     (together half the time of a small instance). ``encoded(implicit)`` gives elements
     already encoded (tag -> header and value, little endian, in that VR encoding): they
     are written as they are, in their place, instead of the data set's own (the
-    de-identification records, the same for every instance, encoded once). None for an encoding it does not handle
-    (compressed, deflate, a private syntax) or without SOP UIDs: the caller uses
-    ``dcmwrite``."""
+    de-identification records, the same for every instance, encoded once). Encapsulated
+    (compressed) syntaxes are written too: their data set is explicit VR Little Endian.
+    None for an encoding it does not handle (deflate, a private syntax) or without SOP
+    UIDs: the caller uses ``dcmwrite``."""
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if "file_meta" in ds.__dict__ else ""
-    encoding = _ENCODINGS.get(syntax)
+    implicit = little_endian_syntax(syntax)  # encapsulated syntaxes too: explicit VR LE
+    encoding: tuple[bool, bool] | None = _ENCODINGS.get(syntax)
+    if encoding is None and implicit is not None:
+        encoding = (implicit, True)
     sop_class, sop_instance = _text_of(ds, 0x00080016), _text_of(ds, 0x00080018)
     if encoding is None or not sop_class or not sop_instance:
         return None
