@@ -9,10 +9,6 @@ each of several values counts, its padding ignored. Pure.
 
 from __future__ import annotations
 
-from typing import Any
-
-import pydicom
-
 from dicomsync.errors import DeidentificationRefused
 
 # SOP classes that carry burned-in text as a rule: the Secondary Capture family and
@@ -31,19 +27,11 @@ CLASSES = {
 }
 
 
-def as_text(elem: Any) -> str:
-    """An element's value as text, several values joined by a backslash: as read (bytes,
-    decoded as ASCII) or decoded."""
-    value = getattr(elem, "value", None)
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
-        return "\\".join(str(v) for v in value)
-    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+_PADDING = "".join(map(chr, range(33)))  # spaces, NULs, control characters
 
 
 def values_of(text: str) -> list[str]:
-    return [v.strip("".join(map(chr, range(33)))) for v in text.split("\\")]
+    return [v.strip(_PADDING) for v in text.split("\\")]
 
 
 def refuse(sop_class: str, burned: str, name: str) -> None:

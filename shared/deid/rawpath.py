@@ -40,9 +40,14 @@ from pydicom.filereader import read_dataset
 from dicomsync.deid import values
 from dicomsync.deid.reading import meta_values, pixel_tail_at
 from dicomsync.deid.values import (
+    BURNED_IN,
     DELETE,
     KEEP,
+    PATIENT_ID,
+    PATIENT_NAME,
     SCANNED_VRS,
+    SOP_CLASS,
+    SOP_INSTANCE,
     element_header,
     encode_each,
     part10_meta,
@@ -58,8 +63,6 @@ SYNTAX, CHARSET = 0x00020010, 0x00080005
 CONTEXT = frozenset({0x00080005, 0x00280100, 0x00280103})
 # what a profile that cleans text cuts out of it (``values.identifying_values``)
 IDENTIFYING = frozenset(values.IDENTIFYING_TAGS)
-SOP_CLASS, SOP_INSTANCE, BURNED_IN = 0x00080016, 0x00080018, 0x00280301
-PATIENT_ID, PATIENT_NAME = 0x00100020, 0x00100010
 _PIXELS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
 UNDEFINED = 0xFFFFFFFF
 MAX_DEPTH = 32  # nested sequences skipped by headers; deeper: the general path
@@ -283,11 +286,8 @@ def _deidentify(engine: Deidentifier, data: bytes, study: StudyKeys, name: str) 
                 return None
     engine.refuse_burned_in(originals.get(SOP_CLASS, ""), originals.get(BURNED_IN, ""), name)
     pieces: dict[int, tuple[bytes, ...] | tuple[bytes, bytes | memoryview]] = dict(parts)
-    if general:
-        try:
-            written = _general(engine, data, general, context, implicit, study)
-        except Exception:  # pydicom raises many kinds; the general path says which
-            return None
+    if general:  # pydicom's failures here: ``deidentify`` declines
+        written = _general(engine, data, general, context, implicit, study)
         pieces.update((tag, (raw,)) for tag, raw in written)
     pieces.update((tag, (raw,)) for tag, raw in encoded.items())
     sop_class, sop_instance = _text(pieces.get(SOP_CLASS)), _text(pieces.get(SOP_INSTANCE))

@@ -16,9 +16,7 @@ from pydicom.tag import BaseTag
 
 from dicomsync.deid import table
 from dicomsync.deid.options import Profile
-from dicomsync.deid.values import encode_elements, text_element
-
-PATIENT_ID, PATIENT_NAME = 0x00100020, 0x00100010
+from dicomsync.deid.values import PATIENT_ID, PATIENT_NAME, encode_elements, text_element
 
 
 class Records:

@@ -57,21 +57,25 @@ from pydicom.tag import BaseTag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from dicomsync.deid import burned_in, rawpath, table
-from dicomsync.deid.burned_in import as_text
 from dicomsync.deid.keys import Keys
 from dicomsync.deid.options import Profile
 from dicomsync.deid.reading import pixel_tail, read_header
 from dicomsync.deid.records import Records
 from dicomsync.deid.values import (
     BINARY_VRS,
+    BURNED_IN,
     DELETE,
     DUMMY,
     KEEP,
     NUMERIC_VRS,
+    PATIENT_ID,
+    PATIENT_NAME,
     RAW_VRS,
     SCANNED_VRS,
+    SOP_CLASS,
     TEXT_VRS,
     Verdict,
+    as_text,
     concept_of,
     identifying_values,
     map_values,
@@ -85,8 +89,6 @@ from dicomsync.deid.values import (
 )
 from dicomsync.errors import DicomFileError
 
-PATIENT_ID, PATIENT_NAME = 0x00100020, 0x00100010
-SOP_CLASS, BURNED_IN = 0x00080016, 0x00280301
 CONTENT_SEQUENCE, TEXT_VALUE = 0x0040A730, 0x0040A160
 # DCM concepts of TID 1004 Device Observer Identifying Attributes
 DEVICE_CONCEPTS = frozenset({"121012", "121013", "121014", "121015", "121016", "121017"})

@@ -20,6 +20,8 @@ from pydicom.filewriter import write_data_element, write_dataset
 from dicomsync.deid.reading import little_endian_syntax
 
 CONCEPT_NAME = 0x0040A043
+SOP_CLASS, SOP_INSTANCE, BURNED_IN = 0x00080016, 0x00080018, 0x00280301
+PATIENT_ID, PATIENT_NAME = 0x00100020, 0x00100010
 # Values that name the patient, staff, site or device: cut out of cleaned text.
 IDENTIFYING = (
     "PatientName", "PatientID", "OtherPatientIDs", "PatientBirthDate", "AccessionNumber",
@@ -171,11 +173,7 @@ def scrubber(values: set[str]) -> re.Pattern[str] | None:
     return re.compile(alternatives, re.IGNORECASE)
 
 
-_ENCODINGS = {  # transfer syntax -> (implicit VR, little endian); others: pydicom's dcmwrite
-    "1.2.840.10008.1.2": (True, True),
-    "1.2.840.10008.1.2.1": (False, True),
-    "1.2.840.10008.1.2.2": (False, False),
-}
+BIG_ENDIAN = "1.2.840.10008.1.2.2"  # Explicit VR Big Endian (retired): pydicom's writer
 
 
 def write_part10(
@@ -196,10 +194,10 @@ def write_part10(
     UIDs: the caller uses ``dcmwrite``."""
     syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if "file_meta" in ds.__dict__ else ""
     implicit = little_endian_syntax(syntax)  # encapsulated syntaxes too: explicit VR LE
-    encoding: tuple[bool, bool] | None = _ENCODINGS.get(syntax)
-    if encoding is None and implicit is not None:
+    encoding = (False, False) if syntax == BIG_ENDIAN else None
+    if implicit is not None:
         encoding = (implicit, True)
-    sop_class, sop_instance = _text_of(ds, 0x00080016), _text_of(ds, 0x00080018)
+    sop_class, sop_instance = _text_of(ds, SOP_CLASS), _text_of(ds, SOP_INSTANCE)
     if encoding is None or not sop_class or not sop_instance:
         return None
     fp = DicomBytesIO()
@@ -292,14 +290,13 @@ def _write_little_endian(
 def _write_element(fp: DicomBytesIO, ds: Dataset, tag: Any, implicit: bool, charset: Any) -> None:
     elem = ds._dict[tag]
     value = getattr(elem, "value", None)
-    group, element = tag >> 16, tag & 0xFFFF
     if (
         isinstance(elem, RawDataElement)
         and isinstance(value, bytes)
         and elem.length != 0xFFFFFFFF
         and (implicit or elem.VR)
     ):
-        header = element_header(group << 16 | element, str(elem.VR), len(value), implicit)
+        header = element_header(int(tag), str(elem.VR), len(value), implicit)
         if header is not None:
             fp.write(header)
             fp.write(value)
@@ -412,14 +409,17 @@ def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
 
 
-def _text_of(ds: Dataset, tag: int) -> str:
-    """A UI value as text, decoded or still raw."""
-    if tag not in ds:
+def as_text(elem: Any) -> str:
+    """An element's value as text, several values joined by a backslash: as read (bytes,
+    decoded as ASCII) or decoded."""
+    value = getattr(elem, "value", None)
+    if value is None:
         return ""
-    elem = ds.get_item(tag)
-    value = elem.value
-    if isinstance(value, bytes):
-        return value.decode("ascii", "replace").strip("\0 ")
-    if isinstance(value, list | pydicom.multival.MultiValue):
-        return "\\".join(str(v).strip() for v in value)
-    return str(value or "").strip()
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _text_of(ds: Dataset, tag: int) -> str:
+    """A UI value as text, decoded or still raw, its padding stripped."""
+    return as_text(ds.get_item(tag)).strip("\0 ")

@@ -192,9 +192,6 @@ class Link:
         return None
 
     # --- writing --------------------------------------------------------------------
-    def _sendv(self, bufs: list[Any]) -> None:
-        sendv(self.sock, bufs, self._plain)
-
     def _request(
         self, cx: int, command: bytes, parts: Iterable[bytes | memoryview], size: int
     ) -> None:
@@ -210,10 +207,10 @@ class Link:
                 queued += len(view)
                 if queued >= CHUNK:
                     written = True
-                    self._sendv(bufs)
+                    sendv(self.sock, bufs, self._plain)
                     bufs, queued = [], 0
             written = True
-            self._sendv(bufs)
+            sendv(self.sock, bufs, self._plain)
         except OSError as exc:
             self._lose(f"the connection failed: {str(exc) or 'timeout'}", abort=False)
         except BaseException:
