@@ -43,9 +43,10 @@ from dicomsync.places.dicom.link import Link, Lost, parse_command, store_command
 from dicomsync.places.dicom.store import StoreScu
 
 from dicom_peers import StoreScp, dicom_orthanc
+from dicomdata import data_dir
 from orthanc_server import OrthancProcess
 
-DATA = Path("/work/shared/data/dicom")
+DATA = data_dir()
 CT_SMALL = DATA / "images" / "CT_small.dcm"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -24,13 +24,14 @@ from dicomsync.places.dicom.association import Peer
 from dicomsync.places.dicom.connections import Connections
 from dicomsync.places.dicom.retrieve import MoveScp
 
+from dicomdata import data_dir
 from orthanc_server import free_port
 
 CTImageStorage = "1.2.840.10008.5.1.4.1.1.2"
 MRImageStorage = "1.2.840.10008.5.1.4.1.1.4"
 MOVE = "1.2.840.10008.5.1.4.1.2.2.2"  # Study Root Q/R - MOVE
 
-DATA = Path("/work/shared/data/dicom/images")
+DATA = data_dir() / "images"
 STUDY = "1.2.3.4.5"
 
 

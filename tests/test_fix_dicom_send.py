@@ -31,11 +31,12 @@ from dicomsync.places.dicom.association import Peer
 from dicomsync.places.dicom.connections import Connections
 from dicomsync.places.dicom.store import StoreScu
 
+from dicomdata import data_dir
 from orthanc_server import free_port
 
 CTImageStorage = "1.2.840.10008.5.1.4.1.1.2"
 
-CT_SMALL = Path("/work/shared/data/dicom/images/CT_small.dcm")
+CT_SMALL = data_dir() / "images" / "CT_small.dcm"
 
 
 def _write(path: Path, sop: str, pixel_bytes: int, fill: bytes) -> Path:
